@@ -1,0 +1,264 @@
+//! Builds the gateway's state, serves its routes, and shuts down gracefully.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::StatusCode;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use crate::clock::Clock;
+use crate::config::{Config, ServerConfig};
+use crate::error::GatewayError;
+use crate::keys::Key;
+use crate::store::Store;
+use crate::transport::origin::HostPolicy;
+use crate::transport::session::Sealer;
+use crate::upstream::Upstream;
+
+/// One configured upstream server and its connector.
+pub struct Server {
+    /// Its configuration.
+    pub config: ServerConfig,
+    /// Its connector.
+    pub upstream: Upstream,
+}
+
+struct Inner {
+    config: Config,
+    public_url: Url,
+    servers: HashMap<String, Arc<Server>>,
+    sealer: Sealer,
+    hosts: HostPolicy,
+    store: Store,
+    clock: Clock,
+    metrics: PrometheusHandle,
+    shutdown: CancellationToken,
+}
+
+/// Shared state: a cheap handle, passed to every handler.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+impl AppState {
+    /// The validated configuration.
+    pub fn config(&self) -> &Config {
+        &self.0.config
+    }
+
+    /// The URL clients use, resolved against the bound address.
+    pub fn public_url(&self) -> &Url {
+        &self.0.public_url
+    }
+
+    /// The server named `name`.
+    pub fn server(&self, name: &str) -> Result<Arc<Server>, GatewayError> {
+        self.0.servers.get(name).cloned().ok_or_else(|| GatewayError::UnknownServer(name.chars().take(64).collect()))
+    }
+
+    /// Seals and opens session ids.
+    pub fn sealer(&self) -> &Sealer {
+        &self.0.sealer
+    }
+
+    /// The DNS-rebinding guard.
+    pub fn hosts(&self) -> &HostPolicy {
+        &self.0.hosts
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Clock {
+        &self.0.clock
+    }
+
+    /// Cancelled when shutdown begins; long streams end on it.
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.0.shutdown
+    }
+
+    /// Records one finished HTTP exchange in the metrics.
+    pub fn observe(&self, server: &str, method: &'static str, status: StatusCode, started: Instant) {
+        let server = if self.0.servers.contains_key(server) { server.to_owned() } else { "unknown".to_owned() };
+        let status = status.as_str().to_owned();
+        metrics::counter!("portcullis_requests_total", "server" => server.clone(), "method" => method, "status" => status)
+            .increment(1);
+        metrics::histogram!("portcullis_request_duration_seconds", "server" => server, "method" => method)
+            .record(started.elapsed().as_secs_f64());
+    }
+}
+
+/// The process-wide Prometheus recorder (the `metrics` facade is global by design).
+fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+                .expect("static buckets are valid")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (tests); this handle still renders ours.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// A running gateway.
+pub struct Gateway {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The state, for inspection.
+    pub state: AppState,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Binding the listener failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The store failed to open or migrate.
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// The master key could not be loaded.
+    #[error(transparent)]
+    Key(#[from] crate::keys::KeyError),
+}
+
+impl Gateway {
+    /// Binds, opens the store, and starts serving. Upstreams start on first use.
+    pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        let master = crate::keys::load_master_key(&config.gateway.data_dir)?;
+        Self::start_with_key(config, master).await
+    }
+
+    /// Like [`Gateway::start`] with a given master key.
+    pub async fn start_with_key(config: Config, master: Key) -> Result<Gateway, StartError> {
+        let listen = config.gateway.listen;
+        let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| StartError::Bind { addr: listen, source })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: listen, source })?;
+        let store = Store::connect(&config.store.url).await?;
+        let public_url = config.gateway.public_url.clone().unwrap_or_else(|| {
+            Url::parse(&format!("http://{addr}")).expect("a socket address makes a valid URL")
+        });
+        let hosts = HostPolicy::new(&public_url, addr, &config.gateway.allowed_hosts, &config.gateway.allowed_origins);
+        let client = upstream_client();
+        let servers = config
+            .servers
+            .iter()
+            .map(|s| (s.name.clone(), Arc::new(Server { config: s.clone(), upstream: Upstream::new(s, client.clone()) })))
+            .collect();
+        let state = AppState(Arc::new(Inner {
+            sealer: Sealer::new(&master.derive("session")),
+            config,
+            public_url,
+            servers,
+            hosts,
+            store,
+            clock: Clock::system(),
+            metrics: metrics_handle(),
+            shutdown: CancellationToken::new(),
+        }));
+        let router = router(state.clone());
+        let token = state.0.shutdown.clone();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await
+        });
+        tracing::info!(%addr, public_url = %state.public_url(), "portcullis is serving");
+        Ok(Gateway { addr, state, task })
+    }
+
+    /// Stops accepting, lets in-flight calls finish within `shutdown_grace`, ends streams,
+    /// then stops upstream processes.
+    pub async fn shutdown(self) {
+        let grace = self.state.config().gateway.shutdown_grace;
+        self.state.0.shutdown.cancel();
+        let mut task = self.task;
+        if tokio::time::timeout(grace, &mut task).await.is_err() {
+            tracing::warn!(grace_secs = grace.as_secs(), "in-flight requests did not finish in time");
+            task.abort();
+        }
+        for server in self.state.0.servers.values() {
+            server.upstream.shutdown().await;
+        }
+        self.state.0.store.close().await;
+        tracing::info!("portcullis stopped");
+    }
+}
+
+/// The HTTP client for configured upstreams (operator-chosen URLs, so no SSRF guard here;
+/// URLs that come from clients or upstreams go through `net` instead).
+fn upstream_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .user_agent(concat!("portcullis/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("the TLS backend initialises")
+}
+
+fn router(state: AppState) -> Router {
+    use crate::transport::http as mcp_http;
+    Router::new()
+        .route("/mcp/{server}", post(mcp_http::post).get(mcp_http::get).delete(mcp_http::delete))
+        .route("/mcp/{server}/", post(mcp_http::post).get(mcp_http::get).delete(mcp_http::delete))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn readyz(State(app): State<AppState>) -> Response {
+    let mut report = serde_json::Map::new();
+    let mut ok = true;
+    match app.0.store.ping().await {
+        Ok(()) => report.insert("store".into(), "ok".into()),
+        Err(e) => {
+            ok = false;
+            report.insert("store".into(), e.to_string().into())
+        }
+    };
+    let checks = app.0.servers.values().map(|s| async move {
+        let r = tokio::time::timeout(Duration::from_secs(10), s.upstream.ready()).await;
+        (s.config.name.clone(), r)
+    });
+    let mut servers = serde_json::Map::new();
+    for (name, r) in futures::future::join_all(checks).await {
+        let text = match r {
+            Ok(Ok(())) => "ok".to_owned(),
+            Ok(Err(e)) => {
+                ok = false;
+                e.to_string()
+            }
+            Err(_) => {
+                ok = false;
+                "no answer within 10s".to_owned()
+            }
+        };
+        servers.insert(name, text.into());
+    }
+    report.insert("servers".into(), servers.into());
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(serde_json::Value::Object(report))).into_response()
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    let body = app.0.metrics.render();
+    ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}

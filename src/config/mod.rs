@@ -1,0 +1,424 @@
+//! Configuration: `raw` holds what users write, this module turns it into a validated
+//! [`Config`] and reports every problem at once, each with its location.
+
+mod env;
+pub mod raw;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+use raw::{RawGateway, RawLog, RawServer, RawStore};
+
+/// The validated configuration of one gateway.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The listener and how the gateway presents itself.
+    pub gateway: GatewayConfig,
+    /// Where state lives.
+    pub store: StoreConfig,
+    /// Log format and filter.
+    pub log: LogConfig,
+    /// Upstream servers, in file order.
+    pub servers: Vec<ServerConfig>,
+}
+
+/// Validated `[gateway]`.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Socket address to listen on.
+    pub listen: SocketAddr,
+    /// The URL clients use; `None` means `http://{bound address}`.
+    pub public_url: Option<Url>,
+    /// Accepted `Host` values besides the defaults, lower-cased.
+    pub allowed_hosts: Vec<String>,
+    /// Accepted `Origin` values besides the defaults, lower-cased.
+    pub allowed_origins: Vec<String>,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Longest wait for one upstream answer.
+    pub request_timeout: Duration,
+    /// How long shutdown waits for in-flight calls.
+    pub shutdown_grace: Duration,
+    /// Key file and default database directory.
+    pub data_dir: PathBuf,
+    /// Allow `public = true` servers on a non-loopback listener.
+    pub force_public_on_non_loopback: bool,
+}
+
+/// Validated `[store]`.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// `sqlite://…` or `postgres://…`.
+    pub url: String,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Validated `[log]`.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Output format.
+    pub format: LogFormat,
+    /// A tracing filter directive.
+    pub level: String,
+}
+
+/// One validated upstream server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Endpoint name, unique.
+    pub name: String,
+    /// How to reach it.
+    pub transport: ServerTransport,
+    /// Served without client authentication.
+    pub public: bool,
+    /// Longest wait for one answer from this server.
+    pub request_timeout: Duration,
+}
+
+/// How an upstream is reached.
+#[derive(Debug, Clone)]
+pub enum ServerTransport {
+    /// Streamable HTTP (2025-03-26 and later).
+    StreamableHttp {
+        /// The MCP endpoint.
+        url: Url,
+    },
+    /// The legacy HTTP+SSE transport (2024-11-05).
+    Sse {
+        /// The SSE endpoint (usually ending in `/sse`).
+        url: Url,
+    },
+    /// A child process speaking newline-delimited JSON-RPC on stdin/stdout.
+    Stdio {
+        /// Program.
+        command: String,
+        /// Arguments.
+        args: Vec<String>,
+        /// Extra environment.
+        env: BTreeMap<String, String>,
+        /// Working directory.
+        cwd: Option<PathBuf>,
+    },
+}
+
+/// Every problem found in a configuration, each prefixed with its location.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct ConfigError {
+    /// One line per problem, `file:line: what`.
+    pub problems: Vec<String>,
+}
+
+impl Config {
+    /// Reads, overrides from `PORTCULLIS_…` variables, and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            problems: vec![format!("{}: cannot read: {e}", path.display())],
+        })?;
+        Self::parse(&text, &path.display().to_string(), std::env::vars())
+    }
+
+    /// Parses `text` (named `origin` in messages) with the given environment overrides.
+    pub fn parse(
+        text: &str,
+        origin: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError {
+            problems: vec![format!("{origin}: {}", e.to_string().trim_end())],
+        })?;
+        let mut v = Validator { origin, text, problems: Vec::new() };
+        env::apply_overrides(&mut table, vars, &mut v.problems);
+        let spans = Spans::find(text);
+        let config = v.config(table, &spans);
+        if v.problems.is_empty() {
+            // `config` is complete whenever no problem was recorded.
+            config.ok_or_else(|| ConfigError { problems: vec![format!("{origin}: invalid")] })
+        } else {
+            Err(ConfigError { problems: v.problems })
+        }
+    }
+}
+
+/// Byte offsets of each section, used only to point at lines in messages.
+#[derive(Default)]
+struct Spans {
+    sections: BTreeMap<String, usize>,
+    servers: Vec<usize>,
+}
+
+impl Spans {
+    fn find(text: &str) -> Spans {
+        #[derive(Deserialize)]
+        struct Top {
+            gateway: Option<toml::Spanned<toml::Value>>,
+            store: Option<toml::Spanned<toml::Value>>,
+            log: Option<toml::Spanned<toml::Value>>,
+            servers: Option<Vec<toml::Spanned<toml::Value>>>,
+        }
+        let Ok(top) = toml::from_str::<Top>(text) else { return Spans::default() };
+        let mut spans = Spans::default();
+        for (name, s) in [("gateway", top.gateway), ("store", top.store), ("log", top.log)] {
+            if let Some(s) = s {
+                spans.sections.insert(name.to_owned(), s.span().start);
+            }
+        }
+        spans.servers = top.servers.unwrap_or_default().iter().map(|s| s.span().start).collect();
+        spans
+    }
+}
+
+struct Validator<'a> {
+    origin: &'a str,
+    text: &'a str,
+    problems: Vec<String>,
+}
+
+impl Validator<'_> {
+    fn at(&mut self, offset: Option<usize>, what: &str, msg: impl std::fmt::Display) {
+        let line = offset.map(|o| self.text[..o.min(self.text.len())].lines().count().max(1));
+        match line {
+            Some(l) => self.problems.push(format!("{}:{l}: {what}: {msg}", self.origin)),
+            None => self.problems.push(format!("{}: {what}: {msg}", self.origin)),
+        }
+    }
+
+    fn section<T: for<'de> Deserialize<'de> + Default>(
+        &mut self,
+        table: &mut toml::Table,
+        name: &str,
+        spans: &Spans,
+    ) -> T {
+        match table.remove(name) {
+            None => T::default(),
+            Some(value) => value.try_into().unwrap_or_else(|e: toml::de::Error| {
+                self.at(spans.sections.get(name).copied(), &format!("[{name}]"), e.message());
+                T::default()
+            }),
+        }
+    }
+
+    fn config(&mut self, mut table: toml::Table, spans: &Spans) -> Option<Config> {
+        let gateway: RawGateway = self.section(&mut table, "gateway", spans);
+        let store: RawStore = self.section(&mut table, "store", spans);
+        let log: RawLog = self.section(&mut table, "log", spans);
+        let servers = match table.remove("servers") {
+            None => Vec::new(),
+            Some(toml::Value::Array(items)) => items,
+            Some(_) => {
+                self.at(None, "servers", "must be an array of tables ([[servers]])");
+                Vec::new()
+            }
+        };
+        for key in table.keys() {
+            self.at(None, key, "unknown top-level key (expected gateway, store, log, servers)");
+        }
+        let gateway = self.gateway(gateway, spans.sections.get("gateway").copied());
+        let store = StoreConfig {
+            url: store.url.unwrap_or_else(|| {
+                let dir = gateway.as_ref().map(|g| g.data_dir.clone()).unwrap_or_default();
+                format!("sqlite://{}", dir.join("portcullis.db").display())
+            }),
+        };
+        if !(store.url.starts_with("sqlite:") || store.url.starts_with("postgres")) {
+            self.at(spans.sections.get("store").copied(), "store.url", "must start with sqlite: or postgres://");
+        }
+        let log = self.log(log, spans.sections.get("log").copied());
+        let mut parsed = Vec::new();
+        let mut names = HashSet::new();
+        for (i, item) in servers.into_iter().enumerate() {
+            let at = spans.servers.get(i).copied();
+            let raw: RawServer = match item.try_into() {
+                Ok(raw) => raw,
+                Err(e) => {
+                    self.at(at, &format!("[[servers]] #{}", i + 1), e.message());
+                    continue;
+                }
+            };
+            if let Some(s) = self.server(raw, i, at, gateway.as_ref()) {
+                if !names.insert(s.name.clone()) {
+                    self.at(at, &format!("server {:?}", s.name), "duplicate name");
+                }
+                parsed.push(s);
+            }
+        }
+        Some(Config { gateway: gateway?, store, log, servers: parsed })
+    }
+
+    fn gateway(&mut self, raw: RawGateway, at: Option<usize>) -> Option<GatewayConfig> {
+        let listen_text = raw.listen.unwrap_or_else(|| "127.0.0.1:8080".to_owned());
+        let listen: Option<SocketAddr> = listen_text
+            .parse()
+            .map_err(|_| self.at(at, "gateway.listen", format!("{listen_text:?} is not an address like 127.0.0.1:8080")))
+            .ok();
+        let public_url = match raw.public_url.as_deref().map(|t| (t, Url::parse(t.trim_end_matches('/')))) {
+            None => Some(None),
+            Some((_, Ok(u))) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(Some(u)),
+            Some((text, _)) => {
+                self.at(at, "gateway.public_url", format!("{text:?} is not an http(s) URL"));
+                None
+            }
+        };
+        let request_timeout = self.duration(at, "gateway.request_timeout", raw.request_timeout, 300);
+        let shutdown_grace = self.duration(at, "gateway.shutdown_grace", raw.shutdown_grace, 30);
+        let max_body = raw.max_body_bytes.unwrap_or(4 * 1024 * 1024);
+        if max_body < 1024 {
+            self.at(at, "gateway.max_body_bytes", "must be at least 1024");
+        }
+        let lower = |v: Option<Vec<String>>| v.unwrap_or_default().into_iter().map(|s| s.to_ascii_lowercase()).collect();
+        Some(GatewayConfig {
+            listen: listen?,
+            force_public_on_non_loopback: raw.force_public_on_non_loopback.unwrap_or(false),
+            public_url: public_url?,
+            allowed_hosts: lower(raw.allowed_hosts),
+            allowed_origins: lower(raw.allowed_origins),
+            max_body_bytes: usize::try_from(max_body).unwrap_or(usize::MAX),
+            request_timeout,
+            shutdown_grace,
+            data_dir: PathBuf::from(raw.data_dir.unwrap_or_else(|| "portcullis-data".to_owned())),
+        })
+    }
+}
+
+impl Validator<'_> {
+    fn log(&mut self, raw: RawLog, at: Option<usize>) -> LogConfig {
+        let format = match raw.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                self.at(at, "log.format", format!("{other:?} is not \"text\" or \"json\""));
+                LogFormat::Text
+            }
+        };
+        let level = raw.level.unwrap_or_else(|| "info".to_owned());
+        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+            self.at(at, "log.level", format!("{level:?} is not a valid filter"));
+        }
+        LogConfig { format, level }
+    }
+
+    fn duration(&mut self, at: Option<usize>, key: &str, raw: Option<String>, default_secs: u64) -> Duration {
+        match raw {
+            None => Duration::from_secs(default_secs),
+            Some(text) => parse_duration(&text).unwrap_or_else(|| {
+                self.at(at, key, format!("{text:?} is not a duration like \"30s\", \"500ms\" or \"5m\""));
+                Duration::from_secs(default_secs)
+            }),
+        }
+    }
+
+    fn server(
+        &mut self,
+        raw: RawServer,
+        index: usize,
+        at: Option<usize>,
+        gateway: Option<&GatewayConfig>,
+    ) -> Option<ServerConfig> {
+        let what = match &raw.name {
+            Some(n) => format!("server {n:?}"),
+            None => format!("[[servers]] #{}", index + 1),
+        };
+        let name = raw.name.clone().unwrap_or_default();
+        let valid_name = !name.is_empty()
+            && name.len() <= 64
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            && name.as_bytes()[0].is_ascii_alphanumeric();
+        if raw.name.is_none() {
+            self.at(at, &what, "missing `name`");
+        } else if !valid_name {
+            self.at(at, &what, "`name` must be 1-64 of a-z, 0-9, '-' or '_', starting with a letter or digit");
+        }
+        let transport = match (raw.url, raw.command) {
+            (Some(_), Some(_)) => {
+                self.at(at, &what, "set either `url` or `command`, not both");
+                None
+            }
+            (None, None) => {
+                self.at(at, &what, "set `url` (HTTP upstream) or `command` (stdio upstream)");
+                None
+            }
+            (Some(url), None) => {
+                if raw.args.is_some() || raw.env.is_some() || raw.cwd.is_some() {
+                    self.at(at, &what, "`args`, `env` and `cwd` apply only to `command`");
+                }
+                match Url::parse(&url) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+                        match raw.transport.as_deref() {
+                            None | Some("streamable-http") => Some(ServerTransport::StreamableHttp { url: u }),
+                            Some("sse") => Some(ServerTransport::Sse { url: u }),
+                            Some(other) => {
+                                self.at(at, &what, format!("transport {other:?} is not \"streamable-http\" or \"sse\""));
+                                None
+                            }
+                        }
+                    }
+                    _ => {
+                        self.at(at, &what, format!("url {url:?} is not an http(s) URL"));
+                        None
+                    }
+                }
+            }
+            (None, Some(command)) => {
+                if raw.transport.is_some() {
+                    self.at(at, &what, "`transport` applies only to `url`");
+                }
+                if command.trim().is_empty() {
+                    self.at(at, &what, "`command` is empty");
+                }
+                Some(ServerTransport::Stdio {
+                    command,
+                    args: raw.args.unwrap_or_default(),
+                    env: raw.env.unwrap_or_default(),
+                    cwd: raw.cwd.map(PathBuf::from),
+                })
+            }
+        };
+        let public = raw.public.unwrap_or(false);
+        if let Some(g) = gateway {
+            if public && !g.listen.ip().is_loopback() && !g.force_public_on_non_loopback {
+                self.at(
+                    at,
+                    &what,
+                    "`public = true` needs a loopback listener (or gateway.force_public_on_non_loopback = true)",
+                );
+            }
+        }
+        let default_timeout = gateway.map(|g| g.request_timeout).unwrap_or(Duration::from_secs(300));
+        let request_timeout = match raw.request_timeout {
+            None => default_timeout,
+            Some(t) => self.duration(at, &format!("{what}: request_timeout"), Some(t), 300),
+        };
+        Some(ServerConfig { name, transport: transport?, public, request_timeout }).filter(|_| valid_name)
+    }
+}
+
+/// Parses `"500ms"`, `"30s"`, `"5m"`, `"2h"` (a bare number means seconds).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (num, unit) = text.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    match unit.trim() {
+        "ms" => Some(Duration::from_millis(n)),
+        "" | "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,78 @@
+//! What users write: serde structs that mirror `portcullis.toml` one to one.
+//!
+//! Every struct denies unknown keys; every field names its default in its `///` line, and
+//! `docs/config.md` lists the same keys. Validation lives in `super::validate`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// `[gateway]`: the listener and how the gateway presents itself.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGateway {
+    /// Socket address to listen on. Default `127.0.0.1:8080`.
+    pub listen: Option<String>,
+    /// The URL clients use to reach the gateway. Default `http://{listen}`.
+    pub public_url: Option<String>,
+    /// Extra `Host` header values accepted besides the public URL's host (and loopback names
+    /// when the listener is loopback). Default none.
+    pub allowed_hosts: Option<Vec<String>>,
+    /// Extra `Origin` values accepted besides the public URL's origin. Default none.
+    pub allowed_origins: Option<Vec<String>>,
+    /// Largest accepted request body in bytes. Default 4194304 (4 MiB).
+    pub max_body_bytes: Option<u64>,
+    /// Longest wait for an upstream's answer to one request, e.g. `"300s"`. Default `"300s"`.
+    pub request_timeout: Option<String>,
+    /// How long a graceful shutdown waits for in-flight calls. Default `"30s"`.
+    pub shutdown_grace: Option<String>,
+    /// Directory for the key file and the default SQLite database. Default `portcullis-data`.
+    pub data_dir: Option<String>,
+    /// Allow `public = true` servers on a non-loopback listener. Default `false`.
+    pub force_public_on_non_loopback: Option<bool>,
+}
+
+/// `[store]`: where state lives.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// `sqlite://PATH` or `postgres://…`. Default `sqlite://{data_dir}/portcullis.db`.
+    pub url: Option<String>,
+}
+
+/// `[log]`: structured logs on stderr.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    /// `"text"` or `"json"`. Default `"text"`.
+    pub format: Option<String>,
+    /// A tracing filter such as `"info"` or `"portcullis=debug"`. Default `"info"`
+    /// (`RUST_LOG` wins when set).
+    pub level: Option<String>,
+}
+
+/// One `[[servers]]` entry: an upstream MCP server.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// Endpoint name: the server is served at `{public_url}/mcp/{name}`. Required.
+    pub name: Option<String>,
+    /// HTTP upstream URL (Streamable HTTP, or legacy SSE with `transport = "sse"`).
+    pub url: Option<String>,
+    /// `"streamable-http"` or `"sse"` (legacy HTTP+SSE). Default `"streamable-http"`; only
+    /// with `url`.
+    pub transport: Option<String>,
+    /// Program to run for a stdio upstream.
+    pub command: Option<String>,
+    /// Arguments for `command`. Default none.
+    pub args: Option<Vec<String>>,
+    /// Extra environment for `command`. Default none (the gateway's own environment is
+    /// not passed on except `PATH`, `HOME`, `LANG`, `TMPDIR` and `USER`).
+    pub env: Option<BTreeMap<String, String>>,
+    /// Working directory for `command`. Default the gateway's own.
+    pub cwd: Option<String>,
+    /// Serve without client authentication (local single-user setups). Default `false`.
+    pub public: Option<bool>,
+    /// Per-server override of `gateway.request_timeout`. Default unset.
+    pub request_timeout: Option<String>,
+}

@@ -1,0 +1,72 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, "test.toml", Vec::new())
+}
+
+#[test]
+fn defaults_fill_an_empty_file() {
+    let c = parse("").expect("empty config is valid");
+    assert_eq!(c.gateway.listen.to_string(), "127.0.0.1:8080");
+    assert!(c.gateway.public_url.is_none());
+    assert_eq!(c.store.url, "sqlite://portcullis-data/portcullis.db");
+    assert_eq!(c.gateway.request_timeout, Duration::from_secs(300));
+}
+
+#[test]
+fn every_problem_is_reported_at_once_with_its_line() {
+    let text = r#"
+[gateway]
+listen = "nowhere"
+colour = "blue"
+
+[[servers]]
+name = "a"
+url = "ftp://x"
+
+[[servers]]
+name = "Bad Name"
+command = "x"
+
+[[servers]]
+name = "c"
+urll = "http://x"
+"#;
+    let err = parse(text).expect_err("invalid");
+    let all = err.to_string();
+    assert!(all.contains("test.toml:2: [gateway]: unknown field `colour`"), "{all}");
+    assert!(all.contains("test.toml:6: server \"a\": url \"ftp://x\""), "{all}");
+    assert!(all.contains("test.toml:10: server \"Bad Name\": `name` must be"), "{all}");
+    assert!(all.contains("test.toml:14: [[servers]] #3: unknown field `urll`"), "{all}");
+    assert_eq!(err.problems.len(), 4, "{all}");
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let text = "[[servers]]\nname = \"my-files\"\ncommand = \"cat\"\n";
+    let vars = vec![
+        ("PORTCULLIS_GATEWAY__LISTEN".to_owned(), "127.0.0.1:9999".to_owned()),
+        ("PORTCULLIS_SERVERS__MY_FILES__PUBLIC".to_owned(), "true".to_owned()),
+        ("PORTCULLIS_CONFIG".to_owned(), "ignored.toml".to_owned()),
+    ];
+    let c = Config::parse(text, "t", vars).expect("valid");
+    assert_eq!(c.gateway.listen.port(), 9999);
+    assert!(c.servers[0].public);
+}
+
+#[test]
+fn public_servers_need_a_loopback_listener_unless_forced() {
+    let text = "[gateway]\nlisten = \"0.0.0.0:8080\"\n[[servers]]\nname = \"a\"\ncommand = \"x\"\npublic = true\n";
+    let err = parse(text).expect_err("public on 0.0.0.0");
+    assert!(err.to_string().contains("loopback"), "{err}");
+    let forced = text.replace("[gateway]\n", "[gateway]\nforce_public_on_non_loopback = true\n");
+    parse(&forced).expect("forced");
+}
+
+#[test]
+fn durations_parse() {
+    assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+    assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+    assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+    assert_eq!(parse_duration("7 days"), None);
+}

@@ -1,0 +1,149 @@
+//! The one place errors become HTTP statuses and JSON-RPC codes. No `_` arms: a new variant
+//! forces a decision here.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use serde_json::Value;
+
+use crate::transport::jsonrpc::{EnvelopeError, code, error_response};
+use crate::upstream::UpstreamError;
+
+/// Why the gateway refused or could not complete an MCP request.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// No server with this name is configured.
+    #[error("unknown server '{0}'")]
+    UnknownServer(String),
+    /// The `Host` header names a host this gateway does not serve (DNS rebinding guard).
+    #[error("forbidden: host not allowed")]
+    ForbiddenHost,
+    /// The `Origin` header names an origin this gateway does not trust.
+    #[error("forbidden: origin not allowed")]
+    ForbiddenOrigin,
+    /// No acceptable credentials.
+    #[error("authentication required")]
+    Unauthenticated,
+    /// The body is larger than `gateway.max_body_bytes`.
+    #[error("request body larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    /// The body is not `application/json`.
+    #[error("Content-Type must be application/json")]
+    UnsupportedMediaType,
+    /// The client does not accept what the gateway would send.
+    #[error("{0}")]
+    NotAcceptable(&'static str),
+    /// The body is not JSON-RPC.
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    /// A request other than `initialize` without `Mcp-Session-Id`.
+    #[error("Mcp-Session-Id header is required")]
+    MissingSession,
+    /// A session id the gateway did not issue for this server, or one that ended.
+    #[error("session not found")]
+    UnknownSession,
+    /// `MCP-Protocol-Version` names a revision the gateway does not speak.
+    #[error("unsupported protocol version {0:?}")]
+    UnsupportedProtocolVersion(String),
+    /// A malformed request the gateway understood well enough to refuse.
+    #[error("invalid params: {0}")]
+    InvalidParams(String),
+    /// The upstream failed.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The body could not be read.
+    #[error("could not read the request body")]
+    BodyRead,
+    /// The gateway is shutting down.
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+}
+
+/// A [`GatewayError`] with what is needed to answer it: the request id, if any.
+#[derive(Debug)]
+pub struct Failure {
+    /// The error.
+    pub error: GatewayError,
+    /// The id of the JSON-RPC request that failed, when it is known.
+    pub id: Option<Value>,
+}
+
+impl<E: Into<GatewayError>> From<E> for Failure {
+    fn from(e: E) -> Failure {
+        Failure { error: e.into(), id: None }
+    }
+}
+
+impl GatewayError {
+    /// Attaches the failing request's id.
+    pub fn with_id(self, id: Option<Value>) -> Failure {
+        Failure { error: self, id }
+    }
+
+    /// HTTP status and JSON-RPC code. A failed upstream answers a *request* with HTTP 200 and
+    /// a JSON-RPC error, so SDK clients show the message (which names the server).
+    pub fn status_and_code(&self, has_id: bool) -> (StatusCode, i64) {
+        match self {
+            GatewayError::UnknownServer(_) => (StatusCode::NOT_FOUND, code::INVALID_REQUEST),
+            GatewayError::ForbiddenHost | GatewayError::ForbiddenOrigin => (StatusCode::FORBIDDEN, code::INVALID_REQUEST),
+            GatewayError::Unauthenticated => (StatusCode::UNAUTHORIZED, code::INVALID_REQUEST),
+            GatewayError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, code::INVALID_REQUEST),
+            GatewayError::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, code::INVALID_REQUEST),
+            GatewayError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, code::INVALID_REQUEST),
+            GatewayError::Envelope(EnvelopeError::Parse(_)) => (StatusCode::BAD_REQUEST, code::PARSE_ERROR),
+            GatewayError::Envelope(EnvelopeError::Invalid(_)) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
+            GatewayError::MissingSession => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
+            GatewayError::UnknownSession => (StatusCode::NOT_FOUND, code::INVALID_REQUEST),
+            GatewayError::UnsupportedProtocolVersion(_) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
+            GatewayError::InvalidParams(_) => (StatusCode::OK, code::INVALID_PARAMS),
+            GatewayError::BodyRead => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
+            GatewayError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, code::INTERNAL_ERROR),
+            GatewayError::Upstream(e) => match e {
+                UpstreamError::SessionExpired => (StatusCode::NOT_FOUND, code::INVALID_REQUEST),
+                UpstreamError::Timeout { .. } if has_id => (StatusCode::OK, code::UPSTREAM_TIMEOUT),
+                UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, code::UPSTREAM_TIMEOUT),
+                UpstreamError::Unreachable { .. }
+                | UpstreamError::Status { .. }
+                | UpstreamError::Process { .. }
+                | UpstreamError::Protocol { .. } => {
+                    (if has_id { StatusCode::OK } else { StatusCode::BAD_GATEWAY }, code::UPSTREAM_ERROR)
+                }
+            },
+        }
+    }
+
+    /// A short label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            GatewayError::UnknownServer(_) => "unknown_server",
+            GatewayError::ForbiddenHost => "forbidden_host",
+            GatewayError::ForbiddenOrigin => "forbidden_origin",
+            GatewayError::Unauthenticated => "unauthenticated",
+            GatewayError::PayloadTooLarge(_) => "too_large",
+            GatewayError::UnsupportedMediaType => "media_type",
+            GatewayError::NotAcceptable(_) => "not_acceptable",
+            GatewayError::Envelope(_) => "bad_message",
+            GatewayError::MissingSession => "missing_session",
+            GatewayError::UnknownSession => "unknown_session",
+            GatewayError::UnsupportedProtocolVersion(_) => "bad_protocol_version",
+            GatewayError::InvalidParams(_) => "invalid_params",
+            GatewayError::BodyRead => "body_read",
+            GatewayError::ShuttingDown => "shutting_down",
+            GatewayError::Upstream(UpstreamError::SessionExpired) => "session_expired",
+            GatewayError::Upstream(UpstreamError::Timeout { .. }) => "upstream_timeout",
+            GatewayError::Upstream(_) => "upstream_error",
+        }
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let (status, rpc_code) = self.error.status_and_code(self.id.is_some());
+        let body = error_response(self.id.as_ref(), rpc_code, &self.error.to_string());
+        let mut resp = (status, axum::Json(body)).into_response();
+        if matches!(self.error, GatewayError::Unauthenticated) {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"portcullis\""));
+        }
+        resp
+    }
+}

@@ -1,0 +1,15 @@
+//! Portcullis: an MCP gateway. Clients hold one gateway credential; the gateway relays MCP to
+//! upstream servers over HTTP and stdio. The modules follow the path of a request:
+//! `transport` → `mcp` → `upstream`, with `app` wiring them together.
+
+pub mod app;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod keys;
+pub mod mcp;
+pub mod store;
+pub mod telemetry;
+pub mod transport;
+pub mod upstream;

@@ -1,0 +1,57 @@
+//! MCP dispatch: the gateway is an MCP server to the client and an MCP client to the upstream.
+//! It steps in for the lifecycle (`initialize`) and relays everything else untouched.
+
+pub mod version;
+
+use serde_json::Value;
+
+use crate::app::{AppState, Server};
+use crate::error::{Failure, GatewayError};
+use crate::transport::jsonrpc::{Message, result_response};
+use crate::transport::session::{SessionState, new_session_key};
+use crate::upstream::{ClientHello, Reply};
+
+/// A client's `initialize`: open an upstream session with the client's capabilities, seal
+/// the gateway session, and answer with the upstream's server info at the client's revision.
+///
+/// Returns the response and the sealed session id for the `Mcp-Session-Id` header.
+pub async fn initialize(app: &AppState, server: &Server, message: &Message) -> Result<(Value, String), Failure> {
+    let id = message.id.clone();
+    let fail = |e: GatewayError| e.with_id(id.clone());
+    let request = message.value().map_err(|e| fail(e.into()))?;
+    let params = request.get("params").cloned().unwrap_or(Value::Null);
+    let requested = params
+        .get("protocolVersion")
+        .and_then(Value::as_str)
+        .ok_or_else(|| fail(GatewayError::InvalidParams("initialize needs params.protocolVersion".into())))?;
+    let protocol = version::negotiate(requested);
+    let hello = ClientHello {
+        protocol: protocol.to_owned(),
+        capabilities: params.get("capabilities").cloned().unwrap_or_else(|| serde_json::json!({})),
+        client_info: params
+            .get("clientInfo")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({"name": "unknown", "version": "0"})),
+    };
+    let key = new_session_key();
+    let opened = server.upstream.open(&hello, &key).await.map_err(|e| fail(e.into()))?;
+    let state = SessionState {
+        version: 1,
+        key,
+        client_protocol: protocol.to_owned(),
+        upstream_protocol: opened.upstream_protocol,
+        upstream_session: opened.upstream_session,
+        created: app.clock().unix_secs(),
+    };
+    let sealed = app.sealer().seal(&state, &server.config.name);
+    let mut result = opened.result;
+    result["protocolVersion"] = Value::from(protocol);
+    let response = result_response(message.id.as_ref().unwrap_or(&Value::Null), result);
+    Ok((response, sealed))
+}
+
+/// Relays one message of an established session.
+pub async fn relay(server: &Server, session: &SessionState, message: Message) -> Result<Reply, Failure> {
+    let id = message.id.clone();
+    server.upstream.send(session, message).await.map_err(|e| GatewayError::from(e).with_id(id))
+}

@@ -1,0 +1,125 @@
+//! The store: SQLite by default (one file, created on first start), PostgreSQL when several
+//! replicas share the work. An enum over the two pools, not a trait object; migrations live
+//! in `migrations/sqlite` and `migrations/postgres` and are applied on start.
+
+use std::str::FromStr;
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+/// A connection pool to one of the two supported databases.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// SQLite.
+    Sqlite(SqlitePool),
+    /// PostgreSQL.
+    Postgres(PgPool),
+}
+
+/// Why the store could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Connecting failed.
+    #[error("cannot open {url}: {source}")]
+    Connect {
+        /// The URL with any password removed.
+        url: String,
+        /// The cause.
+        source: sqlx::Error,
+    },
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A query failed.
+    #[error("query failed: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+/// The URL without its password, for messages.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("redacted"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl Store {
+    /// Opens (creating a SQLite file and its directory if needed) and migrates.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        let connect_err = |source| StoreError::Connect { url: redact_url(url), source };
+        let store = if url.starts_with("postgres") {
+            let pool = PgPoolOptions::new().max_connections(16).connect(url).await.map_err(connect_err)?;
+            Store::Postgres(pool)
+        } else {
+            let opts = SqliteConnectOptions::from_str(url)
+                .map_err(connect_err)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(std::time::Duration::from_secs(5));
+            if let Some(dir) = opts.get_filename().parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| connect_err(sqlx::Error::Io(e)))?;
+            }
+            let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await.map_err(connect_err)?;
+            Store::Sqlite(pool)
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Applies pending migrations.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(p) => sqlx::migrate!("./migrations/sqlite").run(p).await?,
+            Store::Postgres(p) => sqlx::migrate!("./migrations/postgres").run(p).await?,
+        }
+        Ok(())
+    }
+
+    /// A round trip to the database (for `/readyz`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(p) => drop(sqlx::query("SELECT 1").execute(p).await?),
+            Store::Postgres(p) => drop(sqlx::query("SELECT 1").execute(p).await?),
+        }
+        Ok(())
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        match self {
+            Store::Sqlite(p) => p.close().await,
+            Store::Postgres(p) => p.close().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(redact_url("postgres://u:hunter2@db/x"), "postgres://u:redacted@db/x");
+        assert_eq!(redact_url("sqlite://a.db"), "sqlite://a.db");
+    }
+
+    #[tokio::test]
+    async fn sqlite_file_and_directory_are_created_and_migrated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/nested/p.db", dir.path().display());
+        let store = Store::connect(&url).await.expect("opens");
+        store.ping().await.expect("pings");
+        assert!(dir.path().join("nested/p.db").exists());
+    }
+
+    /// PostgreSQL runs in CI (127.0.0.1:5432, trust auth); set PORTCULLIS_TEST_PG to override.
+    #[tokio::test]
+    async fn postgres_connects_and_migrates() {
+        let url = std::env::var("PORTCULLIS_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let store = Store::connect(&url).await.expect("PostgreSQL on 127.0.0.1:5432 must be running");
+        store.ping().await.expect("pings");
+    }
+}

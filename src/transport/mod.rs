@@ -1,0 +1,8 @@
+//! The client-facing side: Streamable HTTP endpoints, the JSON-RPC envelope, sealed sessions
+//! and the DNS-rebinding guard.
+
+pub mod http;
+pub mod jsonrpc;
+pub mod origin;
+pub mod reply;
+pub mod session;

@@ -1,0 +1,110 @@
+//! Turns an upstream [`Reply`] into the HTTP response the client gets.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use http::{HeaderValue, StatusCode, header};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::transport::jsonrpc::{code, error_response};
+use crate::upstream::{MessageStream, Reply};
+
+/// How often an idle GET stream sends a comment to keep proxies from closing it.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// Builds the response for a POST. `request_id` is set when the client sent a request: then a
+/// multiplexed answer whose first message is the response goes back as plain JSON, and a
+/// missing answer after `timeout` becomes a JSON-RPC error naming the server.
+pub async fn post_response(
+    reply: Reply,
+    request_id: Option<Value>,
+    timeout: Duration,
+    server: &str,
+    shutdown: &CancellationToken,
+) -> Response {
+    match reply {
+        Reply::Accepted => StatusCode::ACCEPTED.into_response(),
+        Reply::Status(s) => s.into_response(),
+        Reply::Json(bytes) => json_bytes(bytes.into()),
+        Reply::Sse(resp) => relay_sse(resp, shutdown.clone()),
+        Reply::Messages(stream) => {
+            let Some(id) = request_id else { return StatusCode::ACCEPTED.into_response() };
+            let stream = with_deadline(stream, id, timeout, server.to_owned());
+            let mut stream = Box::pin(stream);
+            let Some(first) = stream.next().await else {
+                return StatusCode::ACCEPTED.into_response();
+            };
+            if first.get("result").is_some() || first.get("error").is_some() {
+                return json_bytes(Body::from(serde_json::to_vec(&first).unwrap_or_default()));
+            }
+            sse_of(futures::stream::iter([first]).chain(stream), shutdown.clone(), false)
+        }
+    }
+}
+
+/// Builds the response for a GET stream.
+pub fn get_response(reply: Reply, shutdown: &CancellationToken) -> Response {
+    match reply {
+        Reply::Sse(resp) => relay_sse(resp, shutdown.clone()),
+        Reply::Messages(stream) => sse_of(stream, shutdown.clone(), true),
+        Reply::Status(s) => s.into_response(),
+        Reply::Accepted | Reply::Json(_) => StatusCode::METHOD_NOT_ALLOWED.into_response(),
+    }
+}
+
+fn json_bytes(body: Body) -> Response {
+    let mut resp = Response::new(body);
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// Relays an upstream SSE body byte for byte; it ends early when the gateway shuts down.
+fn relay_sse(resp: reqwest::Response, shutdown: CancellationToken) -> Response {
+    let bytes = resp.bytes_stream().take_until(shutdown.cancelled_owned());
+    let mut out = Response::new(Body::from_stream(bytes));
+    let h = out.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    out
+}
+
+fn sse_of(stream: impl Stream<Item = Value> + Send + 'static, shutdown: CancellationToken, keep_alive: bool) -> Response {
+    let events = stream
+        .take_until(shutdown.cancelled_owned())
+        .map(|msg| Ok::<_, Infallible>(Event::default().data(serde_json::to_string(&msg).unwrap_or_default())));
+    let sse = Sse::new(events);
+    if keep_alive {
+        sse.keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response()
+    } else {
+        sse.into_response()
+    }
+}
+
+/// Ends a multiplexed answer with a timeout error if its response does not come in time.
+fn with_deadline(stream: MessageStream, id: Value, timeout: Duration, server: String) -> impl Stream<Item = Value> + Send {
+    let deadline = tokio::time::sleep(timeout);
+    futures::stream::unfold(
+        (stream, Box::pin(deadline), Some(id), false),
+        move |(mut stream, mut deadline, id, done)| {
+            let server = server.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                tokio::select! {
+                    msg = stream.next() => msg.map(|m| (m, (stream, deadline, id, false))),
+                    _ = &mut deadline => {
+                        let text = format!("upstream server '{server}' did not answer within {}s", timeout.as_secs());
+                        let err = error_response(id.as_ref(), code::UPSTREAM_TIMEOUT, &text);
+                        Some((err, (stream, deadline, None, true)))
+                    }
+                }
+            }
+        },
+    )
+}

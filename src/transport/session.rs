@@ -1,0 +1,128 @@
+//! Sealed sessions: the `Mcp-Session-Id` a client sees is the gateway's session state,
+//! encrypted and authenticated (XChaCha20-Poly1305), so any replica can decode it and nobody
+//! can forge one or move it to another server endpoint.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use serde::{Deserialize, Serialize};
+
+use crate::keys::Key;
+
+/// What the gateway remembers about one client session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionState {
+    /// Format version of this state.
+    #[serde(rename = "v")]
+    pub version: u8,
+    /// A random id, unique per session, naming in-memory state (stdio multiplexing).
+    #[serde(rename = "k")]
+    pub key: String,
+    /// Protocol revision agreed with the client.
+    #[serde(rename = "c")]
+    pub client_protocol: String,
+    /// Protocol revision agreed with the upstream.
+    #[serde(rename = "u")]
+    pub upstream_protocol: String,
+    /// The upstream's own session id, for HTTP upstreams that issue one.
+    #[serde(rename = "i", default, skip_serializing_if = "Option::is_none")]
+    pub upstream_session: Option<String>,
+    /// Creation time, seconds since the Unix epoch.
+    #[serde(rename = "t")]
+    pub created: u64,
+}
+
+/// Seals and opens session ids with one key.
+#[derive(Clone)]
+pub struct Sealer {
+    cipher: XChaCha20Poly1305,
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sealer(redacted)")
+    }
+}
+
+const NONCE_LEN: usize = 24;
+
+impl Sealer {
+    /// A sealer keyed by `key` (derive it for this purpose only).
+    pub fn new(key: &Key) -> Sealer {
+        Sealer { cipher: XChaCha20Poly1305::new(key.bytes().into()) }
+    }
+
+    /// Encrypts `state`, bound to `binding` (the server name, and later the principal).
+    pub fn seal(&self, state: &SessionState, binding: &str) -> String {
+        let plain = serde_json::to_vec(state).expect("session state serialises");
+        let mut nonce_bytes = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce_bytes).expect("the OS random source is available");
+        let nonce = XNonce::from(nonce_bytes);
+        let sealed = self
+            .cipher
+            .encrypt(&nonce, Payload { msg: &plain, aad: binding.as_bytes() })
+            .expect("encryption of a small buffer cannot fail");
+        let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
+        out.extend_from_slice(&nonce_bytes);
+        out.extend_from_slice(&sealed);
+        URL_SAFE_NO_PAD.encode(out)
+    }
+
+    /// Decrypts a session id; `None` for anything forged, altered, or bound elsewhere.
+    pub fn open(&self, id: &str, binding: &str) -> Option<SessionState> {
+        if id.len() > 4096 {
+            return None;
+        }
+        let bytes = URL_SAFE_NO_PAD.decode(id).ok()?;
+        if bytes.len() <= NONCE_LEN {
+            return None;
+        }
+        let (nonce, sealed) = bytes.split_at(NONCE_LEN);
+        let nonce = XNonce::try_from(nonce).ok()?;
+        let plain = self.cipher.decrypt(&nonce, Payload { msg: sealed, aad: binding.as_bytes() }).ok()?;
+        let state: SessionState = serde_json::from_slice(&plain).ok()?;
+        (state.version == 1).then_some(state)
+    }
+}
+
+/// A fresh random session key (16 bytes, hex).
+pub fn new_session_key() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("the OS random source is available");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> SessionState {
+        SessionState {
+            version: 1,
+            key: new_session_key(),
+            client_protocol: "2025-06-18".into(),
+            upstream_protocol: "2025-03-26".into(),
+            upstream_session: Some("abc".into()),
+            created: 1,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_tamper_evidence() {
+        let sealer = Sealer::new(&Key::random());
+        let id = sealer.seal(&state(), "everything");
+        assert!(id.bytes().all(|b| (0x21..=0x7e).contains(&b)), "visible ASCII only");
+        assert_eq!(sealer.open(&id, "everything"), Some(state()).map(|mut s| {
+            s.key = sealer.open(&id, "everything").expect("opens").key;
+            s
+        }));
+        assert_eq!(sealer.open(&id, "files"), None, "bound to its server");
+        let mut bytes = URL_SAFE_NO_PAD.decode(&id).expect("b64");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert_eq!(sealer.open(&URL_SAFE_NO_PAD.encode(bytes), "everything"), None, "altered");
+        assert_eq!(Sealer::new(&Key::random()).open(&id, "everything"), None, "other key");
+        assert_eq!(sealer.open("not-a-session", "everything"), None);
+    }
+}

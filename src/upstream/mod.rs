@@ -1,0 +1,224 @@
+//! Connectors to upstream MCP servers: Streamable HTTP, legacy HTTP+SSE, and stdio child
+//! processes. An enum, not a trait object: the set is closed and `match` keeps it explicit.
+
+pub mod http;
+pub mod mux;
+pub mod sse;
+pub mod stdio;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::Stream;
+use serde_json::Value;
+
+use crate::config::{ServerConfig, ServerTransport};
+use crate::transport::jsonrpc::Message;
+use crate::transport::session::SessionState;
+
+/// A stream of JSON-RPC messages coming back from an upstream.
+pub type MessageStream = Pin<Box<dyn Stream<Item = Value> + Send>>;
+
+/// What the client declared in its `initialize`, passed on to the upstream.
+#[derive(Debug, Clone)]
+pub struct ClientHello {
+    /// The protocol revision agreed with the client; offered to the upstream first.
+    pub protocol: String,
+    /// The client's `capabilities`.
+    pub capabilities: Value,
+    /// The client's `clientInfo`.
+    pub client_info: Value,
+}
+
+/// An upstream session after a successful `initialize`.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    /// The upstream's session id, if it issued one.
+    pub upstream_session: Option<String>,
+    /// The protocol revision the upstream answered with.
+    pub upstream_protocol: String,
+    /// The upstream's `InitializeResult` (server info, capabilities, instructions).
+    pub result: Value,
+}
+
+/// An upstream's answer to one message.
+pub enum Reply {
+    /// Nothing to send back (notifications and responses): HTTP 202.
+    Accepted,
+    /// One JSON body.
+    Json(Bytes),
+    /// An SSE body relayed byte for byte from an HTTP upstream.
+    Sse(reqwest::Response),
+    /// Messages produced by a multiplexed upstream (stdio, legacy SSE), response last.
+    Messages(MessageStream),
+    /// An HTTP status without a body (for example 405 for GET on a server without a stream).
+    Status(::http::StatusCode),
+}
+
+/// Why an upstream could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Connection failed.
+    #[error("upstream server '{server}' is unreachable: {cause}")]
+    Unreachable {
+        /// Server name.
+        server: String,
+        /// Cause, without secrets.
+        cause: String,
+    },
+    /// No answer in time.
+    #[error("upstream server '{server}' did not answer within {secs}s")]
+    Timeout {
+        /// Server name.
+        server: String,
+        /// The timeout.
+        secs: u64,
+    },
+    /// An HTTP error status.
+    #[error("upstream server '{server}' answered HTTP {status}{detail}")]
+    Status {
+        /// Server name.
+        server: String,
+        /// HTTP status.
+        status: u16,
+        /// A short excerpt of the body, prefixed with ": ", or empty.
+        detail: String,
+    },
+    /// The upstream no longer knows the session (HTTP 404); the client must re-initialize.
+    #[error("upstream session expired")]
+    SessionExpired,
+    /// A stdio upstream exited or could not be started.
+    #[error("upstream server '{server}' {detail}")]
+    Process {
+        /// Server name.
+        server: String,
+        /// What happened.
+        detail: String,
+    },
+    /// The upstream broke the protocol.
+    #[error("upstream server '{server}' broke the protocol: {detail}")]
+    Protocol {
+        /// Server name.
+        server: String,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+/// One upstream connector.
+pub enum Upstream {
+    /// Streamable HTTP.
+    Http(http::HttpUpstream),
+    /// Legacy HTTP+SSE.
+    Sse(sse::SseUpstream),
+    /// A stdio child process.
+    Stdio(stdio::StdioUpstream),
+}
+
+impl Upstream {
+    /// Builds the connector for one configured server (starts nothing yet).
+    pub fn new(config: &ServerConfig, client: reqwest::Client) -> Upstream {
+        let name: Arc<str> = Arc::from(config.name.as_str());
+        match &config.transport {
+            ServerTransport::StreamableHttp { url } => {
+                Upstream::Http(http::HttpUpstream::new(name, url.clone(), client, config.request_timeout))
+            }
+            ServerTransport::Sse { url } => {
+                Upstream::Sse(sse::SseUpstream::new(name, url.clone(), client, config.request_timeout))
+            }
+            ServerTransport::Stdio { .. } => Upstream::Stdio(stdio::StdioUpstream::new(config)),
+        }
+    }
+
+    /// Opens an upstream session for a client that just sent `initialize`.
+    pub async fn open(&self, hello: &ClientHello, session_key: &str) -> Result<Opened, UpstreamError> {
+        match self {
+            Upstream::Http(u) => u.open(hello).await,
+            Upstream::Sse(u) => u.open(hello, session_key).await,
+            Upstream::Stdio(u) => u.open(hello).await,
+        }
+    }
+
+    /// Sends one client message within a session.
+    pub async fn send(&self, session: &SessionState, message: Message) -> Result<Reply, UpstreamError> {
+        match self {
+            Upstream::Http(u) => u.send(session, message).await,
+            Upstream::Sse(u) => u.send(session, message).await,
+            Upstream::Stdio(u) => u.send(session, message).await,
+        }
+    }
+
+    /// Opens the session's server-to-client stream (HTTP GET).
+    pub async fn listen(&self, session: &SessionState, last_event_id: Option<&str>) -> Result<Reply, UpstreamError> {
+        match self {
+            Upstream::Http(u) => u.listen(session, last_event_id).await,
+            Upstream::Sse(u) => u.listen(session).await,
+            Upstream::Stdio(u) => u.listen(session).await,
+        }
+    }
+
+    /// Ends the session (HTTP DELETE).
+    pub async fn close(&self, session: &SessionState) -> Result<(), UpstreamError> {
+        match self {
+            Upstream::Http(u) => u.close(session).await,
+            Upstream::Sse(u) => {
+                u.close(session);
+                Ok(())
+            }
+            Upstream::Stdio(u) => {
+                u.close(session).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the upstream is usable now (for `/readyz`).
+    pub async fn ready(&self) -> Result<(), UpstreamError> {
+        match self {
+            Upstream::Http(u) => u.ready().await,
+            Upstream::Sse(u) => u.ready().await,
+            Upstream::Stdio(u) => u.ready().await,
+        }
+    }
+
+    /// Stops child processes and background connections.
+    pub async fn shutdown(&self) {
+        match self {
+            Upstream::Http(_) => {}
+            Upstream::Sse(u) => u.shutdown(),
+            Upstream::Stdio(u) => u.shutdown().await,
+        }
+    }
+}
+
+/// The `initialize` request the gateway sends upstream on a client's behalf.
+pub fn initialize_request(id: Value, hello: &ClientHello) -> Value {
+    serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": hello.protocol,
+            "capabilities": hello.capabilities,
+            "clientInfo": hello.client_info,
+        }
+    })
+}
+
+/// Reads the result of an upstream `initialize` response.
+pub fn opened_from_response(server: &str, response: Value, upstream_session: Option<String>) -> Result<Opened, UpstreamError> {
+    if let Some(err) = response.get("error") {
+        let msg = err.get("message").and_then(Value::as_str).unwrap_or("error");
+        return Err(UpstreamError::Protocol { server: server.to_owned(), detail: format!("initialize failed: {msg}") });
+    }
+    let result = response.get("result").cloned().unwrap_or(Value::Null);
+    let version = result.get("protocolVersion").and_then(Value::as_str).unwrap_or_default().to_owned();
+    if !crate::mcp::version::is_supported(&version) {
+        return Err(UpstreamError::Protocol {
+            server: server.to_owned(),
+            detail: format!("unsupported protocol version {version:?}"),
+        });
+    }
+    Ok(Opened { upstream_session, upstream_protocol: version, result })
+}

@@ -1,0 +1,170 @@
+//! Legacy HTTP+SSE upstreams (protocol 2024-11-05): a long-lived GET stream per client
+//! session announces a POST endpoint; answers come back on the stream. The connection lives
+//! in this replica's memory, so such sessions are served by the replica that opened them
+//! (another replica answers 404 and the client initializes again).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use futures::StreamExt;
+use http::header;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use url::Url;
+
+use super::mux::Mux;
+use super::stdio::send_via_mux;
+use super::{ClientHello, Opened, Reply, UpstreamError};
+use crate::transport::jsonrpc::Message;
+use crate::transport::session::SessionState;
+
+struct Connection {
+    mux: Arc<Mux>,
+    tasks: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(|t| t.abort());
+    }
+}
+
+/// A legacy SSE upstream.
+pub struct SseUpstream {
+    name: Arc<str>,
+    url: Url,
+    client: reqwest::Client,
+    timeout: Duration,
+    connections: DashMap<String, Connection>,
+}
+
+impl SseUpstream {
+    /// A connector for the SSE endpoint `url`.
+    pub fn new(name: Arc<str>, url: Url, client: reqwest::Client, timeout: Duration) -> SseUpstream {
+        SseUpstream { name, url, client, timeout, connections: DashMap::new() }
+    }
+
+    fn err(&self, detail: impl Into<String>) -> UpstreamError {
+        UpstreamError::Protocol { server: self.name.to_string(), detail: detail.into() }
+    }
+
+    /// Opens the stream, waits for the endpoint, and initializes with the client's hello.
+    pub async fn open(&self, hello: &ClientHello, session_key: &str) -> Result<Opened, UpstreamError> {
+        let resp = self
+            .client
+            .get(self.url.clone())
+            .header(header::ACCEPT, "text/event-stream")
+            .timeout(self.timeout)
+            .send()
+            .await
+            .map_err(|e| UpstreamError::Unreachable { server: self.name.to_string(), cause: e.to_string() })?;
+        if !resp.status().is_success() {
+            return Err(UpstreamError::Status { server: self.name.to_string(), status: resp.status().as_u16(), detail: String::new() });
+        }
+        let mut events = sse_stream::SseStream::from_bytes_stream(resp.bytes_stream());
+        let endpoint = tokio::time::timeout(self.timeout, async {
+            while let Some(Ok(ev)) = events.next().await {
+                if ev.event.as_deref() == Some("endpoint") {
+                    return ev.data;
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| self.err("sent no `endpoint` event"))?;
+        let endpoint = self.url.join(endpoint.trim()).map_err(|e| self.err(format!("bad endpoint: {e}")))?;
+        // Only post where the stream came from: the endpoint is upstream-controlled input.
+        if endpoint.origin() != self.url.origin() {
+            return Err(self.err("announced an endpoint on another origin"));
+        }
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let mux = Arc::new(Mux::new(self.name.clone(), out_tx));
+        let reader = tokio::spawn({
+            let mux = mux.clone();
+            async move {
+                while let Some(Ok(ev)) = events.next().await {
+                    let is_message = ev.event.as_deref().is_none_or(|e| e == "message");
+                    if let (true, Some(data)) = (is_message, ev.data) {
+                        if let Ok(msg) = serde_json::from_str::<Value>(&data) {
+                            mux.route(msg);
+                        }
+                    }
+                }
+                mux.close("closed its SSE stream");
+            }
+        });
+        let poster = tokio::spawn(post_loop(self.client.clone(), endpoint, out_rx, mux.clone()));
+        let conn = Connection { mux: mux.clone(), tasks: [reader, poster] };
+        let response = tokio::time::timeout(self.timeout, mux.call(super::initialize_request(Value::from(0), hello)))
+            .await
+            .map_err(|_| UpstreamError::Timeout { server: self.name.to_string(), secs: self.timeout.as_secs() })??;
+        let opened = super::opened_from_response(&self.name, response, None)?;
+        mux.forward("", &Message::from_value(&serde_json::json!({"jsonrpc":"2.0","method":"notifications/initialized"})))?;
+        self.connections.insert(session_key.to_owned(), conn);
+        Ok(opened)
+    }
+
+    fn mux(&self, session: &SessionState) -> Result<Arc<Mux>, UpstreamError> {
+        match self.connections.get(&session.key) {
+            Some(c) if !c.mux.is_closed() => Ok(c.mux.clone()),
+            _ => Err(UpstreamError::SessionExpired),
+        }
+    }
+
+    /// Relays one client message.
+    pub async fn send(&self, session: &SessionState, message: Message) -> Result<Reply, UpstreamError> {
+        send_via_mux(&*self.mux(session)?, &session.key, message)
+    }
+
+    /// The session's server-to-client stream.
+    pub async fn listen(&self, session: &SessionState) -> Result<Reply, UpstreamError> {
+        Ok(Reply::Messages(self.mux(session)?.listen(&session.key)?))
+    }
+
+    /// Drops the session's connection.
+    pub fn close(&self, session: &SessionState) {
+        if let Some((_, c)) = self.connections.remove(&session.key) {
+            c.mux.close("session ended");
+        }
+    }
+
+    /// Ready when the SSE endpoint answers.
+    pub async fn ready(&self) -> Result<(), UpstreamError> {
+        self.client
+            .get(self.url.clone())
+            .header(header::ACCEPT, "text/event-stream")
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| UpstreamError::Unreachable { server: self.name.to_string(), cause: e.to_string() })
+    }
+
+    /// Drops every connection.
+    pub fn shutdown(&self) {
+        self.connections.clear();
+    }
+}
+
+async fn post_loop(client: reqwest::Client, endpoint: Url, mut rx: mpsc::UnboundedReceiver<Bytes>, mux: Arc<Mux>) {
+    while let Some(body) = rx.recv().await {
+        let sent = client
+            .post(endpoint.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => tracing::warn!(status = %r.status(), "legacy SSE upstream refused a message"),
+            Err(_) => {
+                mux.close("could not be reached");
+                return;
+            }
+        }
+    }
+}

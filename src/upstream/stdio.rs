@@ -1,0 +1,262 @@
+//! stdio upstreams: one child process per server, started on first use, initialized once by
+//! the gateway, restarted with backoff after it dies, stderr copied into the gateway's logs,
+//! and stopped (stdin closed, then SIGTERM, then SIGKILL to its process group) on shutdown.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{Mutex, mpsc};
+
+use super::mux::Mux;
+use super::{ClientHello, Opened, Reply, UpstreamError};
+use crate::config::{ServerConfig, ServerTransport};
+use crate::mcp::version;
+use crate::transport::jsonrpc::{Kind, Message};
+use crate::transport::session::SessionState;
+
+/// Environment variables passed on from the gateway's own environment.
+const INHERITED_ENV: &[&str] = &["PATH", "HOME", "LANG", "TMPDIR", "USER", "SYSTEMROOT"];
+/// Backoff after a crash: doubles from the first value up to the second.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(30));
+/// A process that lived this long resets the backoff.
+const HEALTHY_AFTER: Duration = Duration::from_secs(60);
+
+struct Running {
+    mux: Arc<Mux>,
+    init: Value,
+    child: Arc<Mutex<Child>>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Slot {
+    running: Option<Running>,
+    failures: u32,
+    last_start: Option<Instant>,
+}
+
+/// A stdio upstream.
+pub struct StdioUpstream {
+    name: Arc<str>,
+    command: String,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+    cwd: Option<PathBuf>,
+    timeout: Duration,
+    slot: Mutex<Slot>,
+}
+
+impl StdioUpstream {
+    /// A connector for one configured stdio server (starts nothing).
+    pub fn new(config: &ServerConfig) -> StdioUpstream {
+        let ServerTransport::Stdio { command, args, env, cwd } = &config.transport else {
+            unreachable!("StdioUpstream is built only for stdio servers")
+        };
+        StdioUpstream {
+            name: Arc::from(config.name.as_str()),
+            command: command.clone(),
+            args: args.clone(),
+            env: env.clone(),
+            cwd: cwd.clone(),
+            timeout: config.request_timeout,
+            slot: Mutex::new(Slot::default()),
+        }
+    }
+
+    fn process_error(&self, detail: impl Into<String>) -> UpstreamError {
+        UpstreamError::Process { server: self.name.to_string(), detail: detail.into() }
+    }
+
+    /// The live process, started (or restarted after backoff) if needed.
+    async fn running(&self) -> Result<(Arc<Mux>, Value), UpstreamError> {
+        let mut slot = self.slot.lock().await;
+        if let Some(r) = &slot.running {
+            if !r.mux.is_closed() {
+                return Ok((r.mux.clone(), r.init.clone()));
+            }
+            if slot.last_start.is_some_and(|t| t.elapsed() >= HEALTHY_AFTER) {
+                slot.failures = 0;
+            }
+            slot.failures += 1;
+            slot.running = None;
+        }
+        if slot.failures > 0 {
+            let wait = BACKOFF.0.saturating_mul(1 << slot.failures.min(16)).min(BACKOFF.1);
+            let since = slot.last_start.map(|t| t.elapsed()).unwrap_or(wait);
+            if since < wait {
+                tokio::time::sleep(wait - since).await;
+            }
+        }
+        slot.last_start = Some(Instant::now());
+        let running = match tokio::time::timeout(self.timeout, self.start()).await {
+            Ok(r) => r,
+            Err(_) => Err(self.process_error(format!("did not initialize within {}s", self.timeout.as_secs()))),
+        };
+        let running = running.inspect_err(|_| slot.failures += 1)?;
+        let out = (running.mux.clone(), running.init.clone());
+        slot.running = Some(running);
+        Ok(out)
+    }
+
+    async fn start(&self) -> Result<Running, UpstreamError> {
+        let mut cmd = Command::new(&self.command);
+        cmd.args(&self.args)
+            .env_clear()
+            .envs(INHERITED_ENV.iter().filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))))
+            .envs(&self.env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        #[cfg(unix)]
+        cmd.process_group(0);
+        if let Some(dir) = &self.cwd {
+            cmd.current_dir(dir);
+        }
+        let mut child = cmd.spawn().map_err(|e| self.process_error(format!("could not start `{}`: {e}", self.command)))?;
+        tracing::info!(server = %self.name, pid = child.id(), "started stdio upstream");
+        let (stdin, stdout, stderr) = match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
+            (Some(i), Some(o), Some(e)) => (i, o, e),
+            _ => return Err(self.process_error("has no stdio pipes")),
+        };
+        let (out_tx, out_rx) = mpsc::unbounded_channel::<Bytes>();
+        let mux = Arc::new(Mux::new(self.name.clone(), out_tx));
+        let child = Arc::new(Mutex::new(child));
+        let writer = tokio::spawn(write_lines(stdin, out_rx));
+        tokio::spawn(log_stderr(self.name.clone(), stderr));
+        tokio::spawn(read_stdout(self.name.clone(), stdout, mux.clone(), child.clone()));
+
+        let hello = ClientHello {
+            protocol: version::LATEST_STATEFUL.to_owned(),
+            capabilities: serde_json::json!({ "sampling": {}, "elicitation": {}, "roots": { "listChanged": true } }),
+            client_info: serde_json::json!({ "name": "portcullis", "version": env!("CARGO_PKG_VERSION") }),
+        };
+        let response = mux.call(super::initialize_request(Value::from(0), &hello)).await?;
+        let opened = super::opened_from_response(&self.name, response, None)?;
+        mux.forward("", &Message::from_value(&serde_json::json!({"jsonrpc":"2.0","method":"notifications/initialized"})))?;
+        Ok(Running { mux, init: opened.result, child, writer })
+    }
+
+    /// Answers a client's `initialize` from the process's own initialization.
+    pub async fn open(&self, _hello: &ClientHello) -> Result<Opened, UpstreamError> {
+        let (_, init) = self.running().await?;
+        let upstream_protocol = init.get("protocolVersion").and_then(Value::as_str).unwrap_or_default().to_owned();
+        Ok(Opened { upstream_session: None, upstream_protocol, result: init })
+    }
+
+    /// Relays one client message.
+    pub async fn send(&self, session: &SessionState, message: Message) -> Result<Reply, UpstreamError> {
+        let (mux, _) = self.running().await?;
+        send_via_mux(&mux, &session.key, message)
+    }
+
+    /// The session's GET stream.
+    pub async fn listen(&self, session: &SessionState) -> Result<Reply, UpstreamError> {
+        let (mux, _) = self.running().await?;
+        Ok(Reply::Messages(mux.listen(&session.key)?))
+    }
+
+    /// Forgets the session (the process keeps serving others).
+    pub async fn close(&self, session: &SessionState) {
+        if let Some(r) = &self.slot.lock().await.running {
+            r.mux.forget(&session.key);
+        }
+    }
+
+    /// Ready when the process runs, or can be started.
+    pub async fn ready(&self) -> Result<(), UpstreamError> {
+        self.running().await.map(|_| ())
+    }
+
+    /// Stops the process: close stdin, then SIGTERM, then SIGKILL.
+    pub async fn shutdown(&self) {
+        let Some(r) = self.slot.lock().await.running.take() else { return };
+        r.mux.close("was stopped by the gateway");
+        r.writer.abort(); // drops stdin: well-behaved servers exit on EOF
+        let mut child = r.child.lock().await;
+        if tokio::time::timeout(Duration::from_secs(2), child.wait()).await.is_ok() {
+            return;
+        }
+        #[cfg(unix)]
+        if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            if tokio::time::timeout(Duration::from_secs(2), child.wait()).await.is_ok() {
+                return;
+            }
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = child.kill().await;
+    }
+}
+
+/// Sends a client message through a mux: requests get a message stream, the rest are
+/// forwarded; `initialized` was already sent by the gateway itself.
+pub fn send_via_mux(mux: &Mux, session: &str, message: Message) -> Result<Reply, UpstreamError> {
+    match message.kind {
+        Kind::Request => {
+            let value = message
+                .value()
+                .map_err(|e| UpstreamError::Protocol { server: String::new(), detail: e.to_string() })?;
+            Ok(Reply::Messages(mux.request(session, value)?))
+        }
+        Kind::Notification if message.method() == "notifications/initialized" => Ok(Reply::Accepted),
+        Kind::Notification | Kind::Response => {
+            mux.forward(session, &message)?;
+            Ok(Reply::Accepted)
+        }
+    }
+}
+
+async fn write_lines(mut stdin: tokio::process::ChildStdin, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+    while let Some(bytes) = rx.recv().await {
+        // JSON text never contains a raw newline, so one line is one message.
+        if stdin.write_all(&bytes).await.is_err() || stdin.write_all(b"\n").await.is_err() {
+            break;
+        }
+        if rx.is_empty() && stdin.flush().await.is_err() {
+            break;
+        }
+    }
+}
+
+async fn log_stderr(server: Arc<str>, stderr: tokio::process::ChildStderr) {
+    let mut lines = BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::info!(target: "portcullis::upstream::stderr", server = %server, "{line}");
+    }
+}
+
+async fn read_stdout(server: Arc<str>, stdout: tokio::process::ChildStdout, mux: Arc<Mux>, child: Arc<Mutex<Child>>) {
+    let mut reader = BufReader::new(stdout);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let text = line.trim_ascii();
+        if text.is_empty() {
+            continue;
+        }
+        match serde_json::from_slice::<Value>(text) {
+            Ok(Value::Array(items)) => items.into_iter().for_each(|m| mux.route(m)),
+            Ok(msg) => mux.route(msg),
+            Err(_) => tracing::warn!(server = %server, "ignored a stdout line that is not JSON"),
+        }
+    }
+    let status = tokio::time::timeout(Duration::from_secs(5), async { child.lock().await.wait().await }).await;
+    let why = match status {
+        Ok(Ok(s)) => format!("exited ({s})"),
+        _ => "closed its stdout".to_owned(),
+    };
+    tracing::warn!(server = %server, "stdio upstream {why}");
+    mux.close(&why);
+}
