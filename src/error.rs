@@ -69,7 +69,10 @@ pub struct Failure {
 
 impl<E: Into<GatewayError>> From<E> for Failure {
     fn from(e: E) -> Failure {
-        Failure { error: e.into(), id: None }
+        Failure {
+            error: e.into(),
+            id: None,
+        }
     }
 }
 
@@ -84,29 +87,48 @@ impl GatewayError {
     pub fn status_and_code(&self, has_id: bool) -> (StatusCode, i64) {
         match self {
             GatewayError::UnknownServer(_) => (StatusCode::NOT_FOUND, code::INVALID_REQUEST),
-            GatewayError::ForbiddenHost | GatewayError::ForbiddenOrigin => (StatusCode::FORBIDDEN, code::INVALID_REQUEST),
+            GatewayError::ForbiddenHost | GatewayError::ForbiddenOrigin => {
+                (StatusCode::FORBIDDEN, code::INVALID_REQUEST)
+            }
             GatewayError::Unauthenticated => (StatusCode::UNAUTHORIZED, code::INVALID_REQUEST),
-            GatewayError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, code::INVALID_REQUEST),
-            GatewayError::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, code::INVALID_REQUEST),
+            GatewayError::PayloadTooLarge(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, code::INVALID_REQUEST)
+            }
+            GatewayError::UnsupportedMediaType => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, code::INVALID_REQUEST)
+            }
             GatewayError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, code::INVALID_REQUEST),
-            GatewayError::Envelope(EnvelopeError::Parse(_)) => (StatusCode::BAD_REQUEST, code::PARSE_ERROR),
-            GatewayError::Envelope(EnvelopeError::Invalid(_)) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
+            GatewayError::Envelope(EnvelopeError::Parse(_)) => {
+                (StatusCode::BAD_REQUEST, code::PARSE_ERROR)
+            }
+            GatewayError::Envelope(EnvelopeError::Invalid(_)) => {
+                (StatusCode::BAD_REQUEST, code::INVALID_REQUEST)
+            }
             GatewayError::MissingSession => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
             GatewayError::UnknownSession => (StatusCode::NOT_FOUND, code::INVALID_REQUEST),
-            GatewayError::UnsupportedProtocolVersion(_) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
+            GatewayError::UnsupportedProtocolVersion(_) => {
+                (StatusCode::BAD_REQUEST, code::INVALID_REQUEST)
+            }
             GatewayError::InvalidParams(_) => (StatusCode::OK, code::INVALID_PARAMS),
             GatewayError::BodyRead => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
             GatewayError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, code::INTERNAL_ERROR),
             GatewayError::Upstream(e) => match e {
                 UpstreamError::SessionExpired => (StatusCode::NOT_FOUND, code::INVALID_REQUEST),
                 UpstreamError::Timeout { .. } if has_id => (StatusCode::OK, code::UPSTREAM_TIMEOUT),
-                UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, code::UPSTREAM_TIMEOUT),
+                UpstreamError::Timeout { .. } => {
+                    (StatusCode::GATEWAY_TIMEOUT, code::UPSTREAM_TIMEOUT)
+                }
                 UpstreamError::Unreachable { .. }
                 | UpstreamError::Status { .. }
                 | UpstreamError::Process { .. }
-                | UpstreamError::Protocol { .. } => {
-                    (if has_id { StatusCode::OK } else { StatusCode::BAD_GATEWAY }, code::UPSTREAM_ERROR)
-                }
+                | UpstreamError::Protocol { .. } => (
+                    if has_id {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::BAD_GATEWAY
+                    },
+                    code::UPSTREAM_ERROR,
+                ),
             },
         }
     }
@@ -141,8 +163,10 @@ impl IntoResponse for Failure {
         let body = error_response(self.id.as_ref(), rpc_code, &self.error.to_string());
         let mut resp = (status, axum::Json(body)).into_response();
         if matches!(self.error, GatewayError::Unauthenticated) {
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"portcullis\""));
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"portcullis\""),
+            );
         }
         resp
     }

@@ -1,1 +1,3 @@
-fn main() -> std::process::ExitCode { portcullis::cli::main() }
+fn main() -> std::process::ExitCode {
+    portcullis::cli::main()
+}

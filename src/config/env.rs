@@ -13,7 +13,9 @@ pub(super) fn apply_overrides(
     problems: &mut Vec<String>,
 ) {
     for (name, raw) in vars {
-        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
         // Variables without `__` (PORTCULLIS_CONFIG, PORTCULLIS_MASTER_KEY) are not overrides.
         if !rest.contains("__") {
             continue;
@@ -29,8 +31,12 @@ pub(super) fn apply_overrides(
 fn parse_value(raw: &str) -> toml::Value {
     match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
         Ok(mut t) => match t.remove("v") {
-            Some(v @ (toml::Value::Boolean(_) | toml::Value::Integer(_) | toml::Value::Array(_))) => v,
-            Some(toml::Value::String(s)) if raw.trim_start().starts_with(['"', '\'']) => toml::Value::String(s),
+            Some(
+                v @ (toml::Value::Boolean(_) | toml::Value::Integer(_) | toml::Value::Array(_)),
+            ) => v,
+            Some(toml::Value::String(s)) if raw.trim_start().starts_with(['"', '\'']) => {
+                toml::Value::String(s)
+            }
             _ => toml::Value::String(raw.to_owned()),
         },
         Err(_) => toml::Value::String(raw.to_owned()),
@@ -43,7 +49,9 @@ fn set(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(
             let entry = table
                 .entry(section.clone())
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            let toml::Value::Table(t) = entry else { return Err(format!("[{section}] is not a table")) };
+            let toml::Value::Table(t) = entry else {
+                return Err(format!("[{section}] is not a table"));
+            };
             t.insert(key.clone(), value);
             Ok(())
         }
@@ -57,7 +65,9 @@ fn set(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(
                 let name = t.get("name")?.as_str()?.replace('_', "-");
                 (name == wanted).then_some(t)
             });
-            let Some(t) = found else { return Err(format!("no server named {server:?}")) };
+            let Some(t) = found else {
+                return Err(format!("no server named {server:?}"));
+            };
             t.insert(key.clone(), value);
             Ok(())
         }

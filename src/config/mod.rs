@@ -140,15 +140,23 @@ impl Config {
         let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError {
             problems: vec![format!("{origin}: {}", e.to_string().trim_end())],
         })?;
-        let mut v = Validator { origin, text, problems: Vec::new() };
+        let mut v = Validator {
+            origin,
+            text,
+            problems: Vec::new(),
+        };
         env::apply_overrides(&mut table, vars, &mut v.problems);
         let spans = Spans::find(text);
         let config = v.config(table, &spans);
         if v.problems.is_empty() {
             // `config` is complete whenever no problem was recorded.
-            config.ok_or_else(|| ConfigError { problems: vec![format!("{origin}: invalid")] })
+            config.ok_or_else(|| ConfigError {
+                problems: vec![format!("{origin}: invalid")],
+            })
         } else {
-            Err(ConfigError { problems: v.problems })
+            Err(ConfigError {
+                problems: v.problems,
+            })
         }
     }
 }
@@ -169,14 +177,25 @@ impl Spans {
             log: Option<toml::Spanned<toml::Value>>,
             servers: Option<Vec<toml::Spanned<toml::Value>>>,
         }
-        let Ok(top) = toml::from_str::<Top>(text) else { return Spans::default() };
+        let Ok(top) = toml::from_str::<Top>(text) else {
+            return Spans::default();
+        };
         let mut spans = Spans::default();
-        for (name, s) in [("gateway", top.gateway), ("store", top.store), ("log", top.log)] {
+        for (name, s) in [
+            ("gateway", top.gateway),
+            ("store", top.store),
+            ("log", top.log),
+        ] {
             if let Some(s) = s {
                 spans.sections.insert(name.to_owned(), s.span().start);
             }
         }
-        spans.servers = top.servers.unwrap_or_default().iter().map(|s| s.span().start).collect();
+        spans.servers = top
+            .servers
+            .unwrap_or_default()
+            .iter()
+            .map(|s| s.span().start)
+            .collect();
         spans
     }
 }
@@ -189,10 +208,14 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn at(&mut self, offset: Option<usize>, what: &str, msg: impl std::fmt::Display) {
-        let line = offset.map(|o| self.text[..o.min(self.text.len())].lines().count().max(1));
+        let line = offset.map(|o| self.text[..o.min(self.text.len())].matches('\n').count() + 1);
         match line {
-            Some(l) => self.problems.push(format!("{}:{l}: {what}: {msg}", self.origin)),
-            None => self.problems.push(format!("{}: {what}: {msg}", self.origin)),
+            Some(l) => self
+                .problems
+                .push(format!("{}:{l}: {what}: {msg}", self.origin)),
+            None => self
+                .problems
+                .push(format!("{}: {what}: {msg}", self.origin)),
         }
     }
 
@@ -205,7 +228,11 @@ impl Validator<'_> {
         match table.remove(name) {
             None => T::default(),
             Some(value) => value.try_into().unwrap_or_else(|e: toml::de::Error| {
-                self.at(spans.sections.get(name).copied(), &format!("[{name}]"), e.message());
+                self.at(
+                    spans.sections.get(name).copied(),
+                    &format!("[{name}]"),
+                    e.message(),
+                );
                 T::default()
             }),
         }
@@ -224,17 +251,28 @@ impl Validator<'_> {
             }
         };
         for key in table.keys() {
-            self.at(None, key, "unknown top-level key (expected gateway, store, log, servers)");
+            self.at(
+                None,
+                key,
+                "unknown top-level key (expected gateway, store, log, servers)",
+            );
         }
         let gateway = self.gateway(gateway, spans.sections.get("gateway").copied());
         let store = StoreConfig {
             url: store.url.unwrap_or_else(|| {
-                let dir = gateway.as_ref().map(|g| g.data_dir.clone()).unwrap_or_default();
+                let dir = gateway
+                    .as_ref()
+                    .map(|g| g.data_dir.clone())
+                    .unwrap_or_default();
                 format!("sqlite://{}", dir.join("portcullis.db").display())
             }),
         };
         if !(store.url.starts_with("sqlite:") || store.url.starts_with("postgres")) {
-            self.at(spans.sections.get("store").copied(), "store.url", "must start with sqlite: or postgres://");
+            self.at(
+                spans.sections.get("store").copied(),
+                "store.url",
+                "must start with sqlite: or postgres://",
+            );
         }
         let log = self.log(log, spans.sections.get("log").copied());
         let mut parsed = Vec::new();
@@ -255,30 +293,57 @@ impl Validator<'_> {
                 parsed.push(s);
             }
         }
-        Some(Config { gateway: gateway?, store, log, servers: parsed })
+        Some(Config {
+            gateway: gateway?,
+            store,
+            log,
+            servers: parsed,
+        })
     }
 
     fn gateway(&mut self, raw: RawGateway, at: Option<usize>) -> Option<GatewayConfig> {
         let listen_text = raw.listen.unwrap_or_else(|| "127.0.0.1:8080".to_owned());
         let listen: Option<SocketAddr> = listen_text
             .parse()
-            .map_err(|_| self.at(at, "gateway.listen", format!("{listen_text:?} is not an address like 127.0.0.1:8080")))
+            .map_err(|_| {
+                self.at(
+                    at,
+                    "gateway.listen",
+                    format!("{listen_text:?} is not an address like 127.0.0.1:8080"),
+                )
+            })
             .ok();
-        let public_url = match raw.public_url.as_deref().map(|t| (t, Url::parse(t.trim_end_matches('/')))) {
+        let public_url = match raw
+            .public_url
+            .as_deref()
+            .map(|t| (t, Url::parse(t.trim_end_matches('/'))))
+        {
             None => Some(None),
-            Some((_, Ok(u))) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(Some(u)),
+            Some((_, Ok(u))) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+                Some(Some(u))
+            }
             Some((text, _)) => {
-                self.at(at, "gateway.public_url", format!("{text:?} is not an http(s) URL"));
+                self.at(
+                    at,
+                    "gateway.public_url",
+                    format!("{text:?} is not an http(s) URL"),
+                );
                 None
             }
         };
-        let request_timeout = self.duration(at, "gateway.request_timeout", raw.request_timeout, 300);
+        let request_timeout =
+            self.duration(at, "gateway.request_timeout", raw.request_timeout, 300);
         let shutdown_grace = self.duration(at, "gateway.shutdown_grace", raw.shutdown_grace, 30);
         let max_body = raw.max_body_bytes.unwrap_or(4 * 1024 * 1024);
         if max_body < 1024 {
             self.at(at, "gateway.max_body_bytes", "must be at least 1024");
         }
-        let lower = |v: Option<Vec<String>>| v.unwrap_or_default().into_iter().map(|s| s.to_ascii_lowercase()).collect();
+        let lower = |v: Option<Vec<String>>| {
+            v.unwrap_or_default()
+                .into_iter()
+                .map(|s| s.to_ascii_lowercase())
+                .collect()
+        };
         Some(GatewayConfig {
             listen: listen?,
             force_public_on_non_loopback: raw.force_public_on_non_loopback.unwrap_or(false),
@@ -299,7 +364,11 @@ impl Validator<'_> {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
             Some(other) => {
-                self.at(at, "log.format", format!("{other:?} is not \"text\" or \"json\""));
+                self.at(
+                    at,
+                    "log.format",
+                    format!("{other:?} is not \"text\" or \"json\""),
+                );
                 LogFormat::Text
             }
         };
@@ -310,11 +379,21 @@ impl Validator<'_> {
         LogConfig { format, level }
     }
 
-    fn duration(&mut self, at: Option<usize>, key: &str, raw: Option<String>, default_secs: u64) -> Duration {
+    fn duration(
+        &mut self,
+        at: Option<usize>,
+        key: &str,
+        raw: Option<String>,
+        default_secs: u64,
+    ) -> Duration {
         match raw {
             None => Duration::from_secs(default_secs),
             Some(text) => parse_duration(&text).unwrap_or_else(|| {
-                self.at(at, key, format!("{text:?} is not a duration like \"30s\", \"500ms\" or \"5m\""));
+                self.at(
+                    at,
+                    key,
+                    format!("{text:?} is not a duration like \"30s\", \"500ms\" or \"5m\""),
+                );
                 Duration::from_secs(default_secs)
             }),
         }
@@ -334,12 +413,18 @@ impl Validator<'_> {
         let name = raw.name.clone().unwrap_or_default();
         let valid_name = !name.is_empty()
             && name.len() <= 64
-            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
             && name.as_bytes()[0].is_ascii_alphanumeric();
         if raw.name.is_none() {
             self.at(at, &what, "missing `name`");
         } else if !valid_name {
-            self.at(at, &what, "`name` must be 1-64 of a-z, 0-9, '-' or '_', starting with a letter or digit");
+            self.at(
+                at,
+                &what,
+                "`name` must be 1-64 of a-z, 0-9, '-' or '_', starting with a letter or digit",
+            );
         }
         let transport = match (raw.url, raw.command) {
             (Some(_), Some(_)) => {
@@ -347,7 +432,11 @@ impl Validator<'_> {
                 None
             }
             (None, None) => {
-                self.at(at, &what, "set `url` (HTTP upstream) or `command` (stdio upstream)");
+                self.at(
+                    at,
+                    &what,
+                    "set `url` (HTTP upstream) or `command` (stdio upstream)",
+                );
                 None
             }
             (Some(url), None) => {
@@ -357,10 +446,18 @@ impl Validator<'_> {
                 match Url::parse(&url) {
                     Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
                         match raw.transport.as_deref() {
-                            None | Some("streamable-http") => Some(ServerTransport::StreamableHttp { url: u }),
+                            None | Some("streamable-http") => {
+                                Some(ServerTransport::StreamableHttp { url: u })
+                            }
                             Some("sse") => Some(ServerTransport::Sse { url: u }),
                             Some(other) => {
-                                self.at(at, &what, format!("transport {other:?} is not \"streamable-http\" or \"sse\""));
+                                self.at(
+                                    at,
+                                    &what,
+                                    format!(
+                                        "transport {other:?} is not \"streamable-http\" or \"sse\""
+                                    ),
+                                );
                                 None
                             }
                         }
@@ -387,28 +484,40 @@ impl Validator<'_> {
             }
         };
         let public = raw.public.unwrap_or(false);
-        if let Some(g) = gateway {
-            if public && !g.listen.ip().is_loopback() && !g.force_public_on_non_loopback {
-                self.at(
+        if let Some(g) = gateway
+            && public
+            && !g.listen.ip().is_loopback()
+            && !g.force_public_on_non_loopback
+        {
+            self.at(
                     at,
                     &what,
                     "`public = true` needs a loopback listener (or gateway.force_public_on_non_loopback = true)",
                 );
-            }
         }
-        let default_timeout = gateway.map(|g| g.request_timeout).unwrap_or(Duration::from_secs(300));
+        let default_timeout = gateway
+            .map(|g| g.request_timeout)
+            .unwrap_or(Duration::from_secs(300));
         let request_timeout = match raw.request_timeout {
             None => default_timeout,
             Some(t) => self.duration(at, &format!("{what}: request_timeout"), Some(t), 300),
         };
-        Some(ServerConfig { name, transport: transport?, public, request_timeout }).filter(|_| valid_name)
+        Some(ServerConfig {
+            name,
+            transport: transport?,
+            public,
+            request_timeout,
+        })
+        .filter(|_| valid_name)
     }
 }
 
 /// Parses `"500ms"`, `"30s"`, `"5m"`, `"2h"` (a bare number means seconds).
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (num, unit) = text.split_at(split);
     let n: u64 = num.parse().ok()?;
     match unit.trim() {

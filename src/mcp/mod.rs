@@ -15,7 +15,11 @@ use crate::upstream::{ClientHello, Reply};
 /// the gateway session, and answer with the upstream's server info at the client's revision.
 ///
 /// Returns the response and the sealed session id for the `Mcp-Session-Id` header.
-pub async fn initialize(app: &AppState, server: &Server, message: &Message) -> Result<(Value, String), Failure> {
+pub async fn initialize(
+    app: &AppState,
+    server: &Server,
+    message: &Message,
+) -> Result<(Value, String), Failure> {
     let id = message.id.clone();
     let fail = |e: GatewayError| e.with_id(id.clone());
     let request = message.value().map_err(|e| fail(e.into()))?;
@@ -23,18 +27,29 @@ pub async fn initialize(app: &AppState, server: &Server, message: &Message) -> R
     let requested = params
         .get("protocolVersion")
         .and_then(Value::as_str)
-        .ok_or_else(|| fail(GatewayError::InvalidParams("initialize needs params.protocolVersion".into())))?;
+        .ok_or_else(|| {
+            fail(GatewayError::InvalidParams(
+                "initialize needs params.protocolVersion".into(),
+            ))
+        })?;
     let protocol = version::negotiate(requested);
     let hello = ClientHello {
         protocol: protocol.to_owned(),
-        capabilities: params.get("capabilities").cloned().unwrap_or_else(|| serde_json::json!({})),
+        capabilities: params
+            .get("capabilities")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({})),
         client_info: params
             .get("clientInfo")
             .cloned()
             .unwrap_or_else(|| serde_json::json!({"name": "unknown", "version": "0"})),
     };
     let key = new_session_key();
-    let opened = server.upstream.open(&hello, &key).await.map_err(|e| fail(e.into()))?;
+    let opened = server
+        .upstream
+        .open(&hello, &key)
+        .await
+        .map_err(|e| fail(e.into()))?;
     let state = SessionState {
         version: 1,
         key,
@@ -51,7 +66,15 @@ pub async fn initialize(app: &AppState, server: &Server, message: &Message) -> R
 }
 
 /// Relays one message of an established session.
-pub async fn relay(server: &Server, session: &SessionState, message: Message) -> Result<Reply, Failure> {
+pub async fn relay(
+    server: &Server,
+    session: &SessionState,
+    message: Message,
+) -> Result<Reply, Failure> {
     let id = message.id.clone();
-    server.upstream.send(session, message).await.map_err(|e| GatewayError::from(e).with_id(id))
+    server
+        .upstream
+        .send(session, message)
+        .await
+        .map_err(|e| GatewayError::from(e).with_id(id))
 }

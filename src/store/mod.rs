@@ -49,9 +49,16 @@ pub fn redact_url(url: &str) -> String {
 impl Store {
     /// Opens (creating a SQLite file and its directory if needed) and migrates.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
-        let connect_err = |source| StoreError::Connect { url: redact_url(url), source };
+        let connect_err = |source| StoreError::Connect {
+            url: redact_url(url),
+            source,
+        };
         let store = if url.starts_with("postgres") {
-            let pool = PgPoolOptions::new().max_connections(16).connect(url).await.map_err(connect_err)?;
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .connect(url)
+                .await
+                .map_err(connect_err)?;
             Store::Postgres(pool)
         } else {
             let opts = SqliteConnectOptions::from_str(url)
@@ -59,10 +66,18 @@ impl Store {
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .busy_timeout(std::time::Duration::from_secs(5));
-            if let Some(dir) = opts.get_filename().parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Some(dir) = opts
+                .get_filename()
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+            {
                 std::fs::create_dir_all(dir).map_err(|e| connect_err(sqlx::Error::Io(e)))?;
             }
-            let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await.map_err(connect_err)?;
+            let pool = SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(opts)
+                .await
+                .map_err(connect_err)?;
             Store::Sqlite(pool)
         };
         store.migrate().await?;
@@ -81,8 +96,12 @@ impl Store {
     /// A round trip to the database (for `/readyz`).
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {
-            Store::Sqlite(p) => drop(sqlx::query("SELECT 1").execute(p).await?),
-            Store::Postgres(p) => drop(sqlx::query("SELECT 1").execute(p).await?),
+            Store::Sqlite(p) => {
+                sqlx::query("SELECT 1").execute(p).await?;
+            }
+            Store::Postgres(p) => {
+                sqlx::query("SELECT 1").execute(p).await?;
+            }
         }
         Ok(())
     }
@@ -102,7 +121,10 @@ mod tests {
 
     #[test]
     fn passwords_never_reach_messages() {
-        assert_eq!(redact_url("postgres://u:hunter2@db/x"), "postgres://u:redacted@db/x");
+        assert_eq!(
+            redact_url("postgres://u:hunter2@db/x"),
+            "postgres://u:redacted@db/x"
+        );
         assert_eq!(redact_url("sqlite://a.db"), "sqlite://a.db");
     }
 
@@ -118,8 +140,11 @@ mod tests {
     /// PostgreSQL runs in CI (127.0.0.1:5432, trust auth); set PORTCULLIS_TEST_PG to override.
     #[tokio::test]
     async fn postgres_connects_and_migrates() {
-        let url = std::env::var("PORTCULLIS_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let store = Store::connect(&url).await.expect("PostgreSQL on 127.0.0.1:5432 must be running");
+        let url = std::env::var("PORTCULLIS_TEST_PG")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let store = Store::connect(&url)
+            .await
+            .expect("PostgreSQL on 127.0.0.1:5432 must be running");
         store.ping().await.expect("pings");
     }
 }

@@ -22,7 +22,12 @@ use crate::mcp::{self, version};
 use crate::upstream::http::{PROTOCOL_HEADER, SESSION_HEADER};
 
 /// `POST /mcp/{server}`.
-pub async fn post(State(app): State<AppState>, Path(name): Path<String>, headers: HeaderMap, body: Body) -> Response {
+pub async fn post(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
     let mut method = "invalid";
     let resp = match post_steps(&app, &name, &headers, body, &mut method).await {
@@ -58,7 +63,12 @@ async fn post_steps(
     }
 }
 
-async fn one_message(app: &AppState, server: &Server, headers: &HeaderMap, message: Message) -> Result<Response, Failure> {
+async fn one_message(
+    app: &AppState,
+    server: &Server,
+    headers: &HeaderMap,
+    message: Message,
+) -> Result<Response, Failure> {
     if message.kind == Kind::Request && message.method() == "initialize" {
         let (response, sealed) = mcp::initialize(app, server, &message).await?;
         let mut resp = axum::Json(response).into_response();
@@ -69,27 +79,53 @@ async fn one_message(app: &AppState, server: &Server, headers: &HeaderMap, messa
     }
     let id = message.id.clone();
     let session = session(app, server, headers).map_err(|e| e.with_id(id.clone()))?;
-    let request_id = (message.kind == Kind::Request).then(|| id.clone()).flatten();
+    let request_id = (message.kind == Kind::Request)
+        .then(|| id.clone())
+        .flatten();
     let reply = mcp::relay(server, &session, message).await?;
-    Ok(reply::post_response(reply, request_id, server.config.request_timeout, &server.config.name, app.shutdown()).await)
+    Ok(reply::post_response(
+        reply,
+        request_id,
+        server.config.request_timeout,
+        &server.config.name,
+    )
+    .await)
 }
 
 /// A 2025-03-26 batch: each message is relayed in order and the answers are collected.
-async fn batch(app: &AppState, server: &Server, headers: &HeaderMap, messages: Vec<Message>) -> Result<Response, Failure> {
+async fn batch(
+    app: &AppState,
+    server: &Server,
+    headers: &HeaderMap,
+    messages: Vec<Message>,
+) -> Result<Response, Failure> {
     let mut answers = Vec::new();
     for message in messages {
         if message.method() == "initialize" {
             let err = GatewayError::InvalidParams("initialize cannot be batched".into());
             return Err(err.with_id(message.id));
         }
-        let resp = one_message(app, server, headers, message).await.unwrap_or_else(IntoResponse::into_response);
+        let resp = one_message(app, server, headers, message)
+            .await
+            .unwrap_or_else(IntoResponse::into_response);
         if resp.status() == StatusCode::ACCEPTED {
             continue;
         }
-        let is_sse = resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        let is_sse = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
         if is_sse {
-            answers.extend(sse_messages(&body).filter(|m| m.get("result").is_some() || m.get("error").is_some()));
+            answers.extend(
+                sse_messages(&body)
+                    .filter(|m| m.get("result").is_some() || m.get("error").is_some()),
+            );
         } else if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
             answers.push(v);
         }
@@ -107,7 +143,11 @@ fn sse_messages(body: &[u8]) -> impl Iterator<Item = serde_json::Value> + '_ {
 }
 
 /// `GET /mcp/{server}`: the session's server-to-client stream.
-pub async fn get(State(app): State<AppState>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+pub async fn get(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let started = Instant::now();
     let result = async {
         let server = app.server(&name)?;
@@ -116,7 +156,11 @@ pub async fn get(State(app): State<AppState>, Path(name): Path<String>, headers:
         check_accept(&headers, true)?;
         let session = session(&app, &server, &headers)?;
         let last = headers.get("last-event-id").and_then(|v| v.to_str().ok());
-        let reply = server.upstream.listen(&session, last).await.map_err(GatewayError::from)?;
+        let reply = server
+            .upstream
+            .listen(&session, last)
+            .await
+            .map_err(GatewayError::from)?;
         Ok::<_, Failure>(reply::get_response(reply, app.shutdown()))
     }
     .await;
@@ -126,14 +170,22 @@ pub async fn get(State(app): State<AppState>, Path(name): Path<String>, headers:
 }
 
 /// `DELETE /mcp/{server}`: ends the session.
-pub async fn delete(State(app): State<AppState>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+pub async fn delete(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let started = Instant::now();
     let result = async {
         let server = app.server(&name)?;
         app.hosts().check(&headers)?;
         authenticate(&server, &headers)?;
         let session = session(&app, &server, &headers)?;
-        server.upstream.close(&session).await.map_err(GatewayError::from)?;
+        server
+            .upstream
+            .close(&session)
+            .await
+            .map_err(GatewayError::from)?;
         Ok::<_, Failure>(StatusCode::OK.into_response())
     }
     .await;
@@ -144,49 +196,81 @@ pub async fn delete(State(app): State<AppState>, Path(name): Path<String>, heade
 
 /// Until grant tokens exist, only servers marked `public = true` are served.
 fn authenticate(server: &Server, _headers: &HeaderMap) -> Result<(), GatewayError> {
-    if server.config.public { Ok(()) } else { Err(GatewayError::Unauthenticated) }
+    if server.config.public {
+        Ok(())
+    } else {
+        Err(GatewayError::Unauthenticated)
+    }
 }
 
-fn session(app: &AppState, server: &Server, headers: &HeaderMap) -> Result<SessionState, GatewayError> {
+fn session(
+    app: &AppState,
+    server: &Server,
+    headers: &HeaderMap,
+) -> Result<SessionState, GatewayError> {
     if let Some(v) = headers.get(PROTOCOL_HEADER) {
         let v = v.to_str().unwrap_or_default();
         if !version::is_supported(v) {
-            return Err(GatewayError::UnsupportedProtocolVersion(v.chars().take(40).collect()));
+            return Err(GatewayError::UnsupportedProtocolVersion(
+                v.chars().take(40).collect(),
+            ));
         }
     }
-    let id = headers.get(SESSION_HEADER).ok_or(GatewayError::MissingSession)?;
+    let id = headers
+        .get(SESSION_HEADER)
+        .ok_or(GatewayError::MissingSession)?;
     let id = id.to_str().map_err(|_| GatewayError::UnknownSession)?;
-    app.sealer().open(id, &server.config.name).ok_or(GatewayError::UnknownSession)
+    app.sealer()
+        .open(id, &server.config.name)
+        .ok_or(GatewayError::UnknownSession)
 }
 
 fn check_content_type(headers: &HeaderMap) -> Result<(), GatewayError> {
-    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let essence = ct.split(';').next().unwrap_or("").trim();
-    if essence.eq_ignore_ascii_case("application/json") { Ok(()) } else { Err(GatewayError::UnsupportedMediaType) }
+    if essence.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(GatewayError::UnsupportedMediaType)
+    }
 }
 
 /// Clients must accept JSON and SSE on POST, and SSE on GET; a missing `Accept` (or `*/*`) is
 /// taken as accepting everything, since many simple clients send none.
 fn check_accept(headers: &HeaderMap, stream: bool) -> Result<(), GatewayError> {
-    let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else { return Ok(()) };
-    let has = |t: &str| accept.split(',').any(|part| {
-        let m = part.split(';').next().unwrap_or("").trim();
-        m.eq_ignore_ascii_case(t) || m == "*/*"
-    });
+    let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
+        return Ok(());
+    };
+    let has = |t: &str| {
+        accept.split(',').any(|part| {
+            let m = part.split(';').next().unwrap_or("").trim();
+            m.eq_ignore_ascii_case(t) || m == "*/*"
+        })
+    };
     match (stream, has("text/event-stream"), has("application/json")) {
         (true, true, _) => Ok(()),
-        (true, false, _) => Err(GatewayError::NotAcceptable("GET needs Accept: text/event-stream")),
+        (true, false, _) => Err(GatewayError::NotAcceptable(
+            "GET needs Accept: text/event-stream",
+        )),
         (false, true, _) | (false, _, true) => Ok(()),
-        (false, false, false) => {
-            Err(GatewayError::NotAcceptable("POST needs Accept: application/json, text/event-stream"))
-        }
+        (false, false, false) => Err(GatewayError::NotAcceptable(
+            "POST needs Accept: application/json, text/event-stream",
+        )),
     }
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> {
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(GatewayError::PayloadTooLarge(limit)),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(GatewayError::PayloadTooLarge(limit))
+        }
         Err(_) => Err(GatewayError::BodyRead),
     }
 }
@@ -194,14 +278,31 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> {
 /// The method label for metrics: known MCP methods by name, anything else as `other`.
 fn metric_method(method: &str) -> &'static str {
     const KNOWN: &[&str] = &[
-        "initialize", "ping", "tools/list", "tools/call", "resources/list", "resources/read",
-        "resources/templates/list", "resources/subscribe", "resources/unsubscribe", "prompts/list",
-        "prompts/get", "completion/complete", "logging/setLevel", "server/discover",
-        "notifications/initialized", "notifications/cancelled", "notifications/progress",
+        "initialize",
+        "ping",
+        "tools/list",
+        "tools/call",
+        "resources/list",
+        "resources/read",
+        "resources/templates/list",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "prompts/list",
+        "prompts/get",
+        "completion/complete",
+        "logging/setLevel",
+        "server/discover",
+        "notifications/initialized",
+        "notifications/cancelled",
+        "notifications/progress",
         "notifications/roots/list_changed",
     ];
     if method.is_empty() {
         return "response";
     }
-    KNOWN.iter().find(|m| **m == method).copied().unwrap_or("other")
+    KNOWN
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("other")
 }

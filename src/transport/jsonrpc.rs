@@ -86,27 +86,44 @@ impl Message {
             (Some(_), false) if env.id.is_some() => Kind::Request,
             (Some(_), false) => Kind::Notification,
             (None, true) => Kind::Response,
-            _ => return Err(EnvelopeError::Invalid("a message needs `method`, or `result`/`error`")),
+            _ => {
+                return Err(EnvelopeError::Invalid(
+                    "a message needs `method`, or `result`/`error`",
+                ));
+            }
         };
         if matches!(&env.id, Some(id) if !(id.is_string() || id.is_number())) {
             return Err(EnvelopeError::Invalid("`id` must be a string or a number"));
         }
         let method = env.method.map(|m| m.into_owned());
         let id = env.id;
-        Ok(Message { raw, id, method, kind })
+        Ok(Message {
+            raw,
+            id,
+            method,
+            kind,
+        })
     }
 
     /// Builds a message from a JSON value.
     pub fn from_value(value: &Value) -> Message {
         let raw = Bytes::from(serde_json::to_vec(value).unwrap_or_default());
-        let method = value.get("method").and_then(Value::as_str).map(str::to_owned);
+        let method = value
+            .get("method")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         let id = value.get("id").filter(|v| !v.is_null()).cloned();
         let kind = match (&method, &id) {
             (Some(_), Some(_)) => Kind::Request,
             (Some(_), None) => Kind::Notification,
             (None, _) => Kind::Response,
         };
-        Message { raw, id, method, kind }
+        Message {
+            raw,
+            id,
+            method,
+            kind,
+        }
     }
 
     /// The full JSON value (parses the bytes again; used off the byte-relay path).
@@ -177,7 +194,9 @@ mod tests {
 
     #[test]
     fn routing_fields_are_read_and_bytes_kept() {
-        let raw = Bytes::from_static(br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"x-vendor":1}}"#);
+        let raw = Bytes::from_static(
+            br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"x-vendor":1}}"#,
+        );
         let m = Message::parse(raw.clone()).expect("valid");
         assert_eq!(m.kind, Kind::Request);
         assert_eq!(m.id, Some(serde_json::json!(7)));
@@ -187,22 +206,43 @@ mod tests {
 
     #[test]
     fn bad_bodies_are_classified() {
-        assert!(matches!(Message::parse(Bytes::from_static(b"{nope")), Err(EnvelopeError::Parse(_))));
-        assert!(matches!(Message::parse(Bytes::from_static(b"[1")), Err(EnvelopeError::Parse(_))));
-        assert!(matches!(Message::parse(Bytes::from_static(br#"{"id":1}"#)), Err(EnvelopeError::Invalid(_))));
         assert!(matches!(
-            Message::parse(Bytes::from_static(br#"{"jsonrpc":"2.0","id":{},"method":"x"}"#)),
+            Message::parse(Bytes::from_static(b"{nope")),
+            Err(EnvelopeError::Parse(_))
+        ));
+        assert!(matches!(
+            Message::parse(Bytes::from_static(b"[1")),
+            Err(EnvelopeError::Parse(_))
+        ));
+        assert!(matches!(
+            Message::parse(Bytes::from_static(br#"{"id":1}"#)),
             Err(EnvelopeError::Invalid(_))
         ));
-        assert!(matches!(Body::parse(Bytes::from_static(b"[]")), Err(EnvelopeError::Invalid(_))));
+        assert!(matches!(
+            Message::parse(Bytes::from_static(
+                br#"{"jsonrpc":"2.0","id":{},"method":"x"}"#
+            )),
+            Err(EnvelopeError::Invalid(_))
+        ));
+        assert!(matches!(
+            Body::parse(Bytes::from_static(b"[]")),
+            Err(EnvelopeError::Invalid(_))
+        ));
     }
 
     #[test]
     fn batches_split_into_messages() {
-        let raw = Bytes::from_static(br#"[{"jsonrpc":"2.0","method":"a"},{"jsonrpc":"2.0","id":"x","result":{}}]"#);
-        let Ok(Body::Batch(items)) = Body::parse(raw) else { panic!("batch") };
+        let raw = Bytes::from_static(
+            br#"[{"jsonrpc":"2.0","method":"a"},{"jsonrpc":"2.0","id":"x","result":{}}]"#,
+        );
+        let Ok(Body::Batch(items)) = Body::parse(raw) else {
+            panic!("batch")
+        };
         assert_eq!(items[0].kind, Kind::Notification);
         assert_eq!(items[1].kind, Kind::Response);
-        assert_eq!(&items[1].raw[..], br#"{"jsonrpc":"2.0","id":"x","result":{}}"#);
+        assert_eq!(
+            &items[1].raw[..],
+            br#"{"jsonrpc":"2.0","id":"x","result":{}}"#
+        );
     }
 }

@@ -25,15 +25,17 @@ pub async fn post_response(
     request_id: Option<Value>,
     timeout: Duration,
     server: &str,
-    shutdown: &CancellationToken,
 ) -> Response {
     match reply {
         Reply::Accepted => StatusCode::ACCEPTED.into_response(),
         Reply::Status(s) => s.into_response(),
         Reply::Json(bytes) => json_bytes(bytes.into()),
-        Reply::Sse(resp) => relay_sse(resp, shutdown.clone()),
+        // In-flight answers are drained on shutdown, not cut: they are bounded by the timeout.
+        Reply::Sse(resp) => relay_sse(resp, None),
         Reply::Messages(stream) => {
-            let Some(id) = request_id else { return StatusCode::ACCEPTED.into_response() };
+            let Some(id) = request_id else {
+                return StatusCode::ACCEPTED.into_response();
+            };
             let stream = with_deadline(stream, id, timeout, server.to_owned());
             let mut stream = Box::pin(stream);
             let Some(first) = stream.next().await else {
@@ -42,7 +44,7 @@ pub async fn post_response(
             if first.get("result").is_some() || first.get("error").is_some() {
                 return json_bytes(Body::from(serde_json::to_vec(&first).unwrap_or_default()));
             }
-            sse_of(futures::stream::iter([first]).chain(stream), shutdown.clone(), false)
+            sse_of(futures::stream::iter([first]).chain(stream), None, false)
         }
     }
 }
@@ -50,8 +52,8 @@ pub async fn post_response(
 /// Builds the response for a GET stream.
 pub fn get_response(reply: Reply, shutdown: &CancellationToken) -> Response {
     match reply {
-        Reply::Sse(resp) => relay_sse(resp, shutdown.clone()),
-        Reply::Messages(stream) => sse_of(stream, shutdown.clone(), true),
+        Reply::Sse(resp) => relay_sse(resp, Some(shutdown.clone())),
+        Reply::Messages(stream) => sse_of(stream, Some(shutdown.clone()), true),
         Reply::Status(s) => s.into_response(),
         Reply::Accepted | Reply::Json(_) => StatusCode::METHOD_NOT_ALLOWED.into_response(),
     }
@@ -59,34 +61,59 @@ pub fn get_response(reply: Reply, shutdown: &CancellationToken) -> Response {
 
 fn json_bytes(body: Body) -> Response {
     let mut resp = Response::new(body);
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
-/// Relays an upstream SSE body byte for byte; it ends early when the gateway shuts down.
-fn relay_sse(resp: reqwest::Response, shutdown: CancellationToken) -> Response {
-    let bytes = resp.bytes_stream().take_until(shutdown.cancelled_owned());
-    let mut out = Response::new(Body::from_stream(bytes));
+/// Relays an upstream SSE body byte for byte; a GET stream ends when the gateway shuts down.
+fn relay_sse(resp: reqwest::Response, shutdown: Option<CancellationToken>) -> Response {
+    let body = match shutdown {
+        Some(token) => Body::from_stream(resp.bytes_stream().take_until(token.cancelled_owned())),
+        None => Body::from_stream(resp.bytes_stream()),
+    };
+    let mut out = Response::new(body);
     let h = out.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     out
 }
 
-fn sse_of(stream: impl Stream<Item = Value> + Send + 'static, shutdown: CancellationToken, keep_alive: bool) -> Response {
-    let events = stream
-        .take_until(shutdown.cancelled_owned())
-        .map(|msg| Ok::<_, Infallible>(Event::default().data(serde_json::to_string(&msg).unwrap_or_default())));
+fn sse_of(
+    stream: impl Stream<Item = Value> + Send + 'static,
+    shutdown: Option<CancellationToken>,
+    keep_alive: bool,
+) -> Response {
+    let until = async move {
+        match shutdown {
+            Some(token) => token.cancelled_owned().await,
+            None => std::future::pending().await,
+        }
+    };
+    let events = stream.take_until(until).map(|msg| {
+        Ok::<_, Infallible>(Event::default().data(serde_json::to_string(&msg).unwrap_or_default()))
+    });
     let sse = Sse::new(events);
     if keep_alive {
-        sse.keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response()
+        sse.keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+            .into_response()
     } else {
         sse.into_response()
     }
 }
 
 /// Ends a multiplexed answer with a timeout error if its response does not come in time.
-fn with_deadline(stream: MessageStream, id: Value, timeout: Duration, server: String) -> impl Stream<Item = Value> + Send {
+fn with_deadline(
+    stream: MessageStream,
+    id: Value,
+    timeout: Duration,
+    server: String,
+) -> impl Stream<Item = Value> + Send {
     let deadline = tokio::time::sleep(timeout);
     futures::stream::unfold(
         (stream, Box::pin(deadline), Some(id), false),

@@ -50,7 +50,9 @@ const NONCE_LEN: usize = 24;
 impl Sealer {
     /// A sealer keyed by `key` (derive it for this purpose only).
     pub fn new(key: &Key) -> Sealer {
-        Sealer { cipher: XChaCha20Poly1305::new(key.bytes().into()) }
+        Sealer {
+            cipher: XChaCha20Poly1305::new(key.bytes().into()),
+        }
     }
 
     /// Encrypts `state`, bound to `binding` (the server name, and later the principal).
@@ -61,7 +63,13 @@ impl Sealer {
         let nonce = XNonce::from(nonce_bytes);
         let sealed = self
             .cipher
-            .encrypt(&nonce, Payload { msg: &plain, aad: binding.as_bytes() })
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: &plain,
+                    aad: binding.as_bytes(),
+                },
+            )
             .expect("encryption of a small buffer cannot fail");
         let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
         out.extend_from_slice(&nonce_bytes);
@@ -80,7 +88,16 @@ impl Sealer {
         }
         let (nonce, sealed) = bytes.split_at(NONCE_LEN);
         let nonce = XNonce::try_from(nonce).ok()?;
-        let plain = self.cipher.decrypt(&nonce, Payload { msg: sealed, aad: binding.as_bytes() }).ok()?;
+        let plain = self
+            .cipher
+            .decrypt(
+                &nonce,
+                Payload {
+                    msg: sealed,
+                    aad: binding.as_bytes(),
+                },
+            )
+            .ok()?;
         let state: SessionState = serde_json::from_slice(&plain).ok()?;
         (state.version == 1).then_some(state)
     }
@@ -112,17 +129,31 @@ mod tests {
     fn round_trip_and_tamper_evidence() {
         let sealer = Sealer::new(&Key::random());
         let id = sealer.seal(&state(), "everything");
-        assert!(id.bytes().all(|b| (0x21..=0x7e).contains(&b)), "visible ASCII only");
-        assert_eq!(sealer.open(&id, "everything"), Some(state()).map(|mut s| {
-            s.key = sealer.open(&id, "everything").expect("opens").key;
-            s
-        }));
+        assert!(
+            id.bytes().all(|b| (0x21..=0x7e).contains(&b)),
+            "visible ASCII only"
+        );
+        assert_eq!(
+            sealer.open(&id, "everything"),
+            Some(state()).map(|mut s| {
+                s.key = sealer.open(&id, "everything").expect("opens").key;
+                s
+            })
+        );
         assert_eq!(sealer.open(&id, "files"), None, "bound to its server");
         let mut bytes = URL_SAFE_NO_PAD.decode(&id).expect("b64");
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
-        assert_eq!(sealer.open(&URL_SAFE_NO_PAD.encode(bytes), "everything"), None, "altered");
-        assert_eq!(Sealer::new(&Key::random()).open(&id, "everything"), None, "other key");
+        assert_eq!(
+            sealer.open(&URL_SAFE_NO_PAD.encode(bytes), "everything"),
+            None,
+            "altered"
+        );
+        assert_eq!(
+            Sealer::new(&Key::random()).open(&id, "everything"),
+            None,
+            "other key"
+        );
         assert_eq!(sealer.open("not-a-session", "everything"), None);
     }
 }

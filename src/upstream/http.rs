@@ -36,24 +36,47 @@ pub struct HttpUpstream {
 
 impl HttpUpstream {
     /// A connector for `url` (connects lazily).
-    pub fn new(name: Arc<str>, url: Url, client: reqwest::Client, timeout: Duration) -> HttpUpstream {
-        HttpUpstream { name, url, client, timeout }
+    pub fn new(
+        name: Arc<str>,
+        url: Url,
+        client: reqwest::Client,
+        timeout: Duration,
+    ) -> HttpUpstream {
+        HttpUpstream {
+            name,
+            url,
+            client,
+            timeout,
+        }
     }
 
     fn unreachable(&self, e: &reqwest::Error) -> UpstreamError {
         if e.is_timeout() {
-            return UpstreamError::Timeout { server: self.name.to_string(), secs: self.timeout.as_secs() };
+            return UpstreamError::Timeout {
+                server: self.name.to_string(),
+                secs: self.timeout.as_secs(),
+            };
         }
         // reqwest's Display names the URL; keep only the innermost cause.
         let mut cause: &dyn std::error::Error = e;
         while let Some(next) = cause.source() {
             cause = next;
         }
-        UpstreamError::Unreachable { server: self.name.to_string(), cause: cause.to_string() }
+        UpstreamError::Unreachable {
+            server: self.name.to_string(),
+            cause: cause.to_string(),
+        }
     }
 
-    fn request(&self, method: reqwest::Method, session: Option<&SessionState>) -> reqwest::RequestBuilder {
-        let mut req = self.client.request(method, self.url.clone()).header(header::ACCEPT, ACCEPT_BOTH);
+    fn request(
+        &self,
+        method: reqwest::Method,
+        session: Option<&SessionState>,
+    ) -> reqwest::RequestBuilder {
+        let mut req = self
+            .client
+            .request(method, self.url.clone())
+            .header(header::ACCEPT, ACCEPT_BOTH);
         if let Some(s) = session {
             if let Some(id) = &s.upstream_session {
                 req = req.header(SESSION_HEADER, id);
@@ -66,9 +89,21 @@ impl HttpUpstream {
     async fn status_error(&self, resp: reqwest::Response) -> UpstreamError {
         let status = resp.status().as_u16();
         let body = resp.text().await.unwrap_or_default();
-        let excerpt: String = body.chars().filter(|c| !c.is_control()).take(DETAIL_CHARS).collect();
-        let detail = if excerpt.is_empty() { String::new() } else { format!(": {excerpt}") };
-        UpstreamError::Status { server: self.name.to_string(), status, detail }
+        let excerpt: String = body
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(DETAIL_CHARS)
+            .collect();
+        let detail = if excerpt.is_empty() {
+            String::new()
+        } else {
+            format!(": {excerpt}")
+        };
+        UpstreamError::Status {
+            server: self.name.to_string(),
+            status,
+            detail,
+        }
     }
 
     /// `initialize` upstream with the client's capabilities, then `notifications/initialized`.
@@ -115,19 +150,31 @@ impl HttpUpstream {
     }
 
     /// Reads the response with `id` from a JSON or SSE answer.
-    async fn single_response(&self, resp: reqwest::Response, id: &Value) -> Result<Value, UpstreamError> {
+    async fn single_response(
+        &self,
+        resp: reqwest::Response,
+        id: &Value,
+    ) -> Result<Value, UpstreamError> {
         let is_sse = content_type(resp.headers()).starts_with("text/event-stream");
-        let protocol = |detail: String| UpstreamError::Protocol { server: self.name.to_string(), detail };
+        let protocol = |detail: String| UpstreamError::Protocol {
+            server: self.name.to_string(),
+            detail,
+        };
         if !is_sse {
             let bytes = resp.bytes().await.map_err(|e| self.unreachable(&e))?;
-            return serde_json::from_slice(&bytes).map_err(|e| protocol(format!("invalid JSON: {e}")));
+            return serde_json::from_slice(&bytes)
+                .map_err(|e| protocol(format!("invalid JSON: {e}")));
         }
         let mut events = sse_stream::SseStream::from_bytes_stream(resp.bytes_stream());
         while let Some(event) = events.next().await {
             let event = event.map_err(|e| protocol(format!("invalid SSE: {e}")))?;
             let Some(data) = event.data else { continue };
-            let Ok(msg) = serde_json::from_str::<Value>(&data) else { continue };
-            if msg.get("id") == Some(id) && (msg.get("result").is_some() || msg.get("error").is_some()) {
+            let Ok(msg) = serde_json::from_str::<Value>(&data) else {
+                continue;
+            };
+            if msg.get("id") == Some(id)
+                && (msg.get("result").is_some() || msg.get("error").is_some())
+            {
                 return Ok(msg);
             }
         }
@@ -135,7 +182,11 @@ impl HttpUpstream {
     }
 
     /// POSTs one client message and relays the answer.
-    pub async fn send(&self, session: &SessionState, message: Message) -> Result<Reply, UpstreamError> {
+    pub async fn send(
+        &self,
+        session: &SessionState,
+        message: Message,
+    ) -> Result<Reply, UpstreamError> {
         let mut req = self
             .request(reqwest::Method::POST, Some(session))
             .header(header::CONTENT_TYPE, "application/json")
@@ -147,31 +198,50 @@ impl HttpUpstream {
         self.relay(resp, session).await
     }
 
-    async fn relay(&self, resp: reqwest::Response, session: &SessionState) -> Result<Reply, UpstreamError> {
+    async fn relay(
+        &self,
+        resp: reqwest::Response,
+        session: &SessionState,
+    ) -> Result<Reply, UpstreamError> {
         match resp.status() {
             StatusCode::ACCEPTED => Ok(Reply::Accepted),
             s if s.is_success() => {
                 if content_type(resp.headers()).starts_with("text/event-stream") {
                     return Ok(Reply::Sse(resp));
                 }
-                if resp.content_length().is_some_and(|n| n > MAX_JSON_BYTES as u64) {
+                if resp
+                    .content_length()
+                    .is_some_and(|n| n > MAX_JSON_BYTES as u64)
+                {
                     return Err(UpstreamError::Protocol {
                         server: self.name.to_string(),
                         detail: "JSON answer larger than 64 MiB".to_owned(),
                     });
                 }
                 let bytes = resp.bytes().await.map_err(|e| self.unreachable(&e))?;
-                if bytes.is_empty() { Ok(Reply::Accepted) } else { Ok(Reply::Json(bytes)) }
+                if bytes.is_empty() {
+                    Ok(Reply::Accepted)
+                } else {
+                    Ok(Reply::Json(bytes))
+                }
             }
-            StatusCode::NOT_FOUND if session.upstream_session.is_some() => Err(UpstreamError::SessionExpired),
+            StatusCode::NOT_FOUND if session.upstream_session.is_some() => {
+                Err(UpstreamError::SessionExpired)
+            }
             StatusCode::METHOD_NOT_ALLOWED => Ok(Reply::Status(StatusCode::METHOD_NOT_ALLOWED)),
             _ => Err(self.status_error(resp).await),
         }
     }
 
     /// GET: the session's server-to-client stream, resumed after `last_event_id` if given.
-    pub async fn listen(&self, session: &SessionState, last_event_id: Option<&str>) -> Result<Reply, UpstreamError> {
-        let mut req = self.request(reqwest::Method::GET, Some(session)).header(header::ACCEPT, "text/event-stream");
+    pub async fn listen(
+        &self,
+        session: &SessionState,
+        last_event_id: Option<&str>,
+    ) -> Result<Reply, UpstreamError> {
+        let mut req = self
+            .request(reqwest::Method::GET, Some(session))
+            .header(header::ACCEPT, "text/event-stream");
         if let Some(id) = last_event_id.and_then(|v| HeaderValue::from_str(v).ok()) {
             req = req.header("last-event-id", id);
         }
@@ -210,5 +280,8 @@ impl HttpUpstream {
 }
 
 fn content_type(headers: &http::HeaderMap) -> &str {
-    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("")
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
 }

@@ -121,18 +121,28 @@ impl Upstream {
     pub fn new(config: &ServerConfig, client: reqwest::Client) -> Upstream {
         let name: Arc<str> = Arc::from(config.name.as_str());
         match &config.transport {
-            ServerTransport::StreamableHttp { url } => {
-                Upstream::Http(http::HttpUpstream::new(name, url.clone(), client, config.request_timeout))
-            }
-            ServerTransport::Sse { url } => {
-                Upstream::Sse(sse::SseUpstream::new(name, url.clone(), client, config.request_timeout))
-            }
+            ServerTransport::StreamableHttp { url } => Upstream::Http(http::HttpUpstream::new(
+                name,
+                url.clone(),
+                client,
+                config.request_timeout,
+            )),
+            ServerTransport::Sse { url } => Upstream::Sse(sse::SseUpstream::new(
+                name,
+                url.clone(),
+                client,
+                config.request_timeout,
+            )),
             ServerTransport::Stdio { .. } => Upstream::Stdio(stdio::StdioUpstream::new(config)),
         }
     }
 
     /// Opens an upstream session for a client that just sent `initialize`.
-    pub async fn open(&self, hello: &ClientHello, session_key: &str) -> Result<Opened, UpstreamError> {
+    pub async fn open(
+        &self,
+        hello: &ClientHello,
+        session_key: &str,
+    ) -> Result<Opened, UpstreamError> {
         match self {
             Upstream::Http(u) => u.open(hello).await,
             Upstream::Sse(u) => u.open(hello, session_key).await,
@@ -141,7 +151,11 @@ impl Upstream {
     }
 
     /// Sends one client message within a session.
-    pub async fn send(&self, session: &SessionState, message: Message) -> Result<Reply, UpstreamError> {
+    pub async fn send(
+        &self,
+        session: &SessionState,
+        message: Message,
+    ) -> Result<Reply, UpstreamError> {
         match self {
             Upstream::Http(u) => u.send(session, message).await,
             Upstream::Sse(u) => u.send(session, message).await,
@@ -150,7 +164,11 @@ impl Upstream {
     }
 
     /// Opens the session's server-to-client stream (HTTP GET).
-    pub async fn listen(&self, session: &SessionState, last_event_id: Option<&str>) -> Result<Reply, UpstreamError> {
+    pub async fn listen(
+        &self,
+        session: &SessionState,
+        last_event_id: Option<&str>,
+    ) -> Result<Reply, UpstreamError> {
         match self {
             Upstream::Http(u) => u.listen(session, last_event_id).await,
             Upstream::Sse(u) => u.listen(session).await,
@@ -207,18 +225,36 @@ pub fn initialize_request(id: Value, hello: &ClientHello) -> Value {
 }
 
 /// Reads the result of an upstream `initialize` response.
-pub fn opened_from_response(server: &str, response: Value, upstream_session: Option<String>) -> Result<Opened, UpstreamError> {
+pub fn opened_from_response(
+    server: &str,
+    response: Value,
+    upstream_session: Option<String>,
+) -> Result<Opened, UpstreamError> {
     if let Some(err) = response.get("error") {
-        let msg = err.get("message").and_then(Value::as_str).unwrap_or("error");
-        return Err(UpstreamError::Protocol { server: server.to_owned(), detail: format!("initialize failed: {msg}") });
+        let msg = err
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or("error");
+        return Err(UpstreamError::Protocol {
+            server: server.to_owned(),
+            detail: format!("initialize failed: {msg}"),
+        });
     }
     let result = response.get("result").cloned().unwrap_or(Value::Null);
-    let version = result.get("protocolVersion").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let version = result
+        .get("protocolVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
     if !crate::mcp::version::is_supported(&version) {
         return Err(UpstreamError::Protocol {
             server: server.to_owned(),
             detail: format!("unsupported protocol version {version:?}"),
         });
     }
-    Ok(Opened { upstream_session, upstream_protocol: version, result })
+    Ok(Opened {
+        upstream_session,
+        upstream_protocol: version,
+        result,
+    })
 }

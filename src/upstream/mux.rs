@@ -48,7 +48,12 @@ pub struct Mux {
 impl Mux {
     /// A mux writing outgoing messages (one JSON text each) to `out`.
     pub fn new(server: Arc<str>, out: mpsc::UnboundedSender<Bytes>) -> Mux {
-        Mux { server, out, state: std::sync::Mutex::new(State::default()), next_id: AtomicU64::new(1) }
+        Mux {
+            server,
+            out,
+            state: std::sync::Mutex::new(State::default()),
+            next_id: AtomicU64::new(1),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -57,7 +62,10 @@ impl Mux {
     }
 
     fn closed_error(&self, why: &str) -> UpstreamError {
-        UpstreamError::Process { server: self.server.to_string(), detail: why.to_owned() }
+        UpstreamError::Process {
+            server: self.server.to_string(),
+            detail: why.to_owned(),
+        }
     }
 
     /// Whether the pipe has ended.
@@ -84,7 +92,15 @@ impl Mux {
                 st.progress.insert(ours.clone(), (gid, client_token));
                 ours
             });
-            st.pending.insert(gid, Pending { session: session.to_owned(), client_id, tx, progress });
+            st.pending.insert(
+                gid,
+                Pending {
+                    session: session.to_owned(),
+                    client_id,
+                    tx,
+                    progress,
+                },
+            );
         }
         self.write(&value)?;
         Ok(Box::pin(tokio_stream_from(rx)))
@@ -105,7 +121,9 @@ impl Mux {
     /// Forwards a client notification or response; cancellations are mapped to our ids.
     pub fn forward(&self, session: &str, message: &Message) -> Result<(), UpstreamError> {
         if message.kind == Kind::Notification && message.method() == "notifications/cancelled" {
-            let mut value = message.value().map_err(|e| self.closed_error(&e.to_string()))?;
+            let mut value = message
+                .value()
+                .map_err(|e| self.closed_error(&e.to_string()))?;
             let client_id = value.pointer("/params/requestId").cloned();
             let gid = {
                 let st = self.lock();
@@ -127,7 +145,9 @@ impl Mux {
     }
 
     fn send_raw(&self, bytes: Bytes) -> Result<(), UpstreamError> {
-        self.out.send(bytes).map_err(|_| self.closed_error("is not running"))
+        self.out
+            .send(bytes)
+            .map_err(|_| self.closed_error("is not running"))
     }
 
     /// Registers a session's GET stream; it ends when the pipe closes.
@@ -154,8 +174,12 @@ impl Mux {
         let method = msg.get("method").and_then(Value::as_str).map(str::to_owned);
         let mut st = self.lock();
         if is_response {
-            let Some(gid) = msg.get("id").and_then(Value::as_u64) else { return };
-            let Some(p) = st.pending.remove(&gid) else { return };
+            let Some(gid) = msg.get("id").and_then(Value::as_u64) else {
+                return;
+            };
+            let Some(p) = st.pending.remove(&gid) else {
+                return;
+            };
             if let Some(t) = &p.progress {
                 st.progress.remove(t);
             }
@@ -172,7 +196,10 @@ impl Mux {
             return;
         }
         if method == "notifications/progress" {
-            let token = msg.pointer("/params/progressToken").and_then(Value::as_str).unwrap_or("");
+            let token = msg
+                .pointer("/params/progressToken")
+                .and_then(Value::as_str)
+                .unwrap_or("");
             if let Some((gid, client_token)) = st.progress.get(token).cloned() {
                 msg["params"]["progressToken"] = client_token;
                 if let Some(p) = st.pending.get(&gid) {
@@ -181,9 +208,15 @@ impl Mux {
             }
             return;
         }
-        let targeted = msg.get("id").is_some() || method == "notifications/message" || method == "notifications/cancelled";
+        let targeted = msg.get("id").is_some()
+            || method == "notifications/message"
+            || method == "notifications/cancelled";
         if targeted {
-            let latest = st.pending.iter().filter(|(_, p)| !p.session.is_empty()).max_by_key(|(gid, _)| **gid);
+            let latest = st
+                .pending
+                .iter()
+                .filter(|(_, p)| !p.session.is_empty())
+                .max_by_key(|(gid, _)| **gid);
             if let Some((_, p)) = latest {
                 let _ = p.tx.send(msg);
                 return;
@@ -194,7 +227,11 @@ impl Mux {
             }
             if let Some(id) = msg.get("id").cloned() {
                 drop(st);
-                let err = error_response(Some(&id), code::INTERNAL_ERROR, "no client is connected to answer");
+                let err = error_response(
+                    Some(&id),
+                    code::INTERNAL_ERROR,
+                    "no client is connected to answer",
+                );
                 let _ = self.write(&err);
             }
             return;
@@ -208,14 +245,20 @@ impl Mux {
         st.closed = Some(why.to_owned());
         let text = format!("upstream server '{}' {why}", self.server);
         for (_, p) in st.pending.drain() {
-            let _ = p.tx.send(error_response(Some(&p.client_id), code::UPSTREAM_ERROR, &text));
+            let _ = p.tx.send(error_response(
+                Some(&p.client_id),
+                code::UPSTREAM_ERROR,
+                &text,
+            ));
         }
         st.progress.clear();
         st.listeners.clear();
     }
 }
 
-fn tokio_stream_from(mut rx: mpsc::UnboundedReceiver<Value>) -> impl futures::Stream<Item = Value> + Send {
+fn tokio_stream_from(
+    mut rx: mpsc::UnboundedReceiver<Value>,
+) -> impl futures::Stream<Item = Value> + Send {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
@@ -255,13 +298,21 @@ mod tests {
     #[tokio::test]
     async fn a_closed_pipe_fails_pending_requests_with_a_clear_error() {
         let (mux, _out) = mux();
-        let mut s = mux.request("a", json!({"jsonrpc":"2.0","id":"x","method":"tools/call"})).expect("sent");
+        let mut s = mux
+            .request("a", json!({"jsonrpc":"2.0","id":"x","method":"tools/call"}))
+            .expect("sent");
         mux.close("exited (exit status: 1)");
         let err = s.next().await.expect("error response");
         assert_eq!(err["id"], "x");
-        assert_eq!(err["error"]["message"], "upstream server 'files' exited (exit status: 1)");
+        assert_eq!(
+            err["error"]["message"],
+            "upstream server 'files' exited (exit status: 1)"
+        );
         assert!(s.next().await.is_none());
-        assert!(mux.request("a", json!({"jsonrpc":"2.0","id":1,"method":"ping"})).is_err());
+        assert!(
+            mux.request("a", json!({"jsonrpc":"2.0","id":1,"method":"ping"}))
+                .is_err()
+        );
     }
 
     #[tokio::test]
@@ -269,14 +320,28 @@ mod tests {
         let (mux, mut out) = mux();
         let mut listen = mux.listen("a").expect("listening");
         mux.route(json!({"jsonrpc":"2.0","id":9,"method":"roots/list"}));
-        assert_eq!(listen.next().await.expect("to listener")["method"], "roots/list");
-        let mut call = mux.request("b", json!({"jsonrpc":"2.0","id":1,"method":"tools/call"})).expect("sent");
+        assert_eq!(
+            listen.next().await.expect("to listener")["method"],
+            "roots/list"
+        );
+        let mut call = mux
+            .request("b", json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+            .expect("sent");
         let _ = sent(&mut out);
         mux.route(json!({"jsonrpc":"2.0","id":10,"method":"sampling/createMessage"}));
-        assert_eq!(call.next().await.expect("to caller")["method"], "sampling/createMessage");
+        assert_eq!(
+            call.next().await.expect("to caller")["method"],
+            "sampling/createMessage"
+        );
         mux.route(json!({"jsonrpc":"2.0","method":"notifications/tools/list_changed"}));
-        assert_eq!(listen.next().await.expect("broadcast")["method"], "notifications/tools/list_changed");
+        assert_eq!(
+            listen.next().await.expect("broadcast")["method"],
+            "notifications/tools/list_changed"
+        );
         mux.route(json!({"jsonrpc":"2.0","id":"srv","method":"ping"}));
-        assert_eq!(sent(&mut out), json!({"jsonrpc":"2.0","id":"srv","result":{}}));
+        assert_eq!(
+            sent(&mut out),
+            json!({"jsonrpc":"2.0","id":"srv","result":{}})
+        );
     }
 }

@@ -42,16 +42,34 @@ pub struct SseUpstream {
 
 impl SseUpstream {
     /// A connector for the SSE endpoint `url`.
-    pub fn new(name: Arc<str>, url: Url, client: reqwest::Client, timeout: Duration) -> SseUpstream {
-        SseUpstream { name, url, client, timeout, connections: DashMap::new() }
+    pub fn new(
+        name: Arc<str>,
+        url: Url,
+        client: reqwest::Client,
+        timeout: Duration,
+    ) -> SseUpstream {
+        SseUpstream {
+            name,
+            url,
+            client,
+            timeout,
+            connections: DashMap::new(),
+        }
     }
 
     fn err(&self, detail: impl Into<String>) -> UpstreamError {
-        UpstreamError::Protocol { server: self.name.to_string(), detail: detail.into() }
+        UpstreamError::Protocol {
+            server: self.name.to_string(),
+            detail: detail.into(),
+        }
     }
 
     /// Opens the stream, waits for the endpoint, and initializes with the client's hello.
-    pub async fn open(&self, hello: &ClientHello, session_key: &str) -> Result<Opened, UpstreamError> {
+    pub async fn open(
+        &self,
+        hello: &ClientHello,
+        session_key: &str,
+    ) -> Result<Opened, UpstreamError> {
         let resp = self
             .client
             .get(self.url.clone())
@@ -59,9 +77,16 @@ impl SseUpstream {
             .timeout(self.timeout)
             .send()
             .await
-            .map_err(|e| UpstreamError::Unreachable { server: self.name.to_string(), cause: e.to_string() })?;
+            .map_err(|e| UpstreamError::Unreachable {
+                server: self.name.to_string(),
+                cause: e.to_string(),
+            })?;
         if !resp.status().is_success() {
-            return Err(UpstreamError::Status { server: self.name.to_string(), status: resp.status().as_u16(), detail: String::new() });
+            return Err(UpstreamError::Status {
+                server: self.name.to_string(),
+                status: resp.status().as_u16(),
+                detail: String::new(),
+            });
         }
         let mut events = sse_stream::SseStream::from_bytes_stream(resp.bytes_stream());
         let endpoint = tokio::time::timeout(self.timeout, async {
@@ -76,7 +101,10 @@ impl SseUpstream {
         .ok()
         .flatten()
         .ok_or_else(|| self.err("sent no `endpoint` event"))?;
-        let endpoint = self.url.join(endpoint.trim()).map_err(|e| self.err(format!("bad endpoint: {e}")))?;
+        let endpoint = self
+            .url
+            .join(endpoint.trim())
+            .map_err(|e| self.err(format!("bad endpoint: {e}")))?;
         // Only post where the stream came from: the endpoint is upstream-controlled input.
         if endpoint.origin() != self.url.origin() {
             return Err(self.err("announced an endpoint on another origin"));
@@ -88,22 +116,41 @@ impl SseUpstream {
             async move {
                 while let Some(Ok(ev)) = events.next().await {
                     let is_message = ev.event.as_deref().is_none_or(|e| e == "message");
-                    if let (true, Some(data)) = (is_message, ev.data) {
-                        if let Ok(msg) = serde_json::from_str::<Value>(&data) {
-                            mux.route(msg);
-                        }
+                    if let (true, Some(data)) = (is_message, ev.data)
+                        && let Ok(msg) = serde_json::from_str::<Value>(&data)
+                    {
+                        mux.route(msg);
                     }
                 }
                 mux.close("closed its SSE stream");
             }
         });
-        let poster = tokio::spawn(post_loop(self.client.clone(), endpoint, out_rx, mux.clone()));
-        let conn = Connection { mux: mux.clone(), tasks: [reader, poster] };
-        let response = tokio::time::timeout(self.timeout, mux.call(super::initialize_request(Value::from(0), hello)))
-            .await
-            .map_err(|_| UpstreamError::Timeout { server: self.name.to_string(), secs: self.timeout.as_secs() })??;
+        let poster = tokio::spawn(post_loop(
+            self.client.clone(),
+            endpoint,
+            out_rx,
+            mux.clone(),
+        ));
+        let conn = Connection {
+            mux: mux.clone(),
+            tasks: [reader, poster],
+        };
+        let response = tokio::time::timeout(
+            self.timeout,
+            mux.call(super::initialize_request(Value::from(0), hello)),
+        )
+        .await
+        .map_err(|_| UpstreamError::Timeout {
+            server: self.name.to_string(),
+            secs: self.timeout.as_secs(),
+        })??;
         let opened = super::opened_from_response(&self.name, response, None)?;
-        mux.forward("", &Message::from_value(&serde_json::json!({"jsonrpc":"2.0","method":"notifications/initialized"})))?;
+        mux.forward(
+            "",
+            &Message::from_value(
+                &serde_json::json!({"jsonrpc":"2.0","method":"notifications/initialized"}),
+            ),
+        )?;
         self.connections.insert(session_key.to_owned(), conn);
         Ok(opened)
     }
@@ -116,7 +163,11 @@ impl SseUpstream {
     }
 
     /// Relays one client message.
-    pub async fn send(&self, session: &SessionState, message: Message) -> Result<Reply, UpstreamError> {
+    pub async fn send(
+        &self,
+        session: &SessionState,
+        message: Message,
+    ) -> Result<Reply, UpstreamError> {
         send_via_mux(&*self.mux(session)?, &session.key, message)
     }
 
@@ -141,7 +192,10 @@ impl SseUpstream {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| UpstreamError::Unreachable { server: self.name.to_string(), cause: e.to_string() })
+            .map_err(|e| UpstreamError::Unreachable {
+                server: self.name.to_string(),
+                cause: e.to_string(),
+            })
     }
 
     /// Drops every connection.
@@ -150,7 +204,12 @@ impl SseUpstream {
     }
 }
 
-async fn post_loop(client: reqwest::Client, endpoint: Url, mut rx: mpsc::UnboundedReceiver<Bytes>, mux: Arc<Mux>) {
+async fn post_loop(
+    client: reqwest::Client,
+    endpoint: Url,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    mux: Arc<Mux>,
+) {
     while let Some(body) = rx.recv().await {
         let sent = client
             .post(endpoint.clone())

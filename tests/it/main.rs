@@ -1,1 +1,7 @@
+//! Integration tests: one binary, one module per suite. Each test starts real gateways and
+//! real upstream servers on loopback.
 
+mod common;
+mod conformance;
+mod errors;
+mod relay;

@@ -52,7 +52,7 @@ from mcp.types import version as mcp_versions
 warnings.simplefilter("ignore", MCPDeprecationWarning)
 
 STATELESS_VERSION = "2026-07-28"
-SCENARIOS = ("basic", "progress", "logging", "sampling", "elicitation", "stateless", "unauthorized")
+SCENARIOS = ("basic", "everything", "progress", "logging", "sampling", "elicitation", "stateless", "unauthorized")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -419,6 +419,20 @@ async def scenario_basic(opts: Options) -> dict[str, Any]:
     return out
 
 
+async def scenario_everything(opts: Options) -> dict[str, Any]:
+    """Against @modelcontextprotocol/server-everything: list its tools and call its echo."""
+    conn = Connection(opts, Recorder())
+    async with conn as client:
+        out = conn.describe(client)
+        tools = await client.list_tools()
+        out["tools"] = [t.name for t in tools.tools]
+        echo = await client.call_tool("echo", {"message": "hello"})
+        expect_ok("echo", echo)
+        out["echo"] = content_text(echo.content)
+    out["wire"] = conn.wire.summary()
+    return out
+
+
 async def scenario_progress(opts: Options) -> dict[str, Any]:
     recorder = Recorder()
     conn = Connection(opts, recorder)
@@ -589,6 +603,7 @@ def resource_metadata_param(header: str | None) -> str | None:
 
 SCENARIO_FUNCS = {
     "basic": scenario_basic,
+    "everything": scenario_everything,
     "progress": scenario_progress,
     "logging": scenario_logging,
     "sampling": scenario_sampling,

@@ -1,0 +1,329 @@
+//! Shared harness: real gateways on 127.0.0.1:0, real upstream servers, real SDK clients.
+
+#![allow(dead_code)] // a shared harness: not every suite uses every helper
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use portcullis::app::Gateway;
+use portcullis::config::Config;
+use portcullis::keys::Key;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn node_dir() -> PathBuf {
+    let dir = repo().join("tests/node");
+    assert!(
+        dir.join("node_modules/@modelcontextprotocol/sdk").exists(),
+        "tests/node/node_modules is missing: run scripts/test-deps.sh (scripts/test does it)"
+    );
+    dir
+}
+
+pub fn python() -> PathBuf {
+    let py = repo().join("tests/python/.venv/bin/python");
+    assert!(
+        py.exists(),
+        "tests/python/.venv is missing: run scripts/test-deps.sh (scripts/test does it)"
+    );
+    py
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Reads stdout lines until one starts with `prefix`; returns the rest of that line.
+async fn wait_for_line(child: &mut Child, prefix: &str) -> String {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let found = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return Some(rest.trim().to_owned());
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| panic!("the process never printed {prefix:?}"));
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    found
+}
+
+/// Our fixture MCP server over HTTP; `url` is its Streamable HTTP endpoint.
+pub struct Fixture {
+    pub url: String,
+    _proc: Proc,
+}
+
+impl Fixture {
+    pub async fn start(args: &[&str]) -> Fixture {
+        let mut child = Command::new("node")
+            .arg(node_dir().join("fixture-server.mjs"))
+            .args(["--http", "0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs");
+        let url = wait_for_line(&mut child, "listening ").await;
+        Fixture {
+            url,
+            _proc: Proc { child },
+        }
+    }
+
+    /// The fixture's legacy SSE endpoint.
+    pub fn sse_url(&self) -> String {
+        self.url.replace("/mcp", "/sse")
+    }
+
+    /// Every request the fixture received (method, path, headers, body).
+    pub async fn requests(&self) -> Vec<Value> {
+        let url = self.url.replace("/mcp", "/debug/requests");
+        reqwest::get(url)
+            .await
+            .expect("fixture answers")
+            .json()
+            .await
+            .expect("json")
+    }
+}
+
+/// The stdio command line of the fixture, as TOML `command`/`args` keys.
+pub fn fixture_stdio_toml() -> String {
+    format!(
+        "command = \"node\"\nargs = [{:?}, \"--stdio\"]\n",
+        node_dir().join("fixture-server.mjs").display().to_string()
+    )
+}
+
+/// `@modelcontextprotocol/server-everything` over Streamable HTTP on a free port.
+pub struct Everything {
+    pub url: String,
+    _proc: Proc,
+}
+
+pub fn everything_entry() -> PathBuf {
+    node_dir().join("node_modules/@modelcontextprotocol/server-everything/dist/index.js")
+}
+
+impl Everything {
+    pub async fn start() -> Everything {
+        let port = free_port();
+        let child = Command::new("node")
+            .arg(everything_entry())
+            .arg("streamableHttp")
+            .env("PORT", port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs");
+        let url = format!("http://127.0.0.1:{port}/mcp");
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Everything {
+                    url,
+                    _proc: Proc { child },
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("server-everything did not start");
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A whole gateway, in this process, on 127.0.0.1:0.
+pub struct TestGateway {
+    gateway: Option<Gateway>,
+    pub base: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestGateway {
+    /// Starts a gateway whose config is `[gateway]` defaults plus `rest` (usually servers).
+    pub async fn start(rest: &str) -> TestGateway {
+        Self::start_with(rest, "").await
+    }
+
+    /// Like `start`, with extra `[gateway]` keys.
+    pub async fn start_with(rest: &str, gateway_keys: &str) -> TestGateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nshutdown_grace = \"10s\"\n{gateway_keys}\n{rest}",
+            dir.path().display().to_string()
+        );
+        let config =
+            Config::parse(&text, "test.toml", Vec::new()).unwrap_or_else(|e| panic!("config: {e}"));
+        let gateway = Gateway::start_with_key(config, Key::random())
+            .await
+            .expect("gateway starts");
+        let base = format!("http://{}", gateway.addr);
+        TestGateway {
+            gateway: Some(gateway),
+            base,
+            dir,
+        }
+    }
+
+    pub fn url(&self, server: &str) -> String {
+        format!("{}/mcp/{server}", self.base)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(g) = self.gateway.take() {
+            g.shutdown().await;
+        }
+    }
+}
+
+/// Runs an SDK client driver and returns its last-line JSON report.
+async fn driver(program: &Path, script: &Path, url: &str, scenario: &str, extra: &[&str]) -> Value {
+    let out = tokio::time::timeout(
+        Duration::from_secs(90),
+        Command::new(program)
+            .arg(script)
+            .arg(url)
+            .arg(scenario)
+            .args(extra)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{scenario}: driver timed out"))
+    .expect("driver runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .unwrap_or("{}");
+    let report: Value = serde_json::from_str(last).unwrap_or(Value::Null);
+    assert!(
+        out.status.success() && report["ok"] == Value::Bool(true),
+        "{} {scenario} against {url} failed ({}):\n{last}\n{stderr}",
+        script
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        out.status
+    );
+    report
+}
+
+/// The official Python SDK client.
+pub async fn py(url: &str, scenario: &str, extra: &[&str]) -> Value {
+    driver(
+        &python(),
+        &repo().join("tests/python/client_driver.py"),
+        url,
+        scenario,
+        extra,
+    )
+    .await
+}
+
+/// The official TypeScript SDK client.
+pub async fn ts(url: &str, scenario: &str, extra: &[&str]) -> Value {
+    driver(
+        Path::new("node"),
+        &node_dir().join("client-driver.mjs"),
+        url,
+        scenario,
+        extra,
+    )
+    .await
+}
+
+/// A raw JSON-RPC POST with the usual MCP headers.
+pub fn post(
+    client: &reqwest::Client,
+    url: &str,
+    body: &Value,
+    session: Option<&str>,
+) -> reqwest::RequestBuilder {
+    let mut req = client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .json(body);
+    if let Some(s) = session {
+        req = req
+            .header("mcp-session-id", s)
+            .header("mcp-protocol-version", "2025-11-25");
+    }
+    req
+}
+
+pub fn init_body() -> Value {
+    serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "it", "version": "1"}}
+    })
+}
+
+/// Initializes a session with raw HTTP and returns its id.
+pub async fn raw_session(client: &reqwest::Client, url: &str) -> String {
+    let resp = post(client, url, &init_body(), None)
+        .send()
+        .await
+        .expect("initialize");
+    assert_eq!(resp.status(), 200, "initialize: {:?}", resp.text().await);
+    let id = resp.headers()["mcp-session-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let note = serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let r = post(client, url, &note, Some(&id))
+        .send()
+        .await
+        .expect("initialized");
+    assert_eq!(r.status(), 202);
+    id
+}
+
+/// Parses a JSON or SSE body into its JSON-RPC messages.
+pub async fn messages(resp: reqwest::Response) -> Vec<Value> {
+    let sse = resp
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let text = resp.text().await.expect("body");
+    if !sse {
+        return vec![serde_json::from_str(&text).expect("json body")];
+    }
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter_map(|d| serde_json::from_str(d.trim()).ok())
+        .collect()
+}

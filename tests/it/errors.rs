@@ -1,0 +1,314 @@
+//! Bad input gets a clear error with the right HTTP status and JSON-RPC code, and the gateway
+//! keeps working: DNS rebinding, sizes, media types, sessions, unreachable and crashing
+//! upstreams, and graceful shutdown.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+async fn gateway_with_fixture() -> (Fixture, TestGateway) {
+    let fixture = Fixture::start(&[]).await;
+    let gw = TestGateway::start_with(
+        &format!(
+            "[[servers]]\nname = \"fx\"\nurl = \"{}\"\npublic = true\n\n[[servers]]\nname = \"fxs\"\n{}public = true\n\n[[servers]]\nname = \"private\"\nurl = \"{}\"\n\n[[servers]]\nname = \"down\"\nurl = \"http://127.0.0.1:{}/mcp\"\npublic = true\n",
+            fixture.url,
+            fixture_stdio_toml(),
+            fixture.url,
+            free_port()
+        ),
+        "max_body_bytes = 65536",
+    )
+    .await;
+    (fixture, gw)
+}
+
+async fn error_of(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_are_refused_with_the_right_status_and_code() {
+    let (_fixture, gw) = gateway_with_fixture().await;
+    let c = reqwest::Client::new();
+    let url = gw.url("fx");
+
+    // DNS rebinding: a foreign Origin or Host gets 403 (conformance: dns-rebinding-protection).
+    let r = post(&c, &url, &init_body(), None)
+        .header("origin", "http://evil.example.com")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 403);
+    let r = post(&c, &url, &init_body(), None)
+        .header("host", "evil.example.com")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 403);
+
+    // Unknown server: 404 naming it.
+    let (status, body) = error_of(
+        post(&c, &gw.url("nope"), &init_body(), None)
+            .send()
+            .await
+            .expect("sent"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["message"].as_str()),
+        (404, Some("unknown server 'nope'"))
+    );
+
+    // Not JSON: 400 with a JSON-RPC parse error.
+    let r = c
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("{nope")
+        .send()
+        .await
+        .expect("sent");
+    let (status, body) = error_of(r).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_i64()),
+        (400, Some(-32700))
+    );
+
+    // JSON but not JSON-RPC: 400, invalid request.
+    let r = post(&c, &url, &json!({"hello": 1}), None)
+        .send()
+        .await
+        .expect("sent");
+    let (status, body) = error_of(r).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_i64()),
+        (400, Some(-32600))
+    );
+
+    // Too large: 413.
+    let big =
+        json!({"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"pad": "x".repeat(70_000)}});
+    assert_eq!(
+        post(&c, &url, &big, None)
+            .send()
+            .await
+            .expect("sent")
+            .status(),
+        413
+    );
+
+    // Wrong media type: 415. A client that accepts neither JSON nor SSE: 406.
+    let r = c
+        .post(&url)
+        .header("content-type", "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 415);
+    let r = c
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("accept", "text/html")
+        .json(&init_body())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 406);
+
+    // Sessions: missing 400, forged 404, moved to another server 404, bad protocol header 400.
+    let ping = json!({"jsonrpc": "2.0", "id": 5, "method": "ping"});
+    let (status, body) = error_of(post(&c, &url, &ping, None).send().await.expect("sent")).await;
+    assert_eq!((status, body["id"].as_i64()), (400, Some(5)));
+    assert_eq!(
+        post(&c, &url, &ping, Some("forged"))
+            .send()
+            .await
+            .expect("sent")
+            .status(),
+        404
+    );
+    let session = raw_session(&c, &url).await;
+    assert_eq!(
+        post(&c, &gw.url("fxs"), &ping, Some(&session))
+            .send()
+            .await
+            .expect("sent")
+            .status(),
+        404
+    );
+    let r = post(&c, &url, &ping, None)
+        .header("mcp-session-id", &session)
+        .header("mcp-protocol-version", "1999-01-01")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 400);
+    let msgs = messages(
+        post(&c, &url, &ping, Some(&session))
+            .send()
+            .await
+            .expect("sent"),
+    )
+    .await;
+    assert_eq!(
+        msgs.last().expect("answer")["result"],
+        json!({}),
+        "the session still works"
+    );
+
+    // Not public and no identity yet: 401 with a Bearer challenge.
+    let r = post(&c, &gw.url("private"), &init_body(), None)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 401);
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("Bearer")
+    );
+
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_upstream_answers_a_json_rpc_error_naming_it() {
+    let (_fixture, gw) = gateway_with_fixture().await;
+    let c = reqwest::Client::new();
+    let (status, body) = error_of(
+        post(&c, &gw.url("down"), &init_body(), None)
+            .send()
+            .await
+            .expect("sent"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["id"], 1);
+    assert_eq!(body["error"]["code"], -32001);
+    let msg = body["error"]["message"].as_str().expect("message");
+    assert!(
+        msg.starts_with("upstream server 'down' is unreachable: "),
+        "{msg}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashed_stdio_upstream_fails_pending_calls_and_restarts() {
+    let (_fixture, gw) = gateway_with_fixture().await;
+    let c = reqwest::Client::new();
+    let url = gw.url("fxs");
+    let session = raw_session(&c, &url).await;
+    let crash = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "crash", "arguments": {}}});
+    let msgs = messages(
+        post(&c, &url, &crash, Some(&session))
+            .send()
+            .await
+            .expect("sent"),
+    )
+    .await;
+    let answer = msgs
+        .iter()
+        .find(|m| m["id"] == 7)
+        .expect("an answer for the pending call");
+    let msg = answer["error"]["message"].as_str().expect("an error");
+    assert!(msg.starts_with("upstream server 'fxs' exited"), "{msg}");
+    // The next call restarts the process (after a short backoff) on the same client session.
+    let echo = json!({"jsonrpc": "2.0", "id": 8, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "back"}}});
+    let msgs = messages(
+        post(&c, &url, &echo, Some(&session))
+            .send()
+            .await
+            .expect("sent"),
+    )
+    .await;
+    assert_eq!(
+        msgs.last().expect("answer")["result"]["content"][0]["text"],
+        "back"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn graceful_shutdown_drains_in_flight_calls() {
+    let (_fixture, gw) = gateway_with_fixture().await;
+    let c = reqwest::Client::new();
+    let mut calls = Vec::new();
+    for server in ["fx", "fxs"] {
+        let url = gw.url(server);
+        let session = raw_session(&c, &url).await;
+        let slow = json!({"jsonrpc": "2.0", "id": server, "method": "tools/call", "params": {"name": "slow", "arguments": {"ms": 1500}}});
+        calls.push(tokio::spawn(post(&c, &url, &slow, Some(&session)).send()));
+    }
+    // Both calls are in flight when shutdown begins.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let base = gw.base.clone();
+    gw.stop().await;
+    for call in calls {
+        let resp = call
+            .await
+            .expect("joined")
+            .expect("the in-flight call completed");
+        let msgs = messages(resp).await;
+        assert!(
+            msgs.last().expect("answer")["result"].is_object(),
+            "{msgs:?}"
+        );
+    }
+    assert!(
+        reqwest::get(format!("{base}/healthz")).await.is_err(),
+        "no longer listening"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_readiness_and_metrics() {
+    let (_fixture, gw) = gateway_with_fixture().await;
+    let c = reqwest::Client::new();
+    assert_eq!(
+        c.get(format!("{}/healthz", gw.base))
+            .send()
+            .await
+            .expect("sent")
+            .status(),
+        200
+    );
+    let ready = c
+        .get(format!("{}/readyz", gw.base))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(ready.status(), 503, "the 'down' server is unreachable");
+    let report: Value = ready.json().await.expect("json");
+    assert_eq!(report["store"], "ok");
+    assert_eq!(report["servers"]["fx"], "ok");
+    assert_eq!(report["servers"]["fxs"], "ok");
+    assert!(
+        report["servers"]["down"]
+            .as_str()
+            .is_some_and(|s| s.contains("unreachable"))
+    );
+    raw_session(&c, &gw.url("fx")).await;
+    let metrics = c
+        .get(format!("{}/metrics", gw.base))
+        .send()
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics
+            .contains(r#"portcullis_requests_total{server="fx",method="initialize",status="200"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portcullis_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
+    gw.stop().await;
+}

@@ -1,0 +1,127 @@
+//! The relay, driven by the official SDK clients through the gateway to real upstreams:
+//! our fixture (HTTP and stdio) and `@modelcontextprotocol/server-everything` (HTTP and stdio).
+
+use crate::common::*;
+
+async fn gateway_for(fixture: &Fixture) -> TestGateway {
+    TestGateway::start(&format!(
+        "[[servers]]\nname = \"fx\"\nurl = \"{}\"\npublic = true\n\n[[servers]]\nname = \"fxs\"\n{}public = true\n",
+        fixture.url,
+        fixture_stdio_toml()
+    ))
+    .await
+}
+
+/// Python SDK: the basic lifecycle, progress, logging, sampling and elicitation, over an HTTP
+/// and a stdio upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn python_sdk_client_through_http_and_stdio_upstreams() {
+    let fixture = Fixture::start(&[]).await;
+    let gw = gateway_for(&fixture).await;
+    for server in ["fx", "fxs"] {
+        let url = gw.url(server);
+        let basic = py(&url, "basic", &[]).await;
+        assert_eq!(basic["echo"], "hello", "{server}: {basic}");
+        assert_eq!(basic["protocol_version"], "2025-11-25");
+        assert_eq!(
+            py(&url, "progress", &[]).await["progress"],
+            serde_json::json!([0.0, 50.0, 100.0])
+        );
+        let logs = py(&url, "logging", &[]).await;
+        assert_eq!(
+            logs["logs"].as_array().map(Vec::len),
+            Some(3),
+            "{server}: {logs}"
+        );
+        assert_eq!(
+            py(&url, "sampling", &[]).await["result"]["text"],
+            "LLM response: sampled: hi"
+        );
+        let elicited = py(&url, "elicitation", &[]).await;
+        assert_eq!(
+            elicited["elicitation_requests"][0]["content"]["username"], "alice",
+            "{server}: {elicited}"
+        );
+    }
+    gw.stop().await;
+}
+
+/// Older client revisions work through the gateway to a 2025-11-25 upstream: each side is
+/// negotiated on its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn older_client_revisions_negotiate_independently() {
+    let fixture = Fixture::start(&[]).await;
+    let gw = gateway_for(&fixture).await;
+    for version in ["2025-03-26", "2025-06-18"] {
+        for server in ["fx", "fxs"] {
+            let r = py(&gw.url(server), "basic", &["--protocol", version]).await;
+            assert_eq!(r["protocol_version"], version, "{server}: {r}");
+            assert_eq!(r["echo"], "hello");
+        }
+    }
+    gw.stop().await;
+}
+
+/// `@modelcontextprotocol/server-everything` over HTTP and over stdio.
+#[tokio::test(flavor = "multi_thread")]
+async fn server_everything_over_http_and_stdio() {
+    let everything = Everything::start().await;
+    let gw = TestGateway::start(&format!(
+        "[[servers]]\nname = \"ev\"\nurl = \"{}\"\npublic = true\n\n[[servers]]\nname = \"evs\"\ncommand = \"node\"\nargs = [{:?}, \"stdio\"]\npublic = true\n",
+        everything.url,
+        everything_entry().display().to_string()
+    ))
+    .await;
+    for server in ["ev", "evs"] {
+        let r = py(&gw.url(server), "everything", &[]).await;
+        assert_eq!(r["echo"], "Echo: hello", "{server}: {r}");
+        assert!(
+            r["tools"].as_array().is_some_and(|t| t.len() > 5),
+            "{server}: {r}"
+        );
+    }
+    gw.stop().await;
+}
+
+/// The client's unknown request fields reach the upstream untouched, and the upstream's
+/// unknown result fields reach the client.
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_fields_pass_through_both_ways() {
+    let fixture = Fixture::start(&[]).await;
+    let gw = gateway_for(&fixture).await;
+    let client = reqwest::Client::new();
+    for server in ["fx", "fxs"] {
+        let url = gw.url(server);
+        let session = raw_session(&client, &url).await;
+        let call = serde_json::json!({
+            "jsonrpc": "2.0", "id": "call-1", "method": "tools/call",
+            "params": {"name": "echo", "arguments": {"text": "hi", "x-extra": [1, 2]},
+                       "x-vendor-ext": {"keep": true}, "_meta": {"trace": "abc"}}
+        });
+        let resp = post(&client, &url, &call, Some(&session))
+            .send()
+            .await
+            .expect("call");
+        let msgs = messages(resp).await;
+        let answer = msgs.iter().find(|m| m["id"] == "call-1").expect("answer");
+        assert_eq!(
+            answer["result"]["structuredContent"]["x-extra"],
+            serde_json::json!([1, 2]),
+            "{server}: {answer}"
+        );
+        assert_eq!(
+            answer["result"]["_meta"]["requestMeta"]["trace"], "abc",
+            "{server}: {answer}"
+        );
+    }
+    let seen = fixture.requests().await;
+    let call = seen
+        .iter()
+        .find(|r| r["body"]["method"] == "tools/call")
+        .expect("recorded");
+    assert_eq!(
+        call["body"]["params"]["x-vendor-ext"],
+        serde_json::json!({"keep": true})
+    );
+    gw.stop().await;
+}
