@@ -51,7 +51,18 @@ pub struct StdioUpstream {
     cwd: Option<PathBuf>,
     timeout: Duration,
     slot: Mutex<Slot>,
+    ended: std::sync::Mutex<Ended>,
 }
+
+/// Sessions ended with DELETE, remembered (up to a cap) so their ids stop working.
+#[derive(Default)]
+struct Ended {
+    keys: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+/// How many ended sessions a server remembers; older ones are forgotten first.
+const ENDED_CAP: usize = 100_000;
 
 impl StdioUpstream {
     /// A connector for one configured stdio server (starts nothing).
@@ -73,6 +84,7 @@ impl StdioUpstream {
             cwd: cwd.clone(),
             timeout: config.request_timeout,
             slot: Mutex::new(Slot::default()),
+            ended: std::sync::Mutex::new(Ended::default()),
         }
     }
 
@@ -201,24 +213,46 @@ impl StdioUpstream {
         })
     }
 
+    fn check_live(&self, session: &SessionState) -> Result<(), UpstreamError> {
+        let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        if ended.keys.contains(&session.key) {
+            Err(UpstreamError::SessionExpired)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Relays one client message.
     pub async fn send(
         &self,
         session: &SessionState,
         message: Message,
     ) -> Result<Reply, UpstreamError> {
+        self.check_live(session)?;
         let (mux, _) = self.running().await?;
         send_via_mux(&mux, &session.key, message)
     }
 
     /// The session's GET stream.
     pub async fn listen(&self, session: &SessionState) -> Result<Reply, UpstreamError> {
+        self.check_live(session)?;
         let (mux, _) = self.running().await?;
         Ok(Reply::Messages(mux.listen(&session.key)?))
     }
 
-    /// Forgets the session (the process keeps serving others).
+    /// Ends the session: its id stops working (the process keeps serving others).
     pub async fn close(&self, session: &SessionState) {
+        {
+            let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+            if ended.keys.insert(session.key.clone()) {
+                ended.order.push_back(session.key.clone());
+            }
+            while ended.order.len() > ENDED_CAP {
+                if let Some(old) = ended.order.pop_front() {
+                    ended.keys.remove(&old);
+                }
+            }
+        }
         if let Some(r) = &self.slot.lock().await.running {
             r.mux.forget(&session.key);
         }

@@ -125,3 +125,46 @@ async fn unknown_fields_pass_through_both_ways() {
     );
     gw.stop().await;
 }
+
+/// TypeScript SDK: the full scenario list through the gateway to an HTTP, a stdio and a
+/// legacy SSE upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn typescript_sdk_client_through_every_upstream_transport() {
+    let fixture = Fixture::start(&[]).await;
+    let gw = TestGateway::start(&format!(
+        "[[servers]]\nname = \"fx\"\nurl = \"{}\"\npublic = true\n\n[[servers]]\nname = \"fxs\"\n{}public = true\n\n[[servers]]\nname = \"legacy\"\nurl = \"{}\"\ntransport = \"sse\"\npublic = true\n",
+        fixture.url,
+        fixture_stdio_toml(),
+        fixture.sse_url()
+    ))
+    .await;
+    let debug = fixture.url.replace("/mcp", "/debug/requests");
+    for server in ["fx", "fxs", "legacy"] {
+        let url = gw.url(server);
+        let basic = ts(&url, "basic", &[]).await;
+        assert_eq!(basic["echo"], "hello", "{server}: {basic}");
+        for scenario in [
+            "progress",
+            "logging",
+            "sampling",
+            "elicitation",
+            "roots",
+            "cancel",
+            "list-changed",
+            "resume",
+            "session",
+            "concurrent",
+            "big",
+        ] {
+            ts(&url, scenario, &[]).await;
+        }
+        // The HTTP fixture records what reached it; the stdio child is another process.
+        let seen: &[&str] = if server == "fxs" {
+            &[]
+        } else {
+            &["--debug-url", &debug]
+        };
+        ts(&url, "passthrough", seen).await;
+    }
+    gw.stop().await;
+}
