@@ -20,7 +20,7 @@ use crate::error::GatewayError;
 use crate::keys::Key;
 use crate::store::Store;
 use crate::transport::origin::HostPolicy;
-use crate::transport::session::Sealer;
+use crate::transport::session::{Sealer, SessionState};
 use crate::upstream::Upstream;
 
 /// One configured upstream server and its connector.
@@ -29,6 +29,54 @@ pub struct Server {
     pub config: ServerConfig,
     /// Its connector.
     pub upstream: Upstream,
+    /// The upstream session shared by stateless (2026-07-28) clients, opened on first use.
+    stateless: tokio::sync::Mutex<Option<(SessionState, serde_json::Value)>>,
+}
+
+impl Server {
+    fn new(config: &ServerConfig, client: reqwest::Client) -> Server {
+        Server {
+            config: config.clone(),
+            upstream: Upstream::new(config, client),
+            stateless: Default::default(),
+        }
+    }
+
+    /// The upstream session for stateless clients and its `initialize` result.
+    pub async fn stateless_session(
+        &self,
+        app: &AppState,
+    ) -> Result<(SessionState, serde_json::Value), crate::upstream::UpstreamError> {
+        let mut slot = self.stateless.lock().await;
+        if let Some(open) = slot.as_ref() {
+            return Ok(open.clone());
+        }
+        let hello = crate::upstream::ClientHello {
+            protocol: crate::mcp::version::LATEST_STATEFUL.to_owned(),
+            capabilities: serde_json::json!({}),
+            client_info: serde_json::json!({"name": "portcullis", "version": env!("CARGO_PKG_VERSION")}),
+        };
+        let key = format!("stateless-{}", crate::transport::session::new_session_key());
+        let opened = self.upstream.open(&hello, &key).await?;
+        let stateless_upstream = opened.upstream_protocol == crate::mcp::version::STATELESS;
+        let state = SessionState {
+            version: 1,
+            key,
+            client_protocol: crate::mcp::version::STATELESS.to_owned(),
+            upstream_protocol: opened.upstream_protocol,
+            upstream_session: opened.upstream_session,
+            created: app.clock().unix_secs(),
+            hello: stateless_upstream
+                .then(|| serde_json::json!({"capabilities": hello.capabilities, "clientInfo": hello.client_info})),
+        };
+        *slot = Some((state, opened.result));
+        Ok(slot.as_ref().map(Clone::clone).expect("just set"))
+    }
+
+    /// Drops the stateless clients' upstream session (the upstream forgot it).
+    pub async fn forget_stateless_session(&self) {
+        self.stateless.lock().await.take();
+    }
 }
 
 struct Inner {
@@ -88,13 +136,7 @@ impl AppState {
     }
 
     /// Records one finished HTTP exchange in the metrics.
-    pub fn observe(
-        &self,
-        server: &str,
-        method: &'static str,
-        status: StatusCode,
-        started: Instant,
-    ) {
+    pub fn observe(&self, server: &str, method: &'static str, status: StatusCode, started: Instant) {
         let server = if self.0.servers.contains_key(server) {
             server.to_owned()
         } else {
@@ -115,8 +157,7 @@ fn metrics_handle() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets(&[
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    10.0, 30.0,
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                 ])
                 .expect("static buckets are valid")
                 .build_recorder();
@@ -168,18 +209,16 @@ impl Gateway {
         let listen = config.gateway.listen;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .map_err(|source| StartError::Bind {
-                addr: listen,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: listen,
-            source,
-        })?;
+            .map_err(|source| StartError::Bind { addr: listen, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr: listen, source })?;
         let store = Store::connect(&config.store.url).await?;
-        let public_url = config.gateway.public_url.clone().unwrap_or_else(|| {
-            Url::parse(&format!("http://{addr}")).expect("a socket address makes a valid URL")
-        });
+        let public_url = config
+            .gateway
+            .public_url
+            .clone()
+            .unwrap_or_else(|| Url::parse(&format!("http://{addr}")).expect("a socket address makes a valid URL"));
         let hosts = HostPolicy::new(
             &public_url,
             addr,
@@ -190,15 +229,7 @@ impl Gateway {
         let servers = config
             .servers
             .iter()
-            .map(|s| {
-                (
-                    s.name.clone(),
-                    Arc::new(Server {
-                        config: s.clone(),
-                        upstream: Upstream::new(s, client.clone()),
-                    }),
-                )
-            })
+            .map(|s| (s.name.clone(), Arc::new(Server::new(s, client.clone()))))
             .collect();
         let state = AppState(Arc::new(Inner {
             sealer: Sealer::new(&master.derive("session")),
@@ -261,15 +292,11 @@ fn router(state: AppState) -> Router {
     Router::new()
         .route(
             "/mcp/{server}",
-            post(mcp_http::post)
-                .get(mcp_http::get)
-                .delete(mcp_http::delete),
+            post(mcp_http::post).get(mcp_http::get).delete(mcp_http::delete),
         )
         .route(
             "/mcp/{server}/",
-            post(mcp_http::post)
-                .get(mcp_http::get)
-                .delete(mcp_http::delete),
+            post(mcp_http::post).get(mcp_http::get).delete(mcp_http::delete),
         )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -317,9 +344,5 @@ async fn readyz(State(app): State<AppState>) -> Response {
 
 async fn metrics(State(app): State<AppState>) -> Response {
     let body = app.0.metrics.render();
-    (
-        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        body,
-    )
-        .into_response()
+    ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

@@ -44,6 +44,9 @@ pub enum GatewayError {
     /// `MCP-Protocol-Version` names a revision the gateway does not speak.
     #[error("unsupported protocol version {0:?}")]
     UnsupportedProtocolVersion(String),
+    /// A header contradicts the body.
+    #[error("{0}")]
+    InvalidHeader(&'static str),
     /// A malformed request the gateway understood well enough to refuse.
     #[error("invalid params: {0}")]
     InvalidParams(String),
@@ -91,33 +94,22 @@ impl GatewayError {
                 (StatusCode::FORBIDDEN, code::INVALID_REQUEST)
             }
             GatewayError::Unauthenticated => (StatusCode::UNAUTHORIZED, code::INVALID_REQUEST),
-            GatewayError::PayloadTooLarge(_) => {
-                (StatusCode::PAYLOAD_TOO_LARGE, code::INVALID_REQUEST)
-            }
-            GatewayError::UnsupportedMediaType => {
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, code::INVALID_REQUEST)
-            }
+            GatewayError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, code::INVALID_REQUEST),
+            GatewayError::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, code::INVALID_REQUEST),
             GatewayError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, code::INVALID_REQUEST),
-            GatewayError::Envelope(EnvelopeError::Parse(_)) => {
-                (StatusCode::BAD_REQUEST, code::PARSE_ERROR)
-            }
-            GatewayError::Envelope(EnvelopeError::Invalid(_)) => {
-                (StatusCode::BAD_REQUEST, code::INVALID_REQUEST)
-            }
+            GatewayError::Envelope(EnvelopeError::Parse(_)) => (StatusCode::BAD_REQUEST, code::PARSE_ERROR),
+            GatewayError::Envelope(EnvelopeError::Invalid(_)) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
             GatewayError::MissingSession => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
             GatewayError::UnknownSession => (StatusCode::NOT_FOUND, code::INVALID_REQUEST),
-            GatewayError::UnsupportedProtocolVersion(_) => {
-                (StatusCode::BAD_REQUEST, code::INVALID_REQUEST)
-            }
+            GatewayError::UnsupportedProtocolVersion(_) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
             GatewayError::InvalidParams(_) => (StatusCode::OK, code::INVALID_PARAMS),
+            GatewayError::InvalidHeader(_) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
             GatewayError::BodyRead => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
             GatewayError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, code::INTERNAL_ERROR),
             GatewayError::Upstream(e) => match e {
                 UpstreamError::SessionExpired => (StatusCode::NOT_FOUND, code::INVALID_REQUEST),
                 UpstreamError::Timeout { .. } if has_id => (StatusCode::OK, code::UPSTREAM_TIMEOUT),
-                UpstreamError::Timeout { .. } => {
-                    (StatusCode::GATEWAY_TIMEOUT, code::UPSTREAM_TIMEOUT)
-                }
+                UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, code::UPSTREAM_TIMEOUT),
                 UpstreamError::Unreachable { .. }
                 | UpstreamError::Status { .. }
                 | UpstreamError::Process { .. }
@@ -148,6 +140,7 @@ impl GatewayError {
             GatewayError::UnknownSession => "unknown_session",
             GatewayError::UnsupportedProtocolVersion(_) => "bad_protocol_version",
             GatewayError::InvalidParams(_) => "invalid_params",
+            GatewayError::InvalidHeader(_) => "invalid_header",
             GatewayError::BodyRead => "body_read",
             GatewayError::ShuttingDown => "shutting_down",
             GatewayError::Upstream(UpstreamError::SessionExpired) => "session_expired",

@@ -14,12 +14,7 @@ use crate::config::Config;
 #[command(name = "portcullis", version, about)]
 struct Cli {
     /// Configuration file.
-    #[arg(
-        long,
-        global = true,
-        env = "PORTCULLIS_CONFIG",
-        default_value = "portcullis.toml"
-    )]
+    #[arg(long, global = true, env = "PORTCULLIS_CONFIG", default_value = "portcullis.toml")]
     config: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -63,10 +58,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load(&cli.config)?;
             runtime()?.block_on(async {
                 crate::store::Store::connect(&config.store.url).await?;
-                println!(
-                    "migrations applied to {}",
-                    crate::store::redact_url(&config.store.url)
-                );
+                println!("migrations applied to {}", crate::store::redact_url(&config.store.url));
                 Ok(())
             })
         }
@@ -78,7 +70,5 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }

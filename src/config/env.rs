@@ -31,12 +31,8 @@ pub(super) fn apply_overrides(
 fn parse_value(raw: &str) -> toml::Value {
     match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
         Ok(mut t) => match t.remove("v") {
-            Some(
-                v @ (toml::Value::Boolean(_) | toml::Value::Integer(_) | toml::Value::Array(_)),
-            ) => v,
-            Some(toml::Value::String(s)) if raw.trim_start().starts_with(['"', '\'']) => {
-                toml::Value::String(s)
-            }
+            Some(v @ (toml::Value::Boolean(_) | toml::Value::Integer(_) | toml::Value::Array(_))) => v,
+            Some(toml::Value::String(s)) if raw.trim_start().starts_with(['"', '\'']) => toml::Value::String(s),
             _ => toml::Value::String(raw.to_owned()),
         },
         Err(_) => toml::Value::String(raw.to_owned()),

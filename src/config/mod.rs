@@ -95,6 +95,8 @@ pub enum ServerTransport {
     StreamableHttp {
         /// The MCP endpoint.
         url: Url,
+        /// Speak only the stateless 2026-07-28 revision to it (`protocol = "2026-07-28"`).
+        stateless: bool,
     },
     /// The legacy HTTP+SSE transport (2024-11-05).
     Sse {
@@ -154,9 +156,7 @@ impl Config {
                 problems: vec![format!("{origin}: invalid")],
             })
         } else {
-            Err(ConfigError {
-                problems: v.problems,
-            })
+            Err(ConfigError { problems: v.problems })
         }
     }
 }
@@ -181,21 +181,12 @@ impl Spans {
             return Spans::default();
         };
         let mut spans = Spans::default();
-        for (name, s) in [
-            ("gateway", top.gateway),
-            ("store", top.store),
-            ("log", top.log),
-        ] {
+        for (name, s) in [("gateway", top.gateway), ("store", top.store), ("log", top.log)] {
             if let Some(s) = s {
                 spans.sections.insert(name.to_owned(), s.span().start);
             }
         }
-        spans.servers = top
-            .servers
-            .unwrap_or_default()
-            .iter()
-            .map(|s| s.span().start)
-            .collect();
+        spans.servers = top.servers.unwrap_or_default().iter().map(|s| s.span().start).collect();
         spans
     }
 }
@@ -210,12 +201,8 @@ impl Validator<'_> {
     fn at(&mut self, offset: Option<usize>, what: &str, msg: impl std::fmt::Display) {
         let line = offset.map(|o| self.text[..o.min(self.text.len())].matches('\n').count() + 1);
         match line {
-            Some(l) => self
-                .problems
-                .push(format!("{}:{l}: {what}: {msg}", self.origin)),
-            None => self
-                .problems
-                .push(format!("{}: {what}: {msg}", self.origin)),
+            Some(l) => self.problems.push(format!("{}:{l}: {what}: {msg}", self.origin)),
+            None => self.problems.push(format!("{}: {what}: {msg}", self.origin)),
         }
     }
 
@@ -228,11 +215,7 @@ impl Validator<'_> {
         match table.remove(name) {
             None => T::default(),
             Some(value) => value.try_into().unwrap_or_else(|e: toml::de::Error| {
-                self.at(
-                    spans.sections.get(name).copied(),
-                    &format!("[{name}]"),
-                    e.message(),
-                );
+                self.at(spans.sections.get(name).copied(), &format!("[{name}]"), e.message());
                 T::default()
             }),
         }
@@ -260,10 +243,7 @@ impl Validator<'_> {
         let gateway = self.gateway(gateway, spans.sections.get("gateway").copied());
         let store = StoreConfig {
             url: store.url.unwrap_or_else(|| {
-                let dir = gateway
-                    .as_ref()
-                    .map(|g| g.data_dir.clone())
-                    .unwrap_or_default();
+                let dir = gateway.as_ref().map(|g| g.data_dir.clone()).unwrap_or_default();
                 format!("sqlite://{}", dir.join("portcullis.db").display())
             }),
         };
@@ -319,20 +299,13 @@ impl Validator<'_> {
             .map(|t| (t, Url::parse(t.trim_end_matches('/'))))
         {
             None => Some(None),
-            Some((_, Ok(u))) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
-                Some(Some(u))
-            }
+            Some((_, Ok(u))) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(Some(u)),
             Some((text, _)) => {
-                self.at(
-                    at,
-                    "gateway.public_url",
-                    format!("{text:?} is not an http(s) URL"),
-                );
+                self.at(at, "gateway.public_url", format!("{text:?} is not an http(s) URL"));
                 None
             }
         };
-        let request_timeout =
-            self.duration(at, "gateway.request_timeout", raw.request_timeout, 300);
+        let request_timeout = self.duration(at, "gateway.request_timeout", raw.request_timeout, 300);
         let shutdown_grace = self.duration(at, "gateway.shutdown_grace", raw.shutdown_grace, 30);
         let max_body = raw.max_body_bytes.unwrap_or(4 * 1024 * 1024);
         if max_body < 1024 {
@@ -364,11 +337,7 @@ impl Validator<'_> {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
             Some(other) => {
-                self.at(
-                    at,
-                    "log.format",
-                    format!("{other:?} is not \"text\" or \"json\""),
-                );
+                self.at(at, "log.format", format!("{other:?} is not \"text\" or \"json\""));
                 LogFormat::Text
             }
         };
@@ -379,13 +348,7 @@ impl Validator<'_> {
         LogConfig { format, level }
     }
 
-    fn duration(
-        &mut self,
-        at: Option<usize>,
-        key: &str,
-        raw: Option<String>,
-        default_secs: u64,
-    ) -> Duration {
+    fn duration(&mut self, at: Option<usize>, key: &str, raw: Option<String>, default_secs: u64) -> Duration {
         match raw {
             None => Duration::from_secs(default_secs),
             Some(text) => parse_duration(&text).unwrap_or_else(|| {
@@ -432,31 +395,37 @@ impl Validator<'_> {
                 None
             }
             (None, None) => {
-                self.at(
-                    at,
-                    &what,
-                    "set `url` (HTTP upstream) or `command` (stdio upstream)",
-                );
+                self.at(at, &what, "set `url` (HTTP upstream) or `command` (stdio upstream)");
                 None
             }
             (Some(url), None) => {
                 if raw.args.is_some() || raw.env.is_some() || raw.cwd.is_some() {
                     self.at(at, &what, "`args`, `env` and `cwd` apply only to `command`");
                 }
+                let stateless = match raw.protocol.as_deref() {
+                    None | Some("auto") => false,
+                    Some("2026-07-28") if raw.transport.as_deref() != Some("sse") => true,
+                    Some(other) => {
+                        self.at(
+                            at,
+                            &what,
+                            format!("protocol {other:?} is not \"auto\" or \"2026-07-28\" (Streamable HTTP only)"),
+                        );
+                        false
+                    }
+                };
                 match Url::parse(&url) {
                     Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
                         match raw.transport.as_deref() {
                             None | Some("streamable-http") => {
-                                Some(ServerTransport::StreamableHttp { url: u })
+                                Some(ServerTransport::StreamableHttp { url: u, stateless })
                             }
                             Some("sse") => Some(ServerTransport::Sse { url: u }),
                             Some(other) => {
                                 self.at(
                                     at,
                                     &what,
-                                    format!(
-                                        "transport {other:?} is not \"streamable-http\" or \"sse\""
-                                    ),
+                                    format!("transport {other:?} is not \"streamable-http\" or \"sse\""),
                                 );
                                 None
                             }
@@ -469,8 +438,8 @@ impl Validator<'_> {
                 }
             }
             (None, Some(command)) => {
-                if raw.transport.is_some() {
-                    self.at(at, &what, "`transport` applies only to `url`");
+                if raw.transport.is_some() || raw.protocol.is_some() {
+                    self.at(at, &what, "`transport` and `protocol` apply only to `url`");
                 }
                 if command.trim().is_empty() {
                     self.at(at, &what, "`command` is empty");
@@ -490,14 +459,12 @@ impl Validator<'_> {
             && !g.force_public_on_non_loopback
         {
             self.at(
-                    at,
-                    &what,
-                    "`public = true` needs a loopback listener (or gateway.force_public_on_non_loopback = true)",
-                );
+                at,
+                &what,
+                "`public = true` needs a loopback listener (or gateway.force_public_on_non_loopback = true)",
+            );
         }
-        let default_timeout = gateway
-            .map(|g| g.request_timeout)
-            .unwrap_or(Duration::from_secs(300));
+        let default_timeout = gateway.map(|g| g.request_timeout).unwrap_or(Duration::from_secs(300));
         let request_timeout = match raw.request_timeout {
             None => default_timeout,
             Some(t) => self.duration(at, &format!("{what}: request_timeout"), Some(t), 300),
@@ -515,9 +482,7 @@ impl Validator<'_> {
 /// Parses `"500ms"`, `"30s"`, `"5m"`, `"2h"` (a bare number means seconds).
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (num, unit) = text.split_at(split);
     let n: u64 = num.parse().ok()?;
     match unit.trim() {

@@ -62,6 +62,9 @@ pub struct RawServer {
     /// `"streamable-http"` or `"sse"` (legacy HTTP+SSE). Default `"streamable-http"`; only
     /// with `url`.
     pub transport: Option<String>,
+    /// `"auto"` (try `initialize`, fall back to `server/discover`) or `"2026-07-28"` (speak only
+    /// the stateless revision). Default `"auto"`; only with `url`.
+    pub protocol: Option<String>,
     /// Program to run for a stdio upstream.
     pub command: Option<String>,
     /// Arguments for `command`. Default none.

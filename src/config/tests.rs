@@ -34,14 +34,8 @@ urll = "http://x"
 "#;
     let err = parse(text).expect_err("invalid");
     let all = err.to_string();
-    assert!(
-        all.contains("test.toml:2: [gateway]: unknown field `colour`"),
-        "{all}"
-    );
-    assert!(
-        all.contains("test.toml:6: server \"a\": url \"ftp://x\""),
-        "{all}"
-    );
+    assert!(all.contains("test.toml:2: [gateway]: unknown field `colour`"), "{all}");
+    assert!(all.contains("test.toml:6: server \"a\": url \"ftp://x\""), "{all}");
     assert!(
         all.contains("test.toml:10: server \"Bad Name\": `name` must be"),
         "{all}"
@@ -57,14 +51,8 @@ urll = "http://x"
 fn environment_overrides_the_file() {
     let text = "[[servers]]\nname = \"my-files\"\ncommand = \"cat\"\n";
     let vars = vec![
-        (
-            "PORTCULLIS_GATEWAY__LISTEN".to_owned(),
-            "127.0.0.1:9999".to_owned(),
-        ),
-        (
-            "PORTCULLIS_SERVERS__MY_FILES__PUBLIC".to_owned(),
-            "true".to_owned(),
-        ),
+        ("PORTCULLIS_GATEWAY__LISTEN".to_owned(), "127.0.0.1:9999".to_owned()),
+        ("PORTCULLIS_SERVERS__MY_FILES__PUBLIC".to_owned(), "true".to_owned()),
         ("PORTCULLIS_CONFIG".to_owned(), "ignored.toml".to_owned()),
     ];
     let c = Config::parse(text, "t", vars).expect("valid");
@@ -77,10 +65,7 @@ fn public_servers_need_a_loopback_listener_unless_forced() {
     let text = "[gateway]\nlisten = \"0.0.0.0:8080\"\n[[servers]]\nname = \"a\"\ncommand = \"x\"\npublic = true\n";
     let err = parse(text).expect_err("public on 0.0.0.0");
     assert!(err.to_string().contains("loopback"), "{err}");
-    let forced = text.replace(
-        "[gateway]\n",
-        "[gateway]\nforce_public_on_non_loopback = true\n",
-    );
+    let forced = text.replace("[gateway]\n", "[gateway]\nforce_public_on_non_loopback = true\n");
     parse(&forced).expect("forced");
 }
 

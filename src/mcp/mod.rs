@@ -1,6 +1,8 @@
 //! MCP dispatch: the gateway is an MCP server to the client and an MCP client to the upstream.
-//! It steps in for the lifecycle (`initialize`) and relays everything else untouched.
+//! It steps in for the lifecycle (`initialize`, `server/discover`) and relays everything else
+//! untouched.
 
+pub mod stateless;
 pub mod version;
 
 use serde_json::Value;
@@ -15,23 +17,16 @@ use crate::upstream::{ClientHello, Reply};
 /// the gateway session, and answer with the upstream's server info at the client's revision.
 ///
 /// Returns the response and the sealed session id for the `Mcp-Session-Id` header.
-pub async fn initialize(
-    app: &AppState,
-    server: &Server,
-    message: &Message,
-) -> Result<(Value, String), Failure> {
+pub async fn initialize(app: &AppState, server: &Server, message: &Message) -> Result<(Value, String), Failure> {
     let id = message.id.clone();
     let fail = |e: GatewayError| e.with_id(id.clone());
     let request = message.value().map_err(|e| fail(e.into()))?;
     let params = request.get("params").cloned().unwrap_or(Value::Null);
-    let requested = params
-        .get("protocolVersion")
-        .and_then(Value::as_str)
-        .ok_or_else(|| {
-            fail(GatewayError::InvalidParams(
-                "initialize needs params.protocolVersion".into(),
-            ))
-        })?;
+    let requested = params.get("protocolVersion").and_then(Value::as_str).ok_or_else(|| {
+        fail(GatewayError::InvalidParams(
+            "initialize needs params.protocolVersion".into(),
+        ))
+    })?;
     let protocol = version::negotiate(requested);
     let hello = ClientHello {
         protocol: protocol.to_owned(),
@@ -45,11 +40,10 @@ pub async fn initialize(
             .unwrap_or_else(|| serde_json::json!({"name": "unknown", "version": "0"})),
     };
     let key = new_session_key();
-    let opened = server
-        .upstream
-        .open(&hello, &key)
-        .await
-        .map_err(|e| fail(e.into()))?;
+    let opened = server.upstream.open(&hello, &key).await.map_err(|e| fail(e.into()))?;
+    // A stateless upstream needs the client's capabilities in every request's `_meta`.
+    let hello_kept = (opened.upstream_protocol == version::STATELESS)
+        .then(|| serde_json::json!({"capabilities": hello.capabilities, "clientInfo": hello.client_info}));
     let state = SessionState {
         version: 1,
         key,
@@ -57,6 +51,7 @@ pub async fn initialize(
         upstream_protocol: opened.upstream_protocol,
         upstream_session: opened.upstream_session,
         created: app.clock().unix_secs(),
+        hello: hello_kept,
     };
     let sealed = app.sealer().seal(&state, &server.config.name);
     let mut result = opened.result;
@@ -66,11 +61,7 @@ pub async fn initialize(
 }
 
 /// Relays one message of an established session.
-pub async fn relay(
-    server: &Server,
-    session: &SessionState,
-    message: Message,
-) -> Result<Reply, Failure> {
+pub async fn relay(server: &Server, session: &SessionState, message: Message) -> Result<Reply, Failure> {
     let id = message.id.clone();
     server
         .upstream

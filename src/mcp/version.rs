@@ -2,13 +2,7 @@
 //! separately, so any supported client revision works with any supported upstream revision.
 
 /// Every revision the gateway speaks, oldest first.
-pub const SUPPORTED: &[&str] = &[
-    "2024-11-05",
-    "2025-03-26",
-    "2025-06-18",
-    "2025-11-25",
-    STATELESS,
-];
+pub const SUPPORTED: &[&str] = &["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25", STATELESS];
 /// The newest revision with `initialize` and sessions.
 pub const LATEST_STATEFUL: &str = "2025-11-25";
 /// The stateless revision: `server/discover`, per-request `_meta`, no session.

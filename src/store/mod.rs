@@ -66,11 +66,7 @@ impl Store {
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .busy_timeout(std::time::Duration::from_secs(5));
-            if let Some(dir) = opts
-                .get_filename()
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-            {
+            if let Some(dir) = opts.get_filename().parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(|e| connect_err(sqlx::Error::Io(e)))?;
             }
             let pool = SqlitePoolOptions::new()
@@ -121,10 +117,7 @@ mod tests {
 
     #[test]
     fn passwords_never_reach_messages() {
-        assert_eq!(
-            redact_url("postgres://u:hunter2@db/x"),
-            "postgres://u:redacted@db/x"
-        );
+        assert_eq!(redact_url("postgres://u:hunter2@db/x"), "postgres://u:redacted@db/x");
         assert_eq!(redact_url("sqlite://a.db"), "sqlite://a.db");
     }
 
@@ -140,8 +133,8 @@ mod tests {
     /// PostgreSQL runs in CI (127.0.0.1:5432, trust auth); set PORTCULLIS_TEST_PG to override.
     #[tokio::test]
     async fn postgres_connects_and_migrates() {
-        let url = std::env::var("PORTCULLIS_TEST_PG")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let url =
+            std::env::var("PORTCULLIS_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
         let store = Store::connect(&url)
             .await
             .expect("PostgreSQL on 127.0.0.1:5432 must be running");

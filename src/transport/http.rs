@@ -22,12 +22,7 @@ use crate::mcp::{self, version};
 use crate::upstream::http::{PROTOCOL_HEADER, SESSION_HEADER};
 
 /// `POST /mcp/{server}`.
-pub async fn post(
-    State(app): State<AppState>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+pub async fn post(State(app): State<AppState>, Path(name): Path<String>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
     let mut method = "invalid";
     let resp = match post_steps(&app, &name, &headers, body, &mut method).await {
@@ -69,6 +64,12 @@ async fn one_message(
     headers: &HeaderMap,
     message: Message,
 ) -> Result<Response, Failure> {
+    if mcp::stateless::is_stateless(headers) {
+        let request_id = (message.kind == Kind::Request).then(|| message.id.clone()).flatten();
+        let reply = mcp::stateless::handle(app, server, headers, message).await?;
+        let timeout = server.config.request_timeout;
+        return Ok(reply::post_response(reply, request_id, timeout, &server.config.name).await);
+    }
     if message.kind == Kind::Request && message.method() == "initialize" {
         let (response, sealed) = mcp::initialize(app, server, &message).await?;
         let mut resp = axum::Json(response).into_response();
@@ -79,17 +80,9 @@ async fn one_message(
     }
     let id = message.id.clone();
     let session = session(app, server, headers).map_err(|e| e.with_id(id.clone()))?;
-    let request_id = (message.kind == Kind::Request)
-        .then(|| id.clone())
-        .flatten();
+    let request_id = (message.kind == Kind::Request).then(|| id.clone()).flatten();
     let reply = mcp::relay(server, &session, message).await?;
-    Ok(reply::post_response(
-        reply,
-        request_id,
-        server.config.request_timeout,
-        &server.config.name,
-    )
-    .await)
+    Ok(reply::post_response(reply, request_id, server.config.request_timeout, &server.config.name).await)
 }
 
 /// A 2025-03-26 batch: each message is relayed in order and the answers are collected.
@@ -122,10 +115,7 @@ async fn batch(
             .map(|c| c.to_bytes())
             .unwrap_or_default();
         if is_sse {
-            answers.extend(
-                sse_messages(&body)
-                    .filter(|m| m.get("result").is_some() || m.get("error").is_some()),
-            );
+            answers.extend(sse_messages(&body).filter(|m| m.get("result").is_some() || m.get("error").is_some()));
         } else if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
             answers.push(v);
         }
@@ -143,11 +133,11 @@ fn sse_messages(body: &[u8]) -> impl Iterator<Item = serde_json::Value> + '_ {
 }
 
 /// `GET /mcp/{server}`: the session's server-to-client stream.
-pub async fn get(
-    State(app): State<AppState>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Response {
+pub async fn get(State(app): State<AppState>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+    if mcp::stateless::is_stateless(&headers) {
+        // The stateless revision has no GET stream and no session to delete.
+        return StatusCode::METHOD_NOT_ALLOWED.into_response();
+    }
     let started = Instant::now();
     let result = async {
         let server = app.server(&name)?;
@@ -170,22 +160,18 @@ pub async fn get(
 }
 
 /// `DELETE /mcp/{server}`: ends the session.
-pub async fn delete(
-    State(app): State<AppState>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Response {
+pub async fn delete(State(app): State<AppState>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+    if mcp::stateless::is_stateless(&headers) {
+        // The stateless revision has no GET stream and no session to delete.
+        return StatusCode::METHOD_NOT_ALLOWED.into_response();
+    }
     let started = Instant::now();
     let result = async {
         let server = app.server(&name)?;
         app.hosts().check(&headers)?;
         authenticate(&server, &headers)?;
         let session = session(&app, &server, &headers)?;
-        server
-            .upstream
-            .close(&session)
-            .await
-            .map_err(GatewayError::from)?;
+        server.upstream.close(&session).await.map_err(GatewayError::from)?;
         Ok::<_, Failure>(StatusCode::OK.into_response())
     }
     .await;
@@ -203,22 +189,14 @@ fn authenticate(server: &Server, _headers: &HeaderMap) -> Result<(), GatewayErro
     }
 }
 
-fn session(
-    app: &AppState,
-    server: &Server,
-    headers: &HeaderMap,
-) -> Result<SessionState, GatewayError> {
+fn session(app: &AppState, server: &Server, headers: &HeaderMap) -> Result<SessionState, GatewayError> {
     if let Some(v) = headers.get(PROTOCOL_HEADER) {
         let v = v.to_str().unwrap_or_default();
         if !version::is_supported(v) {
-            return Err(GatewayError::UnsupportedProtocolVersion(
-                v.chars().take(40).collect(),
-            ));
+            return Err(GatewayError::UnsupportedProtocolVersion(v.chars().take(40).collect()));
         }
     }
-    let id = headers
-        .get(SESSION_HEADER)
-        .ok_or(GatewayError::MissingSession)?;
+    let id = headers.get(SESSION_HEADER).ok_or(GatewayError::MissingSession)?;
     let id = id.to_str().map_err(|_| GatewayError::UnknownSession)?;
     app.sealer()
         .open(id, &server.config.name)
@@ -252,9 +230,7 @@ fn check_accept(headers: &HeaderMap, stream: bool) -> Result<(), GatewayError> {
     };
     match (stream, has("text/event-stream"), has("application/json")) {
         (true, true, _) => Ok(()),
-        (true, false, _) => Err(GatewayError::NotAcceptable(
-            "GET needs Accept: text/event-stream",
-        )),
+        (true, false, _) => Err(GatewayError::NotAcceptable("GET needs Accept: text/event-stream")),
         (false, true, _) | (false, _, true) => Ok(()),
         (false, false, false) => Err(GatewayError::NotAcceptable(
             "POST needs Accept: application/json, text/event-stream",
@@ -265,10 +241,7 @@ fn check_accept(headers: &HeaderMap, stream: bool) -> Result<(), GatewayError> {
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> {
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             Err(GatewayError::PayloadTooLarge(limit))
         }
         Err(_) => Err(GatewayError::BodyRead),
@@ -300,9 +273,5 @@ fn metric_method(method: &str) -> &'static str {
     if method.is_empty() {
         return "response";
     }
-    KNOWN
-        .iter()
-        .find(|m| **m == method)
-        .copied()
-        .unwrap_or("other")
+    KNOWN.iter().find(|m| **m == method).copied().unwrap_or("other")
 }

@@ -87,9 +87,7 @@ impl Message {
             (Some(_), false) => Kind::Notification,
             (None, true) => Kind::Response,
             _ => {
-                return Err(EnvelopeError::Invalid(
-                    "a message needs `method`, or `result`/`error`",
-                ));
+                return Err(EnvelopeError::Invalid("a message needs `method`, or `result`/`error`"));
             }
         };
         if matches!(&env.id, Some(id) if !(id.is_string() || id.is_number())) {
@@ -97,33 +95,20 @@ impl Message {
         }
         let method = env.method.map(|m| m.into_owned());
         let id = env.id;
-        Ok(Message {
-            raw,
-            id,
-            method,
-            kind,
-        })
+        Ok(Message { raw, id, method, kind })
     }
 
     /// Builds a message from a JSON value.
     pub fn from_value(value: &Value) -> Message {
         let raw = Bytes::from(serde_json::to_vec(value).unwrap_or_default());
-        let method = value
-            .get("method")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
+        let method = value.get("method").and_then(Value::as_str).map(str::to_owned);
         let id = value.get("id").filter(|v| !v.is_null()).cloned();
         let kind = match (&method, &id) {
             (Some(_), Some(_)) => Kind::Request,
             (Some(_), None) => Kind::Notification,
             (None, _) => Kind::Response,
         };
-        Message {
-            raw,
-            id,
-            method,
-            kind,
-        }
+        Message { raw, id, method, kind }
     }
 
     /// The full JSON value (parses the bytes again; used off the byte-relay path).
@@ -161,8 +146,7 @@ impl Body {
         if first != Some(&b'[') {
             return Message::parse(raw).map(Body::Single);
         }
-        let items: Vec<&serde_json::value::RawValue> =
-            serde_json::from_slice(&raw).map_err(|e| classify(&raw, e))?;
+        let items: Vec<&serde_json::value::RawValue> = serde_json::from_slice(&raw).map_err(|e| classify(&raw, e))?;
         if items.is_empty() {
             return Err(EnvelopeError::Invalid("empty batch"));
         }
@@ -194,9 +178,7 @@ mod tests {
 
     #[test]
     fn routing_fields_are_read_and_bytes_kept() {
-        let raw = Bytes::from_static(
-            br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"x-vendor":1}}"#,
-        );
+        let raw = Bytes::from_static(br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"x-vendor":1}}"#);
         let m = Message::parse(raw.clone()).expect("valid");
         assert_eq!(m.kind, Kind::Request);
         assert_eq!(m.id, Some(serde_json::json!(7)));
@@ -219,9 +201,7 @@ mod tests {
             Err(EnvelopeError::Invalid(_))
         ));
         assert!(matches!(
-            Message::parse(Bytes::from_static(
-                br#"{"jsonrpc":"2.0","id":{},"method":"x"}"#
-            )),
+            Message::parse(Bytes::from_static(br#"{"jsonrpc":"2.0","id":{},"method":"x"}"#)),
             Err(EnvelopeError::Invalid(_))
         ));
         assert!(matches!(
@@ -232,17 +212,12 @@ mod tests {
 
     #[test]
     fn batches_split_into_messages() {
-        let raw = Bytes::from_static(
-            br#"[{"jsonrpc":"2.0","method":"a"},{"jsonrpc":"2.0","id":"x","result":{}}]"#,
-        );
+        let raw = Bytes::from_static(br#"[{"jsonrpc":"2.0","method":"a"},{"jsonrpc":"2.0","id":"x","result":{}}]"#);
         let Ok(Body::Batch(items)) = Body::parse(raw) else {
             panic!("batch")
         };
         assert_eq!(items[0].kind, Kind::Notification);
         assert_eq!(items[1].kind, Kind::Response);
-        assert_eq!(
-            &items[1].raw[..],
-            br#"{"jsonrpc":"2.0","id":"x","result":{}}"#
-        );
+        assert_eq!(&items[1].raw[..], br#"{"jsonrpc":"2.0","id":"x","result":{}}"#);
     }
 }

@@ -23,12 +23,7 @@ pub struct HostPolicy {
 
 impl HostPolicy {
     /// Accepts the public URL's authority, the bound address, and the configured extras.
-    pub fn new(
-        public_url: &Url,
-        bound: SocketAddr,
-        extra_hosts: &[String],
-        extra_origins: &[String],
-    ) -> HostPolicy {
+    pub fn new(public_url: &Url, bound: SocketAddr, extra_hosts: &[String], extra_origins: &[String]) -> HostPolicy {
         let mut hosts: HashSet<String> = extra_hosts.iter().cloned().collect();
         let mut origins: HashSet<String> = extra_origins
             .iter()
@@ -40,12 +35,7 @@ impl HostPolicy {
                 None => host.to_owned(),
             };
             hosts.insert(authority.to_ascii_lowercase());
-            origins.insert(
-                public_url
-                    .origin()
-                    .ascii_serialization()
-                    .to_ascii_lowercase(),
-            );
+            origins.insert(public_url.origin().ascii_serialization().to_ascii_lowercase());
         }
         hosts.insert(bound.to_string());
         HostPolicy {

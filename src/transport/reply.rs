@@ -20,12 +20,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Builds the response for a POST. `request_id` is set when the client sent a request: then a
 /// multiplexed answer whose first message is the response goes back as plain JSON, and a
 /// missing answer after `timeout` becomes a JSON-RPC error naming the server.
-pub async fn post_response(
-    reply: Reply,
-    request_id: Option<Value>,
-    timeout: Duration,
-    server: &str,
-) -> Response {
+pub async fn post_response(reply: Reply, request_id: Option<Value>, timeout: Duration, server: &str) -> Response {
     match reply {
         Reply::Accepted => StatusCode::ACCEPTED.into_response(),
         Reply::Status(s) => s.into_response(),
@@ -61,10 +56,8 @@ pub fn get_response(reply: Reply, shutdown: &CancellationToken) -> Response {
 
 fn json_bytes(body: Body) -> Response {
     let mut resp = Response::new(body);
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 
@@ -76,10 +69,7 @@ fn relay_sse(resp: reqwest::Response, shutdown: Option<CancellationToken>) -> Re
     };
     let mut out = Response::new(body);
     let h = out.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     out
 }
@@ -95,13 +85,12 @@ fn sse_of(
             None => std::future::pending().await,
         }
     };
-    let events = stream.take_until(until).map(|msg| {
-        Ok::<_, Infallible>(Event::default().data(serde_json::to_string(&msg).unwrap_or_default()))
-    });
+    let events = stream
+        .take_until(until)
+        .map(|msg| Ok::<_, Infallible>(Event::default().data(serde_json::to_string(&msg).unwrap_or_default())));
     let sse = Sse::new(events);
     if keep_alive {
-        sse.keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
-            .into_response()
+        sse.keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response()
     } else {
         sse.into_response()
     }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::keys::Key;
 
 /// What the gateway remembers about one client session.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionState {
     /// Format version of this state.
     #[serde(rename = "v")]
@@ -31,6 +31,10 @@ pub struct SessionState {
     /// Creation time, seconds since the Unix epoch.
     #[serde(rename = "t")]
     pub created: u64,
+    /// The client's `{capabilities, clientInfo}`, kept only when the upstream is stateless
+    /// (2026-07-28), which needs them in every request's `_meta`.
+    #[serde(rename = "h", default, skip_serializing_if = "Option::is_none")]
+    pub hello: Option<serde_json::Value>,
 }
 
 /// Seals and opens session ids with one key.
@@ -122,6 +126,7 @@ mod tests {
             upstream_protocol: "2025-03-26".into(),
             upstream_session: Some("abc".into()),
             created: 1,
+            hello: None,
         }
     }
 
@@ -129,10 +134,7 @@ mod tests {
     fn round_trip_and_tamper_evidence() {
         let sealer = Sealer::new(&Key::random());
         let id = sealer.seal(&state(), "everything");
-        assert!(
-            id.bytes().all(|b| (0x21..=0x7e).contains(&b)),
-            "visible ASCII only"
-        );
+        assert!(id.bytes().all(|b| (0x21..=0x7e).contains(&b)), "visible ASCII only");
         assert_eq!(
             sealer.open(&id, "everything"),
             Some(state()).map(|mut s| {
@@ -149,11 +151,7 @@ mod tests {
             None,
             "altered"
         );
-        assert_eq!(
-            Sealer::new(&Key::random()).open(&id, "everything"),
-            None,
-            "other key"
-        );
+        assert_eq!(Sealer::new(&Key::random()).open(&id, "everything"), None, "other key");
         assert_eq!(sealer.open("not-a-session", "everything"), None);
     }
 }

@@ -3,6 +3,7 @@
 //! stream) is relayed byte for byte, so event ids, `retry` fields and unknown fields survive.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,7 +13,8 @@ use serde_json::Value;
 use url::Url;
 
 use super::{ClientHello, Opened, Reply, UpstreamError, initialize_request, opened_from_response};
-use crate::transport::jsonrpc::{Kind, Message};
+use crate::mcp::version;
+use crate::transport::jsonrpc::{Kind, Message, code, error_response, result_response};
 use crate::transport::session::SessionState;
 
 /// `Mcp-Session-Id`.
@@ -32,21 +34,24 @@ pub struct HttpUpstream {
     url: Url,
     client: reqwest::Client,
     timeout: Duration,
+    /// Whether the upstream keeps sessions: unknown, stateful or stateless (2026-07-28).
+    mode: AtomicU8,
 }
+
+const MODE_UNKNOWN: u8 = 0;
+const MODE_STATEFUL: u8 = 1;
+const MODE_STATELESS: u8 = 2;
 
 impl HttpUpstream {
     /// A connector for `url` (connects lazily).
-    pub fn new(
-        name: Arc<str>,
-        url: Url,
-        client: reqwest::Client,
-        timeout: Duration,
-    ) -> HttpUpstream {
+    pub fn new(name: Arc<str>, url: Url, client: reqwest::Client, timeout: Duration, stateless: bool) -> HttpUpstream {
+        let mode = AtomicU8::new(if stateless { MODE_STATELESS } else { MODE_UNKNOWN });
         HttpUpstream {
             name,
             url,
             client,
             timeout,
+            mode,
         }
     }
 
@@ -68,11 +73,7 @@ impl HttpUpstream {
         }
     }
 
-    fn request(
-        &self,
-        method: reqwest::Method,
-        session: Option<&SessionState>,
-    ) -> reqwest::RequestBuilder {
+    fn request(&self, method: reqwest::Method, session: Option<&SessionState>) -> reqwest::RequestBuilder {
         let mut req = self
             .client
             .request(method, self.url.clone())
@@ -89,11 +90,7 @@ impl HttpUpstream {
     async fn status_error(&self, resp: reqwest::Response) -> UpstreamError {
         let status = resp.status().as_u16();
         let body = resp.text().await.unwrap_or_default();
-        let excerpt: String = body
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(DETAIL_CHARS)
-            .collect();
+        let excerpt: String = body.chars().filter(|c| !c.is_control()).take(DETAIL_CHARS).collect();
         let detail = if excerpt.is_empty() {
             String::new()
         } else {
@@ -106,8 +103,35 @@ impl HttpUpstream {
         }
     }
 
-    /// `initialize` upstream with the client's capabilities, then `notifications/initialized`.
+    /// Opens an upstream session: `initialize` (then `notifications/initialized`), or, for an
+    /// upstream that speaks only the stateless 2026-07-28 revision, `server/discover`.
+    /// With `protocol = "auto"` a refused `initialize` is retried as `server/discover` once,
+    /// and the answer is remembered for this server.
     pub async fn open(&self, hello: &ClientHello) -> Result<Opened, UpstreamError> {
+        match self.mode.load(Ordering::Relaxed) {
+            MODE_STATELESS => return self.discover(hello).await,
+            MODE_STATEFUL => return self.initialize(hello).await,
+            _ => {}
+        }
+        match self.initialize(hello).await {
+            Ok(opened) => {
+                self.mode.store(MODE_STATEFUL, Ordering::Relaxed);
+                Ok(opened)
+            }
+            Err(first @ (UpstreamError::Status { .. } | UpstreamError::Protocol { .. })) => {
+                match self.discover(hello).await {
+                    Ok(opened) => {
+                        self.mode.store(MODE_STATELESS, Ordering::Relaxed);
+                        Ok(opened)
+                    }
+                    Err(_) => Err(first),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn initialize(&self, hello: &ClientHello) -> Result<Opened, UpstreamError> {
         let body = initialize_request(Value::from(0), hello);
         let resp = self
             .request(reqwest::Method::POST, None)
@@ -128,11 +152,9 @@ impl HttpUpstream {
         let opened = opened_from_response(&self.name, response, session)?;
         let state = SessionState {
             version: 1,
-            key: String::new(),
-            client_protocol: String::new(),
             upstream_protocol: opened.upstream_protocol.clone(),
             upstream_session: opened.upstream_session.clone(),
-            created: 0,
+            ..SessionState::default()
         };
         let note = Bytes::from_static(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
         let resp = self
@@ -150,11 +172,7 @@ impl HttpUpstream {
     }
 
     /// Reads the response with `id` from a JSON or SSE answer.
-    async fn single_response(
-        &self,
-        resp: reqwest::Response,
-        id: &Value,
-    ) -> Result<Value, UpstreamError> {
+    async fn single_response(&self, resp: reqwest::Response, id: &Value) -> Result<Value, UpstreamError> {
         let is_sse = content_type(resp.headers()).starts_with("text/event-stream");
         let protocol = |detail: String| UpstreamError::Protocol {
             server: self.name.to_string(),
@@ -162,8 +180,7 @@ impl HttpUpstream {
         };
         if !is_sse {
             let bytes = resp.bytes().await.map_err(|e| self.unreachable(&e))?;
-            return serde_json::from_slice(&bytes)
-                .map_err(|e| protocol(format!("invalid JSON: {e}")));
+            return serde_json::from_slice(&bytes).map_err(|e| protocol(format!("invalid JSON: {e}")));
         }
         let mut events = sse_stream::SseStream::from_bytes_stream(resp.bytes_stream());
         while let Some(event) = events.next().await {
@@ -172,9 +189,7 @@ impl HttpUpstream {
             let Ok(msg) = serde_json::from_str::<Value>(&data) else {
                 continue;
             };
-            if msg.get("id") == Some(id)
-                && (msg.get("result").is_some() || msg.get("error").is_some())
-            {
+            if msg.get("id") == Some(id) && (msg.get("result").is_some() || msg.get("error").is_some()) {
                 return Ok(msg);
             }
         }
@@ -182,11 +197,10 @@ impl HttpUpstream {
     }
 
     /// POSTs one client message and relays the answer.
-    pub async fn send(
-        &self,
-        session: &SessionState,
-        message: Message,
-    ) -> Result<Reply, UpstreamError> {
+    pub async fn send(&self, session: &SessionState, message: Message) -> Result<Reply, UpstreamError> {
+        if session.upstream_protocol == version::STATELESS {
+            return self.send_stateless(session, message).await;
+        }
         let mut req = self
             .request(reqwest::Method::POST, Some(session))
             .header(header::CONTENT_TYPE, "application/json")
@@ -198,21 +212,14 @@ impl HttpUpstream {
         self.relay(resp, session).await
     }
 
-    async fn relay(
-        &self,
-        resp: reqwest::Response,
-        session: &SessionState,
-    ) -> Result<Reply, UpstreamError> {
+    async fn relay(&self, resp: reqwest::Response, session: &SessionState) -> Result<Reply, UpstreamError> {
         match resp.status() {
             StatusCode::ACCEPTED => Ok(Reply::Accepted),
             s if s.is_success() => {
                 if content_type(resp.headers()).starts_with("text/event-stream") {
                     return Ok(Reply::Sse(resp));
                 }
-                if resp
-                    .content_length()
-                    .is_some_and(|n| n > MAX_JSON_BYTES as u64)
-                {
+                if resp.content_length().is_some_and(|n| n > MAX_JSON_BYTES as u64) {
                     return Err(UpstreamError::Protocol {
                         server: self.name.to_string(),
                         detail: "JSON answer larger than 64 MiB".to_owned(),
@@ -225,20 +232,18 @@ impl HttpUpstream {
                     Ok(Reply::Json(bytes))
                 }
             }
-            StatusCode::NOT_FOUND if session.upstream_session.is_some() => {
-                Err(UpstreamError::SessionExpired)
-            }
+            StatusCode::NOT_FOUND if session.upstream_session.is_some() => Err(UpstreamError::SessionExpired),
             StatusCode::METHOD_NOT_ALLOWED => Ok(Reply::Status(StatusCode::METHOD_NOT_ALLOWED)),
             _ => Err(self.status_error(resp).await),
         }
     }
 
     /// GET: the session's server-to-client stream, resumed after `last_event_id` if given.
-    pub async fn listen(
-        &self,
-        session: &SessionState,
-        last_event_id: Option<&str>,
-    ) -> Result<Reply, UpstreamError> {
+    pub async fn listen(&self, session: &SessionState, last_event_id: Option<&str>) -> Result<Reply, UpstreamError> {
+        if session.upstream_protocol == version::STATELESS {
+            // The stateless revision has no GET stream.
+            return Ok(Reply::Status(StatusCode::METHOD_NOT_ALLOWED));
+        }
         let mut req = self
             .request(reqwest::Method::GET, Some(session))
             .header(header::ACCEPT, "text/event-stream");
@@ -277,6 +282,158 @@ impl HttpUpstream {
             .map(|_| ())
             .map_err(|e| self.unreachable(&e))
     }
+}
+
+/// `Mcp-Method` and `Mcp-Name`: the method and the tool, prompt or resource it names,
+/// mirrored in headers by the stateless revision.
+const METHOD_HEADER: &str = "mcp-method";
+const NAME_HEADER: &str = "mcp-name";
+
+impl HttpUpstream {
+    fn stateless_request(&self, method: &str) -> reqwest::RequestBuilder {
+        self.client
+            .post(self.url.clone())
+            .header(header::ACCEPT, ACCEPT_BOTH)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(PROTOCOL_HEADER, version::STATELESS)
+            .header(METHOD_HEADER, method)
+    }
+
+    /// `server/discover`, turned into the shape of an `initialize` result.
+    async fn discover(&self, hello: &ClientHello) -> Result<Opened, UpstreamError> {
+        let meta = request_meta(&hello.capabilities, &hello.client_info);
+        let body =
+            serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "server/discover", "params": {"_meta": meta}});
+        let resp = self
+            .stateless_request("server/discover")
+            .json(&body)
+            .timeout(self.timeout)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(&e))?;
+        if !resp.status().is_success() {
+            return Err(self.status_error(resp).await);
+        }
+        let response = self.single_response(resp, &Value::from(0)).await?;
+        let result = response.get("result").cloned().unwrap_or(Value::Null);
+        let speaks = result
+            .get("supportedVersions")
+            .and_then(Value::as_array)
+            .is_some_and(|v| v.iter().any(|x| x == version::STATELESS));
+        if !speaks {
+            let detail = "server/discover does not list 2026-07-28".to_owned();
+            return Err(UpstreamError::Protocol {
+                server: self.name.to_string(),
+                detail,
+            });
+        }
+        let server_info = result
+            .pointer("/_meta/io.modelcontextprotocol~1serverInfo")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({"name": &*self.name, "version": "unknown"}));
+        let mut init = serde_json::json!({
+            "protocolVersion": version::STATELESS,
+            "capabilities": result.get("capabilities").cloned().unwrap_or_else(|| serde_json::json!({})),
+            "serverInfo": server_info,
+        });
+        if let Some(i) = result.get("instructions") {
+            init["instructions"] = i.clone();
+        }
+        Ok(Opened {
+            upstream_session: None,
+            upstream_protocol: version::STATELESS.to_owned(),
+            result: init,
+        })
+    }
+
+    /// Relays to a stateless upstream: every request gets the `_meta` the revision requires,
+    /// methods it removed are answered here, and its results are adapted for older clients.
+    async fn send_stateless(&self, session: &SessionState, message: Message) -> Result<Reply, UpstreamError> {
+        let method = message.method().to_owned();
+        if message.kind == Kind::Request && matches!(method.as_str(), "ping" | "logging/setLevel") {
+            let id = message.id.clone().unwrap_or(Value::Null);
+            let response = result_response(&id, serde_json::json!({}));
+            return Ok(Reply::Json(serde_json::to_vec(&response).unwrap_or_default().into()));
+        }
+        if message.kind != Kind::Request {
+            // Notifications of the session lifecycle have no meaning without a session.
+            return Ok(Reply::Accepted);
+        }
+        let mut value = message.value().map_err(|e| UpstreamError::Protocol {
+            server: self.name.to_string(),
+            detail: e.to_string(),
+        })?;
+        let hello = session.hello.clone().unwrap_or(Value::Null);
+        let caps = hello
+            .get("capabilities")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({}));
+        let info = hello
+            .get("clientInfo")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({"name": "unknown", "version": "0"}));
+        if !value.get("params").is_some_and(Value::is_object) {
+            value["params"] = serde_json::json!({});
+        }
+        let meta = value["params"]
+            .as_object_mut()
+            .map(|p| p.entry("_meta").or_insert_with(|| serde_json::json!({})));
+        if let Some(Value::Object(meta)) = meta {
+            for (k, v) in request_meta(&caps, &info).as_object().into_iter().flatten() {
+                meta.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        let mut req = self.stateless_request(&method).timeout(self.timeout);
+        let name_key = match method.as_str() {
+            "tools/call" | "prompts/get" => Some("/params/name"),
+            "resources/read" => Some("/params/uri"),
+            _ => None,
+        };
+        if let Some(name) = name_key.and_then(|k| value.pointer(k)).and_then(Value::as_str) {
+            if let Ok(h) = HeaderValue::from_str(name) {
+                req = req.header(NAME_HEADER, h);
+            }
+        }
+        let resp = req.json(&value).send().await.map_err(|e| self.unreachable(&e))?;
+        let reply = self.relay(resp, session).await?;
+        if session.client_protocol == version::STATELESS {
+            return Ok(reply);
+        }
+        let server = self.name.clone();
+        let stream = super::messages_of(reply).map(move |msg| for_stateful_client(msg, &server));
+        Ok(Reply::Messages(Box::pin(stream)))
+    }
+}
+
+/// The `_meta` keys a 2026-07-28 request carries.
+fn request_meta(capabilities: &Value, client_info: &Value) -> Value {
+    serde_json::json!({
+        "io.modelcontextprotocol/protocolVersion": version::STATELESS,
+        "io.modelcontextprotocol/clientCapabilities": capabilities,
+        "io.modelcontextprotocol/clientInfo": client_info,
+    })
+}
+
+/// A stateless upstream's answer as an older client expects it: without the fields that
+/// revision added, and with an input request (which the gateway cannot yet turn into
+/// sampling or elicitation) reported as an error.
+fn for_stateful_client(mut msg: Value, server: &str) -> Value {
+    let Some(result) = msg.get_mut("result").and_then(Value::as_object_mut) else {
+        return msg;
+    };
+    if result
+        .get("resultType")
+        .and_then(Value::as_str)
+        .is_some_and(|t| t != "complete")
+    {
+        let text =
+            format!("upstream server '{server}' asked for client input, which the gateway cannot relay to this client");
+        return error_response(msg.get("id"), code::UPSTREAM_ERROR, &text);
+    }
+    for key in ["resultType", "cacheScope", "ttlMs"] {
+        result.remove(key);
+    }
+    msg
 }
 
 fn content_type(headers: &http::HeaderMap) -> &str {

@@ -121,28 +121,22 @@ impl Upstream {
     pub fn new(config: &ServerConfig, client: reqwest::Client) -> Upstream {
         let name: Arc<str> = Arc::from(config.name.as_str());
         match &config.transport {
-            ServerTransport::StreamableHttp { url } => Upstream::Http(http::HttpUpstream::new(
+            ServerTransport::StreamableHttp { url, stateless } => Upstream::Http(http::HttpUpstream::new(
                 name,
                 url.clone(),
                 client,
                 config.request_timeout,
+                *stateless,
             )),
-            ServerTransport::Sse { url } => Upstream::Sse(sse::SseUpstream::new(
-                name,
-                url.clone(),
-                client,
-                config.request_timeout,
-            )),
+            ServerTransport::Sse { url } => {
+                Upstream::Sse(sse::SseUpstream::new(name, url.clone(), client, config.request_timeout))
+            }
             ServerTransport::Stdio { .. } => Upstream::Stdio(stdio::StdioUpstream::new(config)),
         }
     }
 
     /// Opens an upstream session for a client that just sent `initialize`.
-    pub async fn open(
-        &self,
-        hello: &ClientHello,
-        session_key: &str,
-    ) -> Result<Opened, UpstreamError> {
+    pub async fn open(&self, hello: &ClientHello, session_key: &str) -> Result<Opened, UpstreamError> {
         match self {
             Upstream::Http(u) => u.open(hello).await,
             Upstream::Sse(u) => u.open(hello, session_key).await,
@@ -151,11 +145,7 @@ impl Upstream {
     }
 
     /// Sends one client message within a session.
-    pub async fn send(
-        &self,
-        session: &SessionState,
-        message: Message,
-    ) -> Result<Reply, UpstreamError> {
+    pub async fn send(&self, session: &SessionState, message: Message) -> Result<Reply, UpstreamError> {
         match self {
             Upstream::Http(u) => u.send(session, message).await,
             Upstream::Sse(u) => u.send(session, message).await,
@@ -164,11 +154,7 @@ impl Upstream {
     }
 
     /// Opens the session's server-to-client stream (HTTP GET).
-    pub async fn listen(
-        &self,
-        session: &SessionState,
-        last_event_id: Option<&str>,
-    ) -> Result<Reply, UpstreamError> {
+    pub async fn listen(&self, session: &SessionState, last_event_id: Option<&str>) -> Result<Reply, UpstreamError> {
         match self {
             Upstream::Http(u) => u.listen(session, last_event_id).await,
             Upstream::Sse(u) => u.listen(session).await,
@@ -231,10 +217,7 @@ pub fn opened_from_response(
     upstream_session: Option<String>,
 ) -> Result<Opened, UpstreamError> {
     if let Some(err) = response.get("error") {
-        let msg = err
-            .get("message")
-            .and_then(Value::as_str)
-            .unwrap_or("error");
+        let msg = err.get("message").and_then(Value::as_str).unwrap_or("error");
         return Err(UpstreamError::Protocol {
             server: server.to_owned(),
             detail: format!("initialize failed: {msg}"),
@@ -257,4 +240,25 @@ pub fn opened_from_response(
         upstream_protocol: version,
         result,
     })
+}
+
+/// Any reply as a stream of messages (parsing JSON and SSE bodies), for paths that must read
+/// or adapt each message rather than relay bytes.
+pub fn messages_of(reply: Reply) -> MessageStream {
+    use futures::StreamExt;
+    match reply {
+        Reply::Accepted | Reply::Status(_) => futures::stream::empty().boxed(),
+        Reply::Json(bytes) => {
+            let items = match serde_json::from_slice::<Value>(&bytes) {
+                Ok(Value::Array(items)) => items,
+                Ok(v) => vec![v],
+                Err(_) => Vec::new(),
+            };
+            futures::stream::iter(items).boxed()
+        }
+        Reply::Sse(resp) => sse_stream::SseStream::from_bytes_stream(resp.bytes_stream())
+            .filter_map(|event| async move { serde_json::from_str(event.ok()?.data.as_deref()?).ok() })
+            .boxed(),
+        Reply::Messages(stream) => stream,
+    }
 }

@@ -121,9 +121,7 @@ impl Mux {
     /// Forwards a client notification or response; cancellations are mapped to our ids.
     pub fn forward(&self, session: &str, message: &Message) -> Result<(), UpstreamError> {
         if message.kind == Kind::Notification && message.method() == "notifications/cancelled" {
-            let mut value = message
-                .value()
-                .map_err(|e| self.closed_error(&e.to_string()))?;
+            let mut value = message.value().map_err(|e| self.closed_error(&e.to_string()))?;
             let client_id = value.pointer("/params/requestId").cloned();
             let gid = {
                 let st = self.lock();
@@ -145,9 +143,7 @@ impl Mux {
     }
 
     fn send_raw(&self, bytes: Bytes) -> Result<(), UpstreamError> {
-        self.out
-            .send(bytes)
-            .map_err(|_| self.closed_error("is not running"))
+        self.out.send(bytes).map_err(|_| self.closed_error("is not running"))
     }
 
     /// Registers a session's GET stream; it ends when the pipe closes.
@@ -208,9 +204,8 @@ impl Mux {
             }
             return;
         }
-        let targeted = msg.get("id").is_some()
-            || method == "notifications/message"
-            || method == "notifications/cancelled";
+        let targeted =
+            msg.get("id").is_some() || method == "notifications/message" || method == "notifications/cancelled";
         if targeted {
             let latest = st
                 .pending
@@ -227,11 +222,7 @@ impl Mux {
             }
             if let Some(id) = msg.get("id").cloned() {
                 drop(st);
-                let err = error_response(
-                    Some(&id),
-                    code::INTERNAL_ERROR,
-                    "no client is connected to answer",
-                );
+                let err = error_response(Some(&id), code::INTERNAL_ERROR, "no client is connected to answer");
                 let _ = self.write(&err);
             }
             return;
@@ -245,20 +236,15 @@ impl Mux {
         st.closed = Some(why.to_owned());
         let text = format!("upstream server '{}' {why}", self.server);
         for (_, p) in st.pending.drain() {
-            let _ = p.tx.send(error_response(
-                Some(&p.client_id),
-                code::UPSTREAM_ERROR,
-                &text,
-            ));
+            let _ =
+                p.tx.send(error_response(Some(&p.client_id), code::UPSTREAM_ERROR, &text));
         }
         st.progress.clear();
         st.listeners.clear();
     }
 }
 
-fn tokio_stream_from(
-    mut rx: mpsc::UnboundedReceiver<Value>,
-) -> impl futures::Stream<Item = Value> + Send {
+fn tokio_stream_from(mut rx: mpsc::UnboundedReceiver<Value>) -> impl futures::Stream<Item = Value> + Send {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
@@ -286,7 +272,9 @@ mod tests {
         let (wa, wb) = (sent(&mut out), sent(&mut out));
         assert_ne!(wa["id"], wb["id"], "same client id, different upstream ids");
         let tok_b = wb["params"]["_meta"]["progressToken"].clone();
-        mux.route(json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":tok_b,"progress":1}}));
+        mux.route(
+            json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":tok_b,"progress":1}}),
+        );
         mux.route(json!({"jsonrpc":"2.0","id":wb["id"],"result":{"ok":"b"}}));
         mux.route(json!({"jsonrpc":"2.0","id":wa["id"],"result":{"ok":"a"}}));
         let b: Vec<Value> = sb.by_ref().collect().await;
@@ -320,10 +308,7 @@ mod tests {
         let (mux, mut out) = mux();
         let mut listen = mux.listen("a").expect("listening");
         mux.route(json!({"jsonrpc":"2.0","id":9,"method":"roots/list"}));
-        assert_eq!(
-            listen.next().await.expect("to listener")["method"],
-            "roots/list"
-        );
+        assert_eq!(listen.next().await.expect("to listener")["method"], "roots/list");
         let mut call = mux
             .request("b", json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
             .expect("sent");
@@ -339,9 +324,6 @@ mod tests {
             "notifications/tools/list_changed"
         );
         mux.route(json!({"jsonrpc":"2.0","id":"srv","method":"ping"}));
-        assert_eq!(
-            sent(&mut out),
-            json!({"jsonrpc":"2.0","id":"srv","result":{}})
-        );
+        assert_eq!(sent(&mut out), json!({"jsonrpc":"2.0","id":"srv","result":{}}));
     }
 }

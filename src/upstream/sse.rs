@@ -42,12 +42,7 @@ pub struct SseUpstream {
 
 impl SseUpstream {
     /// A connector for the SSE endpoint `url`.
-    pub fn new(
-        name: Arc<str>,
-        url: Url,
-        client: reqwest::Client,
-        timeout: Duration,
-    ) -> SseUpstream {
+    pub fn new(name: Arc<str>, url: Url, client: reqwest::Client, timeout: Duration) -> SseUpstream {
         SseUpstream {
             name,
             url,
@@ -65,11 +60,7 @@ impl SseUpstream {
     }
 
     /// Opens the stream, waits for the endpoint, and initializes with the client's hello.
-    pub async fn open(
-        &self,
-        hello: &ClientHello,
-        session_key: &str,
-    ) -> Result<Opened, UpstreamError> {
+    pub async fn open(&self, hello: &ClientHello, session_key: &str) -> Result<Opened, UpstreamError> {
         let resp = self
             .client
             .get(self.url.clone())
@@ -125,31 +116,21 @@ impl SseUpstream {
                 mux.close("closed its SSE stream");
             }
         });
-        let poster = tokio::spawn(post_loop(
-            self.client.clone(),
-            endpoint,
-            out_rx,
-            mux.clone(),
-        ));
+        let poster = tokio::spawn(post_loop(self.client.clone(), endpoint, out_rx, mux.clone()));
         let conn = Connection {
             mux: mux.clone(),
             tasks: [reader, poster],
         };
-        let response = tokio::time::timeout(
-            self.timeout,
-            mux.call(super::initialize_request(Value::from(0), hello)),
-        )
-        .await
-        .map_err(|_| UpstreamError::Timeout {
-            server: self.name.to_string(),
-            secs: self.timeout.as_secs(),
-        })??;
+        let response = tokio::time::timeout(self.timeout, mux.call(super::initialize_request(Value::from(0), hello)))
+            .await
+            .map_err(|_| UpstreamError::Timeout {
+                server: self.name.to_string(),
+                secs: self.timeout.as_secs(),
+            })??;
         let opened = super::opened_from_response(&self.name, response, None)?;
         mux.forward(
             "",
-            &Message::from_value(
-                &serde_json::json!({"jsonrpc":"2.0","method":"notifications/initialized"}),
-            ),
+            &Message::from_value(&serde_json::json!({"jsonrpc":"2.0","method":"notifications/initialized"})),
         )?;
         self.connections.insert(session_key.to_owned(), conn);
         Ok(opened)
@@ -163,11 +144,7 @@ impl SseUpstream {
     }
 
     /// Relays one client message.
-    pub async fn send(
-        &self,
-        session: &SessionState,
-        message: Message,
-    ) -> Result<Reply, UpstreamError> {
+    pub async fn send(&self, session: &SessionState, message: Message) -> Result<Reply, UpstreamError> {
         send_via_mux(&*self.mux(session)?, &session.key, message)
     }
 
@@ -204,12 +181,7 @@ impl SseUpstream {
     }
 }
 
-async fn post_loop(
-    client: reqwest::Client,
-    endpoint: Url,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
-    mux: Arc<Mux>,
-) {
+async fn post_loop(client: reqwest::Client, endpoint: Url, mut rx: mpsc::UnboundedReceiver<Bytes>, mux: Arc<Mux>) {
     while let Some(body) = rx.recv().await {
         let sent = client
             .post(endpoint.clone())

@@ -102,20 +102,14 @@ impl StdioUpstream {
             if !r.mux.is_closed() {
                 return Ok((r.mux.clone(), r.init.clone()));
             }
-            if slot
-                .last_start
-                .is_some_and(|t| t.elapsed() >= HEALTHY_AFTER)
-            {
+            if slot.last_start.is_some_and(|t| t.elapsed() >= HEALTHY_AFTER) {
                 slot.failures = 0;
             }
             slot.failures += 1;
             slot.running = None;
         }
         if slot.failures > 0 {
-            let wait = BACKOFF
-                .0
-                .saturating_mul(1 << slot.failures.min(16))
-                .min(BACKOFF.1);
+            let wait = BACKOFF.0.saturating_mul(1 << slot.failures.min(16)).min(BACKOFF.1);
             let since = slot.last_start.map(|t| t.elapsed()).unwrap_or(wait);
             if since < wait {
                 tokio::time::sleep(wait - since).await;
@@ -124,10 +118,7 @@ impl StdioUpstream {
         slot.last_start = Some(Instant::now());
         let running = match tokio::time::timeout(self.timeout, self.start()).await {
             Ok(r) => r,
-            Err(_) => Err(self.process_error(format!(
-                "did not initialize within {}s",
-                self.timeout.as_secs()
-            ))),
+            Err(_) => Err(self.process_error(format!("did not initialize within {}s", self.timeout.as_secs()))),
         };
         let running = running.inspect_err(|_| slot.failures += 1)?;
         let out = (running.mux.clone(), running.init.clone());
@@ -158,37 +149,27 @@ impl StdioUpstream {
             .spawn()
             .map_err(|e| self.process_error(format!("could not start `{}`: {e}", self.command)))?;
         tracing::info!(server = %self.name, pid = child.id(), "started stdio upstream");
-        let (stdin, stdout, stderr) =
-            match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
-                (Some(i), Some(o), Some(e)) => (i, o, e),
-                _ => return Err(self.process_error("has no stdio pipes")),
-            };
+        let (stdin, stdout, stderr) = match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
+            (Some(i), Some(o), Some(e)) => (i, o, e),
+            _ => return Err(self.process_error("has no stdio pipes")),
+        };
         let (out_tx, out_rx) = mpsc::unbounded_channel::<Bytes>();
         let mux = Arc::new(Mux::new(self.name.clone(), out_tx));
         let child = Arc::new(Mutex::new(child));
         let writer = tokio::spawn(write_lines(stdin, out_rx));
         tokio::spawn(log_stderr(self.name.clone(), stderr));
-        tokio::spawn(read_stdout(
-            self.name.clone(),
-            stdout,
-            mux.clone(),
-            child.clone(),
-        ));
+        tokio::spawn(read_stdout(self.name.clone(), stdout, mux.clone(), child.clone()));
 
         let hello = ClientHello {
             protocol: version::LATEST_STATEFUL.to_owned(),
             capabilities: serde_json::json!({ "sampling": {}, "elicitation": {}, "roots": { "listChanged": true } }),
             client_info: serde_json::json!({ "name": "portcullis", "version": env!("CARGO_PKG_VERSION") }),
         };
-        let response = mux
-            .call(super::initialize_request(Value::from(0), &hello))
-            .await?;
+        let response = mux.call(super::initialize_request(Value::from(0), &hello)).await?;
         let opened = super::opened_from_response(&self.name, response, None)?;
         mux.forward(
             "",
-            &Message::from_value(
-                &serde_json::json!({"jsonrpc":"2.0","method":"notifications/initialized"}),
-            ),
+            &Message::from_value(&serde_json::json!({"jsonrpc":"2.0","method":"notifications/initialized"})),
         )?;
         Ok(Running {
             mux,
@@ -223,11 +204,7 @@ impl StdioUpstream {
     }
 
     /// Relays one client message.
-    pub async fn send(
-        &self,
-        session: &SessionState,
-        message: Message,
-    ) -> Result<Reply, UpstreamError> {
+    pub async fn send(&self, session: &SessionState, message: Message) -> Result<Reply, UpstreamError> {
         self.check_live(session)?;
         let (mux, _) = self.running().await?;
         send_via_mux(&mux, &session.key, message)
@@ -271,28 +248,16 @@ impl StdioUpstream {
         r.mux.close("was stopped by the gateway");
         r.writer.abort(); // drops stdin: well-behaved servers exit on EOF
         let mut child = r.child.lock().await;
-        if tokio::time::timeout(Duration::from_secs(2), child.wait())
-            .await
-            .is_ok()
-        {
+        if tokio::time::timeout(Duration::from_secs(2), child.wait()).await.is_ok() {
             return;
         }
         #[cfg(unix)]
         if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            if tokio::time::timeout(Duration::from_secs(2), child.wait())
-                .await
-                .is_ok()
-            {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            if tokio::time::timeout(Duration::from_secs(2), child.wait()).await.is_ok() {
                 return;
             }
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
         let _ = child.kill().await;
     }
@@ -309,9 +274,7 @@ pub fn send_via_mux(mux: &Mux, session: &str, message: Message) -> Result<Reply,
             })?;
             Ok(Reply::Messages(mux.request(session, value)?))
         }
-        Kind::Notification if message.method() == "notifications/initialized" => {
-            Ok(Reply::Accepted)
-        }
+        Kind::Notification if message.method() == "notifications/initialized" => Ok(Reply::Accepted),
         Kind::Notification | Kind::Response => {
             mux.forward(session, &message)?;
             Ok(Reply::Accepted)
@@ -319,10 +282,7 @@ pub fn send_via_mux(mux: &Mux, session: &str, message: Message) -> Result<Reply,
     }
 }
 
-async fn write_lines(
-    mut stdin: tokio::process::ChildStdin,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
-) {
+async fn write_lines(mut stdin: tokio::process::ChildStdin, mut rx: mpsc::UnboundedReceiver<Bytes>) {
     while let Some(bytes) = rx.recv().await {
         // JSON text never contains a raw newline, so one line is one message.
         if stdin.write_all(&bytes).await.is_err() || stdin.write_all(b"\n").await.is_err() {
@@ -341,12 +301,7 @@ async fn log_stderr(server: Arc<str>, stderr: tokio::process::ChildStderr) {
     }
 }
 
-async fn read_stdout(
-    server: Arc<str>,
-    stdout: tokio::process::ChildStdout,
-    mux: Arc<Mux>,
-    child: Arc<Mutex<Child>>,
-) {
+async fn read_stdout(server: Arc<str>, stdout: tokio::process::ChildStdout, mux: Arc<Mux>, child: Arc<Mutex<Child>>) {
     let mut reader = BufReader::new(stdout);
     let mut line = Vec::new();
     loop {
@@ -365,10 +320,7 @@ async fn read_stdout(
             Err(_) => tracing::warn!(server = %server, "ignored a stdout line that is not JSON"),
         }
     }
-    let status = tokio::time::timeout(Duration::from_secs(5), async {
-        child.lock().await.wait().await
-    })
-    .await;
+    let status = tokio::time::timeout(Duration::from_secs(5), async { child.lock().await.wait().await }).await;
     let why = match status {
         Ok(Ok(s)) => format!("exited ({s})"),
         _ => "closed its stdout".to_owned(),

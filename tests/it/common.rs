@@ -139,10 +139,7 @@ impl Everything {
             .expect("node runs");
         let url = format!("http://127.0.0.1:{port}/mcp");
         for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
                 return Everything {
                     url,
                     _proc: Proc { child },
@@ -182,8 +179,7 @@ impl TestGateway {
             "[gateway]\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nshutdown_grace = \"10s\"\n{gateway_keys}\n{rest}",
             dir.path().display().to_string()
         );
-        let config =
-            Config::parse(&text, "test.toml", Vec::new()).unwrap_or_else(|e| panic!("config: {e}"));
+        let config = Config::parse(&text, "test.toml", Vec::new()).unwrap_or_else(|e| panic!("config: {e}"));
         let gateway = Gateway::start_with_key(config, Key::random())
             .await
             .expect("gateway starts");
@@ -266,12 +262,7 @@ pub async fn ts(url: &str, scenario: &str, extra: &[&str]) -> Value {
 }
 
 /// A raw JSON-RPC POST with the usual MCP headers.
-pub fn post(
-    client: &reqwest::Client,
-    url: &str,
-    body: &Value,
-    session: Option<&str>,
-) -> reqwest::RequestBuilder {
+pub fn post(client: &reqwest::Client, url: &str, body: &Value, session: Option<&str>) -> reqwest::RequestBuilder {
     let mut req = client
         .post(url)
         .header("content-type", "application/json")
@@ -294,20 +285,11 @@ pub fn init_body() -> Value {
 
 /// Initializes a session with raw HTTP and returns its id.
 pub async fn raw_session(client: &reqwest::Client, url: &str) -> String {
-    let resp = post(client, url, &init_body(), None)
-        .send()
-        .await
-        .expect("initialize");
+    let resp = post(client, url, &init_body(), None).send().await.expect("initialize");
     assert_eq!(resp.status(), 200, "initialize: {:?}", resp.text().await);
-    let id = resp.headers()["mcp-session-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
+    let id = resp.headers()["mcp-session-id"].to_str().expect("ascii").to_owned();
     let note = serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
-    let r = post(client, url, &note, Some(&id))
-        .send()
-        .await
-        .expect("initialized");
+    let r = post(client, url, &note, Some(&id)).send().await.expect("initialized");
     assert_eq!(r.status(), 202);
     id
 }

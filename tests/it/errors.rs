@@ -71,33 +71,16 @@ async fn requests_are_refused_with_the_right_status_and_code() {
         .await
         .expect("sent");
     let (status, body) = error_of(r).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_i64()),
-        (400, Some(-32700))
-    );
+    assert_eq!((status, body["error"]["code"].as_i64()), (400, Some(-32700)));
 
     // JSON but not JSON-RPC: 400, invalid request.
-    let r = post(&c, &url, &json!({"hello": 1}), None)
-        .send()
-        .await
-        .expect("sent");
+    let r = post(&c, &url, &json!({"hello": 1}), None).send().await.expect("sent");
     let (status, body) = error_of(r).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_i64()),
-        (400, Some(-32600))
-    );
+    assert_eq!((status, body["error"]["code"].as_i64()), (400, Some(-32600)));
 
     // Too large: 413.
-    let big =
-        json!({"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"pad": "x".repeat(70_000)}});
-    assert_eq!(
-        post(&c, &url, &big, None)
-            .send()
-            .await
-            .expect("sent")
-            .status(),
-        413
-    );
+    let big = json!({"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"pad": "x".repeat(70_000)}});
+    assert_eq!(post(&c, &url, &big, None).send().await.expect("sent").status(), 413);
 
     // Wrong media type: 415. A client that accepts neither JSON nor SSE: 406.
     let r = c
@@ -146,13 +129,7 @@ async fn requests_are_refused_with_the_right_status_and_code() {
         .await
         .expect("sent");
     assert_eq!(r.status(), 400);
-    let msgs = messages(
-        post(&c, &url, &ping, Some(&session))
-            .send()
-            .await
-            .expect("sent"),
-    )
-    .await;
+    let msgs = messages(post(&c, &url, &ping, Some(&session)).send().await.expect("sent")).await;
     assert_eq!(
         msgs.last().expect("answer")["result"],
         json!({}),
@@ -190,10 +167,7 @@ async fn an_unreachable_upstream_answers_a_json_rpc_error_naming_it() {
     assert_eq!(body["id"], 1);
     assert_eq!(body["error"]["code"], -32001);
     let msg = body["error"]["message"].as_str().expect("message");
-    assert!(
-        msg.starts_with("upstream server 'down' is unreachable: "),
-        "{msg}"
-    );
+    assert!(msg.starts_with("upstream server 'down' is unreachable: "), "{msg}");
     gw.stop().await;
 }
 
@@ -203,14 +177,9 @@ async fn a_crashed_stdio_upstream_fails_pending_calls_and_restarts() {
     let c = reqwest::Client::new();
     let url = gw.url("fxs");
     let session = raw_session(&c, &url).await;
-    let crash = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "crash", "arguments": {}}});
-    let msgs = messages(
-        post(&c, &url, &crash, Some(&session))
-            .send()
-            .await
-            .expect("sent"),
-    )
-    .await;
+    let crash =
+        json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "crash", "arguments": {}}});
+    let msgs = messages(post(&c, &url, &crash, Some(&session)).send().await.expect("sent")).await;
     let answer = msgs
         .iter()
         .find(|m| m["id"] == 7)
@@ -219,17 +188,8 @@ async fn a_crashed_stdio_upstream_fails_pending_calls_and_restarts() {
     assert!(msg.starts_with("upstream server 'fxs' exited"), "{msg}");
     // The next call restarts the process (after a short backoff) on the same client session.
     let echo = json!({"jsonrpc": "2.0", "id": 8, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "back"}}});
-    let msgs = messages(
-        post(&c, &url, &echo, Some(&session))
-            .send()
-            .await
-            .expect("sent"),
-    )
-    .await;
-    assert_eq!(
-        msgs.last().expect("answer")["result"]["content"][0]["text"],
-        "back"
-    );
+    let msgs = messages(post(&c, &url, &echo, Some(&session)).send().await.expect("sent")).await;
+    assert_eq!(msgs.last().expect("answer")["result"]["content"][0]["text"], "back");
     gw.stop().await;
 }
 
@@ -249,15 +209,9 @@ async fn graceful_shutdown_drains_in_flight_calls() {
     let base = gw.base.clone();
     gw.stop().await;
     for call in calls {
-        let resp = call
-            .await
-            .expect("joined")
-            .expect("the in-flight call completed");
+        let resp = call.await.expect("joined").expect("the in-flight call completed");
         let msgs = messages(resp).await;
-        assert!(
-            msgs.last().expect("answer")["result"].is_object(),
-            "{msgs:?}"
-        );
+        assert!(msgs.last().expect("answer")["result"].is_object(), "{msgs:?}");
     }
     assert!(
         reqwest::get(format!("{base}/healthz")).await.is_err(),
@@ -277,11 +231,7 @@ async fn health_readiness_and_metrics() {
             .status(),
         200
     );
-    let ready = c
-        .get(format!("{}/readyz", gw.base))
-        .send()
-        .await
-        .expect("sent");
+    let ready = c.get(format!("{}/readyz", gw.base)).send().await.expect("sent");
     assert_eq!(ready.status(), 503, "the 'down' server is unreachable");
     let report: Value = ready.json().await.expect("json");
     assert_eq!(report["store"], "ok");
@@ -302,8 +252,7 @@ async fn health_readiness_and_metrics() {
         .await
         .expect("text");
     assert!(
-        metrics
-            .contains(r#"portcullis_requests_total{server="fx",method="initialize",status="200"}"#),
+        metrics.contains(r#"portcullis_requests_total{server="fx",method="initialize",status="200"}"#),
         "{metrics}"
     );
     assert!(

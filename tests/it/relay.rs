@@ -28,11 +28,7 @@ async fn python_sdk_client_through_http_and_stdio_upstreams() {
             serde_json::json!([0.0, 50.0, 100.0])
         );
         let logs = py(&url, "logging", &[]).await;
-        assert_eq!(
-            logs["logs"].as_array().map(Vec::len),
-            Some(3),
-            "{server}: {logs}"
-        );
+        assert_eq!(logs["logs"].as_array().map(Vec::len), Some(3), "{server}: {logs}");
         assert_eq!(
             py(&url, "sampling", &[]).await["result"]["text"],
             "LLM response: sampled: hi"
@@ -75,10 +71,7 @@ async fn server_everything_over_http_and_stdio() {
     for server in ["ev", "evs"] {
         let r = py(&gw.url(server), "everything", &[]).await;
         assert_eq!(r["echo"], "Echo: hello", "{server}: {r}");
-        assert!(
-            r["tools"].as_array().is_some_and(|t| t.len() > 5),
-            "{server}: {r}"
-        );
+        assert!(r["tools"].as_array().is_some_and(|t| t.len() > 5), "{server}: {r}");
     }
     gw.stop().await;
 }
@@ -98,10 +91,7 @@ async fn unknown_fields_pass_through_both_ways() {
             "params": {"name": "echo", "arguments": {"text": "hi", "x-extra": [1, 2]},
                        "x-vendor-ext": {"keep": true}, "_meta": {"trace": "abc"}}
         });
-        let resp = post(&client, &url, &call, Some(&session))
-            .send()
-            .await
-            .expect("call");
+        let resp = post(&client, &url, &call, Some(&session)).send().await.expect("call");
         let msgs = messages(resp).await;
         let answer = msgs.iter().find(|m| m["id"] == "call-1").expect("answer");
         assert_eq!(
@@ -159,11 +149,7 @@ async fn typescript_sdk_client_through_every_upstream_transport() {
             ts(&url, scenario, &[]).await;
         }
         // The HTTP fixture records what reached it; the stdio child is another process.
-        let seen: &[&str] = if server == "fxs" {
-            &[]
-        } else {
-            &["--debug-url", &debug]
-        };
+        let seen: &[&str] = if server == "fxs" { &[] } else { &["--debug-url", &debug] };
         ts(&url, "passthrough", seen).await;
     }
     gw.stop().await;

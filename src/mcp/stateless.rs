@@ -1,0 +1,158 @@
+//! Clients of the stateless 2026-07-28 revision: no `initialize`, no session; every request
+//! carries its protocol version and the client's capabilities in `_meta`.
+//!
+//! Toward an upstream that keeps sessions, the gateway holds one upstream session per server
+//! for these clients (opened without sampling, elicitation or roots, since the gateway does
+//! not yet translate them into 2026-07-28 input requests). `server/discover` is answered from
+//! that session's `initialize` result. Results gain the fields the revision requires
+//! (`resultType`, and `cacheScope`/`ttlMs` on cacheable results).
+
+use futures::StreamExt;
+use http::HeaderMap;
+use serde_json::{Value, json};
+
+use crate::app::{AppState, Server};
+use crate::error::{Failure, GatewayError};
+use crate::mcp::version;
+use crate::transport::jsonrpc::{Kind, Message, result_response};
+use crate::upstream::http::PROTOCOL_HEADER;
+use crate::upstream::{MessageStream, Reply, UpstreamError, messages_of};
+
+/// `Mcp-Method`: the JSON-RPC method, mirrored in a header by 2026-07-28 clients.
+pub const METHOD_HEADER: &str = "mcp-method";
+
+/// Results the 2026-07-28 revision marks cacheable.
+const CACHEABLE: &[&str] = &[
+    "server/discover",
+    "tools/list",
+    "prompts/list",
+    "resources/list",
+    "resources/templates/list",
+];
+
+/// Whether a POST speaks the stateless revision: its protocol header says so and it carries
+/// no session.
+pub fn is_stateless(headers: &HeaderMap) -> bool {
+    headers
+        .get(PROTOCOL_HEADER)
+        .is_some_and(|v| v.as_bytes() == version::STATELESS.as_bytes())
+        && headers.get(crate::upstream::http::SESSION_HEADER).is_none()
+}
+
+/// Handles one stateless message. Returns the reply to send (as JSON or SSE) and, for a
+/// request, its id.
+pub async fn handle(app: &AppState, server: &Server, headers: &HeaderMap, message: Message) -> Result<Reply, Failure> {
+    let id = message.id.clone();
+    if let Some(m) = headers.get(METHOD_HEADER)
+        && m.as_bytes() != message.method().as_bytes()
+        && message.kind != Kind::Response
+    {
+        return Err(GatewayError::InvalidHeader("Mcp-Method does not match the body's method").with_id(id));
+    }
+    if message.kind == Kind::Request && message.method() == "server/discover" {
+        let (_, init) = server
+            .stateless_session(app)
+            .await
+            .map_err(|e| GatewayError::from(e).with_id(id.clone()))?;
+        let response = result_response(id.as_ref().unwrap_or(&Value::Null), discover_result(&init));
+        return Ok(Reply::Json(serde_json::to_vec(&response).unwrap_or_default().into()));
+    }
+    let method = message.method.clone().unwrap_or_default();
+    let reply = send_with_reopen(app, server, message)
+        .await
+        .map_err(|e| GatewayError::from(e).with_id(id.clone()))?;
+    if id.is_none() {
+        return Ok(Reply::Accepted);
+    }
+    let stream = messages_of(reply)
+        .filter_map(move |msg| {
+            let adapted = adapt(msg, &method);
+            async move { adapted }
+        })
+        .boxed();
+    Ok(Reply::Messages(stream as MessageStream))
+}
+
+/// Sends within the shared stateless session, reopening it once if the upstream forgot it.
+async fn send_with_reopen(app: &AppState, server: &Server, message: Message) -> Result<Reply, UpstreamError> {
+    let (session, _) = server.stateless_session(app).await?;
+    match server.upstream.send(&session, message.clone()).await {
+        Err(UpstreamError::SessionExpired) => {
+            server.forget_stateless_session().await;
+            let (session, _) = server.stateless_session(app).await?;
+            server.upstream.send(&session, message).await
+        }
+        other => other,
+    }
+}
+
+/// The `server/discover` result built from an upstream `initialize` result.
+pub fn discover_result(init: &Value) -> Value {
+    let mut result = json!({
+        "supportedVersions": version::SUPPORTED,
+        "capabilities": init.get("capabilities").cloned().unwrap_or_else(|| json!({})),
+        "resultType": "complete",
+        "cacheScope": "private",
+        "ttlMs": 0,
+    });
+    if let Some(i) = init.get("instructions") {
+        result["instructions"] = i.clone();
+    }
+    if let Some(info) = init.get("serverInfo") {
+        result["_meta"] = json!({ "io.modelcontextprotocol/serverInfo": info });
+    }
+    result
+}
+
+/// Adds what the revision requires to a result; drops server-to-client requests, which a
+/// stateless client cannot answer on this stream.
+fn adapt(mut msg: Value, method: &str) -> Option<Value> {
+    if msg.get("method").is_some() && msg.get("id").is_some() {
+        return None;
+    }
+    if let Some(result) = msg.get_mut("result").and_then(Value::as_object_mut) {
+        result.entry("resultType").or_insert_with(|| Value::from("complete"));
+        if CACHEABLE.contains(&method) {
+            result.entry("cacheScope").or_insert_with(|| Value::from("private"));
+            result.entry("ttlMs").or_insert_with(|| Value::from(0));
+        }
+    }
+    Some(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_gain_the_fields_the_revision_requires() {
+        let r = adapt(json!({"jsonrpc":"2.0","id":1,"result":{"tools":[]}}), "tools/list").expect("kept");
+        assert_eq!(
+            r["result"],
+            json!({"tools": [], "resultType": "complete", "cacheScope": "private", "ttlMs": 0})
+        );
+        let r = adapt(json!({"jsonrpc":"2.0","id":1,"result":{"content":[]}}), "tools/call").expect("kept");
+        assert_eq!(r["result"], json!({"content": [], "resultType": "complete"}));
+        assert!(
+            adapt(
+                json!({"jsonrpc":"2.0","id":9,"method":"sampling/createMessage"}),
+                "tools/call"
+            )
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn discover_is_built_from_initialize() {
+        let init =
+            json!({"protocolVersion":"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"x","version":"1"}});
+        let d = discover_result(&init);
+        assert_eq!(d["capabilities"], json!({"tools": {}}));
+        assert_eq!(d["_meta"]["io.modelcontextprotocol/serverInfo"]["name"], "x");
+        assert!(
+            d["supportedVersions"]
+                .as_array()
+                .is_some_and(|v| v.contains(&json!("2026-07-28")))
+        );
+    }
+}
