@@ -2,8 +2,8 @@
 // Fixture MCP server used as a real upstream by Portcullis' integration tests and by the
 // official conformance suite (server scenarios of @modelcontextprotocol/conformance).
 //
-//   node fixture-server.mjs --stdio
-//   node fixture-server.mjs --http PORT [--require-header NAME=VALUE]...
+//   node fixture-server.mjs --stdio [--protocol VERSION]
+//   node fixture-server.mjs --http PORT [--require-header NAME=VALUE]... [--protocol VERSION]
 //
 // HTTP mode binds 127.0.0.1 only, prints `listening http://127.0.0.1:<port>/mcp` once ready and
 // serves Streamable HTTP at /mcp (stateful sessions, resumable SSE streams), the legacy HTTP+SSE
@@ -11,6 +11,13 @@
 // as [{method, path, headers, body?}] (body = parsed JSON of a POST), DELETE forgets them.
 // Every request whose Host/Origin is not loopback gets 403; with --require-header, every request
 // lacking that exact header gets 401 (/debug/* excepted, so tests can always read the record).
+//
+// With --protocol VERSION (one the SDK supports, e.g. 2025-03-26) the server answers every
+// `initialize` with exactly `protocolVersion: VERSION`, whatever the client asked, so tests can
+// put an old-revision upstream behind the gateway: the request's params.protocolVersion is
+// rewritten before the SDK sees it (HTTP: the parsed body, after /debug/requests recorded the
+// original; stdio: the transport's onmessage), so the SDK's transports also behave as for that
+// revision (e.g. no SSE priming events below 2025-11-25).
 //
 // The low-level `Server` is used on purpose: tools must be listed with their JSON Schemas exactly
 // as written (json-schema-2020-12) and arguments must reach handlers untouched (echo).
@@ -35,6 +42,7 @@ import {
   LoggingLevelSchema,
   McpError,
   ReadResourceRequestSchema,
+  SUPPORTED_PROTOCOL_VERSIONS,
   SetLevelRequestSchema,
   SubscribeRequestSchema,
   UnsubscribeRequestSchema,
@@ -42,6 +50,18 @@ import {
 } from '@modelcontextprotocol/sdk/types.js';
 
 const log = (...args) => console.error('[fixture]', ...args); // stdout is the stdio transport
+
+// --protocol VERSION: the revision every initialize is answered with (undefined: the SDK's choice).
+let pinnedProtocol;
+
+// Returns `message` (a JSON-RPC message or a batch array) with every initialize request's
+// params.protocolVersion replaced by the pinned revision; the SDK then answers with exactly it.
+function pinProtocol(message) {
+  if (pinnedProtocol === undefined) return message;
+  if (Array.isArray(message)) return message.map(pinProtocol);
+  if (!isInitializeRequest(message)) return message;
+  return { ...message, params: { ...message.params, protocolVersion: pinnedProtocol } };
+}
 
 // ---------------------------------------------------------------------------------------------
 // Static content
@@ -607,6 +627,7 @@ function startHttp(port, requiredHeaders) {
       }
     }
     recorded.push({ method: req.method, path: req.url, headers: req.headers, ...(body !== undefined ? { body } : {}) });
+    if (body !== undefined) body = pinProtocol(body); // the record keeps what the client sent
 
     for (const [name, value] of requiredHeaders) {
       if (req.headers[name] !== value) {
@@ -677,7 +698,7 @@ function startHttp(port, requiredHeaders) {
 
 function usage(message) {
   if (message) log(message);
-  log('usage: fixture-server.mjs --stdio | --http PORT [--require-header NAME=VALUE]...');
+  log('usage: fixture-server.mjs (--stdio | --http PORT [--require-header NAME=VALUE]...) [--protocol VERSION]');
   process.exit(2);
 }
 
@@ -697,6 +718,11 @@ for (let i = 0; i < argv.length; i++) {
     const eq = spec.indexOf('=');
     if (eq <= 0) usage(`bad --require-header: ${spec}`);
     requiredHeaders.push([spec.slice(0, eq).toLowerCase(), spec.slice(eq + 1)]);
+  } else if (arg === '--protocol') {
+    pinnedProtocol = argv[++i] ?? '';
+    if (!SUPPORTED_PROTOCOL_VERSIONS.includes(pinnedProtocol)) {
+      usage(`bad --protocol: ${pinnedProtocol} (supported: ${SUPPORTED_PROTOCOL_VERSIONS.join(', ')})`);
+    }
   } else usage(`unknown argument: ${arg}`);
 }
 
@@ -704,7 +730,11 @@ if (mode === 'stdio') {
   if (requiredHeaders.length) usage('--require-header only applies to --http');
   const { server } = createSession();
   server.onclose = () => process.exit(0);
-  await server.connect(new StdioServerTransport());
+  const transport = new StdioServerTransport();
+  await server.connect(transport);
+  // connect() installed the SDK's handler; put --protocol's rewrite in front of it.
+  const deliver = transport.onmessage;
+  transport.onmessage = (message, extra) => deliver(pinProtocol(message), extra);
   log('serving on stdio');
 } else if (mode === 'http') {
   startHttp(port, requiredHeaders);
