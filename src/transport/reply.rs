@@ -14,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 use crate::transport::jsonrpc::{code, error_response};
 use crate::upstream::{MessageStream, Reply};
 
+/// How long a multiplexed answer may take and still go back as plain JSON.
+const JSON_WINDOW: Duration = Duration::from_millis(200);
+
 /// How often an idle GET stream sends a comment to keep proxies from closing it.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
@@ -26,15 +29,22 @@ pub async fn post_response(reply: Reply, request_id: Option<Value>, timeout: Dur
         Reply::Status(s) => s.into_response(),
         Reply::Json(bytes) => json_bytes(bytes.into()),
         // In-flight answers are drained on shutdown, not cut: they are bounded by the timeout.
-        Reply::Sse(resp) => relay_sse(resp, None),
+        Reply::Sse(resp) => match request_id {
+            Some(id) => relay_sse_within(resp, id, timeout, server.to_owned()),
+            None => relay_sse(resp, None),
+        },
         Reply::Messages(stream) => {
             let Some(id) = request_id else {
                 return StatusCode::ACCEPTED.into_response();
             };
             let stream = with_deadline(stream, id, timeout, server.to_owned());
             let mut stream = Box::pin(stream);
-            let Some(first) = stream.next().await else {
-                return StatusCode::ACCEPTED.into_response();
+            // A quick answer goes back as plain JSON; a slow one starts an SSE stream at once,
+            // so the client sees headers (and can tell the call is alive) without waiting.
+            let first = match tokio::time::timeout(JSON_WINDOW, stream.next()).await {
+                Ok(None) => return StatusCode::ACCEPTED.into_response(),
+                Ok(Some(first)) => first,
+                Err(_) => return sse_of(stream, None, true),
             };
             if first.get("result").is_some() || first.get("error").is_some() {
                 return json_bytes(Body::from(serde_json::to_vec(&first).unwrap_or_default()));
@@ -68,6 +78,46 @@ fn relay_sse(resp: reqwest::Response, shutdown: Option<CancellationToken>) -> Re
         None => Body::from_stream(resp.bytes_stream()),
     };
     let mut out = Response::new(body);
+    let h = out.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    out
+}
+
+/// Relays the SSE answer to one request; if the upstream breaks off the stream or the answer
+/// does not complete within `timeout`, the stream ends with a JSON-RPC error naming the server.
+/// (An upstream that closes the stream on purpose, expecting the client to resume with GET,
+/// ends it normally.)
+fn relay_sse_within(resp: reqwest::Response, id: Value, timeout: Duration, server: String) -> Response {
+    let body = resp.bytes_stream();
+    let deadline = Box::pin(tokio::time::sleep(timeout));
+    let stream = futures::stream::unfold(
+        (Box::pin(body), deadline, false),
+        move |(mut body, mut deadline, done)| {
+            let (id, server) = (id.clone(), server.clone());
+            async move {
+                if done {
+                    return None;
+                }
+                let text = tokio::select! {
+                    chunk = body.next() => match chunk {
+                        Some(Ok(bytes)) => return Some((Ok::<_, std::io::Error>(bytes), (body, deadline, false))),
+                        None => return None,
+                        Some(Err(_)) => (code::UPSTREAM_ERROR, format!("upstream server '{server}' broke off its answer")),
+                    },
+                    _ = &mut deadline => (
+                        code::UPSTREAM_TIMEOUT,
+                        format!("upstream server '{server}' did not answer within {}", crate::upstream::human(timeout)),
+                    ),
+                };
+                let err = error_response(Some(&id), text.0, &text.1);
+                // The blank line first ends any event the upstream left half-written.
+                let event = format!("\n\nevent: message\ndata: {err}\n\n");
+                Some((Ok(bytes::Bytes::from(event)), (body, deadline, true)))
+            }
+        },
+    );
+    let mut out = Response::new(Body::from_stream(stream));
     let h = out.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -115,7 +165,7 @@ fn with_deadline(
                 tokio::select! {
                     msg = stream.next() => msg.map(|m| (m, (stream, deadline, id, false))),
                     _ = &mut deadline => {
-                        let text = format!("upstream server '{server}' did not answer within {}s", timeout.as_secs());
+                        let text = format!("upstream server '{server}' did not answer within {}", crate::upstream::human(timeout));
                         let err = error_response(id.as_ref(), code::UPSTREAM_TIMEOUT, &text);
                         Some((err, (stream, deadline, None, true)))
                     }

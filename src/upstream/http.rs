@@ -59,7 +59,7 @@ impl HttpUpstream {
         if e.is_timeout() {
             return UpstreamError::Timeout {
                 server: self.name.to_string(),
-                secs: self.timeout.as_secs(),
+                after: self.timeout,
             };
         }
         // reqwest's Display names the URL; keep only the innermost cause.
@@ -201,15 +201,25 @@ impl HttpUpstream {
         if session.upstream_protocol == version::STATELESS {
             return self.send_stateless(session, message).await;
         }
-        let mut req = self
+        let req = self
             .request(reqwest::Method::POST, Some(session))
             .header(header::CONTENT_TYPE, "application/json")
             .body(message.raw);
-        if message.kind == Kind::Request {
-            req = req.timeout(self.timeout);
+        // The deadline covers the headers and a JSON body; an SSE body is timed by the relay.
+        let exchange = async {
+            let resp = req.send().await.map_err(|e| self.unreachable(&e))?;
+            self.relay(resp, session).await
+        };
+        if message.kind != Kind::Request {
+            return exchange.await;
         }
-        let resp = req.send().await.map_err(|e| self.unreachable(&e))?;
-        self.relay(resp, session).await
+        let timeout = UpstreamError::Timeout {
+            server: self.name.to_string(),
+            after: self.timeout,
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| timeout)?
     }
 
     async fn relay(&self, resp: reqwest::Response, session: &SessionState) -> Result<Reply, UpstreamError> {
@@ -389,10 +399,10 @@ impl HttpUpstream {
             "resources/read" => Some("/params/uri"),
             _ => None,
         };
-        if let Some(name) = name_key.and_then(|k| value.pointer(k)).and_then(Value::as_str) {
-            if let Ok(h) = HeaderValue::from_str(name) {
-                req = req.header(NAME_HEADER, h);
-            }
+        if let Some(name) = name_key.and_then(|k| value.pointer(k)).and_then(Value::as_str)
+            && let Ok(h) = HeaderValue::from_str(name)
+        {
+            req = req.header(NAME_HEADER, h);
         }
         let resp = req.json(&value).send().await.map_err(|e| self.unreachable(&e))?;
         let reply = self.relay(resp, session).await?;

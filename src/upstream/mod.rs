@@ -68,12 +68,12 @@ pub enum UpstreamError {
         cause: String,
     },
     /// No answer in time.
-    #[error("upstream server '{server}' did not answer within {secs}s")]
+    #[error("upstream server '{server}' did not answer within {}", human(*.after))]
     Timeout {
         /// Server name.
         server: String,
         /// The timeout.
-        secs: u64,
+        after: std::time::Duration,
     },
     /// An HTTP error status.
     #[error("upstream server '{server}' answered HTTP {status}{detail}")]
@@ -260,5 +260,16 @@ pub fn messages_of(reply: Reply) -> MessageStream {
             .filter_map(|event| async move { serde_json::from_str(event.ok()?.data.as_deref()?).ok() })
             .boxed(),
         Reply::Messages(stream) => stream,
+    }
+}
+
+/// `1500ms` as `"1.5s"`, `500ms` as `"500ms"`, for messages.
+pub fn human(d: std::time::Duration) -> String {
+    if d.as_millis() < 1000 {
+        format!("{}ms", d.as_millis())
+    } else if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
     }
 }

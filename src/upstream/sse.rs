@@ -125,7 +125,7 @@ impl SseUpstream {
             .await
             .map_err(|_| UpstreamError::Timeout {
                 server: self.name.to_string(),
-                secs: self.timeout.as_secs(),
+                after: self.timeout,
             })??;
         let opened = super::opened_from_response(&self.name, response, None)?;
         mux.forward(

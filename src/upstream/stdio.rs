@@ -118,7 +118,7 @@ impl StdioUpstream {
         slot.last_start = Some(Instant::now());
         let running = match tokio::time::timeout(self.timeout, self.start()).await {
             Ok(r) => r,
-            Err(_) => Err(self.process_error(format!("did not initialize within {}s", self.timeout.as_secs()))),
+            Err(_) => Err(self.process_error(format!("did not initialize within {}", super::human(self.timeout)))),
         };
         let running = running.inspect_err(|_| slot.failures += 1)?;
         let out = (running.mux.clone(), running.init.clone());

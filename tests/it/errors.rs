@@ -261,3 +261,63 @@ async fn health_readiness_and_metrics() {
     );
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_upstream_times_out_with_an_error_naming_it() {
+    let fixture = Fixture::start(&[]).await;
+    let gw = TestGateway::start(&format!(
+        "[[servers]]\nname = \"fx\"\nurl = \"{}\"\npublic = true\nrequest_timeout = \"500ms\"\n\n[[servers]]\nname = \"fxs\"\n{}public = true\nrequest_timeout = \"500ms\"\n",
+        fixture.url,
+        fixture_stdio_toml()
+    ))
+    .await;
+    let c = reqwest::Client::new();
+    for server in ["fx", "fxs"] {
+        // Also checks that the endpoint answers with a trailing slash.
+        let url = format!("{}/", gw.url(server));
+        let session = raw_session(&c, &url).await;
+        let slow = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "slow", "arguments": {"ms": 3000}}});
+        let msgs = messages(post(&c, &url, &slow, Some(&session)).send().await.expect("sent")).await;
+        let last = msgs.last().expect("an answer");
+        assert_eq!(last["id"], 9, "{server}: {msgs:?}");
+        let code = last["error"]["code"].as_i64();
+        assert_eq!(code, Some(-32002), "{server}: {last}");
+        assert!(
+            last["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.ends_with("within 500ms")),
+            "{last}"
+        );
+        assert!(
+            last["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&format!("'{server}'"))),
+            "{last}"
+        );
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_config_reports_every_problem_and_honours_the_environment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("p.toml");
+    std::fs::write(&file, "[gateway]\nlisten = \"nowhere\"\n\n[[servers]]\nname = \"a\"\n").expect("written");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["check-config"])
+        .arg(&file)
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("p.toml:1: gateway.listen"), "{err}");
+    assert!(err.contains("p.toml:4: server \"a\": set `url`"), "{err}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("check-config")
+        .env("PORTCULLIS_CONFIG", &file)
+        .env("PORTCULLIS_GATEWAY__LISTEN", "127.0.0.1:9")
+        .env("PORTCULLIS_SERVERS__A__COMMAND", "cat")
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
