@@ -131,11 +131,10 @@ impl HttpUpstream {
         }
     }
 
-    async fn initialize(&self, hello: &ClientHello) -> Result<Opened, UpstreamError> {
-        let body = initialize_request(Value::from(0), hello);
-        let resp = self
-            .request(reqwest::Method::POST, None)
-            .json(&body)
+    /// Sends a lifecycle request of the gateway's own; any non-success status is an error.
+    async fn lifecycle(&self, req: reqwest::RequestBuilder, body: &Value) -> Result<reqwest::Response, UpstreamError> {
+        let resp = req
+            .json(body)
             .timeout(self.timeout)
             .send()
             .await
@@ -143,6 +142,12 @@ impl HttpUpstream {
         if !resp.status().is_success() {
             return Err(self.status_error(resp).await);
         }
+        Ok(resp)
+    }
+
+    async fn initialize(&self, hello: &ClientHello) -> Result<Opened, UpstreamError> {
+        let body = initialize_request(Value::from(0), hello);
+        let resp = self.lifecycle(self.request(reqwest::Method::POST, None), &body).await?;
         let session = resp
             .headers()
             .get(SESSION_HEADER)
@@ -314,16 +319,7 @@ impl HttpUpstream {
         let meta = request_meta(&hello.capabilities, &hello.client_info);
         let body =
             serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "server/discover", "params": {"_meta": meta}});
-        let resp = self
-            .stateless_request("server/discover")
-            .json(&body)
-            .timeout(self.timeout)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(&e))?;
-        if !resp.status().is_success() {
-            return Err(self.status_error(resp).await);
-        }
+        let resp = self.lifecycle(self.stateless_request("server/discover"), &body).await?;
         let response = self.single_response(resp, &Value::from(0)).await?;
         let result = response.get("result").cloned().unwrap_or(Value::Null);
         let speaks = result
