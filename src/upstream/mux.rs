@@ -41,7 +41,7 @@ struct State {
 pub struct Mux {
     server: Arc<str>,
     out: mpsc::UnboundedSender<Bytes>,
-    state: std::sync::Mutex<State>,
+    state: Arc<std::sync::Mutex<State>>,
     next_id: AtomicU64,
 }
 
@@ -51,14 +51,13 @@ impl Mux {
         Mux {
             server,
             out,
-            state: std::sync::Mutex::new(State::default()),
+            state: Arc::default(),
             next_id: AtomicU64::new(1),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding this lock leaves consistent maps; keep serving.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     fn closed_error(&self, why: &str) -> UpstreamError {
@@ -103,7 +102,13 @@ impl Mux {
             );
         }
         self.write(&value)?;
-        Ok(Box::pin(tokio_stream_from(rx)))
+        let cancel = CancelOnDrop {
+            state: self.state.clone(),
+            out: self.out.clone(),
+            gid,
+            answered: false,
+        };
+        Ok(Box::pin(Answer { rx, cancel }))
     }
 
     /// Sends a request of the gateway's own and waits for its response.
@@ -244,6 +249,64 @@ impl Mux {
     }
 }
 
+fn lock(state: &std::sync::Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    // A panic while holding this lock leaves consistent maps; keep serving.
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The messages for one pending request. Dropped before its response (the client went away),
+/// it tells the upstream with `notifications/cancelled` and forgets the request.
+struct Answer {
+    rx: mpsc::UnboundedReceiver<Value>,
+    cancel: CancelOnDrop,
+}
+
+impl futures::Stream for Answer {
+    type Item = Value;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Value>> {
+        let polled = self.rx.poll_recv(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(m)) if m.get("result").is_some() || m.get("error").is_some() => {
+                self.cancel.answered = true;
+            }
+            std::task::Poll::Ready(None) => self.cancel.answered = true,
+            _ => {}
+        }
+        polled
+    }
+}
+
+struct CancelOnDrop {
+    state: Arc<std::sync::Mutex<State>>,
+    out: mpsc::UnboundedSender<Bytes>,
+    gid: u64,
+    answered: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let mut st = lock(&self.state);
+        let Some(p) = st.pending.remove(&self.gid) else { return };
+        if let Some(t) = &p.progress {
+            st.progress.remove(t);
+        }
+        drop(st);
+        let note = serde_json::json!({
+            "jsonrpc": "2.0",
+            "method": "notifications/cancelled",
+            "params": {"requestId": self.gid, "reason": "the client went away"},
+        });
+        let _ = self.out.send(Bytes::from(note.to_string()));
+    }
+}
+
 fn tokio_stream_from(mut rx: mpsc::UnboundedReceiver<Value>) -> impl futures::Stream<Item = Value> + Send {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
@@ -325,5 +388,27 @@ mod tests {
         );
         mux.route(json!({"jsonrpc":"2.0","id":"srv","method":"ping"}));
         assert_eq!(sent(&mut out), json!({"jsonrpc":"2.0","id":"srv","result":{}}));
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_client_went_away_is_cancelled_upstream() {
+        let (mux, mut out) = mux();
+        let s = mux
+            .request("a", json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+            .expect("sent");
+        let gid = sent(&mut out)["id"].clone();
+        drop(s);
+        let note = sent(&mut out);
+        assert_eq!(note["method"], "notifications/cancelled");
+        assert_eq!(note["params"]["requestId"], gid);
+        // An answered request is not cancelled.
+        let mut s = mux
+            .request("a", json!({"jsonrpc":"2.0","id":2,"method":"tools/call"}))
+            .expect("sent");
+        let gid = sent(&mut out)["id"].clone();
+        mux.route(json!({"jsonrpc":"2.0","id":gid,"result":{}}));
+        assert!(s.next().await.is_some());
+        drop(s);
+        assert!(out.try_recv().is_err(), "nothing more was written");
     }
 }
