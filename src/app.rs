@@ -142,11 +142,13 @@ impl AppState {
         } else {
             "unknown".to_owned()
         };
+        let elapsed = started.elapsed();
+        tracing::debug!(server = %server, method, status = status.as_u16(), micros = elapsed.as_micros() as u64, "mcp request");
         let status = status.as_str().to_owned();
         metrics::counter!("portcullis_requests_total", "server" => server.clone(), "method" => method, "status" => status)
             .increment(1);
         metrics::histogram!("portcullis_request_duration_seconds", "server" => server, "method" => method)
-            .record(started.elapsed().as_secs_f64());
+            .record(elapsed.as_secs_f64());
     }
 }
 

@@ -54,6 +54,7 @@ pub async fn initialize(app: &AppState, server: &Server, message: &Message) -> R
         hello: hello_kept,
     };
     let sealed = app.sealer().seal(&state, &server.config.name);
+    metrics::counter!("portcullis_sessions_opened_total", "server" => server.config.name.clone()).increment(1);
     let mut result = opened.result;
     result["protocolVersion"] = Value::from(protocol);
     let response = result_response(message.id.as_ref().unwrap_or(&Value::Null), result);

@@ -149,6 +149,7 @@ impl StdioUpstream {
             .spawn()
             .map_err(|e| self.process_error(format!("could not start `{}`: {e}", self.command)))?;
         tracing::info!(server = %self.name, pid = child.id(), "started stdio upstream");
+        metrics::counter!("portcullis_stdio_starts_total", "server" => self.name.to_string()).increment(1);
         let (stdin, stdout, stderr) = match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
             (Some(i), Some(o), Some(e)) => (i, o, e),
             _ => return Err(self.process_error("has no stdio pipes")),
@@ -326,5 +327,6 @@ async fn read_stdout(server: Arc<str>, stdout: tokio::process::ChildStdout, mux:
         _ => "closed its stdout".to_owned(),
     };
     tracing::warn!(server = %server, "stdio upstream {why}");
+    metrics::counter!("portcullis_stdio_exits_total", "server" => server.to_string()).increment(1);
     mux.close(&why);
 }
