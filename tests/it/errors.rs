@@ -259,6 +259,14 @@ async fn health_readiness_and_metrics() {
         metrics.contains("portcullis_request_duration_seconds_bucket"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains(r#"portcullis_sessions_opened_total{server="fx"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"portcullis_stdio_starts_total{server="fxs"} 1"#),
+        "{metrics}"
+    );
     gw.stop().await;
 }
 
