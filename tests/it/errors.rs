@@ -206,8 +206,10 @@ async fn graceful_shutdown_drains_in_flight_calls() {
     }
     // Both calls are in flight when shutdown begins.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(stdio_children(), 1, "the stdio upstream runs");
     let base = gw.base.clone();
     gw.stop().await;
+    assert_eq!(stdio_children(), 0, "shutdown stopped the stdio upstream");
     for call in calls {
         let resp = call.await.expect("joined").expect("the in-flight call completed");
         let msgs = messages(resp).await;
@@ -328,4 +330,24 @@ async fn check_config_reports_every_problem_and_honours_the_environment() {
         .output()
         .expect("runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Live child processes of this test process that run the stdio fixture.
+fn stdio_children() -> usize {
+    let me = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            let dir = e.path();
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+            // Fields after the command name: state, ppid, ...
+            let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+            let ppid = after.split_whitespace().nth(1).unwrap_or("");
+            let cmdline = std::fs::read_to_string(dir.join("cmdline")).unwrap_or_default();
+            ppid == me && cmdline.contains("fixture-server.mjs") && cmdline.contains("--stdio")
+        })
+        .count()
 }

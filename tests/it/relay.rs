@@ -91,7 +91,12 @@ async fn unknown_fields_pass_through_both_ways() {
             "params": {"name": "echo", "arguments": {"text": "hi", "x-extra": [1, 2]},
                        "x-vendor-ext": {"keep": true}, "_meta": {"trace": "abc"}}
         });
-        let resp = post(&client, &url, &call, Some(&session)).send().await.expect("call");
+        // The client's own credentials never travel upstream.
+        let resp = post(&client, &url, &call, Some(&session))
+            .header("authorization", "Bearer client-secret-token")
+            .send()
+            .await
+            .expect("call");
         let msgs = messages(resp).await;
         let answer = msgs.iter().find(|m| m["id"] == "call-1").expect("answer");
         assert_eq!(
@@ -103,6 +108,14 @@ async fn unknown_fields_pass_through_both_ways() {
             answer["result"]["_meta"]["requestMeta"]["trace"], "abc",
             "{server}: {answer}"
         );
+        // A method the gateway does not know is relayed, and the upstream answers it.
+        let custom = serde_json::json!({"jsonrpc": "2.0", "id": 77, "method": "x-vendor/hello", "params": {"a": 1}});
+        let msgs = messages(post(&client, &url, &custom, Some(&session)).send().await.expect("sent")).await;
+        let answer = msgs.iter().find(|m| m["id"] == 77).expect("answer");
+        assert_eq!(
+            answer["error"]["code"], -32601,
+            "the upstream's own method-not-found: {answer}"
+        );
     }
     let seen = fixture.requests().await;
     let call = seen
@@ -113,6 +126,18 @@ async fn unknown_fields_pass_through_both_ways() {
         call["body"]["params"]["x-vendor-ext"],
         serde_json::json!({"keep": true})
     );
+    let custom = seen
+        .iter()
+        .find(|r| r["body"]["method"] == "x-vendor/hello")
+        .expect("relayed upstream");
+    assert_eq!(custom["body"]["params"], serde_json::json!({"a": 1}));
+    for r in &seen {
+        let auth = r["headers"]["authorization"].as_str().unwrap_or("");
+        assert!(
+            !auth.contains("client-secret-token"),
+            "the client's token reached the upstream: {r}"
+        );
+    }
     gw.stop().await;
 }
 
