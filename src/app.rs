@@ -68,6 +68,7 @@ impl Server {
             created: app.clock().unix_secs(),
             hello: stateless_upstream
                 .then(|| serde_json::json!({"capabilities": hello.capabilities, "clientInfo": hello.client_info})),
+            features: 0,
         };
         *slot = Some((state, opened.result));
         Ok(slot.as_ref().map(Clone::clone).expect("just set"))

@@ -52,6 +52,7 @@ pub async fn initialize(app: &AppState, server: &Server, message: &Message) -> R
         upstream_session: opened.upstream_session,
         created: app.clock().unix_secs(),
         hello: hello_kept,
+        features: crate::upstream::mux::features::from_capabilities(&hello.capabilities),
     };
     let sealed = app.sealer().seal(&state, &server.config.name);
     metrics::counter!("portcullis_sessions_opened_total", "server" => server.config.name.clone()).increment(1);

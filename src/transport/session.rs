@@ -35,6 +35,10 @@ pub struct SessionState {
     /// (2026-07-28), which needs them in every request's `_meta`.
     #[serde(rename = "h", default, skip_serializing_if = "Option::is_none")]
     pub hello: Option<serde_json::Value>,
+    /// The client's sampling/elicitation/roots capabilities as bits
+    /// (`upstream::mux::features`), for routing the upstream's own requests.
+    #[serde(rename = "f", default)]
+    pub features: u8,
 }
 
 /// Seals and opens session ids with one key.
@@ -127,6 +131,7 @@ mod tests {
             upstream_session: Some("abc".into()),
             created: 1,
             hello: None,
+            features: 0,
         }
     }
 

@@ -21,8 +21,39 @@ use crate::transport::jsonrpc::{Kind, Message, code, error_response};
 
 type Tx = mpsc::UnboundedSender<Value>;
 
+/// Client capabilities that decide where the upstream's own requests may go.
+pub mod features {
+    use serde_json::Value;
+
+    /// The client declared `sampling`.
+    pub const SAMPLING: u8 = 1;
+    /// The client declared `elicitation`.
+    pub const ELICITATION: u8 = 2;
+    /// The client declared `roots`.
+    pub const ROOTS: u8 = 4;
+
+    /// The bits for a client's `capabilities` object.
+    pub fn from_capabilities(caps: &Value) -> u8 {
+        [("sampling", SAMPLING), ("elicitation", ELICITATION), ("roots", ROOTS)]
+            .iter()
+            .filter(|(k, _)| caps.get(k).is_some_and(|v| !v.is_null()))
+            .fold(0, |acc, (_, bit)| acc | bit)
+    }
+
+    /// The bit a client needs to answer an upstream request with `method` (0: any client).
+    pub fn needed_for(method: &str) -> u8 {
+        match method {
+            "sampling/createMessage" => SAMPLING,
+            "elicitation/create" => ELICITATION,
+            "roots/list" => ROOTS,
+            _ => 0,
+        }
+    }
+}
+
 struct Pending {
     session: String,
+    features: u8,
     client_id: Value,
     tx: Tx,
     progress: Option<String>,
@@ -33,7 +64,7 @@ struct State {
     pending: HashMap<u64, Pending>,
     /// gateway progress token → (pending request id, client's token).
     progress: HashMap<String, (u64, Value)>,
-    listeners: HashMap<String, Tx>,
+    listeners: HashMap<String, (Tx, u8)>,
     closed: Option<String>,
 }
 
@@ -73,7 +104,9 @@ impl Mux {
     }
 
     /// Sends a request and returns the stream of messages for it, its response last.
-    pub fn request(&self, session: &str, value: Value) -> Result<MessageStream, UpstreamError> {
+    /// `features` are the session's client capabilities (see [`features`]), used to route the
+    /// upstream's own requests to a client that can answer them.
+    pub fn request(&self, session: &str, features: u8, value: Value) -> Result<MessageStream, UpstreamError> {
         let mut value = value;
         let gid = self.next_id.fetch_add(1, Ordering::Relaxed);
         let client_id = std::mem::replace(&mut value["id"], Value::from(gid));
@@ -95,6 +128,7 @@ impl Mux {
                 gid,
                 Pending {
                     session: session.to_owned(),
+                    features,
                     client_id,
                     tx,
                     progress,
@@ -114,7 +148,7 @@ impl Mux {
     /// Sends a request of the gateway's own and waits for its response.
     pub async fn call(&self, value: Value) -> Result<Value, UpstreamError> {
         use futures::StreamExt;
-        let mut stream = self.request("", value)?;
+        let mut stream = self.request("", 0, value)?;
         while let Some(msg) = stream.next().await {
             if msg.get("result").is_some() || msg.get("error").is_some() {
                 return Ok(msg);
@@ -152,13 +186,13 @@ impl Mux {
     }
 
     /// Registers a session's GET stream; it ends when the pipe closes.
-    pub fn listen(&self, session: &str) -> Result<MessageStream, UpstreamError> {
+    pub fn listen(&self, session: &str, features: u8) -> Result<MessageStream, UpstreamError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut st = self.lock();
         if let Some(why) = &st.closed {
             return Err(self.closed_error(why));
         }
-        st.listeners.insert(session.to_owned(), tx);
+        st.listeners.insert(session.to_owned(), (tx, features));
         Ok(Box::pin(tokio_stream_from(rx)))
     }
 
@@ -212,27 +246,29 @@ impl Mux {
         let targeted =
             msg.get("id").is_some() || method == "notifications/message" || method == "notifications/cancelled";
         if targeted {
+            let needed = features::needed_for(&method);
             let latest = st
                 .pending
                 .iter()
-                .filter(|(_, p)| !p.session.is_empty())
+                .filter(|(_, p)| !p.session.is_empty() && p.features & needed == needed)
                 .max_by_key(|(gid, _)| **gid);
             if let Some((_, p)) = latest {
                 let _ = p.tx.send(msg);
                 return;
             }
-            if let Some(tx) = st.listeners.values().next() {
+            if let Some((tx, _)) = st.listeners.values().find(|(_, f)| f & needed == needed) {
                 let _ = tx.send(msg);
                 return;
             }
             if let Some(id) = msg.get("id").cloned() {
                 drop(st);
-                let err = error_response(Some(&id), code::INTERNAL_ERROR, "no client is connected to answer");
+                let text = format!("no connected client can answer {method}");
+                let err = error_response(Some(&id), code::INTERNAL_ERROR, &text);
                 let _ = self.write(&err);
             }
             return;
         }
-        st.listeners.retain(|_, tx| tx.send(msg.clone()).is_ok());
+        st.listeners.retain(|_, (tx, _)| tx.send(msg.clone()).is_ok());
     }
 
     /// Ends the pipe: every pending request gets a JSON-RPC error naming the server and why.
@@ -330,8 +366,8 @@ mod tests {
     async fn ids_and_progress_tokens_are_rewritten_and_restored() {
         let (mux, mut out) = mux();
         let a = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"_meta":{"progressToken":1}}});
-        let mut sa = mux.request("a", a.clone()).expect("sent");
-        let mut sb = mux.request("b", a).expect("sent");
+        let mut sa = mux.request("a", 7, a.clone()).expect("sent");
+        let mut sb = mux.request("b", 7, a).expect("sent");
         let (wa, wb) = (sent(&mut out), sent(&mut out));
         assert_ne!(wa["id"], wb["id"], "same client id, different upstream ids");
         let tok_b = wb["params"]["_meta"]["progressToken"].clone();
@@ -350,7 +386,7 @@ mod tests {
     async fn a_closed_pipe_fails_pending_requests_with_a_clear_error() {
         let (mux, _out) = mux();
         let mut s = mux
-            .request("a", json!({"jsonrpc":"2.0","id":"x","method":"tools/call"}))
+            .request("a", 7, json!({"jsonrpc":"2.0","id":"x","method":"tools/call"}))
             .expect("sent");
         mux.close("exited (exit status: 1)");
         let err = s.next().await.expect("error response");
@@ -361,7 +397,7 @@ mod tests {
         );
         assert!(s.next().await.is_none());
         assert!(
-            mux.request("a", json!({"jsonrpc":"2.0","id":1,"method":"ping"}))
+            mux.request("a", 7, json!({"jsonrpc":"2.0","id":1,"method":"ping"}))
                 .is_err()
         );
     }
@@ -369,11 +405,11 @@ mod tests {
     #[tokio::test]
     async fn server_requests_go_to_the_latest_pending_call_or_a_listener() {
         let (mux, mut out) = mux();
-        let mut listen = mux.listen("a").expect("listening");
+        let mut listen = mux.listen("a", 7).expect("listening");
         mux.route(json!({"jsonrpc":"2.0","id":9,"method":"roots/list"}));
         assert_eq!(listen.next().await.expect("to listener")["method"], "roots/list");
         let mut call = mux
-            .request("b", json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+            .request("b", 7, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
             .expect("sent");
         let _ = sent(&mut out);
         mux.route(json!({"jsonrpc":"2.0","id":10,"method":"sampling/createMessage"}));
@@ -391,10 +427,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn server_requests_go_only_to_clients_that_declared_the_capability() {
+        let (mux, mut out) = mux();
+        let mut able = mux
+            .request(
+                "able",
+                features::SAMPLING,
+                json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}),
+            )
+            .expect("sent");
+        let _ = sent(&mut out);
+        let _unable = mux
+            .request("unable", 0, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+            .expect("sent");
+        let _ = sent(&mut out);
+        mux.route(json!({"jsonrpc":"2.0","id":10,"method":"sampling/createMessage"}));
+        assert_eq!(able.next().await.expect("to the able client")["id"], 10);
+        mux.route(json!({"jsonrpc":"2.0","id":11,"method":"elicitation/create"}));
+        let refusal = sent(&mut out);
+        assert_eq!(refusal["id"], 11);
+        assert_eq!(
+            refusal["error"]["message"],
+            "no connected client can answer elicitation/create"
+        );
+        assert_eq!(
+            features::from_capabilities(&json!({"sampling": {}, "roots": {"listChanged": true}})),
+            5
+        );
+    }
+
+    #[tokio::test]
     async fn a_request_whose_client_went_away_is_cancelled_upstream() {
         let (mux, mut out) = mux();
         let s = mux
-            .request("a", json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+            .request("a", 7, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
             .expect("sent");
         let gid = sent(&mut out)["id"].clone();
         drop(s);
@@ -403,7 +469,7 @@ mod tests {
         assert_eq!(note["params"]["requestId"], gid);
         // An answered request is not cancelled.
         let mut s = mux
-            .request("a", json!({"jsonrpc":"2.0","id":2,"method":"tools/call"}))
+            .request("a", 7, json!({"jsonrpc":"2.0","id":2,"method":"tools/call"}))
             .expect("sent");
         let gid = sent(&mut out)["id"].clone();
         mux.route(json!({"jsonrpc":"2.0","id":gid,"result":{}}));

@@ -145,12 +145,14 @@ impl SseUpstream {
 
     /// Relays one client message.
     pub async fn send(&self, session: &SessionState, message: Message) -> Result<Reply, UpstreamError> {
-        send_via_mux(&*self.mux(session)?, &session.key, message)
+        send_via_mux(&*self.mux(session)?, session, message)
     }
 
     /// The session's server-to-client stream.
     pub async fn listen(&self, session: &SessionState) -> Result<Reply, UpstreamError> {
-        Ok(Reply::Messages(self.mux(session)?.listen(&session.key)?))
+        Ok(Reply::Messages(
+            self.mux(session)?.listen(&session.key, session.features)?,
+        ))
     }
 
     /// Drops the session's connection.

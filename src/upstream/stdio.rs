@@ -208,14 +208,14 @@ impl StdioUpstream {
     pub async fn send(&self, session: &SessionState, message: Message) -> Result<Reply, UpstreamError> {
         self.check_live(session)?;
         let (mux, _) = self.running().await?;
-        send_via_mux(&mux, &session.key, message)
+        send_via_mux(&mux, session, message)
     }
 
     /// The session's GET stream.
     pub async fn listen(&self, session: &SessionState) -> Result<Reply, UpstreamError> {
         self.check_live(session)?;
         let (mux, _) = self.running().await?;
-        Ok(Reply::Messages(mux.listen(&session.key)?))
+        Ok(Reply::Messages(mux.listen(&session.key, session.features)?))
     }
 
     /// Ends the session: its id stops working (the process keeps serving others).
@@ -266,18 +266,18 @@ impl StdioUpstream {
 
 /// Sends a client message through a mux: requests get a message stream, the rest are
 /// forwarded; `initialized` was already sent by the gateway itself.
-pub fn send_via_mux(mux: &Mux, session: &str, message: Message) -> Result<Reply, UpstreamError> {
+pub fn send_via_mux(mux: &Mux, session: &SessionState, message: Message) -> Result<Reply, UpstreamError> {
     match message.kind {
         Kind::Request => {
             let value = message.value().map_err(|e| UpstreamError::Protocol {
                 server: String::new(),
                 detail: e.to_string(),
             })?;
-            Ok(Reply::Messages(mux.request(session, value)?))
+            Ok(Reply::Messages(mux.request(&session.key, session.features, value)?))
         }
         Kind::Notification if message.method() == "notifications/initialized" => Ok(Reply::Accepted),
         Kind::Notification | Kind::Response => {
-            mux.forward(session, &message)?;
+            mux.forward(&session.key, &message)?;
             Ok(Reply::Accepted)
         }
     }
