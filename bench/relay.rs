@@ -83,10 +83,7 @@ struct Proc {
 
 impl Proc {
     fn spawn(cmd: &mut Command, what: &str) -> Proc {
-        let child = cmd
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let child = cmd.kill_on_drop(true).spawn().unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
         let pid = child.id().expect("a just-spawned child has a pid");
         Proc { child, pid }
     }
@@ -164,10 +161,7 @@ async fn start_gateway(dir: &std::path::Path, stub: SocketAddr) -> (Proc, Socket
         if healthz(addr).await {
             return (gw, addr);
         }
-        assert!(
-            Instant::now() < deadline,
-            "the gateway did not answer /healthz within 60s"
-        );
+        assert!(Instant::now() < deadline, "the gateway did not answer /healthz within 60s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -176,10 +170,8 @@ async fn healthz(addr: SocketAddr) -> bool {
     let Ok(mut tx) = connect(addr).await else {
         return false;
     };
-    let req = Request::get("/healthz")
-        .header(HOST, addr.to_string())
-        .body(Full::new(Bytes::new()))
-        .expect("a valid request");
+    let req =
+        Request::get("/healthz").header(HOST, addr.to_string()).body(Full::new(Bytes::new())).expect("a valid request");
     match tx.send_request(req).await {
         Ok(resp) => resp.status() == StatusCode::OK,
         Err(_) => false,
@@ -246,17 +238,11 @@ struct Cpu {
 
 impl Cpu {
     fn read(pid: u32) -> Cpu {
-        Cpu {
-            ns: cpu_ns(pid),
-            ticks: cpu_ticks(pid),
-        }
+        Cpu { ns: cpu_ns(pid), ticks: cpu_ticks(pid) }
     }
 
     fn since(self, before: Cpu) -> Cpu {
-        Cpu {
-            ns: self.ns.saturating_sub(before.ns),
-            ticks: self.ticks.saturating_sub(before.ticks),
-        }
+        Cpu { ns: self.ns.saturating_sub(before.ns), ticks: self.ticks.saturating_sub(before.ticks) }
     }
 
     fn add(&mut self, other: Cpu) {
@@ -285,9 +271,8 @@ struct Conn {
 async fn connect(addr: SocketAddr) -> std::io::Result<SendRequest<Full<Bytes>>> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
-    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(std::io::Error::other)?;
+    let (tx, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(std::io::Error::other)?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -306,9 +291,7 @@ async fn post(
         .header(CONTENT_TYPE, "application/json")
         .header(ACCEPT, "application/json, text/event-stream");
     if let Some(s) = session {
-        req = req
-            .header("mcp-session-id", s.clone())
-            .header("mcp-protocol-version", PROTOCOL);
+        req = req.header("mcp-session-id", s.clone()).header("mcp-protocol-version", PROTOCOL);
     }
     let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
     tx.ready().await.map_err(|e| format!("connection: {e}"))?;
@@ -330,9 +313,7 @@ struct Reply<'a> {
 
 /// Checks that a 200 answer (JSON or SSE) carries a result, not an error, for `id`.
 fn check_answer(headers: &HeaderMap, body: &[u8], id: &str) -> Result<(), String> {
-    let is_sse = headers
-        .get(CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let is_sse = headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let judge = |reply: Reply<'_>| match (reply.result, reply.error) {
         (Some(_), None) => Ok(()),
         (_, Some(_)) => Err(format!("JSON-RPC error: {}", excerpt(body))),
@@ -363,19 +344,13 @@ fn excerpt(body: &[u8]) -> String {
 
 /// Connects, `initialize`s and sends `notifications/initialized`.
 async fn open(arm: &Arm) -> Result<Conn, String> {
-    let mut tx = connect(arm.addr)
-        .await
-        .map_err(|e| format!("connect to {}: {e}", arm.label))?;
+    let mut tx = connect(arm.addr).await.map_err(|e| format!("connect to {}: {e}", arm.label))?;
     let init = format!(
         r#"{{"jsonrpc":"2.0","id":0,"method":"initialize","params":{{"protocolVersion":"{PROTOCOL}","capabilities":{{}},"clientInfo":{{"name":"portcullis-bench","version":"0.1.0"}}}}}}"#
     );
     let (status, headers, body) = post(&mut tx, arm, None, Bytes::from(init)).await?;
     if status != StatusCode::OK {
-        return Err(format!(
-            "{}: initialize answered HTTP {status}: {}",
-            arm.label,
-            excerpt(&body)
-        ));
+        return Err(format!("{}: initialize answered HTTP {status}: {}", arm.label, excerpt(&body)));
     }
     check_answer(&headers, &body, "0").map_err(|e| format!("{}: initialize: {e}", arm.label))?;
     let session = headers
@@ -385,11 +360,7 @@ async fn open(arm: &Arm) -> Result<Conn, String> {
     let note = Bytes::from_static(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
     let (status, _, body) = post(&mut tx, arm, Some(&session), note).await?;
     if status != StatusCode::ACCEPTED {
-        return Err(format!(
-            "{}: notifications/initialized answered HTTP {status}: {}",
-            arm.label,
-            excerpt(&body)
-        ));
+        return Err(format!("{}: notifications/initialized answered HTTP {status}: {}", arm.label, excerpt(&body)));
     }
     Ok(Conn { tx, session })
 }
@@ -398,11 +369,8 @@ async fn open(arm: &Arm) -> Result<Conn, String> {
 async fn call(conn: &mut Conn, arm: &Arm, tool: &str, id: usize) -> Result<(), (String, bool)> {
     let body =
         format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"{tool}","arguments":{{}}}}}}"#);
-    let sent = tokio::time::timeout(
-        REQUEST_TIMEOUT,
-        post(&mut conn.tx, arm, Some(&conn.session), Bytes::from(body)),
-    )
-    .await;
+    let sent =
+        tokio::time::timeout(REQUEST_TIMEOUT, post(&mut conn.tx, arm, Some(&conn.session), Bytes::from(body))).await;
     let (status, headers, body) = match sent {
         Ok(Ok(answer)) => answer,
         Ok(Err(e)) => return Err((e, true)),
@@ -505,10 +473,7 @@ async fn round(
 
 async fn open_all(arm: &Arm, count: usize) -> Vec<Option<Conn>> {
     let opened = futures::future::join_all((0..count).map(|_| open(arm))).await;
-    opened
-        .into_iter()
-        .map(|c| Some(c.unwrap_or_else(|e| panic!("cannot open an MCP session: {e}"))))
-        .collect()
+    opened.into_iter().map(|c| Some(c.unwrap_or_else(|e| panic!("cannot open an MCP session: {e}")))).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -622,21 +587,15 @@ fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
-            c.lines().find_map(|l| {
-                l.strip_prefix("model name")
-                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
-            })
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load: Vec<&str> = load.split_whitespace().take(3).collect();
-    format!(
-        "{cores} cores ({cpu}), Linux {}, load average at start {}",
-        kernel.trim(),
-        load.join(" ")
-    )
+    format!("{cores} cores ({cpu}), Linux {}, load average at start {}", kernel.trim(), load.join(" "))
 }
 
 fn revision() -> String {
@@ -653,11 +612,7 @@ fn revision() -> String {
         return "unknown".into();
     };
     let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-    if dirty {
-        format!("{head} + uncommitted changes")
-    } else {
-        head
-    }
+    if dirty { format!("{head} + uncommitted changes") } else { head }
 }
 
 fn us(v: f64) -> String {
@@ -693,18 +648,10 @@ fn render(r: &Report<'_>) -> String {
         revision(),
         machine(),
         r.rounds,
-        if r.quick {
-            " — QUICK MODE (smoke run, numbers not meaningful)"
-        } else {
-            ""
-        }
+        if r.quick { " — QUICK MODE (smoke run, numbers not meaningful)" } else { "" }
     );
     if let Some(bin) = std::env::var_os("BENCH_GATEWAY_BIN") {
-        let _ = writeln!(
-            o,
-            "Gateway binary: `{}` (BENCH_GATEWAY_BIN).\n",
-            PathBuf::from(bin).display()
-        );
+        let _ = writeln!(o, "Gateway binary: `{}` (BENCH_GATEWAY_BIN).\n", PathBuf::from(bin).display());
     }
     let _ = writeln!(
         o,
@@ -713,11 +660,7 @@ fn render(r: &Report<'_>) -> String {
     let _ = writeln!(o, "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     for s in r.results {
         for (label, a) in [("direct", &s.direct), ("gateway", &s.gateway)] {
-            let added = if label == "gateway" {
-                us(a.p50 - s.direct.p50)
-            } else {
-                String::new()
-            };
+            let added = if label == "gateway" { us(a.p50 - s.direct.p50) } else { String::new() };
             let _ = writeln!(
                 o,
                 "| {} | {label} | {} | {} | {:.0} | {} | {} | {} | {added} | {} | {} |",
@@ -733,10 +676,7 @@ fn render(r: &Report<'_>) -> String {
             );
         }
     }
-    let _ = writeln!(
-        o,
-        "\nRatios, gateway arm over direct arm of the same run (lower is better except throughput):\n"
-    );
+    let _ = writeln!(o, "\nRatios, gateway arm over direct arm of the same run (lower is better except throughput):\n");
     let _ = writeln!(
         o,
         "| scenario | throughput | p50 | p99 | gateway CPU / stub CPU per request | gateway VmHWM after, MiB |"
@@ -771,10 +711,7 @@ fn render(r: &Report<'_>) -> String {
             );
         }
         None => {
-            let _ = writeln!(
-                o,
-                "| gateway CPU per request, small c16 | ≤ {TARGET_CPU_US_C16} µs | not run | – |"
-            );
+            let _ = writeln!(o, "| gateway CPU per request, small c16 | ≤ {TARGET_CPU_US_C16} µs | not run | – |");
         }
     }
     match find("small c1") {
@@ -788,10 +725,7 @@ fn render(r: &Report<'_>) -> String {
             );
         }
         None => {
-            let _ = writeln!(
-                o,
-                "| added p50 latency, small c1 | ≤ {TARGET_ADDED_P50_US_C1} µs | not run | – |"
-            );
+            let _ = writeln!(o, "| added p50 latency, small c1 | ≤ {TARGET_ADDED_P50_US_C1} µs | not run | – |");
         }
     }
     let idle = mib(r.idle_rss_kib);
@@ -800,16 +734,8 @@ fn render(r: &Report<'_>) -> String {
         "| gateway RSS idle (VmRSS before load) | ≤ {TARGET_IDLE_RSS_MIB} MiB | {idle:.1} MiB | {} |",
         met(idle <= TARGET_IDLE_RSS_MIB)
     );
-    let _ = writeln!(
-        o,
-        "| gateway RSS peak (VmHWM after all scenarios) | – | {:.1} MiB | – |",
-        mib(r.peak_hwm_kib)
-    );
-    let _ = writeln!(
-        o,
-        "| errors, all scenarios and arms | 0 | {errors} | {} |",
-        met(errors == 0)
-    );
+    let _ = writeln!(o, "| gateway RSS peak (VmHWM after all scenarios) | – | {:.1} MiB | – |", mib(r.peak_hwm_kib));
+    let _ = writeln!(o, "| errors, all scenarios and arms | 0 | {errors} | {} |", met(errors == 0));
     let _ = writeln!(
         o,
         "\nFor scale: the best Rust peer spends about 85 µs of CPU per relayed MCP request and adds about 170 µs at concurrency 1."
@@ -875,10 +801,7 @@ async fn run(quick: bool, filters: &[String]) -> String {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let (stub, stub_addr) = start_stub().await;
     let (gateway, gateway_addr) = start_gateway(dir.path(), stub_addr).await;
-    let pids = Pids {
-        gateway: gateway.pid,
-        stub: stub.pid,
-    };
+    let pids = Pids { gateway: gateway.pid, stub: stub.pid };
     // Let start-up work (migrations, lazy statics) settle before sampling the idle footprint.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_rss_kib = status_kib(pids.gateway, "VmRSS");
@@ -889,38 +812,18 @@ async fn run(quick: bool, filters: &[String]) -> String {
         mib(idle_rss_kib)
     );
     let host = |a: SocketAddr| HeaderValue::from_str(&a.to_string()).expect("an address is a valid Host");
-    let direct = Arc::new(Arm {
-        label: "direct",
-        addr: stub_addr,
-        path: "/mcp",
-        host: host(stub_addr),
-    });
-    let via = Arc::new(Arm {
-        label: "gateway",
-        addr: gateway_addr,
-        path: "/mcp/stub",
-        host: host(gateway_addr),
-    });
+    let direct = Arc::new(Arm { label: "direct", addr: stub_addr, path: "/mcp", host: host(stub_addr) });
+    let via = Arc::new(Arm { label: "gateway", addr: gateway_addr, path: "/mcp/stub", host: host(gateway_addr) });
     let mut results = Vec::new();
     for sc in scenarios(quick) {
         if !filters.is_empty() && !filters.iter().any(|f| sc.name.contains(f.as_str())) {
             continue;
         }
-        eprint!(
-            "{:<10} c={:<3} {} rounds × {} requests per arm ",
-            sc.name, sc.concurrency, rounds, sc.per_round
-        );
+        eprint!("{:<10} c={:<3} {} rounds × {} requests per arm ", sc.name, sc.concurrency, rounds, sc.per_round);
         results.push(run_scenario(&sc, &direct, &via, &pids, rounds).await);
     }
     let peak_hwm_kib = status_kib(pids.gateway, "VmHWM");
     gateway.stop().await;
     stub.stop().await;
-    render(&Report {
-        quick,
-        rounds,
-        results: &results,
-        idle_rss_kib,
-        peak_hwm_kib,
-        started,
-    })
+    render(&Report { quick, rounds, results: &results, idle_rss_kib, peak_hwm_kib, started })
 }

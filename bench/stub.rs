@@ -46,11 +46,7 @@ struct Pieces {
 impl Pieces {
     fn new(parts: [Bytes; 3]) -> Pieces {
         let remaining = parts.iter().map(|p| p.len() as u64).sum();
-        Pieces {
-            parts,
-            next: 0,
-            remaining,
-        }
+        Pieces { parts, next: 0, remaining }
     }
 
     fn empty() -> Pieces {
@@ -142,10 +138,7 @@ impl Canned {
         let mut small_sse = small.to_vec();
         small_sse.extend_from_slice(b"\n\n");
         let error = |code: i64, message: &str| {
-            Bytes::from(format!(
-                ",\"error\":{}}}",
-                serde_json::json!({"code": code, "message": message})
-            ))
+            Bytes::from(format!(",\"error\":{}}}", serde_json::json!({"code": code, "message": message})))
         };
         Canned {
             json_prefix: Bytes::from_static(b"{\"jsonrpc\":\"2.0\",\"id\":"),
@@ -225,11 +218,7 @@ async fn handle(canned: Arc<Canned>, req: Request<Incoming>) -> Result<Response<
         return Ok(status(StatusCode::BAD_REQUEST));
     };
     let Ok(envelope) = serde_json::from_slice::<Envelope<'_>>(&body) else {
-        let parts = [
-            canned.json_prefix.clone(),
-            Bytes::from_static(b"null"),
-            canned.parse_error.clone(),
-        ];
+        let parts = [canned.json_prefix.clone(), Bytes::from_static(b"null"), canned.parse_error.clone()];
         return Ok(respond(StatusCode::OK, Pieces::new(parts), Some(Kind::Json), false));
     };
     // Notifications and responses: nothing to answer.
@@ -265,12 +254,7 @@ async fn handle(canned: Arc<Canned>, req: Request<Incoming>) -> Result<Response<
         Kind::Json => canned.json_prefix.clone(),
         Kind::Sse => canned.sse_prefix.clone(),
     };
-    Ok(respond(
-        StatusCode::OK,
-        Pieces::new([prefix, id, suffix]),
-        Some(kind),
-        session,
-    ))
+    Ok(respond(StatusCode::OK, Pieces::new([prefix, id, suffix]), Some(kind), session))
 }
 
 struct Args {
@@ -280,11 +264,7 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut out = Args {
-        port: 0,
-        threads: 1,
-        exit_on_stdin_eof: false,
-    };
+    let mut out = Args { port: 0, threads: 1, exit_on_stdin_eof: false };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -311,10 +291,7 @@ fn main() {
     let runtime = if args.threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.threads)
-            .enable_all()
-            .build()
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads).enable_all().build()
     };
     let runtime = runtime.expect("the tokio runtime starts");
     runtime.block_on(serve(args.port));
@@ -335,9 +312,7 @@ async fn serve(port: u16) {
         let canned = canned.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(canned.clone(), req));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }

@@ -35,11 +35,7 @@ pub struct Server {
 
 impl Server {
     fn new(config: &ServerConfig, client: reqwest::Client) -> Server {
-        Server {
-            config: config.clone(),
-            upstream: Upstream::new(config, client),
-            stateless: Default::default(),
-        }
+        Server { config: config.clone(), upstream: Upstream::new(config, client), stateless: Default::default() }
     }
 
     /// The upstream session for stateless clients and its `initialize` result.
@@ -109,11 +105,7 @@ impl AppState {
 
     /// The server named `name`.
     pub fn server(&self, name: &str) -> Result<Arc<Server>, GatewayError> {
-        self.0
-            .servers
-            .get(name)
-            .cloned()
-            .ok_or_else(|| GatewayError::UnknownServer(name.chars().take(64).collect()))
+        self.0.servers.get(name).cloned().ok_or_else(|| GatewayError::UnknownServer(name.chars().take(64).collect()))
     }
 
     /// Seals and opens session ids.
@@ -138,11 +130,7 @@ impl AppState {
 
     /// Records one finished HTTP exchange in the metrics.
     pub fn observe(&self, server: &str, method: &'static str, status: StatusCode, started: Instant) {
-        let server = if self.0.servers.contains_key(server) {
-            server.to_owned()
-        } else {
-            "unknown".to_owned()
-        };
+        let server = if self.0.servers.contains_key(server) { server.to_owned() } else { "unknown".to_owned() };
         let elapsed = started.elapsed();
         tracing::debug!(server = %server, method, status = status.as_u16(), micros = elapsed.as_micros() as u64, "mcp request");
         let status = status.as_str().to_owned();
@@ -210,30 +198,19 @@ impl Gateway {
     /// Like [`Gateway::start`] with a given master key.
     pub async fn start_with_key(config: Config, master: Key) -> Result<Gateway, StartError> {
         let listen = config.gateway.listen;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|source| StartError::Bind { addr: listen, source })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| StartError::Bind { addr: listen, source })?;
+        let listener =
+            tokio::net::TcpListener::bind(listen).await.map_err(|source| StartError::Bind { addr: listen, source })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: listen, source })?;
         let store = Store::connect(&config.store.url).await?;
         let public_url = config
             .gateway
             .public_url
             .clone()
             .unwrap_or_else(|| Url::parse(&format!("http://{addr}")).expect("a socket address makes a valid URL"));
-        let hosts = HostPolicy::new(
-            &public_url,
-            addr,
-            &config.gateway.allowed_hosts,
-            &config.gateway.allowed_origins,
-        );
+        let hosts = HostPolicy::new(&public_url, addr, &config.gateway.allowed_hosts, &config.gateway.allowed_origins);
         let client = upstream_client();
-        let servers = config
-            .servers
-            .iter()
-            .map(|s| (s.name.clone(), Arc::new(Server::new(s, client.clone()))))
-            .collect();
+        let servers =
+            config.servers.iter().map(|s| (s.name.clone(), Arc::new(Server::new(s, client.clone())))).collect();
         let state = AppState(Arc::new(Inner {
             sealer: Sealer::new(&master.derive("session")),
             config,
@@ -247,11 +224,10 @@ impl Gateway {
         }));
         let router = router(state.clone());
         let token = state.0.shutdown.clone();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await
-        });
+        let task =
+            tokio::spawn(
+                async move { axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await },
+            );
         tracing::info!(%addr, public_url = %state.public_url(), "portcullis is serving");
         Ok(Gateway { addr, state, task })
     }
@@ -263,10 +239,7 @@ impl Gateway {
         self.state.0.shutdown.cancel();
         let mut task = self.task;
         if tokio::time::timeout(grace, &mut task).await.is_err() {
-            tracing::warn!(
-                grace_secs = grace.as_secs(),
-                "in-flight requests did not finish in time"
-            );
+            tracing::warn!(grace_secs = grace.as_secs(), "in-flight requests did not finish in time");
             task.abort();
         }
         for server in self.state.0.servers.values() {
@@ -293,14 +266,8 @@ fn upstream_client() -> reqwest::Client {
 fn router(state: AppState) -> Router {
     use crate::transport::http as mcp_http;
     Router::new()
-        .route(
-            "/mcp/{server}",
-            post(mcp_http::post).get(mcp_http::get).delete(mcp_http::delete),
-        )
-        .route(
-            "/mcp/{server}/",
-            post(mcp_http::post).get(mcp_http::get).delete(mcp_http::delete),
-        )
+        .route("/mcp/{server}", post(mcp_http::post).get(mcp_http::get).delete(mcp_http::delete))
+        .route("/mcp/{server}/", post(mcp_http::post).get(mcp_http::get).delete(mcp_http::delete))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -337,11 +304,7 @@ async fn readyz(State(app): State<AppState>) -> Response {
         servers.insert(name, text.into());
     }
     report.insert("servers".into(), servers.into());
-    let status = if ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(serde_json::Value::Object(report))).into_response()
 }
 

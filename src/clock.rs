@@ -22,11 +22,6 @@ impl Clock {
     /// Seconds since the Unix epoch.
     pub fn unix_secs(&self) -> u64 {
         #[allow(clippy::disallowed_methods)]
-        self.fixed.unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-        })
+        self.fixed.unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
     }
 }

@@ -72,10 +72,7 @@ pub struct Failure {
 
 impl<E: Into<GatewayError>> From<E> for Failure {
     fn from(e: E) -> Failure {
-        Failure {
-            error: e.into(),
-            id: None,
-        }
+        Failure { error: e.into(), id: None }
     }
 }
 
@@ -113,14 +110,9 @@ impl GatewayError {
                 UpstreamError::Unreachable { .. }
                 | UpstreamError::Status { .. }
                 | UpstreamError::Process { .. }
-                | UpstreamError::Protocol { .. } => (
-                    if has_id {
-                        StatusCode::OK
-                    } else {
-                        StatusCode::BAD_GATEWAY
-                    },
-                    code::UPSTREAM_ERROR,
-                ),
+                | UpstreamError::Protocol { .. } => {
+                    (if has_id { StatusCode::OK } else { StatusCode::BAD_GATEWAY }, code::UPSTREAM_ERROR)
+                }
             },
         }
     }
@@ -156,10 +148,8 @@ impl IntoResponse for Failure {
         let body = error_response(self.id.as_ref(), rpc_code, &self.error.to_string());
         let mut resp = (status, axum::Json(body)).into_response();
         if matches!(self.error, GatewayError::Unauthenticated) {
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"portcullis\""),
-            );
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"portcullis\""));
         }
         resp
     }

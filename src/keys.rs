@@ -70,10 +70,7 @@ pub fn load_master_key(data_dir: &Path) -> Result<Key, KeyError> {
         return decode(&text).ok_or(KeyError::BadEnv);
     }
     let path = data_dir.join("master.key");
-    let file_err = |why: String| KeyError::File {
-        path: path.display().to_string(),
-        why,
-    };
+    let file_err = |why: String| KeyError::File { path: path.display().to_string(), why };
     match std::fs::read_to_string(&path) {
         Ok(text) => decode(&text).ok_or_else(|| file_err("not 32 bytes of base64".to_owned())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -110,10 +107,7 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join("master.key"))
-                .expect("exists")
-                .permissions()
-                .mode();
+            let mode = std::fs::metadata(dir.path().join("master.key")).expect("exists").permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         assert_eq!(format!("{a:?}"), "Key(redacted)");

@@ -42,9 +42,7 @@ fn parse_value(raw: &str) -> toml::Value {
 fn set(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
     match path {
         [section, key] if section != "servers" => {
-            let entry = table
-                .entry(section.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let entry = table.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
             let toml::Value::Table(t) = entry else {
                 return Err(format!("[{section}] is not a table"));
             };

@@ -127,9 +127,8 @@ pub struct ConfigError {
 impl Config {
     /// Reads, overrides from `PORTCULLIS_…` variables, and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            problems: vec![format!("{}: cannot read: {e}", path.display())],
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError { problems: vec![format!("{}: cannot read: {e}", path.display())] })?;
         Self::parse(&text, &path.display().to_string(), std::env::vars())
     }
 
@@ -139,22 +138,15 @@ impl Config {
         origin: &str,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError {
-            problems: vec![format!("{origin}: {}", e.to_string().trim_end())],
-        })?;
-        let mut v = Validator {
-            origin,
-            text,
-            problems: Vec::new(),
-        };
+        let mut table: toml::Table = toml::from_str(text)
+            .map_err(|e| ConfigError { problems: vec![format!("{origin}: {}", e.to_string().trim_end())] })?;
+        let mut v = Validator { origin, text, problems: Vec::new() };
         env::apply_overrides(&mut table, vars, &mut v.problems);
         let spans = Spans::find(text);
         let config = v.config(table, &spans);
         if v.problems.is_empty() {
             // `config` is complete whenever no problem was recorded.
-            config.ok_or_else(|| ConfigError {
-                problems: vec![format!("{origin}: invalid")],
-            })
+            config.ok_or_else(|| ConfigError { problems: vec![format!("{origin}: invalid")] })
         } else {
             Err(ConfigError { problems: v.problems })
         }
@@ -234,11 +226,7 @@ impl Validator<'_> {
             }
         };
         for key in table.keys() {
-            self.at(
-                None,
-                key,
-                "unknown top-level key (expected gateway, store, log, servers)",
-            );
+            self.at(None, key, "unknown top-level key (expected gateway, store, log, servers)");
         }
         let gateway = self.gateway(gateway, spans.sections.get("gateway").copied());
         let store = StoreConfig {
@@ -248,11 +236,7 @@ impl Validator<'_> {
             }),
         };
         if !(store.url.starts_with("sqlite:") || store.url.starts_with("postgres")) {
-            self.at(
-                spans.sections.get("store").copied(),
-                "store.url",
-                "must start with sqlite: or postgres://",
-            );
+            self.at(spans.sections.get("store").copied(), "store.url", "must start with sqlite: or postgres://");
         }
         let log = self.log(log, spans.sections.get("log").copied());
         let mut parsed = Vec::new();
@@ -273,12 +257,7 @@ impl Validator<'_> {
                 parsed.push(s);
             }
         }
-        Some(Config {
-            gateway: gateway?,
-            store,
-            log,
-            servers: parsed,
-        })
+        Some(Config { gateway: gateway?, store, log, servers: parsed })
     }
 
     fn gateway(&mut self, raw: RawGateway, at: Option<usize>) -> Option<GatewayConfig> {
@@ -286,18 +265,10 @@ impl Validator<'_> {
         let listen: Option<SocketAddr> = listen_text
             .parse()
             .map_err(|_| {
-                self.at(
-                    at,
-                    "gateway.listen",
-                    format!("{listen_text:?} is not an address like 127.0.0.1:8080"),
-                )
+                self.at(at, "gateway.listen", format!("{listen_text:?} is not an address like 127.0.0.1:8080"))
             })
             .ok();
-        let public_url = match raw
-            .public_url
-            .as_deref()
-            .map(|t| (t, Url::parse(t.trim_end_matches('/'))))
-        {
+        let public_url = match raw.public_url.as_deref().map(|t| (t, Url::parse(t.trim_end_matches('/')))) {
             None => Some(None),
             Some((_, Ok(u))) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(Some(u)),
             Some((text, _)) => {
@@ -311,12 +282,8 @@ impl Validator<'_> {
         if max_body < 1024 {
             self.at(at, "gateway.max_body_bytes", "must be at least 1024");
         }
-        let lower = |v: Option<Vec<String>>| {
-            v.unwrap_or_default()
-                .into_iter()
-                .map(|s| s.to_ascii_lowercase())
-                .collect()
-        };
+        let lower =
+            |v: Option<Vec<String>>| v.unwrap_or_default().into_iter().map(|s| s.to_ascii_lowercase()).collect();
         Some(GatewayConfig {
             listen: listen?,
             force_public_on_non_loopback: raw.force_public_on_non_loopback.unwrap_or(false),
@@ -352,11 +319,7 @@ impl Validator<'_> {
         match raw {
             None => Duration::from_secs(default_secs),
             Some(text) => parse_duration(&text).unwrap_or_else(|| {
-                self.at(
-                    at,
-                    key,
-                    format!("{text:?} is not a duration like \"30s\", \"500ms\" or \"5m\""),
-                );
+                self.at(at, key, format!("{text:?} is not a duration like \"30s\", \"500ms\" or \"5m\""));
                 Duration::from_secs(default_secs)
             }),
         }
@@ -376,18 +339,12 @@ impl Validator<'_> {
         let name = raw.name.clone().unwrap_or_default();
         let valid_name = !name.is_empty()
             && name.len() <= 64
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
             && name.as_bytes()[0].is_ascii_alphanumeric();
         if raw.name.is_none() {
             self.at(at, &what, "missing `name`");
         } else if !valid_name {
-            self.at(
-                at,
-                &what,
-                "`name` must be 1-64 of a-z, 0-9, '-' or '_', starting with a letter or digit",
-            );
+            self.at(at, &what, "`name` must be 1-64 of a-z, 0-9, '-' or '_', starting with a letter or digit");
         }
         let transport = match (raw.url, raw.command) {
             (Some(_), Some(_)) => {
@@ -469,13 +426,7 @@ impl Validator<'_> {
             None => default_timeout,
             Some(t) => self.duration(at, &format!("{what}: request_timeout"), Some(t), 300),
         };
-        Some(ServerConfig {
-            name,
-            transport: transport?,
-            public,
-            request_timeout,
-        })
-        .filter(|_| valid_name)
+        Some(ServerConfig { name, transport: transport?, public, request_timeout }).filter(|_| valid_name)
     }
 }
 

@@ -36,14 +36,8 @@ urll = "http://x"
     let all = err.to_string();
     assert!(all.contains("test.toml:2: [gateway]: unknown field `colour`"), "{all}");
     assert!(all.contains("test.toml:6: server \"a\": url \"ftp://x\""), "{all}");
-    assert!(
-        all.contains("test.toml:10: server \"Bad Name\": `name` must be"),
-        "{all}"
-    );
-    assert!(
-        all.contains("test.toml:14: [[servers]] #3: unknown field `urll`"),
-        "{all}"
-    );
+    assert!(all.contains("test.toml:10: server \"Bad Name\": `name` must be"), "{all}");
+    assert!(all.contains("test.toml:14: [[servers]] #3: unknown field `urll`"), "{all}");
     assert_eq!(err.problems.len(), 4, "{all}");
 }
 

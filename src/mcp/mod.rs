@@ -22,18 +22,14 @@ pub async fn initialize(app: &AppState, server: &Server, message: &Message) -> R
     let fail = |e: GatewayError| e.with_id(id.clone());
     let request = message.value().map_err(|e| fail(e.into()))?;
     let params = request.get("params").cloned().unwrap_or(Value::Null);
-    let requested = params.get("protocolVersion").and_then(Value::as_str).ok_or_else(|| {
-        fail(GatewayError::InvalidParams(
-            "initialize needs params.protocolVersion".into(),
-        ))
-    })?;
+    let requested = params
+        .get("protocolVersion")
+        .and_then(Value::as_str)
+        .ok_or_else(|| fail(GatewayError::InvalidParams("initialize needs params.protocolVersion".into())))?;
     let protocol = version::negotiate(requested);
     let hello = ClientHello {
         protocol: protocol.to_owned(),
-        capabilities: params
-            .get("capabilities")
-            .cloned()
-            .unwrap_or_else(|| serde_json::json!({})),
+        capabilities: params.get("capabilities").cloned().unwrap_or_else(|| serde_json::json!({})),
         client_info: params
             .get("clientInfo")
             .cloned()
@@ -65,9 +61,5 @@ pub async fn initialize(app: &AppState, server: &Server, message: &Message) -> R
 /// Relays one message of an established session.
 pub async fn relay(server: &Server, session: &SessionState, message: Message) -> Result<Reply, Failure> {
     let id = message.id.clone();
-    server
-        .upstream
-        .send(session, message)
-        .await
-        .map_err(|e| GatewayError::from(e).with_id(id))
+    server.upstream.send(session, message).await.map_err(|e| GatewayError::from(e).with_id(id))
 }

@@ -22,20 +22,13 @@ use crate::upstream::{MessageStream, Reply, UpstreamError, messages_of};
 pub const METHOD_HEADER: &str = "mcp-method";
 
 /// Results the 2026-07-28 revision marks cacheable.
-const CACHEABLE: &[&str] = &[
-    "server/discover",
-    "tools/list",
-    "prompts/list",
-    "resources/list",
-    "resources/templates/list",
-];
+const CACHEABLE: &[&str] =
+    &["server/discover", "tools/list", "prompts/list", "resources/list", "resources/templates/list"];
 
 /// Whether a POST speaks the stateless revision: its protocol header says so and it carries
 /// no session.
 pub fn is_stateless(headers: &HeaderMap) -> bool {
-    headers
-        .get(PROTOCOL_HEADER)
-        .is_some_and(|v| v.as_bytes() == version::STATELESS.as_bytes())
+    headers.get(PROTOCOL_HEADER).is_some_and(|v| v.as_bytes() == version::STATELESS.as_bytes())
         && headers.get(crate::upstream::http::SESSION_HEADER).is_none()
 }
 
@@ -50,17 +43,12 @@ pub async fn handle(app: &AppState, server: &Server, headers: &HeaderMap, messag
         return Err(GatewayError::InvalidHeader("Mcp-Method does not match the body's method").with_id(id));
     }
     if message.kind == Kind::Request && message.method() == "server/discover" {
-        let (_, init) = server
-            .stateless_session(app)
-            .await
-            .map_err(|e| GatewayError::from(e).with_id(id.clone()))?;
+        let (_, init) = server.stateless_session(app).await.map_err(|e| GatewayError::from(e).with_id(id.clone()))?;
         let response = result_response(id.as_ref().unwrap_or(&Value::Null), discover_result(&init));
         return Ok(Reply::Json(serde_json::to_vec(&response).unwrap_or_default().into()));
     }
     let method = message.method.clone().unwrap_or_default();
-    let reply = send_with_reopen(app, server, message)
-        .await
-        .map_err(|e| GatewayError::from(e).with_id(id.clone()))?;
+    let reply = send_with_reopen(app, server, message).await.map_err(|e| GatewayError::from(e).with_id(id.clone()))?;
     if id.is_none() {
         return Ok(Reply::Accepted);
     }
@@ -127,19 +115,10 @@ mod tests {
     #[test]
     fn results_gain_the_fields_the_revision_requires() {
         let r = adapt(json!({"jsonrpc":"2.0","id":1,"result":{"tools":[]}}), "tools/list").expect("kept");
-        assert_eq!(
-            r["result"],
-            json!({"tools": [], "resultType": "complete", "cacheScope": "private", "ttlMs": 0})
-        );
+        assert_eq!(r["result"], json!({"tools": [], "resultType": "complete", "cacheScope": "private", "ttlMs": 0}));
         let r = adapt(json!({"jsonrpc":"2.0","id":1,"result":{"content":[]}}), "tools/call").expect("kept");
         assert_eq!(r["result"], json!({"content": [], "resultType": "complete"}));
-        assert!(
-            adapt(
-                json!({"jsonrpc":"2.0","id":9,"method":"sampling/createMessage"}),
-                "tools/call"
-            )
-            .is_none()
-        );
+        assert!(adapt(json!({"jsonrpc":"2.0","id":9,"method":"sampling/createMessage"}), "tools/call").is_none());
     }
 
     #[test]
@@ -149,10 +128,6 @@ mod tests {
         let d = discover_result(&init);
         assert_eq!(d["capabilities"], json!({"tools": {}}));
         assert_eq!(d["_meta"]["io.modelcontextprotocol/serverInfo"]["name"], "x");
-        assert!(
-            d["supportedVersions"]
-                .as_array()
-                .is_some_and(|v| v.contains(&json!("2026-07-28")))
-        );
+        assert!(d["supportedVersions"].as_array().is_some_and(|v| v.contains(&json!("2026-07-28"))));
     }
 }

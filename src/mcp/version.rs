@@ -16,11 +16,7 @@ pub fn is_supported(version: &str) -> bool {
 /// The revision to answer an `initialize` asking for `requested` with: the same when the
 /// gateway speaks it, else the newest stateful one (the stateless revision has no `initialize`).
 pub fn negotiate(requested: &str) -> &'static str {
-    SUPPORTED
-        .iter()
-        .find(|v| **v == requested && **v != STATELESS)
-        .copied()
-        .unwrap_or(LATEST_STATEFUL)
+    SUPPORTED.iter().find(|v| **v == requested && **v != STATELESS).copied().unwrap_or(LATEST_STATEFUL)
 }
 
 #[cfg(test)]

@@ -49,16 +49,9 @@ pub fn redact_url(url: &str) -> String {
 impl Store {
     /// Opens (creating a SQLite file and its directory if needed) and migrates.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
-        let connect_err = |source| StoreError::Connect {
-            url: redact_url(url),
-            source,
-        };
+        let connect_err = |source| StoreError::Connect { url: redact_url(url), source };
         let store = if url.starts_with("postgres") {
-            let pool = PgPoolOptions::new()
-                .max_connections(16)
-                .connect(url)
-                .await
-                .map_err(connect_err)?;
+            let pool = PgPoolOptions::new().max_connections(16).connect(url).await.map_err(connect_err)?;
             Store::Postgres(pool)
         } else {
             let opts = SqliteConnectOptions::from_str(url)
@@ -69,11 +62,7 @@ impl Store {
             if let Some(dir) = opts.get_filename().parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(|e| connect_err(sqlx::Error::Io(e)))?;
             }
-            let pool = SqlitePoolOptions::new()
-                .max_connections(4)
-                .connect_with(opts)
-                .await
-                .map_err(connect_err)?;
+            let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await.map_err(connect_err)?;
             Store::Sqlite(pool)
         };
         store.migrate().await?;
@@ -135,9 +124,7 @@ mod tests {
     async fn postgres_connects_and_migrates() {
         let url =
             std::env::var("PORTCULLIS_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let store = Store::connect(&url)
-            .await
-            .expect("PostgreSQL on 127.0.0.1:5432 must be running");
+        let store = Store::connect(&url).await.expect("PostgreSQL on 127.0.0.1:5432 must be running");
         store.ping().await.expect("pings");
     }
 }

@@ -98,22 +98,13 @@ async fn batch(
             let err = GatewayError::InvalidParams("initialize cannot be batched".into());
             return Err(err.with_id(message.id));
         }
-        let resp = one_message(app, server, headers, message)
-            .await
-            .unwrap_or_else(IntoResponse::into_response);
+        let resp = one_message(app, server, headers, message).await.unwrap_or_else(IntoResponse::into_response);
         if resp.status() == StatusCode::ACCEPTED {
             continue;
         }
-        let is_sse = resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map(|c| c.to_bytes())
-            .unwrap_or_default();
+        let is_sse =
+            resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
         if is_sse {
             answers.extend(sse_messages(&body).filter(|m| m.get("result").is_some() || m.get("error").is_some()));
         } else if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
@@ -146,11 +137,7 @@ pub async fn get(State(app): State<AppState>, Path(name): Path<String>, headers:
         check_accept(&headers, true)?;
         let session = session(&app, &server, &headers)?;
         let last = headers.get("last-event-id").and_then(|v| v.to_str().ok());
-        let reply = server
-            .upstream
-            .listen(&session, last)
-            .await
-            .map_err(GatewayError::from)?;
+        let reply = server.upstream.listen(&session, last).await.map_err(GatewayError::from)?;
         Ok::<_, Failure>(reply::get_response(reply, app.shutdown()))
     }
     .await;
@@ -182,11 +169,7 @@ pub async fn delete(State(app): State<AppState>, Path(name): Path<String>, heade
 
 /// Until grant tokens exist, only servers marked `public = true` are served.
 fn authenticate(server: &Server, _headers: &HeaderMap) -> Result<(), GatewayError> {
-    if server.config.public {
-        Ok(())
-    } else {
-        Err(GatewayError::Unauthenticated)
-    }
+    if server.config.public { Ok(()) } else { Err(GatewayError::Unauthenticated) }
 }
 
 fn session(app: &AppState, server: &Server, headers: &HeaderMap) -> Result<SessionState, GatewayError> {
@@ -198,22 +181,13 @@ fn session(app: &AppState, server: &Server, headers: &HeaderMap) -> Result<Sessi
     }
     let id = headers.get(SESSION_HEADER).ok_or(GatewayError::MissingSession)?;
     let id = id.to_str().map_err(|_| GatewayError::UnknownSession)?;
-    app.sealer()
-        .open(id, &server.config.name)
-        .ok_or(GatewayError::UnknownSession)
+    app.sealer().open(id, &server.config.name).ok_or(GatewayError::UnknownSession)
 }
 
 fn check_content_type(headers: &HeaderMap) -> Result<(), GatewayError> {
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let essence = ct.split(';').next().unwrap_or("").trim();
-    if essence.eq_ignore_ascii_case("application/json") {
-        Ok(())
-    } else {
-        Err(GatewayError::UnsupportedMediaType)
-    }
+    if essence.eq_ignore_ascii_case("application/json") { Ok(()) } else { Err(GatewayError::UnsupportedMediaType) }
 }
 
 /// Clients must accept JSON and SSE on POST, and SSE on GET; a missing `Accept` (or `*/*`) is
@@ -232,9 +206,9 @@ fn check_accept(headers: &HeaderMap, stream: bool) -> Result<(), GatewayError> {
         (true, true, _) => Ok(()),
         (true, false, _) => Err(GatewayError::NotAcceptable("GET needs Accept: text/event-stream")),
         (false, true, _) | (false, _, true) => Ok(()),
-        (false, false, false) => Err(GatewayError::NotAcceptable(
-            "POST needs Accept: application/json, text/event-stream",
-        )),
+        (false, false, false) => {
+            Err(GatewayError::NotAcceptable("POST needs Accept: application/json, text/event-stream"))
+        }
     }
 }
 

@@ -188,34 +188,20 @@ mod tests {
 
     #[test]
     fn bad_bodies_are_classified() {
-        assert!(matches!(
-            Message::parse(Bytes::from_static(b"{nope")),
-            Err(EnvelopeError::Parse(_))
-        ));
-        assert!(matches!(
-            Message::parse(Bytes::from_static(b"[1")),
-            Err(EnvelopeError::Parse(_))
-        ));
-        assert!(matches!(
-            Message::parse(Bytes::from_static(br#"{"id":1}"#)),
-            Err(EnvelopeError::Invalid(_))
-        ));
+        assert!(matches!(Message::parse(Bytes::from_static(b"{nope")), Err(EnvelopeError::Parse(_))));
+        assert!(matches!(Message::parse(Bytes::from_static(b"[1")), Err(EnvelopeError::Parse(_))));
+        assert!(matches!(Message::parse(Bytes::from_static(br#"{"id":1}"#)), Err(EnvelopeError::Invalid(_))));
         assert!(matches!(
             Message::parse(Bytes::from_static(br#"{"jsonrpc":"2.0","id":{},"method":"x"}"#)),
             Err(EnvelopeError::Invalid(_))
         ));
-        assert!(matches!(
-            Body::parse(Bytes::from_static(b"[]")),
-            Err(EnvelopeError::Invalid(_))
-        ));
+        assert!(matches!(Body::parse(Bytes::from_static(b"[]")), Err(EnvelopeError::Invalid(_))));
     }
 
     #[test]
     fn batches_split_into_messages() {
         let raw = Bytes::from_static(br#"[{"jsonrpc":"2.0","method":"a"},{"jsonrpc":"2.0","id":"x","result":{}}]"#);
-        let Ok(Body::Batch(items)) = Body::parse(raw) else {
-            panic!("batch")
-        };
+        let Ok(Body::Batch(items)) = Body::parse(raw) else { panic!("batch") };
         assert_eq!(items[0].kind, Kind::Notification);
         assert_eq!(items[1].kind, Kind::Response);
         assert_eq!(&items[1].raw[..], br#"{"jsonrpc":"2.0","id":"x","result":{}}"#);

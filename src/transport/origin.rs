@@ -25,10 +25,7 @@ impl HostPolicy {
     /// Accepts the public URL's authority, the bound address, and the configured extras.
     pub fn new(public_url: &Url, bound: SocketAddr, extra_hosts: &[String], extra_origins: &[String]) -> HostPolicy {
         let mut hosts: HashSet<String> = extra_hosts.iter().cloned().collect();
-        let mut origins: HashSet<String> = extra_origins
-            .iter()
-            .map(|o| o.trim_end_matches('/').to_owned())
-            .collect();
+        let mut origins: HashSet<String> = extra_origins.iter().map(|o| o.trim_end_matches('/').to_owned()).collect();
         if let Some(host) = public_url.host_str() {
             let authority = match public_url.port() {
                 Some(p) => format!("{host}:{p}"),
@@ -38,11 +35,7 @@ impl HostPolicy {
             origins.insert(public_url.origin().ascii_serialization().to_ascii_lowercase());
         }
         hosts.insert(bound.to_string());
-        HostPolicy {
-            hosts,
-            origins,
-            loopback: bound.ip().is_loopback(),
-        }
+        HostPolicy { hosts, origins, loopback: bound.ip().is_loopback() }
     }
 
     fn is_loopback_name(&self, authority: &str) -> bool {
@@ -55,10 +48,7 @@ impl HostPolicy {
 
     /// Checks `Host` and `Origin`.
     pub fn check(&self, headers: &HeaderMap) -> Result<(), GatewayError> {
-        let host = headers
-            .get(HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_ascii_lowercase);
+        let host = headers.get(HOST).and_then(|h| h.to_str().ok()).map(str::to_ascii_lowercase);
         match host {
             Some(h) if self.hosts.contains(&h) || self.is_loopback_name(&h) => {}
             _ => return Err(GatewayError::ForbiddenHost),
@@ -66,10 +56,7 @@ impl HostPolicy {
         let Some(origin) = headers.get(ORIGIN) else {
             return Ok(());
         };
-        let origin = origin
-            .to_str()
-            .map_err(|_| GatewayError::ForbiddenOrigin)?
-            .to_ascii_lowercase();
+        let origin = origin.to_str().map_err(|_| GatewayError::ForbiddenOrigin)?.to_ascii_lowercase();
         if self.origins.contains(origin.trim_end_matches('/')) {
             return Ok(());
         }
@@ -105,38 +92,21 @@ mod tests {
         let url = Url::parse("http://127.0.0.1:8080").expect("url");
         let p = HostPolicy::new(&url, "127.0.0.1:8080".parse().expect("addr"), &[], &[]);
         assert!(p.check(&headers("127.0.0.1:8080", None)).is_ok());
-        assert!(
-            p.check(&headers("localhost:8080", Some("http://localhost:6274")))
-                .is_ok()
-        );
+        assert!(p.check(&headers("localhost:8080", Some("http://localhost:6274"))).is_ok());
         assert!(p.check(&headers("[::1]:8080", None)).is_ok());
-        assert!(matches!(
-            p.check(&headers("evil.example.com", None)),
-            Err(GatewayError::ForbiddenHost)
-        ));
+        assert!(matches!(p.check(&headers("evil.example.com", None)), Err(GatewayError::ForbiddenHost)));
         assert!(matches!(
             p.check(&headers("127.0.0.1:8080", Some("http://evil.example.com"))),
             Err(GatewayError::ForbiddenOrigin)
         ));
-        assert!(matches!(
-            p.check(&headers("127.0.0.1:8080", Some("null"))),
-            Err(GatewayError::ForbiddenOrigin)
-        ));
+        assert!(matches!(p.check(&headers("127.0.0.1:8080", Some("null"))), Err(GatewayError::ForbiddenOrigin)));
     }
 
     #[test]
     fn a_public_listener_accepts_only_its_own_names() {
         let url = Url::parse("https://mcp.example.com").expect("url");
-        let p = HostPolicy::new(
-            &url,
-            "0.0.0.0:443".parse().expect("addr"),
-            &["gw.internal:8443".into()],
-            &[],
-        );
-        assert!(
-            p.check(&headers("mcp.example.com", Some("https://mcp.example.com")))
-                .is_ok()
-        );
+        let p = HostPolicy::new(&url, "0.0.0.0:443".parse().expect("addr"), &["gw.internal:8443".into()], &[]);
+        assert!(p.check(&headers("mcp.example.com", Some("https://mcp.example.com"))).is_ok());
         assert!(p.check(&headers("gw.internal:8443", None)).is_ok());
         assert!(p.check(&headers("localhost", None)).is_err());
     }

@@ -28,6 +28,7 @@ pub async fn post_response(reply: Reply, request_id: Option<Value>, timeout: Dur
         Reply::Accepted => StatusCode::ACCEPTED.into_response(),
         Reply::Status(s) => s.into_response(),
         Reply::Json(bytes) => json_bytes(bytes.into()),
+        Reply::JsonBody(resp) => json_bytes(Body::from_stream(resp.bytes_stream())),
         // In-flight answers are drained on shutdown, not cut: they are bounded by the timeout.
         Reply::Sse(resp) => match request_id {
             Some(id) => relay_sse_within(resp, id, timeout, server.to_owned()),
@@ -60,14 +61,13 @@ pub fn get_response(reply: Reply, shutdown: &CancellationToken) -> Response {
         Reply::Sse(resp) => relay_sse(resp, Some(shutdown.clone())),
         Reply::Messages(stream) => sse_of(stream, Some(shutdown.clone()), true),
         Reply::Status(s) => s.into_response(),
-        Reply::Accepted | Reply::Json(_) => StatusCode::METHOD_NOT_ALLOWED.into_response(),
+        Reply::Accepted | Reply::Json(_) | Reply::JsonBody(_) => StatusCode::METHOD_NOT_ALLOWED.into_response(),
     }
 }
 
 fn json_bytes(body: Body) -> Response {
     let mut resp = Response::new(body);
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 
@@ -91,32 +91,29 @@ fn relay_sse(resp: reqwest::Response, shutdown: Option<CancellationToken>) -> Re
 fn relay_sse_within(resp: reqwest::Response, id: Value, timeout: Duration, server: String) -> Response {
     let body = resp.bytes_stream();
     let deadline = Box::pin(tokio::time::sleep(timeout));
-    let stream = futures::stream::unfold(
-        (Box::pin(body), deadline, false),
-        move |(mut body, mut deadline, done)| {
-            let (id, server) = (id.clone(), server.clone());
-            async move {
-                if done {
-                    return None;
-                }
-                let text = tokio::select! {
-                    chunk = body.next() => match chunk {
-                        Some(Ok(bytes)) => return Some((Ok::<_, std::io::Error>(bytes), (body, deadline, false))),
-                        None => return None,
-                        Some(Err(_)) => (code::UPSTREAM_ERROR, format!("upstream server '{server}' broke off its answer")),
-                    },
-                    _ = &mut deadline => (
-                        code::UPSTREAM_TIMEOUT,
-                        format!("upstream server '{server}' did not answer within {}", crate::upstream::human(timeout)),
-                    ),
-                };
-                let err = error_response(Some(&id), text.0, &text.1);
-                // The blank line first ends any event the upstream left half-written.
-                let event = format!("\n\nevent: message\ndata: {err}\n\n");
-                Some((Ok(bytes::Bytes::from(event)), (body, deadline, true)))
+    let stream = futures::stream::unfold((Box::pin(body), deadline, false), move |(mut body, mut deadline, done)| {
+        let (id, server) = (id.clone(), server.clone());
+        async move {
+            if done {
+                return None;
             }
-        },
-    );
+            let text = tokio::select! {
+                chunk = body.next() => match chunk {
+                    Some(Ok(bytes)) => return Some((Ok::<_, std::io::Error>(bytes), (body, deadline, false))),
+                    None => return None,
+                    Some(Err(_)) => (code::UPSTREAM_ERROR, format!("upstream server '{server}' broke off its answer")),
+                },
+                _ = &mut deadline => (
+                    code::UPSTREAM_TIMEOUT,
+                    format!("upstream server '{server}' did not answer within {}", crate::upstream::human(timeout)),
+                ),
+            };
+            let err = error_response(Some(&id), text.0, &text.1);
+            // The blank line first ends any event the upstream left half-written.
+            let event = format!("\n\nevent: message\ndata: {err}\n\n");
+            Some((Ok(bytes::Bytes::from(event)), (body, deadline, true)))
+        }
+    });
     let mut out = Response::new(Body::from_stream(stream));
     let h = out.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -139,11 +136,7 @@ fn sse_of(
         .take_until(until)
         .map(|msg| Ok::<_, Infallible>(Event::default().data(serde_json::to_string(&msg).unwrap_or_default())));
     let sse = Sse::new(events);
-    if keep_alive {
-        sse.keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response()
-    } else {
-        sse.into_response()
-    }
+    if keep_alive { sse.keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response() } else { sse.into_response() }
 }
 
 /// Ends a multiplexed answer with a timeout error if its response does not come in time.

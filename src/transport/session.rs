@@ -41,11 +41,16 @@ pub struct SessionState {
     pub features: u8,
 }
 
-/// Seals and opens session ids with one key.
+/// Seals and opens session ids with one key. Opened ids are remembered (up to
+/// [`OPENED_CAP`]), so a session's later requests skip the decryption.
 #[derive(Clone)]
 pub struct Sealer {
     cipher: XChaCha20Poly1305,
+    opened: std::sync::Arc<dashmap::DashMap<String, (String, SessionState)>>,
 }
+
+/// How many opened ids a sealer remembers before it starts over.
+pub const OPENED_CAP: usize = 10_000;
 
 impl std::fmt::Debug for Sealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -58,9 +63,7 @@ const NONCE_LEN: usize = 24;
 impl Sealer {
     /// A sealer keyed by `key` (derive it for this purpose only).
     pub fn new(key: &Key) -> Sealer {
-        Sealer {
-            cipher: XChaCha20Poly1305::new(key.bytes().into()),
-        }
+        Sealer { cipher: XChaCha20Poly1305::new(key.bytes().into()), opened: Default::default() }
     }
 
     /// Encrypts `state`, bound to `binding` (the server name, and later the principal).
@@ -71,13 +74,7 @@ impl Sealer {
         let nonce = XNonce::from(nonce_bytes);
         let sealed = self
             .cipher
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: &plain,
-                    aad: binding.as_bytes(),
-                },
-            )
+            .encrypt(&nonce, Payload { msg: &plain, aad: binding.as_bytes() })
             .expect("encryption of a small buffer cannot fail");
         let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
         out.extend_from_slice(&nonce_bytes);
@@ -87,6 +84,18 @@ impl Sealer {
 
     /// Decrypts a session id; `None` for anything forged, altered, or bound elsewhere.
     pub fn open(&self, id: &str, binding: &str) -> Option<SessionState> {
+        if let Some(hit) = self.opened.get(id) {
+            return (hit.0 == binding).then(|| hit.1.clone());
+        }
+        let state = self.decrypt(id, binding)?;
+        if self.opened.len() >= OPENED_CAP {
+            self.opened.clear();
+        }
+        self.opened.insert(id.to_owned(), (binding.to_owned(), state.clone()));
+        Some(state)
+    }
+
+    fn decrypt(&self, id: &str, binding: &str) -> Option<SessionState> {
         if id.len() > 4096 {
             return None;
         }
@@ -96,16 +105,7 @@ impl Sealer {
         }
         let (nonce, sealed) = bytes.split_at(NONCE_LEN);
         let nonce = XNonce::try_from(nonce).ok()?;
-        let plain = self
-            .cipher
-            .decrypt(
-                &nonce,
-                Payload {
-                    msg: sealed,
-                    aad: binding.as_bytes(),
-                },
-            )
-            .ok()?;
+        let plain = self.cipher.decrypt(&nonce, Payload { msg: sealed, aad: binding.as_bytes() }).ok()?;
         let state: SessionState = serde_json::from_slice(&plain).ok()?;
         (state.version == 1).then_some(state)
     }
@@ -151,11 +151,7 @@ mod tests {
         let mut bytes = URL_SAFE_NO_PAD.decode(&id).expect("b64");
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
-        assert_eq!(
-            sealer.open(&URL_SAFE_NO_PAD.encode(bytes), "everything"),
-            None,
-            "altered"
-        );
+        assert_eq!(sealer.open(&URL_SAFE_NO_PAD.encode(bytes), "everything"), None, "altered");
         assert_eq!(Sealer::new(&Key::random()).open(&id, "everything"), None, "other key");
         assert_eq!(sealer.open("not-a-session", "everything"), None);
     }

@@ -25,8 +25,8 @@ pub const PROTOCOL_HEADER: &str = "mcp-protocol-version";
 const ACCEPT_BOTH: &str = "application/json, text/event-stream";
 /// Largest error-body excerpt put into a message.
 const DETAIL_CHARS: usize = 200;
-/// Largest JSON body read from an upstream (larger answers must stream as SSE).
-const MAX_JSON_BYTES: usize = 64 * 1024 * 1024;
+/// JSON answers up to this size are read whole; larger ones are relayed as they arrive.
+const BUFFERED_JSON_BYTES: u64 = 16 * 1024;
 
 /// A Streamable HTTP upstream.
 pub struct HttpUpstream {
@@ -46,38 +46,23 @@ impl HttpUpstream {
     /// A connector for `url` (connects lazily).
     pub fn new(name: Arc<str>, url: Url, client: reqwest::Client, timeout: Duration, stateless: bool) -> HttpUpstream {
         let mode = AtomicU8::new(if stateless { MODE_STATELESS } else { MODE_UNKNOWN });
-        HttpUpstream {
-            name,
-            url,
-            client,
-            timeout,
-            mode,
-        }
+        HttpUpstream { name, url, client, timeout, mode }
     }
 
     fn unreachable(&self, e: &reqwest::Error) -> UpstreamError {
         if e.is_timeout() {
-            return UpstreamError::Timeout {
-                server: self.name.to_string(),
-                after: self.timeout,
-            };
+            return UpstreamError::Timeout { server: self.name.to_string(), after: self.timeout };
         }
         // reqwest's Display names the URL; keep only the innermost cause.
         let mut cause: &dyn std::error::Error = e;
         while let Some(next) = cause.source() {
             cause = next;
         }
-        UpstreamError::Unreachable {
-            server: self.name.to_string(),
-            cause: cause.to_string(),
-        }
+        UpstreamError::Unreachable { server: self.name.to_string(), cause: cause.to_string() }
     }
 
     fn request(&self, method: reqwest::Method, session: Option<&SessionState>) -> reqwest::RequestBuilder {
-        let mut req = self
-            .client
-            .request(method, self.url.clone())
-            .header(header::ACCEPT, ACCEPT_BOTH);
+        let mut req = self.client.request(method, self.url.clone()).header(header::ACCEPT, ACCEPT_BOTH);
         if let Some(s) = session {
             if let Some(id) = &s.upstream_session {
                 req = req.header(SESSION_HEADER, id);
@@ -91,16 +76,8 @@ impl HttpUpstream {
         let status = resp.status().as_u16();
         let body = resp.text().await.unwrap_or_default();
         let excerpt: String = body.chars().filter(|c| !c.is_control()).take(DETAIL_CHARS).collect();
-        let detail = if excerpt.is_empty() {
-            String::new()
-        } else {
-            format!(": {excerpt}")
-        };
-        UpstreamError::Status {
-            server: self.name.to_string(),
-            status,
-            detail,
-        }
+        let detail = if excerpt.is_empty() { String::new() } else { format!(": {excerpt}") };
+        UpstreamError::Status { server: self.name.to_string(), status, detail }
     }
 
     /// Opens an upstream session: `initialize` (then `notifications/initialized`), or, for an
@@ -133,12 +110,7 @@ impl HttpUpstream {
 
     /// Sends a lifecycle request of the gateway's own; any non-success status is an error.
     async fn lifecycle(&self, req: reqwest::RequestBuilder, body: &Value) -> Result<reqwest::Response, UpstreamError> {
-        let resp = req
-            .json(body)
-            .timeout(self.timeout)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(&e))?;
+        let resp = req.json(body).timeout(self.timeout).send().await.map_err(|e| self.unreachable(&e))?;
         if !resp.status().is_success() {
             return Err(self.status_error(resp).await);
         }
@@ -148,11 +120,7 @@ impl HttpUpstream {
     async fn initialize(&self, hello: &ClientHello) -> Result<Opened, UpstreamError> {
         let body = initialize_request(Value::from(0), hello);
         let resp = self.lifecycle(self.request(reqwest::Method::POST, None), &body).await?;
-        let session = resp
-            .headers()
-            .get(SESSION_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let session = resp.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let response = self.single_response(resp, &Value::from(0)).await?;
         let opened = opened_from_response(&self.name, response, session)?;
         let state = SessionState {
@@ -179,10 +147,7 @@ impl HttpUpstream {
     /// Reads the response with `id` from a JSON or SSE answer.
     async fn single_response(&self, resp: reqwest::Response, id: &Value) -> Result<Value, UpstreamError> {
         let is_sse = content_type(resp.headers()).starts_with("text/event-stream");
-        let protocol = |detail: String| UpstreamError::Protocol {
-            server: self.name.to_string(),
-            detail,
-        };
+        let protocol = |detail: String| UpstreamError::Protocol { server: self.name.to_string(), detail };
         if !is_sse {
             let bytes = resp.bytes().await.map_err(|e| self.unreachable(&e))?;
             return serde_json::from_slice(&bytes).map_err(|e| protocol(format!("invalid JSON: {e}")));
@@ -218,13 +183,8 @@ impl HttpUpstream {
         if message.kind != Kind::Request {
             return exchange.await;
         }
-        let timeout = UpstreamError::Timeout {
-            server: self.name.to_string(),
-            after: self.timeout,
-        };
-        tokio::time::timeout(self.timeout, exchange)
-            .await
-            .map_err(|_| timeout)?
+        let timeout = UpstreamError::Timeout { server: self.name.to_string(), after: self.timeout };
+        tokio::time::timeout(self.timeout, exchange).await.map_err(|_| timeout)?
     }
 
     async fn relay(&self, resp: reqwest::Response, session: &SessionState) -> Result<Reply, UpstreamError> {
@@ -234,18 +194,11 @@ impl HttpUpstream {
                 if content_type(resp.headers()).starts_with("text/event-stream") {
                     return Ok(Reply::Sse(resp));
                 }
-                if resp.content_length().is_some_and(|n| n > MAX_JSON_BYTES as u64) {
-                    return Err(UpstreamError::Protocol {
-                        server: self.name.to_string(),
-                        detail: "JSON answer larger than 64 MiB".to_owned(),
-                    });
+                if resp.content_length().is_none_or(|n| n > BUFFERED_JSON_BYTES) {
+                    return Ok(Reply::JsonBody(resp));
                 }
                 let bytes = resp.bytes().await.map_err(|e| self.unreachable(&e))?;
-                if bytes.is_empty() {
-                    Ok(Reply::Accepted)
-                } else {
-                    Ok(Reply::Json(bytes))
-                }
+                if bytes.is_empty() { Ok(Reply::Accepted) } else { Ok(Reply::Json(bytes)) }
             }
             StatusCode::NOT_FOUND if session.upstream_session.is_some() => Err(UpstreamError::SessionExpired),
             StatusCode::METHOD_NOT_ALLOWED => Ok(Reply::Status(StatusCode::METHOD_NOT_ALLOWED)),
@@ -259,9 +212,7 @@ impl HttpUpstream {
             // The stateless revision has no GET stream.
             return Ok(Reply::Status(StatusCode::METHOD_NOT_ALLOWED));
         }
-        let mut req = self
-            .request(reqwest::Method::GET, Some(session))
-            .header(header::ACCEPT, "text/event-stream");
+        let mut req = self.request(reqwest::Method::GET, Some(session)).header(header::ACCEPT, "text/event-stream");
         if let Some(id) = last_event_id.and_then(|v| HeaderValue::from_str(v).ok()) {
             req = req.header("last-event-id", id);
         }
@@ -328,10 +279,7 @@ impl HttpUpstream {
             .is_some_and(|v| v.iter().any(|x| x == version::STATELESS));
         if !speaks {
             let detail = "server/discover does not list 2026-07-28".to_owned();
-            return Err(UpstreamError::Protocol {
-                server: self.name.to_string(),
-                detail,
-            });
+            return Err(UpstreamError::Protocol { server: self.name.to_string(), detail });
         }
         let server_info = result
             .pointer("/_meta/io.modelcontextprotocol~1serverInfo")
@@ -345,11 +293,7 @@ impl HttpUpstream {
         if let Some(i) = result.get("instructions") {
             init["instructions"] = i.clone();
         }
-        Ok(Opened {
-            upstream_session: None,
-            upstream_protocol: version::STATELESS.to_owned(),
-            result: init,
-        })
+        Ok(Opened { upstream_session: None, upstream_protocol: version::STATELESS.to_owned(), result: init })
     }
 
     /// Relays to a stateless upstream: every request gets the `_meta` the revision requires,
@@ -365,25 +309,17 @@ impl HttpUpstream {
             // Notifications of the session lifecycle have no meaning without a session.
             return Ok(Reply::Accepted);
         }
-        let mut value = message.value().map_err(|e| UpstreamError::Protocol {
-            server: self.name.to_string(),
-            detail: e.to_string(),
-        })?;
+        let mut value = message
+            .value()
+            .map_err(|e| UpstreamError::Protocol { server: self.name.to_string(), detail: e.to_string() })?;
         let hello = session.hello.clone().unwrap_or(Value::Null);
-        let caps = hello
-            .get("capabilities")
-            .cloned()
-            .unwrap_or_else(|| serde_json::json!({}));
-        let info = hello
-            .get("clientInfo")
-            .cloned()
-            .unwrap_or_else(|| serde_json::json!({"name": "unknown", "version": "0"}));
+        let caps = hello.get("capabilities").cloned().unwrap_or_else(|| serde_json::json!({}));
+        let info =
+            hello.get("clientInfo").cloned().unwrap_or_else(|| serde_json::json!({"name": "unknown", "version": "0"}));
         if !value.get("params").is_some_and(Value::is_object) {
             value["params"] = serde_json::json!({});
         }
-        let meta = value["params"]
-            .as_object_mut()
-            .map(|p| p.entry("_meta").or_insert_with(|| serde_json::json!({})));
+        let meta = value["params"].as_object_mut().map(|p| p.entry("_meta").or_insert_with(|| serde_json::json!({})));
         if let Some(Value::Object(meta)) = meta {
             for (k, v) in request_meta(&caps, &info).as_object().into_iter().flatten() {
                 meta.entry(k.clone()).or_insert_with(|| v.clone());
@@ -427,11 +363,7 @@ fn for_stateful_client(mut msg: Value, server: &str) -> Value {
     let Some(result) = msg.get_mut("result").and_then(Value::as_object_mut) else {
         return msg;
     };
-    if result
-        .get("resultType")
-        .and_then(Value::as_str)
-        .is_some_and(|t| t != "complete")
-    {
+    if result.get("resultType").and_then(Value::as_str).is_some_and(|t| t != "complete") {
         let text =
             format!("upstream server '{server}' asked for client input, which the gateway cannot relay to this client");
         return error_response(msg.get("id"), code::UPSTREAM_ERROR, &text);
@@ -443,8 +375,5 @@ fn for_stateful_client(mut msg: Value, server: &str) -> Value {
 }
 
 fn content_type(headers: &http::HeaderMap) -> &str {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("")
 }

@@ -48,6 +48,8 @@ pub enum Reply {
     Accepted,
     /// One JSON body.
     Json(Bytes),
+    /// A large JSON body relayed as it arrives from an HTTP upstream.
+    JsonBody(reqwest::Response),
     /// An SSE body relayed byte for byte from an HTTP upstream.
     Sse(reqwest::Response),
     /// Messages produced by a multiplexed upstream (stdio, legacy SSE), response last.
@@ -121,13 +123,9 @@ impl Upstream {
     pub fn new(config: &ServerConfig, client: reqwest::Client) -> Upstream {
         let name: Arc<str> = Arc::from(config.name.as_str());
         match &config.transport {
-            ServerTransport::StreamableHttp { url, stateless } => Upstream::Http(http::HttpUpstream::new(
-                name,
-                url.clone(),
-                client,
-                config.request_timeout,
-                *stateless,
-            )),
+            ServerTransport::StreamableHttp { url, stateless } => {
+                Upstream::Http(http::HttpUpstream::new(name, url.clone(), client, config.request_timeout, *stateless))
+            }
             ServerTransport::Sse { url } => {
                 Upstream::Sse(sse::SseUpstream::new(name, url.clone(), client, config.request_timeout))
             }
@@ -218,28 +216,17 @@ pub fn opened_from_response(
 ) -> Result<Opened, UpstreamError> {
     if let Some(err) = response.get("error") {
         let msg = err.get("message").and_then(Value::as_str).unwrap_or("error");
-        return Err(UpstreamError::Protocol {
-            server: server.to_owned(),
-            detail: format!("initialize failed: {msg}"),
-        });
+        return Err(UpstreamError::Protocol { server: server.to_owned(), detail: format!("initialize failed: {msg}") });
     }
     let result = response.get("result").cloned().unwrap_or(Value::Null);
-    let version = result
-        .get("protocolVersion")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
+    let version = result.get("protocolVersion").and_then(Value::as_str).unwrap_or_default().to_owned();
     if !crate::mcp::version::is_supported(&version) {
         return Err(UpstreamError::Protocol {
             server: server.to_owned(),
             detail: format!("unsupported protocol version {version:?}"),
         });
     }
-    Ok(Opened {
-        upstream_session,
-        upstream_protocol: version,
-        result,
-    })
+    Ok(Opened { upstream_session, upstream_protocol: version, result })
 }
 
 /// Any reply as a stream of messages (parsing JSON and SSE bodies), for paths that must read
@@ -256,6 +243,9 @@ pub fn messages_of(reply: Reply) -> MessageStream {
             };
             futures::stream::iter(items).boxed()
         }
+        Reply::JsonBody(resp) => futures::stream::once(async move { resp.bytes().await.unwrap_or_default() })
+            .flat_map(|bytes| messages_of(Reply::Json(bytes)))
+            .boxed(),
         Reply::Sse(resp) => sse_stream::SseStream::from_bytes_stream(resp.bytes_stream())
             .filter_map(|event| async move { serde_json::from_str(event.ok()?.data.as_deref()?).ok() })
             .boxed(),

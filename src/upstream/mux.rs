@@ -79,12 +79,7 @@ pub struct Mux {
 impl Mux {
     /// A mux writing outgoing messages (one JSON text each) to `out`.
     pub fn new(server: Arc<str>, out: mpsc::UnboundedSender<Bytes>) -> Mux {
-        Mux {
-            server,
-            out,
-            state: Arc::default(),
-            next_id: AtomicU64::new(1),
-        }
+        Mux { server, out, state: Arc::default(), next_id: AtomicU64::new(1) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -92,10 +87,7 @@ impl Mux {
     }
 
     fn closed_error(&self, why: &str) -> UpstreamError {
-        UpstreamError::Process {
-            server: self.server.to_string(),
-            detail: why.to_owned(),
-        }
+        UpstreamError::Process { server: self.server.to_string(), detail: why.to_owned() }
     }
 
     /// Whether the pipe has ended.
@@ -124,24 +116,10 @@ impl Mux {
                 st.progress.insert(ours.clone(), (gid, client_token));
                 ours
             });
-            st.pending.insert(
-                gid,
-                Pending {
-                    session: session.to_owned(),
-                    features,
-                    client_id,
-                    tx,
-                    progress,
-                },
-            );
+            st.pending.insert(gid, Pending { session: session.to_owned(), features, client_id, tx, progress });
         }
         self.write(&value)?;
-        let cancel = CancelOnDrop {
-            state: self.state.clone(),
-            out: self.out.clone(),
-            gid,
-            answered: false,
-        };
+        let cancel = CancelOnDrop { state: self.state.clone(), out: self.out.clone(), gid, answered: false };
         Ok(Box::pin(Answer { rx, cancel }))
     }
 
@@ -231,10 +209,7 @@ impl Mux {
             return;
         }
         if method == "notifications/progress" {
-            let token = msg
-                .pointer("/params/progressToken")
-                .and_then(Value::as_str)
-                .unwrap_or("");
+            let token = msg.pointer("/params/progressToken").and_then(Value::as_str).unwrap_or("");
             if let Some((gid, client_token)) = st.progress.get(token).cloned() {
                 msg["params"]["progressToken"] = client_token;
                 if let Some(p) = st.pending.get(&gid) {
@@ -277,8 +252,7 @@ impl Mux {
         st.closed = Some(why.to_owned());
         let text = format!("upstream server '{}' {why}", self.server);
         for (_, p) in st.pending.drain() {
-            let _ =
-                p.tx.send(error_response(Some(&p.client_id), code::UPSTREAM_ERROR, &text));
+            let _ = p.tx.send(error_response(Some(&p.client_id), code::UPSTREAM_ERROR, &text));
         }
         st.progress.clear();
         st.listeners.clear();
@@ -385,21 +359,13 @@ mod tests {
     #[tokio::test]
     async fn a_closed_pipe_fails_pending_requests_with_a_clear_error() {
         let (mux, _out) = mux();
-        let mut s = mux
-            .request("a", 7, json!({"jsonrpc":"2.0","id":"x","method":"tools/call"}))
-            .expect("sent");
+        let mut s = mux.request("a", 7, json!({"jsonrpc":"2.0","id":"x","method":"tools/call"})).expect("sent");
         mux.close("exited (exit status: 1)");
         let err = s.next().await.expect("error response");
         assert_eq!(err["id"], "x");
-        assert_eq!(
-            err["error"]["message"],
-            "upstream server 'files' exited (exit status: 1)"
-        );
+        assert_eq!(err["error"]["message"], "upstream server 'files' exited (exit status: 1)");
         assert!(s.next().await.is_none());
-        assert!(
-            mux.request("a", 7, json!({"jsonrpc":"2.0","id":1,"method":"ping"}))
-                .is_err()
-        );
+        assert!(mux.request("a", 7, json!({"jsonrpc":"2.0","id":1,"method":"ping"})).is_err());
     }
 
     #[tokio::test]
@@ -408,20 +374,12 @@ mod tests {
         let mut listen = mux.listen("a", 7).expect("listening");
         mux.route(json!({"jsonrpc":"2.0","id":9,"method":"roots/list"}));
         assert_eq!(listen.next().await.expect("to listener")["method"], "roots/list");
-        let mut call = mux
-            .request("b", 7, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
-            .expect("sent");
+        let mut call = mux.request("b", 7, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"})).expect("sent");
         let _ = sent(&mut out);
         mux.route(json!({"jsonrpc":"2.0","id":10,"method":"sampling/createMessage"}));
-        assert_eq!(
-            call.next().await.expect("to caller")["method"],
-            "sampling/createMessage"
-        );
+        assert_eq!(call.next().await.expect("to caller")["method"], "sampling/createMessage");
         mux.route(json!({"jsonrpc":"2.0","method":"notifications/tools/list_changed"}));
-        assert_eq!(
-            listen.next().await.expect("broadcast")["method"],
-            "notifications/tools/list_changed"
-        );
+        assert_eq!(listen.next().await.expect("broadcast")["method"], "notifications/tools/list_changed");
         mux.route(json!({"jsonrpc":"2.0","id":"srv","method":"ping"}));
         assert_eq!(sent(&mut out), json!({"jsonrpc":"2.0","id":"srv","result":{}}));
     }
@@ -430,47 +388,31 @@ mod tests {
     async fn server_requests_go_only_to_clients_that_declared_the_capability() {
         let (mux, mut out) = mux();
         let mut able = mux
-            .request(
-                "able",
-                features::SAMPLING,
-                json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}),
-            )
+            .request("able", features::SAMPLING, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
             .expect("sent");
         let _ = sent(&mut out);
-        let _unable = mux
-            .request("unable", 0, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
-            .expect("sent");
+        let _unable = mux.request("unable", 0, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"})).expect("sent");
         let _ = sent(&mut out);
         mux.route(json!({"jsonrpc":"2.0","id":10,"method":"sampling/createMessage"}));
         assert_eq!(able.next().await.expect("to the able client")["id"], 10);
         mux.route(json!({"jsonrpc":"2.0","id":11,"method":"elicitation/create"}));
         let refusal = sent(&mut out);
         assert_eq!(refusal["id"], 11);
-        assert_eq!(
-            refusal["error"]["message"],
-            "no connected client can answer elicitation/create"
-        );
-        assert_eq!(
-            features::from_capabilities(&json!({"sampling": {}, "roots": {"listChanged": true}})),
-            5
-        );
+        assert_eq!(refusal["error"]["message"], "no connected client can answer elicitation/create");
+        assert_eq!(features::from_capabilities(&json!({"sampling": {}, "roots": {"listChanged": true}})), 5);
     }
 
     #[tokio::test]
     async fn a_request_whose_client_went_away_is_cancelled_upstream() {
         let (mux, mut out) = mux();
-        let s = mux
-            .request("a", 7, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
-            .expect("sent");
+        let s = mux.request("a", 7, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"})).expect("sent");
         let gid = sent(&mut out)["id"].clone();
         drop(s);
         let note = sent(&mut out);
         assert_eq!(note["method"], "notifications/cancelled");
         assert_eq!(note["params"]["requestId"], gid);
         // An answered request is not cancelled.
-        let mut s = mux
-            .request("a", 7, json!({"jsonrpc":"2.0","id":2,"method":"tools/call"}))
-            .expect("sent");
+        let mut s = mux.request("a", 7, json!({"jsonrpc":"2.0","id":2,"method":"tools/call"})).expect("sent");
         let gid = sent(&mut out)["id"].clone();
         mux.route(json!({"jsonrpc":"2.0","id":gid,"result":{}}));
         assert!(s.next().await.is_some());

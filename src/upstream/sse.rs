@@ -43,20 +43,11 @@ pub struct SseUpstream {
 impl SseUpstream {
     /// A connector for the SSE endpoint `url`.
     pub fn new(name: Arc<str>, url: Url, client: reqwest::Client, timeout: Duration) -> SseUpstream {
-        SseUpstream {
-            name,
-            url,
-            client,
-            timeout,
-            connections: DashMap::new(),
-        }
+        SseUpstream { name, url, client, timeout, connections: DashMap::new() }
     }
 
     fn err(&self, detail: impl Into<String>) -> UpstreamError {
-        UpstreamError::Protocol {
-            server: self.name.to_string(),
-            detail: detail.into(),
-        }
+        UpstreamError::Protocol { server: self.name.to_string(), detail: detail.into() }
     }
 
     /// Opens the stream, waits for the endpoint, and initializes with the client's hello.
@@ -68,10 +59,7 @@ impl SseUpstream {
             .timeout(self.timeout)
             .send()
             .await
-            .map_err(|e| UpstreamError::Unreachable {
-                server: self.name.to_string(),
-                cause: e.to_string(),
-            })?;
+            .map_err(|e| UpstreamError::Unreachable { server: self.name.to_string(), cause: e.to_string() })?;
         if !resp.status().is_success() {
             return Err(UpstreamError::Status {
                 server: self.name.to_string(),
@@ -92,10 +80,7 @@ impl SseUpstream {
         .ok()
         .flatten()
         .ok_or_else(|| self.err("sent no `endpoint` event"))?;
-        let endpoint = self
-            .url
-            .join(endpoint.trim())
-            .map_err(|e| self.err(format!("bad endpoint: {e}")))?;
+        let endpoint = self.url.join(endpoint.trim()).map_err(|e| self.err(format!("bad endpoint: {e}")))?;
         // Only post where the stream came from: the endpoint is upstream-controlled input.
         if endpoint.origin() != self.url.origin() {
             return Err(self.err("announced an endpoint on another origin"));
@@ -117,16 +102,10 @@ impl SseUpstream {
             }
         });
         let poster = tokio::spawn(post_loop(self.client.clone(), endpoint, out_rx, mux.clone()));
-        let conn = Connection {
-            mux: mux.clone(),
-            tasks: [reader, poster],
-        };
+        let conn = Connection { mux: mux.clone(), tasks: [reader, poster] };
         let response = tokio::time::timeout(self.timeout, mux.call(super::initialize_request(Value::from(0), hello)))
             .await
-            .map_err(|_| UpstreamError::Timeout {
-                server: self.name.to_string(),
-                after: self.timeout,
-            })??;
+            .map_err(|_| UpstreamError::Timeout { server: self.name.to_string(), after: self.timeout })??;
         let opened = super::opened_from_response(&self.name, response, None)?;
         mux.forward(
             "",
@@ -150,9 +129,7 @@ impl SseUpstream {
 
     /// The session's server-to-client stream.
     pub async fn listen(&self, session: &SessionState) -> Result<Reply, UpstreamError> {
-        Ok(Reply::Messages(
-            self.mux(session)?.listen(&session.key, session.features)?,
-        ))
+        Ok(Reply::Messages(self.mux(session)?.listen(&session.key, session.features)?))
     }
 
     /// Drops the session's connection.
@@ -171,10 +148,7 @@ impl SseUpstream {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| UpstreamError::Unreachable {
-                server: self.name.to_string(),
-                cause: e.to_string(),
-            })
+            .map_err(|e| UpstreamError::Unreachable { server: self.name.to_string(), cause: e.to_string() })
     }
 
     /// Drops every connection.
@@ -185,12 +159,8 @@ impl SseUpstream {
 
 async fn post_loop(client: reqwest::Client, endpoint: Url, mut rx: mpsc::UnboundedReceiver<Bytes>, mux: Arc<Mux>) {
     while let Some(body) = rx.recv().await {
-        let sent = client
-            .post(endpoint.clone())
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await;
+        let sent =
+            client.post(endpoint.clone()).header(header::CONTENT_TYPE, "application/json").body(body).send().await;
         match sent {
             Ok(r) if r.status().is_success() => {}
             Ok(r) => tracing::warn!(status = %r.status(), "legacy SSE upstream refused a message"),

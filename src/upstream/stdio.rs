@@ -67,13 +67,7 @@ const ENDED_CAP: usize = 100_000;
 impl StdioUpstream {
     /// A connector for one configured stdio server (starts nothing).
     pub fn new(config: &ServerConfig) -> StdioUpstream {
-        let ServerTransport::Stdio {
-            command,
-            args,
-            env,
-            cwd,
-        } = &config.transport
-        else {
+        let ServerTransport::Stdio { command, args, env, cwd } = &config.transport else {
             unreachable!("StdioUpstream is built only for stdio servers")
         };
         StdioUpstream {
@@ -89,10 +83,7 @@ impl StdioUpstream {
     }
 
     fn process_error(&self, detail: impl Into<String>) -> UpstreamError {
-        UpstreamError::Process {
-            server: self.name.to_string(),
-            detail: detail.into(),
-        }
+        UpstreamError::Process { server: self.name.to_string(), detail: detail.into() }
     }
 
     /// The live process, started (or restarted after backoff) if needed.
@@ -130,11 +121,7 @@ impl StdioUpstream {
         let mut cmd = Command::new(&self.command);
         cmd.args(&self.args)
             .env_clear()
-            .envs(
-                INHERITED_ENV
-                    .iter()
-                    .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))),
-            )
+            .envs(INHERITED_ENV.iter().filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))))
             .envs(&self.env)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -145,9 +132,8 @@ impl StdioUpstream {
         if let Some(dir) = &self.cwd {
             cmd.current_dir(dir);
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| self.process_error(format!("could not start `{}`: {e}", self.command)))?;
+        let mut child =
+            cmd.spawn().map_err(|e| self.process_error(format!("could not start `{}`: {e}", self.command)))?;
         tracing::info!(server = %self.name, pid = child.id(), "started stdio upstream");
         metrics::counter!("portcullis_stdio_starts_total", "server" => self.name.to_string()).increment(1);
         let (stdin, stdout, stderr) = match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
@@ -172,36 +158,19 @@ impl StdioUpstream {
             "",
             &Message::from_value(&serde_json::json!({"jsonrpc":"2.0","method":"notifications/initialized"})),
         )?;
-        Ok(Running {
-            mux,
-            init: opened.result,
-            child,
-            writer,
-        })
+        Ok(Running { mux, init: opened.result, child, writer })
     }
 
     /// Answers a client's `initialize` from the process's own initialization.
     pub async fn open(&self, _hello: &ClientHello) -> Result<Opened, UpstreamError> {
         let (_, init) = self.running().await?;
-        let upstream_protocol = init
-            .get("protocolVersion")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        Ok(Opened {
-            upstream_session: None,
-            upstream_protocol,
-            result: init,
-        })
+        let upstream_protocol = init.get("protocolVersion").and_then(Value::as_str).unwrap_or_default().to_owned();
+        Ok(Opened { upstream_session: None, upstream_protocol, result: init })
     }
 
     fn check_live(&self, session: &SessionState) -> Result<(), UpstreamError> {
         let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
-        if ended.keys.contains(&session.key) {
-            Err(UpstreamError::SessionExpired)
-        } else {
-            Ok(())
-        }
+        if ended.keys.contains(&session.key) { Err(UpstreamError::SessionExpired) } else { Ok(()) }
     }
 
     /// Relays one client message.
@@ -269,10 +238,9 @@ impl StdioUpstream {
 pub fn send_via_mux(mux: &Mux, session: &SessionState, message: Message) -> Result<Reply, UpstreamError> {
     match message.kind {
         Kind::Request => {
-            let value = message.value().map_err(|e| UpstreamError::Protocol {
-                server: String::new(),
-                detail: e.to_string(),
-            })?;
+            let value = message
+                .value()
+                .map_err(|e| UpstreamError::Protocol { server: String::new(), detail: e.to_string() })?;
             Ok(Reply::Messages(mux.request(&session.key, session.features, value)?))
         }
         Kind::Notification if message.method() == "notifications/initialized" => Ok(Reply::Accepted),

@@ -28,10 +28,7 @@ pub fn node_dir() -> PathBuf {
 
 pub fn python() -> PathBuf {
     let py = repo().join("tests/python/.venv/bin/python");
-    assert!(
-        py.exists(),
-        "tests/python/.venv is missing: run scripts/test-deps.sh (scripts/test does it)"
-    );
+    assert!(py.exists(), "tests/python/.venv is missing: run scripts/test-deps.sh (scripts/test does it)");
     py
 }
 
@@ -84,10 +81,7 @@ impl Fixture {
             .spawn()
             .expect("node runs");
         let url = wait_for_line(&mut child, "listening ").await;
-        Fixture {
-            url,
-            _proc: Proc { child },
-        }
+        Fixture { url, _proc: Proc { child } }
     }
 
     /// The fixture's legacy SSE endpoint.
@@ -98,12 +92,7 @@ impl Fixture {
     /// Every request the fixture received (method, path, headers, body).
     pub async fn requests(&self) -> Vec<Value> {
         let url = self.url.replace("/mcp", "/debug/requests");
-        reqwest::get(url)
-            .await
-            .expect("fixture answers")
-            .json()
-            .await
-            .expect("json")
+        reqwest::get(url).await.expect("fixture answers").json().await.expect("json")
     }
 }
 
@@ -140,10 +129,7 @@ impl Everything {
         let url = format!("http://127.0.0.1:{port}/mcp");
         for _ in 0..100 {
             if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                return Everything {
-                    url,
-                    _proc: Proc { child },
-                };
+                return Everything { url, _proc: Proc { child } };
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -152,11 +138,7 @@ impl Everything {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 /// A whole gateway, in this process, on 127.0.0.1:0.
@@ -180,15 +162,9 @@ impl TestGateway {
             dir.path().display().to_string()
         );
         let config = Config::parse(&text, "test.toml", Vec::new()).unwrap_or_else(|e| panic!("config: {e}"));
-        let gateway = Gateway::start_with_key(config, Key::random())
-            .await
-            .expect("gateway starts");
+        let gateway = Gateway::start_with_key(config, Key::random()).await.expect("gateway starts");
         let base = format!("http://{}", gateway.addr);
-        TestGateway {
-            gateway: Some(gateway),
-            base,
-            dir,
-        }
+        TestGateway { gateway: Some(gateway), base, dir }
     }
 
     pub fn url(&self, server: &str) -> String {
@@ -206,32 +182,19 @@ impl TestGateway {
 async fn driver(program: &Path, script: &Path, url: &str, scenario: &str, extra: &[&str]) -> Value {
     let out = tokio::time::timeout(
         Duration::from_secs(90),
-        Command::new(program)
-            .arg(script)
-            .arg(url)
-            .arg(scenario)
-            .args(extra)
-            .kill_on_drop(true)
-            .output(),
+        Command::new(program).arg(script).arg(url).arg(scenario).args(extra).kill_on_drop(true).output(),
     )
     .await
     .unwrap_or_else(|_| panic!("{scenario}: driver timed out"))
     .expect("driver runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let last = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .unwrap_or("{}");
+    let last = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or("{}");
     let report: Value = serde_json::from_str(last).unwrap_or(Value::Null);
     assert!(
         out.status.success() && report["ok"] == Value::Bool(true),
         "{} {scenario} against {url} failed ({}):\n{last}\n{stderr}",
-        script
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        script.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
         out.status
     );
     report
@@ -239,26 +202,12 @@ async fn driver(program: &Path, script: &Path, url: &str, scenario: &str, extra:
 
 /// The official Python SDK client.
 pub async fn py(url: &str, scenario: &str, extra: &[&str]) -> Value {
-    driver(
-        &python(),
-        &repo().join("tests/python/client_driver.py"),
-        url,
-        scenario,
-        extra,
-    )
-    .await
+    driver(&python(), &repo().join("tests/python/client_driver.py"), url, scenario, extra).await
 }
 
 /// The official TypeScript SDK client.
 pub async fn ts(url: &str, scenario: &str, extra: &[&str]) -> Value {
-    driver(
-        Path::new("node"),
-        &node_dir().join("client-driver.mjs"),
-        url,
-        scenario,
-        extra,
-    )
-    .await
+    driver(Path::new("node"), &node_dir().join("client-driver.mjs"), url, scenario, extra).await
 }
 
 /// A raw JSON-RPC POST with the usual MCP headers.
@@ -269,9 +218,7 @@ pub fn post(client: &reqwest::Client, url: &str, body: &Value, session: Option<&
         .header("accept", "application/json, text/event-stream")
         .json(body);
     if let Some(s) = session {
-        req = req
-            .header("mcp-session-id", s)
-            .header("mcp-protocol-version", "2025-11-25");
+        req = req.header("mcp-session-id", s).header("mcp-protocol-version", "2025-11-25");
     }
     req
 }
@@ -296,16 +243,10 @@ pub async fn raw_session(client: &reqwest::Client, url: &str) -> String {
 
 /// Parses a JSON or SSE body into its JSON-RPC messages.
 pub async fn messages(resp: reqwest::Response) -> Vec<Value> {
-    let sse = resp
-        .headers()
-        .get("content-type")
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let sse = resp.headers().get("content-type").is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let text = resp.text().await.expect("body");
     if !sse {
         return vec![serde_json::from_str(&text).expect("json body")];
     }
-    text.lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .filter_map(|d| serde_json::from_str(d.trim()).ok())
-        .collect()
+    text.lines().filter_map(|l| l.strip_prefix("data:")).filter_map(|d| serde_json::from_str(d.trim()).ok()).collect()
 }

@@ -23,22 +23,15 @@ async fn run_suite(url: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_server_scenario_passes_through_the_gateway_to_an_http_upstream() {
     let fixture = Fixture::start(&[]).await;
-    let gw = TestGateway::start(&format!(
-        "[[servers]]\nname = \"fx\"\nurl = \"{}\"\npublic = true\n",
-        fixture.url
-    ))
-    .await;
+    let gw =
+        TestGateway::start(&format!("[[servers]]\nname = \"fx\"\nurl = \"{}\"\npublic = true\n", fixture.url)).await;
     run_suite(&gw.url("fx")).await;
     gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_server_scenario_passes_through_the_gateway_to_a_stdio_upstream() {
-    let gw = TestGateway::start(&format!(
-        "[[servers]]\nname = \"fxs\"\n{}public = true\n",
-        fixture_stdio_toml()
-    ))
-    .await;
+    let gw = TestGateway::start(&format!("[[servers]]\nname = \"fxs\"\n{}public = true\n", fixture_stdio_toml())).await;
     run_suite(&gw.url("fxs")).await;
     gw.stop().await;
 }

@@ -36,40 +36,17 @@ async fn requests_are_refused_with_the_right_status_and_code() {
     let url = gw.url("fx");
 
     // DNS rebinding: a foreign Origin or Host gets 403 (conformance: dns-rebinding-protection).
-    let r = post(&c, &url, &init_body(), None)
-        .header("origin", "http://evil.example.com")
-        .send()
-        .await
-        .expect("sent");
+    let r = post(&c, &url, &init_body(), None).header("origin", "http://evil.example.com").send().await.expect("sent");
     assert_eq!(r.status(), 403);
-    let r = post(&c, &url, &init_body(), None)
-        .header("host", "evil.example.com")
-        .send()
-        .await
-        .expect("sent");
+    let r = post(&c, &url, &init_body(), None).header("host", "evil.example.com").send().await.expect("sent");
     assert_eq!(r.status(), 403);
 
     // Unknown server: 404 naming it.
-    let (status, body) = error_of(
-        post(&c, &gw.url("nope"), &init_body(), None)
-            .send()
-            .await
-            .expect("sent"),
-    )
-    .await;
-    assert_eq!(
-        (status, body["error"]["message"].as_str()),
-        (404, Some("unknown server 'nope'"))
-    );
+    let (status, body) = error_of(post(&c, &gw.url("nope"), &init_body(), None).send().await.expect("sent")).await;
+    assert_eq!((status, body["error"]["message"].as_str()), (404, Some("unknown server 'nope'")));
 
     // Not JSON: 400 with a JSON-RPC parse error.
-    let r = c
-        .post(&url)
-        .header("content-type", "application/json")
-        .body("{nope")
-        .send()
-        .await
-        .expect("sent");
+    let r = c.post(&url).header("content-type", "application/json").body("{nope").send().await.expect("sent");
     let (status, body) = error_of(r).await;
     assert_eq!((status, body["error"]["code"].as_i64()), (400, Some(-32700)));
 
@@ -83,13 +60,7 @@ async fn requests_are_refused_with_the_right_status_and_code() {
     assert_eq!(post(&c, &url, &big, None).send().await.expect("sent").status(), 413);
 
     // Wrong media type: 415. A client that accepts neither JSON nor SSE: 406.
-    let r = c
-        .post(&url)
-        .header("content-type", "text/plain")
-        .body("{}")
-        .send()
-        .await
-        .expect("sent");
+    let r = c.post(&url).header("content-type", "text/plain").body("{}").send().await.expect("sent");
     assert_eq!(r.status(), 415);
     let r = c
         .post(&url)
@@ -105,23 +76,9 @@ async fn requests_are_refused_with_the_right_status_and_code() {
     let ping = json!({"jsonrpc": "2.0", "id": 5, "method": "ping"});
     let (status, body) = error_of(post(&c, &url, &ping, None).send().await.expect("sent")).await;
     assert_eq!((status, body["id"].as_i64()), (400, Some(5)));
-    assert_eq!(
-        post(&c, &url, &ping, Some("forged"))
-            .send()
-            .await
-            .expect("sent")
-            .status(),
-        404
-    );
+    assert_eq!(post(&c, &url, &ping, Some("forged")).send().await.expect("sent").status(), 404);
     let session = raw_session(&c, &url).await;
-    assert_eq!(
-        post(&c, &gw.url("fxs"), &ping, Some(&session))
-            .send()
-            .await
-            .expect("sent")
-            .status(),
-        404
-    );
+    assert_eq!(post(&c, &gw.url("fxs"), &ping, Some(&session)).send().await.expect("sent").status(), 404);
     let r = post(&c, &url, &ping, None)
         .header("mcp-session-id", &session)
         .header("mcp-protocol-version", "1999-01-01")
@@ -130,24 +87,12 @@ async fn requests_are_refused_with_the_right_status_and_code() {
         .expect("sent");
     assert_eq!(r.status(), 400);
     let msgs = messages(post(&c, &url, &ping, Some(&session)).send().await.expect("sent")).await;
-    assert_eq!(
-        msgs.last().expect("answer")["result"],
-        json!({}),
-        "the session still works"
-    );
+    assert_eq!(msgs.last().expect("answer")["result"], json!({}), "the session still works");
 
     // Not public and no identity yet: 401 with a Bearer challenge.
-    let r = post(&c, &gw.url("private"), &init_body(), None)
-        .send()
-        .await
-        .expect("sent");
+    let r = post(&c, &gw.url("private"), &init_body(), None).send().await.expect("sent");
     assert_eq!(r.status(), 401);
-    assert!(
-        r.headers()["www-authenticate"]
-            .to_str()
-            .expect("ascii")
-            .starts_with("Bearer")
-    );
+    assert!(r.headers()["www-authenticate"].to_str().expect("ascii").starts_with("Bearer"));
 
     gw.stop().await;
 }
@@ -156,13 +101,7 @@ async fn requests_are_refused_with_the_right_status_and_code() {
 async fn an_unreachable_upstream_answers_a_json_rpc_error_naming_it() {
     let (_fixture, gw) = gateway_with_fixture().await;
     let c = reqwest::Client::new();
-    let (status, body) = error_of(
-        post(&c, &gw.url("down"), &init_body(), None)
-            .send()
-            .await
-            .expect("sent"),
-    )
-    .await;
+    let (status, body) = error_of(post(&c, &gw.url("down"), &init_body(), None).send().await.expect("sent")).await;
     assert_eq!(status, 200);
     assert_eq!(body["id"], 1);
     assert_eq!(body["error"]["code"], -32001);
@@ -180,10 +119,7 @@ async fn a_crashed_stdio_upstream_fails_pending_calls_and_restarts() {
     let crash =
         json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "crash", "arguments": {}}});
     let msgs = messages(post(&c, &url, &crash, Some(&session)).send().await.expect("sent")).await;
-    let answer = msgs
-        .iter()
-        .find(|m| m["id"] == 7)
-        .expect("an answer for the pending call");
+    let answer = msgs.iter().find(|m| m["id"] == 7).expect("an answer for the pending call");
     let msg = answer["error"]["message"].as_str().expect("an error");
     assert!(msg.starts_with("upstream server 'fxs' exited"), "{msg}");
     // The next call restarts the process (after a short backoff) on the same client session.
@@ -215,60 +151,30 @@ async fn graceful_shutdown_drains_in_flight_calls() {
         let msgs = messages(resp).await;
         assert!(msgs.last().expect("answer")["result"].is_object(), "{msgs:?}");
     }
-    assert!(
-        reqwest::get(format!("{base}/healthz")).await.is_err(),
-        "no longer listening"
-    );
+    assert!(reqwest::get(format!("{base}/healthz")).await.is_err(), "no longer listening");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn health_readiness_and_metrics() {
     let (_fixture, gw) = gateway_with_fixture().await;
     let c = reqwest::Client::new();
-    assert_eq!(
-        c.get(format!("{}/healthz", gw.base))
-            .send()
-            .await
-            .expect("sent")
-            .status(),
-        200
-    );
+    assert_eq!(c.get(format!("{}/healthz", gw.base)).send().await.expect("sent").status(), 200);
     let ready = c.get(format!("{}/readyz", gw.base)).send().await.expect("sent");
     assert_eq!(ready.status(), 503, "the 'down' server is unreachable");
     let report: Value = ready.json().await.expect("json");
     assert_eq!(report["store"], "ok");
     assert_eq!(report["servers"]["fx"], "ok");
     assert_eq!(report["servers"]["fxs"], "ok");
-    assert!(
-        report["servers"]["down"]
-            .as_str()
-            .is_some_and(|s| s.contains("unreachable"))
-    );
+    assert!(report["servers"]["down"].as_str().is_some_and(|s| s.contains("unreachable")));
     raw_session(&c, &gw.url("fx")).await;
-    let metrics = c
-        .get(format!("{}/metrics", gw.base))
-        .send()
-        .await
-        .expect("sent")
-        .text()
-        .await
-        .expect("text");
+    let metrics = c.get(format!("{}/metrics", gw.base)).send().await.expect("sent").text().await.expect("text");
     assert!(
         metrics.contains(r#"portcullis_requests_total{server="fx",method="initialize",status="200"}"#),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("portcullis_request_duration_seconds_bucket"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(r#"portcullis_sessions_opened_total{server="fx"} 1"#),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(r#"portcullis_stdio_starts_total{server="fxs"} 1"#),
-        "{metrics}"
-    );
+    assert!(metrics.contains("portcullis_request_duration_seconds_bucket"), "{metrics}");
+    assert!(metrics.contains(r#"portcullis_sessions_opened_total{server="fx"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"portcullis_stdio_starts_total{server="fxs"} 1"#), "{metrics}");
     gw.stop().await;
 }
 
@@ -292,18 +198,8 @@ async fn a_slow_upstream_times_out_with_an_error_naming_it() {
         assert_eq!(last["id"], 9, "{server}: {msgs:?}");
         let code = last["error"]["code"].as_i64();
         assert_eq!(code, Some(-32002), "{server}: {last}");
-        assert!(
-            last["error"]["message"]
-                .as_str()
-                .is_some_and(|m| m.ends_with("within 500ms")),
-            "{last}"
-        );
-        assert!(
-            last["error"]["message"]
-                .as_str()
-                .is_some_and(|m| m.contains(&format!("'{server}'"))),
-            "{last}"
-        );
+        assert!(last["error"]["message"].as_str().is_some_and(|m| m.ends_with("within 500ms")), "{last}");
+        assert!(last["error"]["message"].as_str().is_some_and(|m| m.contains(&format!("'{server}'"))), "{last}");
     }
     gw.stop().await;
 }

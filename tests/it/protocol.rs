@@ -37,10 +37,7 @@ impl StatelessServer {
         })
         .await
         .expect("stateless server started");
-        StatelessServer {
-            url,
-            _proc: Proc { child },
-        }
+        StatelessServer { url, _proc: Proc { child } }
     }
 }
 
@@ -65,10 +62,7 @@ async fn a_stateless_client_reaches_a_2025_03_26_upstream() {
     assert_eq!(r["protocol_version"], "2025-06-18");
     // Stateless requests carry no session, so there is no stream to GET.
     let c = reqwest::Client::new();
-    let get = c
-        .get(gw.url("old"))
-        .header("accept", "text/event-stream")
-        .header("mcp-protocol-version", "2026-07-28");
+    let get = c.get(gw.url("old")).header("accept", "text/event-stream").header("mcp-protocol-version", "2026-07-28");
     assert_eq!(get.send().await.expect("sent").status(), 405);
     gw.stop().await;
 }
@@ -97,18 +91,12 @@ async fn an_old_client_reaches_a_stateless_only_upstream() {
     let call =
         json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "whoami", "arguments": {}}});
     let msgs = messages(post(&c, &url, &call, Some(&session)).send().await.expect("sent")).await;
-    let text = msgs.last().expect("answer")["result"]["content"][0]["text"]
-        .as_str()
-        .expect("text")
-        .to_owned();
+    let text = msgs.last().expect("answer")["result"]["content"][0]["text"].as_str().expect("text").to_owned();
     let seen: serde_json::Value = serde_json::from_str(&text).expect("whoami answers JSON");
     assert_eq!(seen["io.modelcontextprotocol/protocolVersion"], "2026-07-28", "{seen}");
     assert_eq!(seen["io.modelcontextprotocol/clientInfo"]["name"], "it", "{seen}");
     assert!(seen["io.modelcontextprotocol/clientCapabilities"].is_object(), "{seen}");
-    assert!(
-        msgs.last().expect("answer")["result"].get("resultType").is_none(),
-        "old clients see no resultType"
-    );
+    assert!(msgs.last().expect("answer")["result"].get("resultType").is_none(), "old clients see no resultType");
     // A 2026-07-28 client passes straight through.
     let r = py(&url, "stateless", &["--protocol", "2026-07-28"]).await;
     assert_eq!(r["echo"], "hello");

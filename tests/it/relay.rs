@@ -23,21 +23,12 @@ async fn python_sdk_client_through_http_and_stdio_upstreams() {
         let basic = py(&url, "basic", &[]).await;
         assert_eq!(basic["echo"], "hello", "{server}: {basic}");
         assert_eq!(basic["protocol_version"], "2025-11-25");
-        assert_eq!(
-            py(&url, "progress", &[]).await["progress"],
-            serde_json::json!([0.0, 50.0, 100.0])
-        );
+        assert_eq!(py(&url, "progress", &[]).await["progress"], serde_json::json!([0.0, 50.0, 100.0]));
         let logs = py(&url, "logging", &[]).await;
         assert_eq!(logs["logs"].as_array().map(Vec::len), Some(3), "{server}: {logs}");
-        assert_eq!(
-            py(&url, "sampling", &[]).await["result"]["text"],
-            "LLM response: sampled: hi"
-        );
+        assert_eq!(py(&url, "sampling", &[]).await["result"]["text"], "LLM response: sampled: hi");
         let elicited = py(&url, "elicitation", &[]).await;
-        assert_eq!(
-            elicited["elicitation_requests"][0]["content"]["username"], "alice",
-            "{server}: {elicited}"
-        );
+        assert_eq!(elicited["elicitation_requests"][0]["content"]["username"], "alice", "{server}: {elicited}");
     }
     gw.stop().await;
 }
@@ -99,44 +90,22 @@ async fn unknown_fields_pass_through_both_ways() {
             .expect("call");
         let msgs = messages(resp).await;
         let answer = msgs.iter().find(|m| m["id"] == "call-1").expect("answer");
-        assert_eq!(
-            answer["result"]["structuredContent"]["x-extra"],
-            serde_json::json!([1, 2]),
-            "{server}: {answer}"
-        );
-        assert_eq!(
-            answer["result"]["_meta"]["requestMeta"]["trace"], "abc",
-            "{server}: {answer}"
-        );
+        assert_eq!(answer["result"]["structuredContent"]["x-extra"], serde_json::json!([1, 2]), "{server}: {answer}");
+        assert_eq!(answer["result"]["_meta"]["requestMeta"]["trace"], "abc", "{server}: {answer}");
         // A method the gateway does not know is relayed, and the upstream answers it.
         let custom = serde_json::json!({"jsonrpc": "2.0", "id": 77, "method": "x-vendor/hello", "params": {"a": 1}});
         let msgs = messages(post(&client, &url, &custom, Some(&session)).send().await.expect("sent")).await;
         let answer = msgs.iter().find(|m| m["id"] == 77).expect("answer");
-        assert_eq!(
-            answer["error"]["code"], -32601,
-            "the upstream's own method-not-found: {answer}"
-        );
+        assert_eq!(answer["error"]["code"], -32601, "the upstream's own method-not-found: {answer}");
     }
     let seen = fixture.requests().await;
-    let call = seen
-        .iter()
-        .find(|r| r["body"]["method"] == "tools/call")
-        .expect("recorded");
-    assert_eq!(
-        call["body"]["params"]["x-vendor-ext"],
-        serde_json::json!({"keep": true})
-    );
-    let custom = seen
-        .iter()
-        .find(|r| r["body"]["method"] == "x-vendor/hello")
-        .expect("relayed upstream");
+    let call = seen.iter().find(|r| r["body"]["method"] == "tools/call").expect("recorded");
+    assert_eq!(call["body"]["params"]["x-vendor-ext"], serde_json::json!({"keep": true}));
+    let custom = seen.iter().find(|r| r["body"]["method"] == "x-vendor/hello").expect("relayed upstream");
     assert_eq!(custom["body"]["params"], serde_json::json!({"a": 1}));
     for r in &seen {
         let auth = r["headers"]["authorization"].as_str().unwrap_or("");
-        assert!(
-            !auth.contains("client-secret-token"),
-            "the client's token reached the upstream: {r}"
-        );
+        assert!(!auth.contains("client-secret-token"), "the client's token reached the upstream: {r}");
     }
     gw.stop().await;
 }
