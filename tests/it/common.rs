@@ -156,13 +156,18 @@ impl TestGateway {
 
     /// Like `start`, with extra `[gateway]` keys.
     pub async fn start_with(rest: &str, gateway_keys: &str) -> TestGateway {
+        Self::start_keyed(rest, gateway_keys, Key::random()).await
+    }
+
+    /// Like `start_with`, with a given master key (replicas share one).
+    pub async fn start_keyed(rest: &str, gateway_keys: &str, key: Key) -> TestGateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let text = format!(
             "[gateway]\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\nshutdown_grace = \"10s\"\n{gateway_keys}\n{rest}",
             dir.path().display().to_string()
         );
         let config = Config::parse(&text, "test.toml", Vec::new()).unwrap_or_else(|e| panic!("config: {e}"));
-        let gateway = Gateway::start_with_key(config, Key::random()).await.expect("gateway starts");
+        let gateway = Gateway::start_with_key(config, key).await.expect("gateway starts");
         let base = format!("http://{}", gateway.addr);
         TestGateway { gateway: Some(gateway), base, dir }
     }

@@ -148,3 +148,32 @@ async fn typescript_sdk_client_through_every_upstream_transport() {
     }
     gw.stop().await;
 }
+
+/// Replicas that share the master key serve each other's sessions: the session id carries its
+/// own state. A gateway with another key refuses it.
+#[tokio::test(flavor = "multi_thread")]
+async fn any_replica_with_the_same_key_serves_a_session() {
+    let fixture = Fixture::start(&[]).await;
+    let servers = format!(
+        "[[servers]]\nname = \"fx\"\nurl = \"{}\"\npublic = true\n\n[[servers]]\nname = \"fxs\"\n{}public = true\n",
+        fixture.url,
+        fixture_stdio_toml()
+    );
+    let key = portcullis::keys::Key::random();
+    let a = TestGateway::start_keyed(&servers, "", key.clone()).await;
+    let b = TestGateway::start_keyed(&servers, "", key).await;
+    let other = TestGateway::start(&servers).await;
+    let c = reqwest::Client::new();
+    for server in ["fx", "fxs"] {
+        let session = raw_session(&c, &a.url(server)).await;
+        let echo = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": "echo", "arguments": {"text": "via b"}}});
+        let msgs = messages(post(&c, &b.url(server), &echo, Some(&session)).send().await.expect("sent")).await;
+        assert_eq!(msgs.last().expect("answer")["result"]["content"][0]["text"], "via b", "{server}: {msgs:?}");
+        let refused = post(&c, &other.url(server), &echo, Some(&session)).send().await.expect("sent");
+        assert_eq!(refused.status(), 404, "{server}: another key does not open it");
+    }
+    a.stop().await;
+    b.stop().await;
+    other.stop().await;
+}
