@@ -30,20 +30,25 @@ pub async fn post_response(reply: Reply, request_id: Option<Value>, timeout: Dur
         Reply::Json(bytes) => json_bytes(bytes.into()),
         Reply::JsonBody(resp) => json_bytes(Body::from_stream(resp.bytes_stream())),
         // In-flight answers are drained on shutdown, not cut: they are bounded by the timeout.
-        Reply::Sse(resp) => match request_id {
-            Some(id) => relay_sse_within(resp, id, timeout, server.to_owned()),
-            None => relay_sse(resp, None),
+        Reply::Sse(sse) => match request_id {
+            Some(id) => relay_sse_within(sse.resp, id, timeout, server.to_owned()),
+            None => relay_sse(sse.resp, None),
         },
         Reply::Messages(stream) => {
             let Some(id) = request_id else {
                 return StatusCode::ACCEPTED.into_response();
             };
+            let id_for_error = id.clone();
             let stream = with_deadline(stream, id, timeout, server.to_owned());
             let mut stream = Box::pin(stream);
             // A quick answer goes back as plain JSON; a slow one starts an SSE stream at once,
             // so the client sees headers (and can tell the call is alive) without waiting.
             let first = match tokio::time::timeout(JSON_WINDOW, stream.next()).await {
-                Ok(None) => return StatusCode::ACCEPTED.into_response(),
+                Ok(None) => {
+                    let text = format!("upstream server '{server}' ended the stream without answering");
+                    let err = error_response(Some(&id_for_error), code::UPSTREAM_ERROR, &text);
+                    return json_bytes(Body::from(err.to_string()));
+                }
                 Ok(Some(first)) => first,
                 Err(_) => return sse_of(stream, None, true),
             };
@@ -58,7 +63,7 @@ pub async fn post_response(reply: Reply, request_id: Option<Value>, timeout: Dur
 /// Builds the response for a GET stream.
 pub fn get_response(reply: Reply, shutdown: &CancellationToken) -> Response {
     match reply {
-        Reply::Sse(resp) => relay_sse(resp, Some(shutdown.clone())),
+        Reply::Sse(sse) => relay_sse(sse.resp, Some(shutdown.clone())),
         Reply::Messages(stream) => sse_of(stream, Some(shutdown.clone()), true),
         Reply::Status(s) => s.into_response(),
         Reply::Accepted | Reply::Json(_) | Reply::JsonBody(_) => StatusCode::METHOD_NOT_ALLOWED.into_response(),

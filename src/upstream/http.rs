@@ -192,7 +192,13 @@ impl HttpUpstream {
             StatusCode::ACCEPTED => Ok(Reply::Accepted),
             s if s.is_success() => {
                 if content_type(resp.headers()).starts_with("text/event-stream") {
-                    return Ok(Reply::Sse(resp));
+                    let resume = session.upstream_session.as_ref().map(|id| Resume {
+                        client: self.client.clone(),
+                        url: self.url.clone(),
+                        session: id.clone(),
+                        protocol: session.upstream_protocol.clone(),
+                    });
+                    return Ok(Reply::Sse(SseReply { resp, resume }));
                 }
                 if resp.content_length().is_none_or(|n| n > BUFFERED_JSON_BYTES) {
                     return Ok(Reply::JsonBody(resp));
@@ -376,4 +382,92 @@ fn for_stateful_client(mut msg: Value, server: &str) -> Value {
 
 fn content_type(headers: &http::HeaderMap) -> &str {
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("")
+}
+
+/// An SSE answer from an HTTP upstream, with what is needed to resume it.
+pub struct SseReply {
+    /// The upstream's response; its body is the stream.
+    pub resp: reqwest::Response,
+    /// How to resume the stream after the upstream closes it early (session upstreams only).
+    pub resume: Option<Resume>,
+}
+
+/// Enough of an upstream session to GET its stream again with `Last-Event-ID`.
+pub struct Resume {
+    client: reqwest::Client,
+    url: Url,
+    session: String,
+    protocol: String,
+}
+
+/// How many times the gateway resumes one answer before giving up.
+const MAX_RESUMES: u32 = 10;
+/// Longest `retry` delay honoured before resuming.
+const MAX_RETRY: Duration = Duration::from_secs(5);
+
+type Events = std::pin::Pin<Box<dyn futures::Stream<Item = Result<sse_stream::Sse, sse_stream::Error>> + Send>>;
+
+struct Resuming {
+    events: Events,
+    resume: Option<Resume>,
+    last_id: Option<String>,
+    retry: Duration,
+    answered: bool,
+    resumes: u32,
+}
+
+/// The messages of an SSE answer. When the gateway itself reads an answer (rather than
+/// relaying bytes to a client that can resume on its own) and the upstream closes the stream
+/// before the response, the gateway resumes it with GET and `Last-Event-ID`.
+pub fn resuming_messages(sse: SseReply) -> super::MessageStream {
+    let events: Events = Box::pin(sse_stream::SseStream::from_bytes_stream(sse.resp.bytes_stream()));
+    let state = Resuming {
+        events,
+        resume: sse.resume,
+        last_id: None,
+        retry: Duration::from_millis(500),
+        answered: false,
+        resumes: 0,
+    };
+    Box::pin(futures::stream::unfold(state, |mut st| async move {
+        loop {
+            // The response is the last message of an answer; a resumed GET stream stays open.
+            if st.answered {
+                return None;
+            }
+            match st.events.next().await {
+                Some(Ok(event)) => {
+                    if let Some(id) = event.id.filter(|i| !i.is_empty()) {
+                        st.last_id = Some(id);
+                    }
+                    if let Some(ms) = event.retry {
+                        st.retry = Duration::from_millis(ms).min(MAX_RETRY);
+                    }
+                    let Some(msg) = event.data.and_then(|d| serde_json::from_str::<Value>(&d).ok()) else { continue };
+                    st.answered |= msg.get("result").is_some() || msg.get("error").is_some();
+                    return Some((msg, st));
+                }
+                Some(Err(_)) | None => {
+                    if st.resumes >= MAX_RESUMES {
+                        return None;
+                    }
+                    let (Some(resume), Some(last)) = (&st.resume, &st.last_id) else { return None };
+                    tokio::time::sleep(st.retry).await;
+                    st.resumes += 1;
+                    let resp = resume
+                        .client
+                        .get(resume.url.clone())
+                        .header(header::ACCEPT, "text/event-stream")
+                        .header(SESSION_HEADER, &resume.session)
+                        .header(PROTOCOL_HEADER, &resume.protocol)
+                        .header("last-event-id", last)
+                        .send()
+                        .await
+                        .ok()
+                        .filter(|r| r.status().is_success())?;
+                    st.events = Box::pin(sse_stream::SseStream::from_bytes_stream(resp.bytes_stream()));
+                }
+            }
+        }
+    }))
 }

@@ -51,7 +51,7 @@ pub enum Reply {
     /// A large JSON body relayed as it arrives from an HTTP upstream.
     JsonBody(reqwest::Response),
     /// An SSE body relayed byte for byte from an HTTP upstream.
-    Sse(reqwest::Response),
+    Sse(http::SseReply),
     /// Messages produced by a multiplexed upstream (stdio, legacy SSE), response last.
     Messages(MessageStream),
     /// An HTTP status without a body (for example 405 for GET on a server without a stream).
@@ -246,9 +246,7 @@ pub fn messages_of(reply: Reply) -> MessageStream {
         Reply::JsonBody(resp) => futures::stream::once(async move { resp.bytes().await.unwrap_or_default() })
             .flat_map(|bytes| messages_of(Reply::Json(bytes)))
             .boxed(),
-        Reply::Sse(resp) => sse_stream::SseStream::from_bytes_stream(resp.bytes_stream())
-            .filter_map(|event| async move { serde_json::from_str(event.ok()?.data.as_deref()?).ok() })
-            .boxed(),
+        Reply::Sse(sse) => http::resuming_messages(sse),
         Reply::Messages(stream) => stream,
     }
 }

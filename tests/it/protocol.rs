@@ -102,3 +102,33 @@ async fn an_old_client_reaches_a_stateless_only_upstream() {
     assert_eq!(r["echo"], "hello");
     gw.stop().await;
 }
+
+/// A stateless client cannot resume a stream, so when the upstream closes one mid-call (SSE
+/// polling) the gateway resumes it with `Last-Event-ID` and delivers the answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gateway_resumes_an_upstream_stream_for_a_stateless_client() {
+    let fixture = Fixture::start(&[]).await;
+    let gw =
+        TestGateway::start(&format!("[[servers]]\nname = \"fx\"\nurl = \"{}\"\npublic = true\n", fixture.url)).await;
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "test_reconnection", "arguments": {},
+        "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}}});
+    let resp = reqwest::Client::new()
+        .post(gw.url("fx"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .json(&call)
+        .send()
+        .await
+        .expect("sent");
+    let msgs = messages(resp).await;
+    let answer = msgs.iter().find(|m| m["id"] == 1).expect("an answer");
+    assert_eq!(answer["result"]["content"][0]["text"], "Reconnection test completed successfully", "{answer}");
+    assert_eq!(answer["result"]["resultType"], "complete");
+    let resumed =
+        fixture.requests().await.iter().any(|r| r["method"] == "GET" && r["headers"]["last-event-id"].is_string());
+    assert!(resumed, "the gateway resumed with Last-Event-ID");
+    gw.stop().await;
+}
