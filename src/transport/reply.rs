@@ -28,7 +28,14 @@ pub async fn post_response(reply: Reply, request_id: Option<Value>, timeout: Dur
         Reply::Accepted => StatusCode::ACCEPTED.into_response(),
         Reply::Status(s) => s.into_response(),
         Reply::Json(bytes) => json_bytes(bytes.into()),
-        Reply::JsonBody(resp) => json_bytes(Body::from_stream(resp.bytes_stream())),
+        Reply::JsonBody(resp) => {
+            let length = resp.content_length();
+            let mut out = json_bytes(Body::from_stream(resp.bytes_stream()));
+            if let Some(n) = length {
+                out.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            }
+            out
+        }
         // In-flight answers are drained on shutdown, not cut: they are bounded by the timeout.
         Reply::Sse(sse) => match request_id {
             Some(id) => relay_sse_within(sse.resp, id, timeout, server.to_owned()),

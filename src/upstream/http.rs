@@ -25,8 +25,9 @@ pub const PROTOCOL_HEADER: &str = "mcp-protocol-version";
 const ACCEPT_BOTH: &str = "application/json, text/event-stream";
 /// Largest error-body excerpt put into a message.
 const DETAIL_CHARS: usize = 200;
-/// JSON answers up to this size are read whole; larger ones are relayed as they arrive.
-const BUFFERED_JSON_BYTES: u64 = 16 * 1024;
+/// JSON answers up to this size are read whole (one write to the client); larger ones, or
+/// ones of unknown length, are relayed as they arrive so memory stays bounded.
+const BUFFERED_JSON_BYTES: u64 = 1024 * 1024;
 
 /// A Streamable HTTP upstream.
 pub struct HttpUpstream {
