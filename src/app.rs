@@ -86,6 +86,7 @@ struct Inner {
     clock: Clock,
     metrics: PrometheusHandle,
     shutdown: CancellationToken,
+    legacy: crate::transport::legacy_sse::Connections,
 }
 
 /// Shared state: a cheap handle, passed to every handler.
@@ -121,6 +122,11 @@ impl AppState {
     /// The clock.
     pub fn clock(&self) -> &Clock {
         &self.0.clock
+    }
+
+    /// Open connections of legacy HTTP+SSE clients on this replica.
+    pub fn legacy(&self) -> &crate::transport::legacy_sse::Connections {
+        &self.0.legacy
     }
 
     /// Cancelled when shutdown begins; long streams end on it.
@@ -221,6 +227,7 @@ impl Gateway {
             clock: Clock::system(),
             metrics: metrics_handle(),
             shutdown: CancellationToken::new(),
+            legacy: Default::default(),
         }));
         let router = router(state.clone());
         let token = state.0.shutdown.clone();
@@ -268,6 +275,8 @@ fn router(state: AppState) -> Router {
     Router::new()
         .route("/mcp/{server}", post(mcp_http::post).get(mcp_http::get).delete(mcp_http::delete))
         .route("/mcp/{server}/", post(mcp_http::post).get(mcp_http::get).delete(mcp_http::delete))
+        .route("/mcp/{server}/sse", get(crate::transport::legacy_sse::open))
+        .route("/mcp/{server}/messages", post(crate::transport::legacy_sse::message))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -16,8 +16,12 @@ use crate::upstream::{ClientHello, Reply};
 /// A client's `initialize`: open an upstream session with the client's capabilities, seal
 /// the gateway session, and answer with the upstream's server info at the client's revision.
 ///
-/// Returns the response and the sealed session id for the `Mcp-Session-Id` header.
-pub async fn initialize(app: &AppState, server: &Server, message: &Message) -> Result<(Value, String), Failure> {
+/// Returns the response, the session, and its sealed id for the `Mcp-Session-Id` header.
+pub async fn initialize(
+    app: &AppState,
+    server: &Server,
+    message: &Message,
+) -> Result<(Value, SessionState, String), Failure> {
     let id = message.id.clone();
     let fail = |e: GatewayError| e.with_id(id.clone());
     let request = message.value().map_err(|e| fail(e.into()))?;
@@ -55,7 +59,7 @@ pub async fn initialize(app: &AppState, server: &Server, message: &Message) -> R
     let mut result = opened.result;
     result["protocolVersion"] = Value::from(protocol);
     let response = result_response(message.id.as_ref().unwrap_or(&Value::Null), result);
-    Ok((response, sealed))
+    Ok((response, state, sealed))
 }
 
 /// Relays one message of an established session.

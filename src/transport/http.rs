@@ -71,7 +71,7 @@ async fn one_message(
         return Ok(reply::post_response(reply, request_id, timeout, &server.config.name).await);
     }
     if message.kind == Kind::Request && message.method() == "initialize" {
-        let (response, sealed) = mcp::initialize(app, server, &message).await?;
+        let (response, _, sealed) = mcp::initialize(app, server, &message).await?;
         let mut resp = axum::Json(response).into_response();
         if let Ok(v) = HeaderValue::from_str(&sealed) {
             resp.headers_mut().insert(SESSION_HEADER, v);
@@ -168,7 +168,7 @@ pub async fn delete(State(app): State<AppState>, Path(name): Path<String>, heade
 }
 
 /// Until grant tokens exist, only servers marked `public = true` are served.
-fn authenticate(server: &Server, _headers: &HeaderMap) -> Result<(), GatewayError> {
+pub(super) fn authenticate(server: &Server, _headers: &HeaderMap) -> Result<(), GatewayError> {
     if server.config.public { Ok(()) } else { Err(GatewayError::Unauthenticated) }
 }
 
@@ -184,7 +184,7 @@ fn session(app: &AppState, server: &Server, headers: &HeaderMap) -> Result<Sessi
     app.sealer().open(id, &server.config.name).ok_or(GatewayError::UnknownSession)
 }
 
-fn check_content_type(headers: &HeaderMap) -> Result<(), GatewayError> {
+pub(super) fn check_content_type(headers: &HeaderMap) -> Result<(), GatewayError> {
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let essence = ct.split(';').next().unwrap_or("").trim();
     if essence.eq_ignore_ascii_case("application/json") { Ok(()) } else { Err(GatewayError::UnsupportedMediaType) }
@@ -192,7 +192,7 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), GatewayError> {
 
 /// Clients must accept JSON and SSE on POST, and SSE on GET; a missing `Accept` (or `*/*`) is
 /// taken as accepting everything, since many simple clients send none.
-fn check_accept(headers: &HeaderMap, stream: bool) -> Result<(), GatewayError> {
+pub(super) fn check_accept(headers: &HeaderMap, stream: bool) -> Result<(), GatewayError> {
     let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
         return Ok(());
     };
@@ -212,7 +212,7 @@ fn check_accept(headers: &HeaderMap, stream: bool) -> Result<(), GatewayError> {
     }
 }
 
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> {
+pub(super) async fn read_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> {
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {

@@ -3,6 +3,7 @@
 
 pub mod http;
 pub mod jsonrpc;
+pub mod legacy_sse;
 pub mod origin;
 pub mod reply;
 pub mod session;

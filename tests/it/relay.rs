@@ -177,3 +177,25 @@ async fn any_replica_with_the_same_key_serves_a_session() {
     b.stop().await;
     other.stop().await;
 }
+
+/// Old clients on the legacy HTTP+SSE transport (`/mcp/{name}/sse`) reach every kind of
+/// upstream, with server-to-client requests and notifications on their stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn legacy_sse_clients_reach_http_and_stdio_upstreams() {
+    let fixture = Fixture::start(&[]).await;
+    let gw = gateway_for(&fixture).await;
+    for server in ["fx", "fxs"] {
+        let url = format!("{}/sse", gw.url(server));
+        let basic = ts(&url, "basic", &["--transport", "sse"]).await;
+        assert_eq!(basic["echo"], "hello", "{server}: {basic}");
+        for scenario in ["logging", "sampling", "elicitation", "roots", "list-changed", "concurrent", "big"] {
+            ts(&url, scenario, &["--transport", "sse"]).await;
+        }
+    }
+    // A message for a connection this gateway does not hold: 404.
+    let c = reqwest::Client::new();
+    let r =
+        post(&c, &format!("{}/messages?sessionId=nope", gw.url("fx")), &init_body(), None).send().await.expect("sent");
+    assert_eq!(r.status(), 404);
+    gw.stop().await;
+}

@@ -3,7 +3,7 @@
 //
 // Usage:
 //     client-driver.mjs URL SCENARIO [--header 'Name: value']... [--protocol VERSION] [--timeout SECONDS]
-//                       [--debug-url URL]
+//                       [--debug-url URL] [--transport streamable-http|sse]
 //
 // The TypeScript twin of tests/python/client_driver.py: same command line, same output, same exit
 // codes, so the Rust integration tests can drive both SDKs the same way.
@@ -256,7 +256,8 @@ class Connection {
     this.protocol = protocol ?? opts.protocol;
     this.recorder = recorder;
     this.roots = roots;
-    this.sse = sse;
+    // --transport sse runs any scenario over the legacy HTTP+SSE transport.
+    this.sse = sse || opts.transport === 'sse';
     this.wire = new WireLog();
     this.negotiated = null;
     this.client = null;
@@ -900,11 +901,11 @@ function checkLoopback(url) {
 class UsageError extends Error {}
 
 const USAGE =
-  "usage: client-driver.mjs URL SCENARIO [--header 'Name: value']... [--protocol VERSION] [--timeout SECONDS] [--debug-url URL]";
+  "usage: client-driver.mjs URL SCENARIO [--header 'Name: value']... [--protocol VERSION] [--timeout SECONDS] [--debug-url URL] [--transport streamable-http|sse]";
 
 function parseArgs(argv) {
   const positional = [];
-  const opts = { headers: [], protocol: 'legacy', timeout: 30, debugUrl: null };
+  const opts = { headers: [], protocol: 'legacy', timeout: 30, debugUrl: null, transport: 'streamable-http' };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     const value = () => {
@@ -919,6 +920,9 @@ function parseArgs(argv) {
       const raw = arg === '--timeout' ? value() : arg.slice(10);
       opts.timeout = Number(raw);
       if (!Number.isFinite(opts.timeout) || opts.timeout <= 0) throw new UsageError(`argument --timeout: invalid value ${JSON.stringify(raw)}`);
+    } else if (arg === '--transport') {
+      opts.transport = value();
+      if (!['streamable-http', 'sse'].includes(opts.transport)) throw new UsageError(`--transport must be streamable-http or sse`);
     } else if (arg === '--debug-url') opts.debugUrl = value();
     else if (arg.startsWith('--debug-url=')) opts.debugUrl = arg.slice(12);
     else if (arg === '-h' || arg === '--help') {
