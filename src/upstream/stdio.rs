@@ -294,7 +294,12 @@ async fn read_stdout(server: Arc<str>, stdout: tokio::process::ChildStdout, mux:
         Ok(Ok(s)) => format!("exited ({s})"),
         _ => "closed its stdout".to_owned(),
     };
-    tracing::warn!(server = %server, "stdio upstream {why}");
+    if mux.is_closed() {
+        // The gateway stopped it (shutdown); nothing went wrong.
+        tracing::info!(server = %server, "stdio upstream {why}");
+    } else {
+        tracing::warn!(server = %server, "stdio upstream {why}");
+    }
     metrics::counter!("portcullis_stdio_exits_total", "server" => server.to_string()).increment(1);
     mux.close(&why);
 }
