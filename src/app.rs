@@ -31,11 +31,19 @@ pub struct Server {
     pub upstream: Upstream,
     /// The upstream session shared by stateless (2026-07-28) clients, opened on first use.
     stateless: tokio::sync::Mutex<Option<(SessionState, serde_json::Value)>>,
+    /// Metric handles by (method, status), registered on first use: the hot path then
+    /// neither allocates labels nor searches the registry.
+    metrics: dashmap::DashMap<(&'static str, u16), (metrics::Counter, metrics::Histogram)>,
 }
 
 impl Server {
     fn new(config: &ServerConfig, client: reqwest::Client) -> Server {
-        Server { config: config.clone(), upstream: Upstream::new(config, client), stateless: Default::default() }
+        Server {
+            config: config.clone(),
+            upstream: Upstream::new(config, client),
+            stateless: Default::default(),
+            metrics: Default::default(),
+        }
     }
 
     /// The upstream session for stateless clients and its `initialize` result.
@@ -136,15 +144,27 @@ impl AppState {
 
     /// Records one finished HTTP exchange in the metrics.
     pub fn observe(&self, server: &str, method: &'static str, status: StatusCode, started: Instant) {
-        let server = if self.0.servers.contains_key(server) { server.to_owned() } else { "unknown".to_owned() };
         let elapsed = started.elapsed();
-        tracing::debug!(server = %server, method, status = status.as_u16(), micros = elapsed.as_micros() as u64, "mcp request");
-        let status = status.as_str().to_owned();
-        metrics::counter!("portcullis_requests_total", "server" => server.clone(), "method" => method, "status" => status)
-            .increment(1);
-        metrics::histogram!("portcullis_request_duration_seconds", "server" => server, "method" => method)
-            .record(elapsed.as_secs_f64());
+        tracing::debug!(server, method, status = status.as_u16(), micros = elapsed.as_micros() as u64, "mcp request");
+        let (counter, histogram) = match self.0.servers.get(server) {
+            Some(s) => s
+                .metrics
+                .entry((method, status.as_u16()))
+                .or_insert_with(|| request_metrics(server, method, status))
+                .clone(),
+            None => request_metrics("unknown", method, status),
+        };
+        counter.increment(1);
+        histogram.record(elapsed.as_secs_f64());
     }
+}
+
+fn request_metrics(server: &str, method: &'static str, status: StatusCode) -> (metrics::Counter, metrics::Histogram) {
+    let (server, status) = (server.to_owned(), status.as_str().to_owned());
+    (
+        metrics::counter!("portcullis_requests_total", "server" => server.clone(), "method" => method, "status" => status),
+        metrics::histogram!("portcullis_request_duration_seconds", "server" => server, "method" => method),
+    )
 }
 
 /// The process-wide Prometheus recorder (the `metrics` facade is global by design).

@@ -8,6 +8,14 @@ pub const LATEST_STATEFUL: &str = "2025-11-25";
 /// The stateless revision: `server/discover`, per-request `_meta`, no session.
 pub const STATELESS: &str = "2026-07-28";
 
+/// `version` as an HTTP header value, without copying the known ones.
+pub fn header_value(version: &str) -> http::HeaderValue {
+    match SUPPORTED.iter().find(|v| **v == version) {
+        Some(v) => http::HeaderValue::from_static(v),
+        None => http::HeaderValue::from_str(version).unwrap_or(http::HeaderValue::from_static(LATEST_STATEFUL)),
+    }
+}
+
 /// Whether the gateway speaks `version`.
 pub fn is_supported(version: &str) -> bool {
     SUPPORTED.contains(&version)

@@ -172,7 +172,7 @@ pub(super) fn authenticate(server: &Server, _headers: &HeaderMap) -> Result<(), 
     if server.config.public { Ok(()) } else { Err(GatewayError::Unauthenticated) }
 }
 
-fn session(app: &AppState, server: &Server, headers: &HeaderMap) -> Result<SessionState, GatewayError> {
+fn session(app: &AppState, server: &Server, headers: &HeaderMap) -> Result<std::sync::Arc<SessionState>, GatewayError> {
     if let Some(v) = headers.get(PROTOCOL_HEADER) {
         let v = v.to_str().unwrap_or_default();
         if !version::is_supported(v) {

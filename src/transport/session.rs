@@ -46,7 +46,7 @@ pub struct SessionState {
 #[derive(Clone)]
 pub struct Sealer {
     cipher: XChaCha20Poly1305,
-    opened: std::sync::Arc<dashmap::DashMap<String, (String, SessionState)>>,
+    opened: std::sync::Arc<dashmap::DashMap<String, (String, std::sync::Arc<SessionState>)>>,
 }
 
 /// How many opened ids a sealer remembers before it starts over.
@@ -83,11 +83,11 @@ impl Sealer {
     }
 
     /// Decrypts a session id; `None` for anything forged, altered, or bound elsewhere.
-    pub fn open(&self, id: &str, binding: &str) -> Option<SessionState> {
+    pub fn open(&self, id: &str, binding: &str) -> Option<std::sync::Arc<SessionState>> {
         if let Some(hit) = self.opened.get(id) {
             return (hit.0 == binding).then(|| hit.1.clone());
         }
-        let state = self.decrypt(id, binding)?;
+        let state = std::sync::Arc::new(self.decrypt(id, binding)?);
         if self.opened.len() >= OPENED_CAP {
             self.opened.clear();
         }
@@ -141,9 +141,9 @@ mod tests {
         let id = sealer.seal(&state(), "everything");
         assert!(id.bytes().all(|b| (0x21..=0x7e).contains(&b)), "visible ASCII only");
         assert_eq!(
-            sealer.open(&id, "everything"),
+            sealer.open(&id, "everything").map(|s| (*s).clone()),
             Some(state()).map(|mut s| {
-                s.key = sealer.open(&id, "everything").expect("opens").key;
+                s.key = sealer.open(&id, "everything").map(|s| (*s).clone()).expect("opens").key;
                 s
             })
         );

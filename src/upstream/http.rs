@@ -68,7 +68,7 @@ impl HttpUpstream {
             if let Some(id) = &s.upstream_session {
                 req = req.header(SESSION_HEADER, id);
             }
-            req = req.header(PROTOCOL_HEADER, &s.upstream_protocol);
+            req = req.header(PROTOCOL_HEADER, version::header_value(&s.upstream_protocol));
         }
         req
     }
