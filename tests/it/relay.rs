@@ -63,6 +63,8 @@ async fn server_everything_over_http_and_stdio() {
         let r = py(&gw.url(server), "everything", &[]).await;
         assert_eq!(r["echo"], "Echo: hello", "{server}: {r}");
         assert!(r["tools"].as_array().is_some_and(|t| t.len() > 5), "{server}: {r}");
+        let r = ts(&gw.url(server), "everything", &[]).await;
+        assert_eq!(r["echo"], "Echo: hello", "{server}: {r}");
     }
     gw.stop().await;
 }
