@@ -231,7 +231,7 @@ impl Mux {
                 let _ = p.tx.send(msg);
                 return;
             }
-            if let Some((tx, _)) = st.listeners.values().find(|(_, f)| f & needed == needed) {
+            if let Some((tx, _)) = st.listeners.values().find(|(tx, f)| f & needed == needed && !tx.is_closed()) {
                 let _ = tx.send(msg);
                 return;
             }
