@@ -137,6 +137,25 @@ impl AppState {
         &self.0.legacy
     }
 
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.0.store
+    }
+
+    /// Records a token's last use in the background, at most once a minute per token.
+    pub fn touch_token(&self, id: &str, last_used: Option<i64>, now: u64) {
+        let now = i64::try_from(now).unwrap_or(i64::MAX);
+        if last_used.is_some_and(|t| now - t < 60) {
+            return;
+        }
+        let (store, id) = (self.0.store.clone(), id.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = store.token_touch(&id, now).await {
+                tracing::warn!(error = %e, "could not record a token's last use");
+            }
+        });
+    }
+
     /// Cancelled when shutdown begins; long streams end on it.
     pub fn shutdown(&self) -> &CancellationToken {
         &self.0.shutdown

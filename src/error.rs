@@ -22,7 +22,10 @@ pub enum GatewayError {
     ForbiddenOrigin,
     /// No acceptable credentials.
     #[error("authentication required")]
-    Unauthenticated,
+    Unauthenticated(crate::authn::Rejection),
+    /// The store did not answer (authentication cannot be decided).
+    #[error("the gateway cannot check credentials right now")]
+    StoreUnavailable,
     /// The body is larger than `gateway.max_body_bytes`.
     #[error("request body larger than {0} bytes")]
     PayloadTooLarge(usize),
@@ -90,7 +93,8 @@ impl GatewayError {
             GatewayError::ForbiddenHost | GatewayError::ForbiddenOrigin => {
                 (StatusCode::FORBIDDEN, code::INVALID_REQUEST)
             }
-            GatewayError::Unauthenticated => (StatusCode::UNAUTHORIZED, code::INVALID_REQUEST),
+            GatewayError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, code::INVALID_REQUEST),
+            GatewayError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, code::INTERNAL_ERROR),
             GatewayError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, code::INVALID_REQUEST),
             GatewayError::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, code::INVALID_REQUEST),
             GatewayError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, code::INVALID_REQUEST),
@@ -123,7 +127,8 @@ impl GatewayError {
             GatewayError::UnknownServer(_) => "unknown_server",
             GatewayError::ForbiddenHost => "forbidden_host",
             GatewayError::ForbiddenOrigin => "forbidden_origin",
-            GatewayError::Unauthenticated => "unauthenticated",
+            GatewayError::Unauthenticated(_) => "unauthenticated",
+            GatewayError::StoreUnavailable => "store_unavailable",
             GatewayError::PayloadTooLarge(_) => "too_large",
             GatewayError::UnsupportedMediaType => "media_type",
             GatewayError::NotAcceptable(_) => "not_acceptable",
@@ -147,9 +152,14 @@ impl IntoResponse for Failure {
         let (status, rpc_code) = self.error.status_and_code(self.id.is_some());
         let body = error_response(self.id.as_ref(), rpc_code, &self.error.to_string());
         let mut resp = (status, axum::Json(body)).into_response();
-        if matches!(self.error, GatewayError::Unauthenticated) {
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"portcullis\""));
+        if let GatewayError::Unauthenticated(why) = self.error {
+            let challenge = match why {
+                crate::authn::Rejection::Missing => "Bearer realm=\"portcullis\"",
+                crate::authn::Rejection::Invalid => {
+                    "Bearer realm=\"portcullis\", error=\"invalid_token\", error_description=\"The access token is invalid\""
+                }
+            };
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
         }
         resp
     }

@@ -3,6 +3,7 @@
 //! `transport` → `mcp` → `upstream`, with `app` wiring them together.
 
 pub mod app;
+pub mod authn;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -1,6 +1,9 @@
 //! The `portcullis` command line: one file per subcommand group.
 
+mod group;
 mod serve;
+mod token;
+mod user;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +34,26 @@ enum Command {
     },
     /// Apply pending store migrations and exit.
     Migrate,
+    /// Manage users.
+    User {
+        #[command(subcommand)]
+        cmd: user::PrincipalCmd,
+    },
+    /// Manage service accounts (principals for headless agents and scheduled jobs).
+    ServiceAccount {
+        #[command(subcommand)]
+        cmd: user::PrincipalCmd,
+    },
+    /// Manage groups.
+    Group {
+        #[command(subcommand)]
+        cmd: group::GroupCmd,
+    },
+    /// Manage grant tokens.
+    Token {
+        #[command(subcommand)]
+        cmd: token::TokenCmd,
+    },
 }
 
 /// Runs the command line and returns the process exit code.
@@ -54,6 +77,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}: ok ({} servers)", path.display(), config.servers.len());
             Ok(())
         }
+        Command::User { cmd } => user::run(cmd, false, &load(&cli.config)?),
+        Command::ServiceAccount { cmd } => user::run(cmd, true, &load(&cli.config)?),
+        Command::Group { cmd } => group::run(cmd, &load(&cli.config)?),
+        Command::Token { cmd } => token::run(cmd, &load(&cli.config)?),
         Command::Migrate => {
             let config = load(&cli.config)?;
             runtime()?.block_on(async {

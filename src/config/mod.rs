@@ -430,7 +430,7 @@ impl Validator<'_> {
     }
 }
 
-/// Parses `"500ms"`, `"30s"`, `"5m"`, `"2h"` (a bare number means seconds).
+/// Parses `"500ms"`, `"30s"`, `"5m"`, `"2h"`, `"90d"` (a bare number means seconds).
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
@@ -441,6 +441,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "" | "s" => Some(Duration::from_secs(n)),
         "m" => n.checked_mul(60).map(Duration::from_secs),
         "h" => n.checked_mul(3600).map(Duration::from_secs),
+        "d" => n.checked_mul(86_400).map(Duration::from_secs),
         _ => None,
     }
 }

@@ -8,9 +8,10 @@ pub mod version;
 use serde_json::Value;
 
 use crate::app::{AppState, Server};
+use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
 use crate::transport::jsonrpc::{Message, result_response};
-use crate::transport::session::{SessionState, new_session_key};
+use crate::transport::session::{SessionState, binding, new_session_key};
 use crate::upstream::{ClientHello, Reply};
 
 /// A client's `initialize`: open an upstream session with the client's capabilities, seal
@@ -20,6 +21,7 @@ use crate::upstream::{ClientHello, Reply};
 pub async fn initialize(
     app: &AppState,
     server: &Server,
+    principal: &Principal,
     message: &Message,
 ) -> Result<(Value, SessionState, String), Failure> {
     let id = message.id.clone();
@@ -54,7 +56,7 @@ pub async fn initialize(
         hello: hello_kept,
         features: crate::upstream::mux::features::from_capabilities(&hello.capabilities),
     };
-    let sealed = app.sealer().seal(&state, &server.config.name);
+    let sealed = app.sealer().seal(&state, &binding(&server.config.name, &principal.id));
     metrics::counter!("portcullis_sessions_opened_total", "server" => server.config.name.clone()).increment(1);
     let mut result = opened.result;
     result["protocolVersion"] = Value::from(protocol);

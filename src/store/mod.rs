@@ -2,10 +2,25 @@
 //! replicas share the work. An enum over the two pools, not a trait object; migrations live
 //! in `migrations/sqlite` and `migrations/postgres` and are applied on start.
 
+pub mod identity;
+
 use std::str::FromStr;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+/// Runs the same sqlx code against whichever pool the store holds: `on_pool!(store, p => expr)`
+/// expands `expr` once per backend with `p` bound to that backend's pool. Use it where the SQL
+/// text is the same for both; `match` on [`Store`] where the dialects differ.
+#[macro_export]
+macro_rules! on_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match $store {
+            $crate::store::Store::Sqlite($pool) => $body,
+            $crate::store::Store::Postgres($pool) => $body,
+        }
+    };
+}
 
 /// A connection pool to one of the two supported databases.
 #[derive(Debug, Clone)]

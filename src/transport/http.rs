@@ -15,8 +15,9 @@ use http_body_util::BodyExt;
 
 use super::jsonrpc::{self, Kind, Message};
 use super::reply;
-use super::session::SessionState;
+use super::session::{SessionState, binding};
 use crate::app::{AppState, Server};
+use crate::authn::{self, Principal};
 use crate::error::{Failure, GatewayError};
 use crate::mcp::{self, version};
 use crate::upstream::http::{PROTOCOL_HEADER, SESSION_HEADER};
@@ -42,18 +43,18 @@ async fn post_steps(
 ) -> Result<Response, Failure> {
     let server = app.server(name)?;
     app.hosts().check(headers)?;
-    authenticate(&server, headers)?;
+    let principal = authn::authenticate(app, &server, headers).await?;
     check_content_type(headers)?;
     check_accept(headers, false)?;
     let bytes = read_body(body, app.config().gateway.max_body_bytes).await?;
     match jsonrpc::Body::parse(bytes)? {
         jsonrpc::Body::Single(message) => {
             *method = metric_method(message.method());
-            one_message(app, &server, headers, message).await
+            one_message(app, &server, &principal, headers, message).await
         }
         jsonrpc::Body::Batch(messages) => {
             *method = "batch";
-            batch(app, &server, headers, messages).await
+            batch(app, &server, &principal, headers, messages).await
         }
     }
 }
@@ -61,6 +62,7 @@ async fn post_steps(
 async fn one_message(
     app: &AppState,
     server: &Server,
+    principal: &Principal,
     headers: &HeaderMap,
     message: Message,
 ) -> Result<Response, Failure> {
@@ -71,7 +73,7 @@ async fn one_message(
         return Ok(reply::post_response(reply, request_id, timeout, &server.config.name).await);
     }
     if message.kind == Kind::Request && message.method() == "initialize" {
-        let (response, _, sealed) = mcp::initialize(app, server, &message).await?;
+        let (response, _, sealed) = mcp::initialize(app, server, principal, &message).await?;
         let mut resp = axum::Json(response).into_response();
         if let Ok(v) = HeaderValue::from_str(&sealed) {
             resp.headers_mut().insert(SESSION_HEADER, v);
@@ -79,7 +81,7 @@ async fn one_message(
         return Ok(resp);
     }
     let id = message.id.clone();
-    let session = session(app, server, headers).map_err(|e| e.with_id(id.clone()))?;
+    let session = session(app, server, principal, headers).map_err(|e| e.with_id(id.clone()))?;
     let request_id = (message.kind == Kind::Request).then(|| id.clone()).flatten();
     let reply = mcp::relay(server, &session, message).await?;
     Ok(reply::post_response(reply, request_id, server.config.request_timeout, &server.config.name).await)
@@ -89,6 +91,7 @@ async fn one_message(
 async fn batch(
     app: &AppState,
     server: &Server,
+    principal: &Principal,
     headers: &HeaderMap,
     messages: Vec<Message>,
 ) -> Result<Response, Failure> {
@@ -98,7 +101,8 @@ async fn batch(
             let err = GatewayError::InvalidParams("initialize cannot be batched".into());
             return Err(err.with_id(message.id));
         }
-        let resp = one_message(app, server, headers, message).await.unwrap_or_else(IntoResponse::into_response);
+        let resp =
+            one_message(app, server, principal, headers, message).await.unwrap_or_else(IntoResponse::into_response);
         if resp.status() == StatusCode::ACCEPTED {
             continue;
         }
@@ -133,9 +137,9 @@ pub async fn get(State(app): State<AppState>, Path(name): Path<String>, headers:
     let result = async {
         let server = app.server(&name)?;
         app.hosts().check(&headers)?;
-        authenticate(&server, &headers)?;
+        let principal = authn::authenticate(&app, &server, &headers).await?;
         check_accept(&headers, true)?;
-        let session = session(&app, &server, &headers)?;
+        let session = session(&app, &server, &principal, &headers)?;
         let last = headers.get("last-event-id").and_then(|v| v.to_str().ok());
         let reply = server.upstream.listen(&session, last).await.map_err(GatewayError::from)?;
         Ok::<_, Failure>(reply::get_response(reply, app.shutdown()))
@@ -156,8 +160,8 @@ pub async fn delete(State(app): State<AppState>, Path(name): Path<String>, heade
     let result = async {
         let server = app.server(&name)?;
         app.hosts().check(&headers)?;
-        authenticate(&server, &headers)?;
-        let session = session(&app, &server, &headers)?;
+        let principal = authn::authenticate(&app, &server, &headers).await?;
+        let session = session(&app, &server, &principal, &headers)?;
         server.upstream.close(&session).await.map_err(GatewayError::from)?;
         Ok::<_, Failure>(StatusCode::OK.into_response())
     }
@@ -167,12 +171,14 @@ pub async fn delete(State(app): State<AppState>, Path(name): Path<String>, heade
     resp
 }
 
-/// Until grant tokens exist, only servers marked `public = true` are served.
-pub(super) fn authenticate(server: &Server, _headers: &HeaderMap) -> Result<(), GatewayError> {
-    if server.config.public { Ok(()) } else { Err(GatewayError::Unauthenticated) }
-}
-
-fn session(app: &AppState, server: &Server, headers: &HeaderMap) -> Result<std::sync::Arc<SessionState>, GatewayError> {
+/// The session named by `Mcp-Session-Id`, which must have been opened by the same principal
+/// at the same server.
+fn session(
+    app: &AppState,
+    server: &Server,
+    principal: &Principal,
+    headers: &HeaderMap,
+) -> Result<std::sync::Arc<SessionState>, GatewayError> {
     if let Some(v) = headers.get(PROTOCOL_HEADER) {
         let v = v.to_str().unwrap_or_default();
         if !version::is_supported(v) {
@@ -181,7 +187,7 @@ fn session(app: &AppState, server: &Server, headers: &HeaderMap) -> Result<std::
     }
     let id = headers.get(SESSION_HEADER).ok_or(GatewayError::MissingSession)?;
     let id = id.to_str().map_err(|_| GatewayError::UnknownSession)?;
-    app.sealer().open(id, &server.config.name).ok_or(GatewayError::UnknownSession)
+    app.sealer().open(id, &binding(&server.config.name, &principal.id)).ok_or(GatewayError::UnknownSession)
 }
 
 pub(super) fn check_content_type(headers: &HeaderMap) -> Result<(), GatewayError> {

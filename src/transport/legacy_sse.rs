@@ -20,10 +20,11 @@ use http::{HeaderMap, StatusCode};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::http::{authenticate, check_accept, check_content_type, read_body};
+use super::http::{check_accept, check_content_type, read_body};
 use super::jsonrpc::{self, Kind, Message, code, error_response};
 use super::session::{SessionState, new_session_key};
 use crate::app::{AppState, Server};
+use crate::authn::{self, Principal};
 use crate::error::{Failure, GatewayError};
 use crate::mcp;
 use crate::upstream::messages_of;
@@ -35,6 +36,7 @@ pub struct Connections(DashMap<String, Arc<Connection>>);
 /// One legacy client connection.
 pub struct Connection {
     server: String,
+    principal: Principal,
     tx: mpsc::UnboundedSender<Value>,
     session: Mutex<Option<SessionState>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -77,9 +79,9 @@ pub async fn open(State(app): State<AppState>, Path(name): Path<String>, headers
     let result = async {
         let server = app.server(&name)?;
         app.hosts().check(&headers)?;
-        authenticate(&server, &headers)?;
+        let principal = authn::authenticate(&app, &server, &headers).await?;
         check_accept(&headers, true)?;
-        Ok::<_, Failure>(stream(&app, &name))
+        Ok::<_, Failure>(stream(&app, &name, principal))
     }
     .await;
     let resp = result.unwrap_or_else(IntoResponse::into_response);
@@ -87,10 +89,11 @@ pub async fn open(State(app): State<AppState>, Path(name): Path<String>, headers
     resp
 }
 
-fn stream(app: &AppState, name: &str) -> Response {
+fn stream(app: &AppState, name: &str, principal: Principal) -> Response {
     let id = new_session_key();
     let (tx, rx) = mpsc::unbounded_channel();
-    let conn = Connection { server: name.to_owned(), tx, session: Mutex::new(None), tasks: Mutex::default() };
+    let conn =
+        Connection { server: name.to_owned(), principal, tx, session: Mutex::new(None), tasks: Mutex::default() };
     app.legacy().0.insert(id.clone(), Arc::new(conn));
     let endpoint = format!("{}/mcp/{name}/messages?sessionId={id}", app.public_url().path().trim_end_matches('/'));
     let closer = Closer { app: app.clone(), id };
@@ -119,12 +122,13 @@ pub async fn message(
     let result = async {
         let server = app.server(&name)?;
         app.hosts().check(&headers)?;
-        authenticate(&server, &headers)?;
+        let principal = authn::authenticate(&app, &server, &headers).await?;
         check_content_type(&headers)?;
+        // A connection serves only the principal that opened it.
         let conn = query
             .get("sessionId")
             .and_then(|id| app.legacy().0.get(id).map(|c| c.clone()))
-            .filter(|c| c.server == name)
+            .filter(|c| c.server == name && c.principal.id == principal.id)
             .ok_or(GatewayError::UnknownSession)?;
         let bytes = read_body(body, app.config().gateway.max_body_bytes).await?;
         let messages = match jsonrpc::Body::parse(bytes)? {
@@ -149,7 +153,7 @@ async fn dispatch(
     message: Message,
 ) -> Result<(), Failure> {
     if message.kind == Kind::Request && message.method() == "initialize" {
-        let (response, state, _) = match mcp::initialize(app, server, &message).await {
+        let (response, state, _) = match mcp::initialize(app, server, &conn.principal, &message).await {
             Ok(opened) => opened,
             Err(f) => {
                 let (_, rpc) = f.error.status_and_code(true);

@@ -111,6 +111,12 @@ impl Sealer {
     }
 }
 
+/// What a session id is bound to: the server it was opened at and the principal who opened
+/// it, so it works nowhere else and for nobody else.
+pub fn binding(server: &str, principal_id: &str) -> String {
+    format!("{server}\0{principal_id}")
+}
+
 /// A fresh random session key (16 bytes, hex).
 pub fn new_session_key() -> String {
     let mut b = [0u8; 16];

@@ -255,3 +255,54 @@ pub async fn messages(resp: reqwest::Response) -> Vec<Value> {
     }
     text.lines().filter_map(|l| l.strip_prefix("data:")).filter_map(|d| serde_json::from_str(d.trim()).ok()).collect()
 }
+
+/// A fresh PostgreSQL database on the local server (dropped when the guard drops), so tests
+/// never share state. Fails, never skips, when PostgreSQL is down.
+pub struct FreshPostgres {
+    pub url: String,
+    name: String,
+    admin: String,
+}
+
+impl FreshPostgres {
+    pub async fn create() -> FreshPostgres {
+        let admin =
+            std::env::var("PORTCULLIS_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let name = format!("pcl_it_{}", uuid_like());
+        let pool = sqlx::PgPool::connect(&admin).await.expect("PostgreSQL on 127.0.0.1:5432 must be running");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await
+            .expect("create database");
+        pool.close().await;
+        let url = match admin.rfind('/') {
+            Some(i) => format!("{}/{name}", &admin[..i]),
+            None => panic!("PORTCULLIS_TEST_PG needs a database path"),
+        };
+        FreshPostgres { url, name, admin }
+    }
+}
+
+impl Drop for FreshPostgres {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        // Drop in a thread of its own: Drop cannot await, and the test's runtime may be ending.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                        .execute(&pool)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+fn uuid_like() -> String {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("random");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

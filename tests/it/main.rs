@@ -4,5 +4,6 @@
 mod common;
 mod conformance;
 mod errors;
+mod identity;
 mod protocol;
 mod relay;
