@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
-use raw::{RawGateway, RawLog, RawServer, RawStore};
+use raw::{RawAuth, RawGateway, RawLog, RawServer, RawStore};
 
 /// The validated configuration of one gateway.
 #[derive(Debug, Clone)]
@@ -86,6 +86,31 @@ pub struct ServerConfig {
     pub public: bool,
     /// Longest wait for one answer from this server.
     pub request_timeout: Duration,
+    /// Credentials the gateway attaches to the upstream.
+    pub auth: UpstreamAuth,
+}
+
+/// How the gateway authenticates to an upstream. The client's own token is never forwarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAuth {
+    /// Nothing.
+    None,
+    /// A stored secret as an HTTP header value.
+    StaticHeader {
+        /// Secret name.
+        secret: String,
+        /// Header name.
+        header: String,
+        /// Text before the secret.
+        prefix: String,
+    },
+    /// A stored secret in a stdio upstream's environment.
+    StaticEnv {
+        /// Secret name.
+        secret: String,
+        /// Variable name.
+        env: String,
+    },
 }
 
 /// How an upstream is reached.
@@ -426,7 +451,56 @@ impl Validator<'_> {
             None => default_timeout,
             Some(t) => self.duration(at, &format!("{what}: request_timeout"), Some(t), 300),
         };
-        Some(ServerConfig { name, transport: transport?, public, request_timeout }).filter(|_| valid_name)
+        let stdio = matches!(transport, Some(ServerTransport::Stdio { .. }));
+        let auth = self.auth(raw.auth, stdio, at, &what);
+        Some(ServerConfig { name, transport: transport?, public, request_timeout, auth: auth? }).filter(|_| valid_name)
+    }
+
+    fn auth(&mut self, raw: Option<RawAuth>, stdio: bool, at: Option<usize>, what: &str) -> Option<UpstreamAuth> {
+        let Some(raw) = raw else { return Some(UpstreamAuth::None) };
+        let what = format!("{what}: auth");
+        match raw.kind.as_deref() {
+            Some("none") => Some(UpstreamAuth::None),
+            Some("static") => {
+                let Some(secret) = raw.secret else {
+                    self.at(at, &what, "`static` needs `secret` (a name from `portcullis secret set`)");
+                    return None;
+                };
+                match (stdio, raw.header, raw.env) {
+                    (_, Some(_), Some(_)) => {
+                        self.at(at, &what, "set `header` (HTTP upstreams) or `env` (stdio upstreams), not both");
+                        None
+                    }
+                    (true, Some(_), None) | (true, None, None) => {
+                        self.at(at, &what, "a stdio upstream takes its secret in `env = \"VARIABLE\"`");
+                        None
+                    }
+                    (false, _, Some(_)) => {
+                        self.at(at, &what, "an HTTP upstream takes its secret in `header`, not `env`");
+                        None
+                    }
+                    (true, None, Some(env)) => Some(UpstreamAuth::StaticEnv { secret, env }),
+                    (false, header, None) => {
+                        let header = header.unwrap_or_else(|| "Authorization".to_owned());
+                        if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                            self.at(at, &what, format!("{header:?} is not a header name"));
+                            return None;
+                        }
+                        let default_prefix = if header.eq_ignore_ascii_case("authorization") { "Bearer " } else { "" };
+                        let prefix = raw.prefix.unwrap_or_else(|| default_prefix.to_owned());
+                        Some(UpstreamAuth::StaticHeader { secret, header, prefix })
+                    }
+                }
+            }
+            Some(other) => {
+                self.at(at, &what, format!("type {other:?} is not supported (\"none\" or \"static\")"));
+                None
+            }
+            None => {
+                self.at(at, &what, "missing `type`");
+                None
+            }
+        }
     }
 }
 

@@ -78,4 +78,23 @@ pub struct RawServer {
     pub public: Option<bool>,
     /// Per-server override of `gateway.request_timeout`. Default unset.
     pub request_timeout: Option<String>,
+    /// Credentials the gateway attaches to this upstream. Default none.
+    pub auth: Option<RawAuth>,
+}
+
+/// `auth = { … }` of a server: how the gateway authenticates to the upstream.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    /// `"none"` or `"static"`. Required.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// With `static`: the name of a secret stored with `portcullis secret set NAME`.
+    pub secret: Option<String>,
+    /// With `static` on an HTTP upstream: the header to send. Default `"Authorization"`.
+    pub header: Option<String>,
+    /// With `header`: text before the secret. Default `"Bearer "` for `Authorization`, else none.
+    pub prefix: Option<String>,
+    /// With `static` on a stdio upstream: the environment variable to set. Required there.
+    pub env: Option<String>,
 }

@@ -70,3 +70,53 @@ fn durations_parse() {
     assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
     assert_eq!(parse_duration("7 days"), None);
 }
+
+#[test]
+fn static_upstream_credentials_are_validated() {
+    let text = r#"
+[[servers]]
+name = "gh"
+url = "https://api.example.com/mcp"
+auth = { type = "static", secret = "github-pat" }
+
+[[servers]]
+name = "custom"
+url = "https://x.example.com/mcp"
+auth = { type = "static", secret = "k", header = "X-Api-Key" }
+
+[[servers]]
+name = "local"
+command = "server"
+auth = { type = "static", secret = "github-pat", env = "GITHUB_TOKEN" }
+"#;
+    let c = parse(text).expect("valid");
+    assert_eq!(
+        c.servers[0].auth,
+        UpstreamAuth::StaticHeader { secret: "github-pat".into(), header: "Authorization".into(), prefix: "Bearer ".into() }
+    );
+    assert_eq!(
+        c.servers[1].auth,
+        UpstreamAuth::StaticHeader { secret: "k".into(), header: "X-Api-Key".into(), prefix: String::new() }
+    );
+    assert_eq!(c.servers[2].auth, UpstreamAuth::StaticEnv { secret: "github-pat".into(), env: "GITHUB_TOKEN".into() });
+    let bad = r#"
+[[servers]]
+name = "a"
+command = "x"
+auth = { type = "static", secret = "s" }
+
+[[servers]]
+name = "b"
+url = "https://x.example.com"
+auth = { type = "oauth" }
+
+[[servers]]
+name = "c"
+url = "https://x.example.com"
+auth = { type = "static" }
+"#;
+    let err = parse(bad).expect_err("invalid").to_string();
+    assert!(err.contains("server \"a\": auth: a stdio upstream takes its secret in `env"), "{err}");
+    assert!(err.contains("server \"b\": auth: type \"oauth\" is not supported"), "{err}");
+    assert!(err.contains("server \"c\": auth: `static` needs `secret`"), "{err}");
+}
