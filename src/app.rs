@@ -17,7 +17,7 @@ use url::Url;
 use crate::clock::Clock;
 use crate::config::{Config, ServerConfig};
 use crate::error::GatewayError;
-use crate::keys::Key;
+use crate::keys::KeyRing;
 use crate::store::Store;
 use crate::transport::origin::HostPolicy;
 use crate::transport::session::{Sealer, SessionState};
@@ -73,6 +73,7 @@ impl Server {
             hello: stateless_upstream
                 .then(|| serde_json::json!({"capabilities": hello.capabilities, "clientInfo": hello.client_info})),
             features: 0,
+            client: None,
         };
         *slot = Some((state, opened.result));
         Ok(slot.as_ref().map(Clone::clone).expect("just set"))
@@ -236,12 +237,13 @@ pub enum StartError {
 impl Gateway {
     /// Binds, opens the store, and starts serving. Upstreams start on first use.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
-        let master = crate::keys::load_master_key(&config.gateway.data_dir)?;
-        Self::start_with_key(config, master).await
+        let keys = crate::keys::load_key_ring(&config.gateway.data_dir)?;
+        Self::start_with_key(config, keys).await
     }
 
-    /// Like [`Gateway::start`] with a given master key.
-    pub async fn start_with_key(config: Config, master: Key) -> Result<Gateway, StartError> {
+    /// Like [`Gateway::start`] with a given master key or key ring.
+    pub async fn start_with_key(config: Config, keys: impl Into<KeyRing>) -> Result<Gateway, StartError> {
+        let keys: KeyRing = keys.into();
         let listen = config.gateway.listen;
         let listener =
             tokio::net::TcpListener::bind(listen).await.map_err(|source| StartError::Bind { addr: listen, source })?;
@@ -257,7 +259,7 @@ impl Gateway {
         let servers =
             config.servers.iter().map(|s| (s.name.clone(), Arc::new(Server::new(s, client.clone())))).collect();
         let state = AppState(Arc::new(Inner {
-            sealer: Sealer::new(&master.derive("session")),
+            sealer: Sealer::from_ring(&keys.derive("session")),
             config,
             public_url,
             servers,

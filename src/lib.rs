@@ -3,10 +3,12 @@
 //! `transport` → `mcp` → `upstream`, with `app` wiring them together.
 
 pub mod app;
+pub mod audit;
 pub mod authn;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod crypto;
 pub mod error;
 pub mod keys;
 pub mod mcp;

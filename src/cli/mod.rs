@@ -1,6 +1,9 @@
 //! The `portcullis` command line: one file per subcommand group.
 
+mod audit;
 mod group;
+mod keys;
+mod secret;
 mod serve;
 mod token;
 mod user;
@@ -34,6 +37,11 @@ enum Command {
     },
     /// Apply pending store migrations and exit.
     Migrate,
+    /// Inspect the audit log: verify, tail, search, export.
+    Audit {
+        #[command(subcommand)]
+        cmd: audit::AuditCmd,
+    },
     /// Manage users.
     User {
         #[command(subcommand)]
@@ -53,6 +61,16 @@ enum Command {
     Token {
         #[command(subcommand)]
         cmd: token::TokenCmd,
+    },
+    /// Manage static upstream credentials (stored encrypted; values are read from stdin).
+    Secret {
+        #[command(subcommand)]
+        cmd: secret::SecretCmd,
+    },
+    /// Manage the master key ring: list, rotate, retire.
+    Keys {
+        #[command(subcommand)]
+        cmd: keys::KeysCmd,
     },
 }
 
@@ -81,6 +99,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ServiceAccount { cmd } => user::run(cmd, true, &load(&cli.config)?),
         Command::Group { cmd } => group::run(cmd, &load(&cli.config)?),
         Command::Token { cmd } => token::run(cmd, &load(&cli.config)?),
+        Command::Secret { cmd } => secret::run(load(&cli.config)?, cmd),
+        Command::Keys { cmd } => keys::run(load(&cli.config)?, cmd),
+        Command::Audit { cmd } => audit::run(cmd, &load(&cli.config)?),
         Command::Migrate => {
             let config = load(&cli.config)?;
             runtime()?.block_on(async {

@@ -2,7 +2,9 @@
 //! replicas share the work. An enum over the two pools, not a trait object; migrations live
 //! in `migrations/sqlite` and `migrations/postgres` and are applied on start.
 
+pub mod audit;
 pub mod identity;
+pub mod secrets;
 
 use std::str::FromStr;
 

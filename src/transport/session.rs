@@ -39,13 +39,18 @@ pub struct SessionState {
     /// (`upstream::mux::features`), for routing the upstream's own requests.
     #[serde(rename = "f", default)]
     pub features: u8,
+    /// The client's `clientInfo` name and version (for the audit log), each at most 64 chars.
+    #[serde(rename = "n", default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<(String, String)>,
 }
 
-/// Seals and opens session ids with one key. Opened ids are remembered (up to
-/// [`OPENED_CAP`]), so a session's later requests skip the decryption.
+/// Seals session ids with one key and opens them with that key or older ones (after a key
+/// rotation). Opened ids are remembered (up to [`OPENED_CAP`]), so a session's later requests
+/// skip the decryption.
 #[derive(Clone)]
 pub struct Sealer {
     cipher: XChaCha20Poly1305,
+    older: std::sync::Arc<[XChaCha20Poly1305]>,
     opened: std::sync::Arc<dashmap::DashMap<String, (String, std::sync::Arc<SessionState>)>>,
 }
 
@@ -63,7 +68,23 @@ const NONCE_LEN: usize = 24;
 impl Sealer {
     /// A sealer keyed by `key` (derive it for this purpose only).
     pub fn new(key: &Key) -> Sealer {
-        Sealer { cipher: XChaCha20Poly1305::new(key.bytes().into()), opened: Default::default() }
+        Sealer {
+            cipher: XChaCha20Poly1305::new(key.bytes().into()),
+            older: Default::default(),
+            opened: Default::default(),
+        }
+    }
+
+    /// A sealer for a key ring already derived for this purpose (`ring.derive("session")`):
+    /// seals with the active key, opens with any key of the ring.
+    pub fn from_ring(ring: &crate::keys::KeyRing) -> Sealer {
+        let older = ring
+            .keys()
+            .iter()
+            .filter(|k| &k.id != ring.active_id())
+            .map(|k| XChaCha20Poly1305::new(k.key.bytes().into()))
+            .collect();
+        Sealer { older, ..Sealer::new(ring.active_key()) }
     }
 
     /// Encrypts `state`, bound to `binding` (the server name, and later the principal).
@@ -105,7 +126,10 @@ impl Sealer {
         }
         let (nonce, sealed) = bytes.split_at(NONCE_LEN);
         let nonce = XNonce::try_from(nonce).ok()?;
-        let plain = self.cipher.decrypt(&nonce, Payload { msg: sealed, aad: binding.as_bytes() }).ok()?;
+        let payload = || Payload { msg: sealed, aad: binding.as_bytes() };
+        let plain = std::iter::once(&self.cipher)
+            .chain(self.older.iter())
+            .find_map(|cipher| cipher.decrypt(&nonce, payload()).ok())?;
         let state: SessionState = serde_json::from_slice(&plain).ok()?;
         (state.version == 1).then_some(state)
     }
@@ -138,6 +162,7 @@ mod tests {
             created: 1,
             hello: None,
             features: 0,
+            client: None,
         }
     }
 

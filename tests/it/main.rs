@@ -1,9 +1,11 @@
 //! Integration tests: one binary, one module per suite. Each test starts real gateways and
 //! real upstream servers on loopback.
 
+mod audit;
 mod common;
 mod conformance;
 mod errors;
 mod identity;
 mod protocol;
 mod relay;
+mod secrets;

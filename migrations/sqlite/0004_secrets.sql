@@ -1,0 +1,10 @@
+-- Static upstream credentials, encrypted at rest (XChaCha20-Poly1305). `key_id` names the
+-- master key that made `ciphertext`; the ciphertext is bound to 'secrets:<name>'.
+CREATE TABLE secrets (
+    name TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL,
+    ciphertext BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX secrets_key_id ON secrets (key_id);

@@ -1,0 +1,154 @@
+//! The hash chain: `hash = SHA-256(prev_hash || canonical(entry))`, where the canonical form
+//! includes `seq`, and the first record's `prev_hash` is [`GENESIS`]. [`verify`] walks the chain
+//! from seq 1 and names the first record that is edited, missing or out of place.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+
+use super::AuditError;
+use super::record::Entry;
+use crate::store::Store;
+
+/// The `prev_hash` of the first record: 32 zero bytes.
+pub const GENESIS: [u8; 32] = [0; 32];
+
+/// How many records `verify` reads per query.
+const PAGE: i64 = 1000;
+
+/// The hash of `entry` (whose `seq` and `prev_hash` are set).
+pub fn entry_hash(entry: &Entry) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(&entry.prev_hash);
+    h.update(entry.canonical());
+    h.finalize().into()
+}
+
+/// Numbers `entry` as `seq`, links it to `prev`, and computes its hash.
+pub fn seal(entry: &mut Entry, seq: i64, prev: &[u8]) {
+    entry.seq = seq;
+    entry.prev_hash = prev.to_vec();
+    entry.hash = entry_hash(entry).to_vec();
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    s
+}
+
+/// The outcome of [`verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verification {
+    /// Every record checks out.
+    Intact {
+        /// How many records there are.
+        records: u64,
+        /// The last record's seq and hash (anchor it elsewhere to detect a truncated tail).
+        head: Option<(i64, Vec<u8>)>,
+    },
+    /// The first bad record.
+    Broken(Break),
+}
+
+/// Where and how the chain breaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Break {
+    /// The first bad seq.
+    pub seq: i64,
+    /// What is wrong there.
+    pub kind: BreakKind,
+    /// One sentence for the operator.
+    pub detail: String,
+}
+
+/// The ways a chain breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakKind {
+    /// The record's content no longer matches its hash.
+    Edited,
+    /// The record is gone (a gap in seq, or it links to a record that no longer exists).
+    Deleted,
+    /// The record links to a record that exists elsewhere in the chain.
+    Reordered,
+}
+
+impl fmt::Display for BreakKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BreakKind::Edited => "edited",
+            BreakKind::Deleted => "deleted",
+            BreakKind::Reordered => "reordered",
+        })
+    }
+}
+
+impl fmt::Display for Break {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "audit chain broken at seq {}: {} ({})", self.seq, self.kind, self.detail)
+    }
+}
+
+/// Walks the whole chain from seq 1 and reports the first bad record. Records appended while
+/// it runs are checked too, up to the last one it reads.
+pub async fn verify(store: &Store) -> Result<Verification, AuditError> {
+    let mut expected: i64 = 1;
+    let mut running: Vec<u8> = GENESIS.to_vec();
+    loop {
+        let page = store.audit_after(expected - 1, PAGE).await?;
+        if page.is_empty() {
+            break;
+        }
+        for entry in &page {
+            if let Some(b) = check(store, entry, expected, &running).await? {
+                return Ok(Verification::Broken(b));
+            }
+            running.clone_from(&entry.hash);
+            expected += 1;
+        }
+    }
+    let records = u64::try_from(expected - 1).unwrap_or(0);
+    let head = (records > 0).then(|| (expected - 1, running));
+    Ok(Verification::Intact { records, head })
+}
+
+/// Checks the record found where seq `expected` should be, given the previous record's hash.
+async fn check(store: &Store, entry: &Entry, expected: i64, running: &[u8]) -> Result<Option<Break>, AuditError> {
+    let broken = |kind, detail: String| Ok(Some(Break { seq: expected, kind, detail }));
+    if entry.seq != expected {
+        return broken(BreakKind::Deleted, format!("missing; the next record is seq {}", entry.seq));
+    }
+    let intact = entry_hash(entry).as_slice() == entry.hash.as_slice()
+        && serde_json::from_str::<serde::de::IgnoredAny>(&entry.arguments).is_ok();
+    if entry.prev_hash.as_slice() == running {
+        return if intact {
+            Ok(None)
+        } else {
+            broken(BreakKind::Edited, "its content does not match its hash".to_owned())
+        };
+    }
+    // The link to seq - 1 is broken: find where the record it links to is now.
+    match store.audit_seq_of_hash(&entry.prev_hash).await? {
+        Some(at) => {
+            broken(BreakKind::Reordered, format!("it follows the record now at seq {at}, not seq {}", expected - 1))
+        }
+        None if intact || renumbered(entry) => broken(
+            BreakKind::Deleted,
+            format!("its prev_hash matches no record: seq {} was deleted or replaced", expected - 1),
+        ),
+        None => broken(BreakKind::Edited, "its content and prev_hash do not match its hash".to_owned()),
+    }
+}
+
+/// Whether `entry` was hashed as seq + 1: the record before it was deleted and the rest
+/// renumbered to close the gap.
+fn renumbered(entry: &Entry) -> bool {
+    let mut moved = entry.clone();
+    moved.seq += 1;
+    entry_hash(&moved).as_slice() == entry.hash.as_slice()
+}

@@ -1,0 +1,96 @@
+//! The audit log: one [`Record`] per MCP request, including denials and errors.
+//!
+//! - `record`: what the request path fills in, and [`Entry`], the stored, chained form.
+//! - `redact`: secrets out of arguments (key names and token patterns), before anything is stored.
+//! - `chain`: the SHA-256 hash chain and [`verify`], which names the first bad record.
+//! - `writer`: [`AuditWriter`], the non-blocking batched writer (one per process and store).
+//! - `time`: RFC 3339 in and out, for the CLI.
+//!
+//! `docs/audit.md` describes the record fields, the chain, the durability modes and the
+//! overflow policy for operators.
+
+mod chain;
+mod record;
+mod redact;
+pub mod time;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use serde::Deserialize;
+
+pub(crate) use chain::seal;
+pub use chain::{Break, BreakKind, GENESIS, Verification, entry_hash, hex, verify};
+pub use record::{Arguments, Decision, Entry, Record};
+pub use redact::{DEFAULT_REDACT_KEYS, REDACTED, Redactor};
+pub use writer::{AuditWriter, WriterStats};
+
+/// How long a call waits for its audit record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Answer at once; the record is committed in the next batch (within about 50 ms).
+    #[default]
+    Async,
+    /// Answer only after the batch holding the call's record has committed.
+    Strict,
+}
+
+/// `[audit]`: the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// `"async"` (answer at once, the record follows within about 50 ms) or `"strict"` (answer
+    /// only once the record is committed). Default `"async"`.
+    pub durability: Durability,
+    /// Records queued in memory before further ones spill to the overflow queue (counted by
+    /// `portcullis_audit_overflow_total`). At least 1. Default `10000`.
+    pub capacity: usize,
+    /// Argument keys whose values are replaced by `"[REDACTED]"`: case-insensitive, matched
+    /// anywhere in the key, ignoring `-` and `_`. Setting it replaces the default list. Default
+    /// `["password", "secret", "token", "api_key", "apikey", "authorization", "access_token",
+    /// "refresh_token", "client_secret", "private_key", "cookie"]`.
+    pub redact_keys: Vec<String>,
+}
+
+/// The default `[audit] capacity`.
+pub const DEFAULT_CAPACITY: usize = 10_000;
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            durability: Durability::Async,
+            capacity: DEFAULT_CAPACITY,
+            redact_keys: DEFAULT_REDACT_KEYS.iter().map(|k| (*k).to_owned()).collect(),
+        }
+    }
+}
+
+impl AuditConfig {
+    /// Every problem with these settings, one line each, for the config validator.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.capacity == 0 {
+            problems.push("audit.capacity must be at least 1".to_owned());
+        }
+        if self.redact_keys.iter().any(|k| redact::normalize_key(k).is_empty()) {
+            problems.push("audit.redact_keys must not contain empty names".to_owned());
+        }
+        problems
+    }
+}
+
+/// Why an audit operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The store refused a query.
+    #[error("audit store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// The batch holding a strict record failed to commit; the writer keeps retrying it.
+    #[error("audit record not committed: {0}")]
+    NotCommitted(String),
+    /// The writer has shut down, so the record was not accepted (and was counted as dropped).
+    #[error("the audit writer has shut down")]
+    Closed,
+}

@@ -1,0 +1,364 @@
+//! The audit record as the request path builds it ([`Record`]) and as the store keeps it
+//! ([`Entry`]): redacted, sanitised, numbered and chained.
+
+use std::fmt;
+
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::Value;
+
+use super::chain::hex;
+use super::redact::Redactor;
+
+/// What the gateway decided about a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed and forwarded.
+    Allow,
+    /// Refused by authentication or policy.
+    Deny,
+    /// Allowed, but failed in the gateway or upstream.
+    Error,
+}
+
+impl Decision {
+    /// As stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+            Decision::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The arguments of a call, not yet redacted. `Debug` never shows them: redaction happens in
+/// the writer, off the request path, and only the redacted form is ever stored or printed.
+#[derive(Clone, Default, PartialEq)]
+pub struct Arguments(Option<Value>);
+
+impl Arguments {
+    /// No arguments (stored as JSON `null`).
+    pub fn none() -> Arguments {
+        Arguments(None)
+    }
+
+    /// Arguments as the client sent them; secrets are removed before storing.
+    pub fn new(value: Value) -> Arguments {
+        Arguments(Some(value))
+    }
+
+    /// Whether there are any.
+    pub fn is_none(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// The redacted arguments as canonical JSON text (sorted keys, no whitespace).
+    pub fn redacted(&self, redactor: &Redactor) -> String {
+        match &self.0 {
+            None => "null".to_owned(),
+            Some(v) => canonical_json(&redactor.redact(v)),
+        }
+    }
+}
+
+impl From<Value> for Arguments {
+    fn from(value: Value) -> Self {
+        Arguments::new(value)
+    }
+}
+
+impl fmt::Debug for Arguments {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            None => f.write_str("Arguments(none)"),
+            Some(_) => f.write_str("Arguments(not yet redacted)"),
+        }
+    }
+}
+
+/// One MCP request as the request path reports it. Build it with [`Record::new`] and struct
+/// update syntax, then hand it to [`super::AuditWriter`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// When the request arrived, in milliseconds since the Unix epoch.
+    pub time_ms: i64,
+    /// The gateway's request id (the one in logs and traces).
+    pub request_id: String,
+    /// The principal's stable id; `None` before authentication succeeded.
+    pub principal_id: Option<String>,
+    /// `user`, `service` or `anonymous`.
+    pub principal_kind: Option<String>,
+    /// The principal's name (`alice`, `ci-bot`).
+    pub principal_name: Option<String>,
+    /// The grant token's id (never the token).
+    pub token_id: Option<String>,
+    /// `clientInfo.name` from `initialize`.
+    pub client_name: Option<String>,
+    /// `clientInfo.version` from `initialize`.
+    pub client_version: Option<String>,
+    /// The upstream server's configured name; `None` when no server matched.
+    pub server: Option<String>,
+    /// The JSON-RPC method (`tools/call`, `tools/list`, …).
+    pub method: String,
+    /// The tool, for `tools/call`.
+    pub tool: Option<String>,
+    /// The call's arguments; secrets are redacted before storing.
+    pub arguments: Arguments,
+    /// What the gateway decided.
+    pub decision: Decision,
+    /// The upstream's HTTP status, or its JSON-RPC error code.
+    pub upstream_status: Option<i64>,
+    /// From the request's arrival to the end of the answer, in microseconds.
+    pub latency_us: u64,
+    /// Request body bytes.
+    pub bytes_in: u64,
+    /// Response body bytes.
+    pub bytes_out: u64,
+}
+
+impl Record {
+    /// A record with the required fields; the rest start empty.
+    pub fn new(time_ms: i64, request_id: impl Into<String>, method: impl Into<String>, decision: Decision) -> Record {
+        Record {
+            time_ms,
+            request_id: request_id.into(),
+            principal_id: None,
+            principal_kind: None,
+            principal_name: None,
+            token_id: None,
+            client_name: None,
+            client_version: None,
+            server: None,
+            method: method.into(),
+            tool: None,
+            arguments: Arguments::none(),
+            decision,
+            upstream_status: None,
+            latency_us: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
+
+    /// The stored form, not yet chained: arguments redacted, NUL characters (which PostgreSQL
+    /// `TEXT` refuses) replaced, counters clamped to the database's signed 64 bits.
+    pub fn to_entry(&self, redactor: &Redactor) -> Entry {
+        let text = |s: &str| if s.contains('\0') { s.replace('\0', "\u{fffd}") } else { s.to_owned() };
+        let opt = |s: &Option<String>| s.as_deref().map(text);
+        let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        Entry {
+            seq: 0,
+            time_ms: self.time_ms,
+            request_id: text(&self.request_id),
+            principal_id: opt(&self.principal_id),
+            principal_kind: opt(&self.principal_kind),
+            principal_name: opt(&self.principal_name),
+            token_id: opt(&self.token_id),
+            client_name: opt(&self.client_name),
+            client_version: opt(&self.client_version),
+            server: opt(&self.server),
+            method: text(&self.method),
+            tool: opt(&self.tool),
+            arguments: self.arguments.redacted(redactor),
+            decision: self.decision.as_str().to_owned(),
+            upstream_status: self.upstream_status,
+            latency_us: int(self.latency_us),
+            bytes_in: int(self.bytes_in),
+            bytes_out: int(self.bytes_out),
+            prev_hash: Vec::new(),
+            hash: Vec::new(),
+        }
+    }
+}
+
+/// One record exactly as stored: the columns of `audit_records`. Arguments are already
+/// redacted, so `Debug` and the JSON export may show everything.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Entry {
+    /// Position in the chain, from 1, without gaps.
+    pub seq: i64,
+    /// Unix milliseconds.
+    pub time_ms: i64,
+    /// Request id.
+    pub request_id: String,
+    /// Principal id.
+    pub principal_id: Option<String>,
+    /// Principal kind.
+    pub principal_kind: Option<String>,
+    /// Principal name.
+    pub principal_name: Option<String>,
+    /// Grant token id.
+    pub token_id: Option<String>,
+    /// Client name.
+    pub client_name: Option<String>,
+    /// Client version.
+    pub client_version: Option<String>,
+    /// Upstream server.
+    pub server: Option<String>,
+    /// JSON-RPC method.
+    pub method: String,
+    /// Tool name.
+    pub tool: Option<String>,
+    /// Redacted arguments as canonical JSON text.
+    pub arguments: String,
+    /// `allow`, `deny` or `error`.
+    pub decision: String,
+    /// Upstream HTTP status or JSON-RPC error code.
+    pub upstream_status: Option<i64>,
+    /// Latency in microseconds.
+    pub latency_us: i64,
+    /// Request bytes.
+    pub bytes_in: i64,
+    /// Response bytes.
+    pub bytes_out: i64,
+    /// The previous record's hash (32 zero bytes for the first).
+    pub prev_hash: Vec<u8>,
+    /// SHA-256 over `prev_hash` and the canonical form of this record.
+    pub hash: Vec<u8>,
+}
+
+impl Entry {
+    /// The canonical serialisation the chain hashes: a JSON object of every column except the
+    /// two hashes, keys sorted, no whitespace, `arguments` embedded as stored. Changing this
+    /// breaks every existing chain.
+    pub fn canonical(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(320 + self.arguments.len());
+        let mut w = Canonical { out: &mut out, first: true };
+        w.raw("arguments", &self.arguments);
+        w.int("bytes_in", Some(self.bytes_in));
+        w.int("bytes_out", Some(self.bytes_out));
+        w.str("client_name", self.client_name.as_deref());
+        w.str("client_version", self.client_version.as_deref());
+        w.str("decision", Some(&self.decision));
+        w.int("latency_us", Some(self.latency_us));
+        w.str("method", Some(&self.method));
+        w.str("principal_id", self.principal_id.as_deref());
+        w.str("principal_kind", self.principal_kind.as_deref());
+        w.str("principal_name", self.principal_name.as_deref());
+        w.str("request_id", Some(&self.request_id));
+        w.int("seq", Some(self.seq));
+        w.str("server", self.server.as_deref());
+        w.int("time_ms", Some(self.time_ms));
+        w.str("token_id", self.token_id.as_deref());
+        w.str("tool", self.tool.as_deref());
+        w.int("upstream_status", self.upstream_status);
+        out.push(b'}');
+        out
+    }
+}
+
+struct Canonical<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
+}
+
+impl Canonical<'_> {
+    fn key(&mut self, key: &str) {
+        self.out.push(if self.first { b'{' } else { b',' });
+        self.first = false;
+        push_json_str(self.out, key);
+        self.out.push(b':');
+    }
+
+    fn raw(&mut self, key: &str, json: &str) {
+        self.key(key);
+        self.out.extend_from_slice(json.as_bytes());
+    }
+
+    fn str(&mut self, key: &str, value: Option<&str>) {
+        self.key(key);
+        match value {
+            Some(v) => push_json_str(self.out, v),
+            None => self.out.extend_from_slice(b"null"),
+        }
+    }
+
+    fn int(&mut self, key: &str, value: Option<i64>) {
+        self.key(key);
+        match value {
+            Some(v) => self.out.extend_from_slice(v.to_string().as_bytes()),
+            None => self.out.extend_from_slice(b"null"),
+        }
+    }
+}
+
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    // Serialising a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// `value` as JSON with object keys sorted (by their UTF-8 bytes) at every depth, no whitespace.
+pub fn canonical_json(value: &Value) -> String {
+    let mut out = Vec::new();
+    write_canonical(&mut out, value);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+fn write_canonical(out: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                push_json_str(out, k);
+                out.push(b':');
+                write_canonical(out, v);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(out, v);
+            }
+            out.push(b']');
+        }
+        scalar => {
+            let _ = serde_json::to_writer(&mut *out, scalar);
+        }
+    }
+}
+
+/// The export form: every column, hashes in hex, arguments as JSON (or as a string if the
+/// stored text is not JSON, which only tampering can cause).
+impl Serialize for Entry {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let arguments: Value =
+            serde_json::from_str(&self.arguments).unwrap_or_else(|_| Value::String(self.arguments.clone()));
+        let mut m = s.serialize_map(Some(20))?;
+        m.serialize_entry("seq", &self.seq)?;
+        m.serialize_entry("time_ms", &self.time_ms)?;
+        m.serialize_entry("request_id", &self.request_id)?;
+        m.serialize_entry("principal_id", &self.principal_id)?;
+        m.serialize_entry("principal_kind", &self.principal_kind)?;
+        m.serialize_entry("principal_name", &self.principal_name)?;
+        m.serialize_entry("token_id", &self.token_id)?;
+        m.serialize_entry("client_name", &self.client_name)?;
+        m.serialize_entry("client_version", &self.client_version)?;
+        m.serialize_entry("server", &self.server)?;
+        m.serialize_entry("method", &self.method)?;
+        m.serialize_entry("tool", &self.tool)?;
+        m.serialize_entry("arguments", &arguments)?;
+        m.serialize_entry("decision", &self.decision)?;
+        m.serialize_entry("upstream_status", &self.upstream_status)?;
+        m.serialize_entry("latency_us", &self.latency_us)?;
+        m.serialize_entry("bytes_in", &self.bytes_in)?;
+        m.serialize_entry("bytes_out", &self.bytes_out)?;
+        m.serialize_entry("prev_hash", &hex(&self.prev_hash))?;
+        m.serialize_entry("hash", &hex(&self.hash))?;
+        m.end()
+    }
+}

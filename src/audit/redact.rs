@@ -1,0 +1,165 @@
+//! Secrets out of call arguments before they are stored: values under sensitive key names, and
+//! strings that look like common credential formats, become `"[REDACTED]"`.
+
+use serde_json::{Map, Value};
+
+/// What a secret is replaced with.
+pub const REDACTED: &str = "[REDACTED]";
+
+/// The key names redacted when `[audit] redact_keys` is not set.
+pub const DEFAULT_REDACT_KEYS: &[&str] = &[
+    "password",
+    "secret",
+    "token",
+    "api_key",
+    "apikey",
+    "authorization",
+    "access_token",
+    "refresh_token",
+    "client_secret",
+    "private_key",
+    "cookie",
+];
+
+/// Removes secrets from JSON values. Cheap to clone; build one per writer.
+#[derive(Debug, Clone)]
+pub struct Redactor {
+    /// Lower-cased key fragments without `-` and `_`.
+    keys: Vec<String>,
+}
+
+impl Default for Redactor {
+    fn default() -> Self {
+        Redactor::new(DEFAULT_REDACT_KEYS)
+    }
+}
+
+/// A key name lower-cased without `-`, `_` and spaces, so `API-Key`, `api_key` and `apiKey`
+/// compare equal.
+pub(crate) fn normalize_key(key: &str) -> String {
+    key.chars().filter(|c| !matches!(c, '-' | '_' | ' ')).flat_map(char::to_lowercase).collect()
+}
+
+impl Redactor {
+    /// A redactor for these key names (case-insensitive, matched anywhere in a key, ignoring
+    /// `-` and `_`). The token patterns always apply.
+    pub fn new<S: AsRef<str>>(keys: &[S]) -> Redactor {
+        let keys = keys.iter().map(|k| normalize_key(k.as_ref())).filter(|k| !k.is_empty()).collect();
+        Redactor { keys }
+    }
+
+    /// Whether values under `key` are redacted whatever they hold.
+    pub fn is_sensitive_key(&self, key: &str) -> bool {
+        let key = normalize_key(key);
+        self.keys.iter().any(|k| key.contains(k.as_str()))
+    }
+
+    /// A copy of `value` with secrets replaced.
+    pub fn redact(&self, value: &Value) -> Value {
+        match value {
+            Value::String(s) => Value::String(scrub(s).unwrap_or_else(|| s.clone())),
+            Value::Array(items) => Value::Array(items.iter().map(|v| self.redact(v)).collect()),
+            Value::Object(map) => {
+                let mut out = Map::new();
+                for (k, v) in map {
+                    let key = scrub(k).unwrap_or_else(|| k.clone());
+                    let v = if self.is_sensitive_key(k) { Value::String(REDACTED.to_owned()) } else { self.redact(v) };
+                    out.insert(key, v);
+                }
+                Value::Object(out)
+            }
+            other => other.clone(),
+        }
+    }
+}
+
+/// `s` with every credential-looking substring replaced by [`REDACTED`], or `None` when there
+/// is none (the common case, which then costs no allocation).
+pub fn scrub(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out: Option<String> = None;
+    let mut copied = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        let at_boundary = i == 0 || !bytes[i - 1].is_ascii_alphanumeric();
+        match if at_boundary { secret_len(&bytes[i..]) } else { None } {
+            Some(len) => {
+                // Every pattern starts and ends on ASCII, so both ends are char boundaries.
+                let o = out.get_or_insert_with(|| String::with_capacity(s.len()));
+                o.push_str(&s[copied..i]);
+                o.push_str(REDACTED);
+                i += len;
+                copied = i;
+            }
+            None => i += 1,
+        }
+    }
+    out.map(|mut o| {
+        o.push_str(&s[copied..]);
+        o
+    })
+}
+
+/// The length of the secret starting at `t[0]`, if one does.
+fn secret_len(t: &[u8]) -> Option<usize> {
+    let alnum = |b: u8| b.is_ascii_alphanumeric();
+    let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let dashed = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+    let upper = |b: u8| b.is_ascii_uppercase() || b.is_ascii_digit();
+    match t.first()? {
+        // GitHub: ghp_ (classic), gho_ (OAuth), ghs_ (app server), ghu_, ghr_; fine-grained PATs.
+        b'g' => prefixed(t, b"github_pat_", word, 20).or_else(|| {
+            [&b"ghp_"[..], b"gho_", b"ghs_", b"ghu_", b"ghr_"].iter().find_map(|p| prefixed(t, p, alnum, 20))
+        }),
+        // Slack: xoxb-, xoxa-, xoxp-, xoxr-, xoxs-.
+        b'x' if t.len() > 4 && t.starts_with(b"xox") && b"abprs".contains(&t[3]) && t[4] == b'-' => {
+            run(&t[5..], |b| alnum(b) || b == b'-').filter(|n| *n >= 10).map(|n| n + 5)
+        }
+        // AWS access key ids (long-term AKIA, temporary ASIA).
+        b'A' => prefixed(t, b"AKIA", upper, 16).or_else(|| prefixed(t, b"ASIA", upper, 16)),
+        b'B' | b'b' => bearer(t),
+        // A JWT: base64url JSON header `{"…`, payload, signature (empty for alg none).
+        b'e' if t.starts_with(b"eyJ") => {
+            let header = run(t, dashed)?;
+            let payload = run(t.get(header + 1..)?, dashed)?;
+            if header < 10 || t.get(header) != Some(&b'.') || payload == 0 {
+                return None;
+            }
+            let sig_at = header + 1 + payload;
+            if t.get(sig_at) != Some(&b'.') {
+                return None;
+            }
+            Some(sig_at + 1 + run(&t[sig_at + 1..], dashed).unwrap_or(0))
+        }
+        // Portcullis grant tokens.
+        b'p' => prefixed(t, b"pcl_", alnum, 16),
+        // OpenAI (sk-…, sk-proj-…) and Anthropic (sk-ant-…) keys.
+        b's' => prefixed(t, b"sk-", dashed, 20),
+        _ => None,
+    }
+}
+
+/// `prefix` followed by at least `min` bytes of `class`: the length of the whole.
+fn prefixed(t: &[u8], prefix: &[u8], class: impl Fn(u8) -> bool, min: usize) -> Option<usize> {
+    let rest = t.strip_prefix(prefix)?;
+    run(rest, class).filter(|n| *n >= min).map(|n| prefix.len() + n)
+}
+
+/// How many leading bytes belong to `class` (`None` for none).
+fn run(t: &[u8], class: impl Fn(u8) -> bool) -> Option<usize> {
+    let n = t.iter().take_while(|b| class(**b)).count();
+    (n > 0).then_some(n)
+}
+
+/// `Bearer <token68>` (scheme case-insensitive) with a credential of at least 8 characters.
+fn bearer(t: &[u8]) -> Option<usize> {
+    if t.len() < 7 || !t[..6].eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    let spaces = run(&t[6..], |b| b == b' ')?;
+    let start = 6 + spaces;
+    let token68 = |b: u8| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b);
+    let cred = run(&t[start..], token68).filter(|n| *n >= 8)?;
+    let pad = run(&t[start + cred..], |b| b == b'=').unwrap_or(0);
+    Some(start + cred + pad)
+}

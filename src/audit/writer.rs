@@ -1,0 +1,431 @@
+//! The audit writer: the request path hands a [`Record`] over in a `try_send` and moves on; one
+//! background task per process batches records into transactions and computes the chain.
+//!
+//! Overflow policy: when the bounded channel is full, records spill into an unbounded overflow
+//! queue (counted by `portcullis_audit_overflow_total`, logged once per episode) instead of
+//! being dropped or blocking the caller. Memory is the only limit; the backlog gauge
+//! `portcullis_audit_backlog` (channel + overflow + the batch being written) is what to alert
+//! on. A record is lost only when it arrives after [`AuditWriter::shutdown`] began, or when the
+//! store still fails during shutdown; each loss is logged at error and counted by
+//! `portcullis_audit_dropped_total`.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::record::Entry;
+use super::redact::Redactor;
+use super::{AuditConfig, AuditError, Durability, Record};
+use crate::store::Store;
+
+/// A batch closes at this many records…
+const MAX_BATCH: usize = 500;
+/// …or this long after its first record, or at once when a strict caller or a flush waits.
+const MAX_DELAY: Duration = Duration::from_millis(50);
+/// Longest pause between retries of a failed batch.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Failed attempts tolerated once shutdown has begun (across all batches) before the remaining
+/// records are given up, loudly.
+const SHUTDOWN_ATTEMPTS: u32 = 3;
+/// Longest pause between those attempts.
+const SHUTDOWN_BACKOFF: Duration = Duration::from_millis(500);
+
+type Done = oneshot::Sender<Result<i64, AuditError>>;
+
+#[allow(
+    clippy::large_enum_variant,
+    reason = "nearly every message is a record; boxing would cost an allocation per request"
+)]
+enum Msg {
+    Record(Record, Option<Done>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Counters since the writer started (the same numbers the metrics carry).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Records committed.
+    pub written: u64,
+    /// Transactions committed.
+    pub batches: u64,
+    /// Records that went to the overflow queue because the channel was full.
+    pub overflowed: u64,
+    /// Records lost (after shutdown began, or the store failing during shutdown).
+    pub dropped: u64,
+    /// Failed batch attempts.
+    pub errors: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    written: AtomicU64,
+    batches: AtomicU64,
+    overflowed: AtomicU64,
+    dropped: AtomicU64,
+    errors: AtomicU64,
+    /// Accepted and not yet committed or given up.
+    backlog: AtomicU64,
+}
+
+/// Records that did not fit in the channel. `closed` is set under the same lock when the
+/// writer has drained it for the last time, so nothing is pushed into a dead queue.
+#[derive(Default)]
+struct Overflow {
+    queue: VecDeque<(Record, Option<Done>)>,
+    closed: bool,
+    /// Whether this overflow episode has been logged.
+    warned: bool,
+}
+
+struct Shared {
+    durability: Durability,
+    overflow: Mutex<Overflow>,
+    overflow_notify: Notify,
+    counters: Counters,
+    stopping: CancellationToken,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The audit writer. Cheap to clone (put it in `AppState`); one per process and store.
+#[derive(Clone)]
+pub struct AuditWriter {
+    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for AuditWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditWriter")
+            .field("durability", &self.shared.durability)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl AuditWriter {
+    /// Starts the writer task on the current Tokio runtime.
+    pub fn start(store: Store, config: &AuditConfig) -> AuditWriter {
+        let (tx, rx) = mpsc::channel(config.capacity.max(1));
+        let shared = Arc::new(Shared {
+            durability: config.durability,
+            overflow: Mutex::default(),
+            overflow_notify: Notify::new(),
+            counters: Counters::default(),
+            stopping: CancellationToken::new(),
+            task: Mutex::new(None),
+        });
+        let redactor = Redactor::new(&config.redact_keys);
+        let task = Task { store, redactor, rx, shared: shared.clone(), shutdown_budget: SHUTDOWN_ATTEMPTS };
+        let handle = tokio::spawn(task.run());
+        *shared.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
+        AuditWriter { tx, shared }
+    }
+
+    /// The configured durability.
+    pub fn durability(&self) -> Durability {
+        self.shared.durability
+    }
+
+    /// Queues `record` and returns at once: never blocks, never fails, never drops silently.
+    pub fn record(&self, record: Record) {
+        self.enqueue(record, None);
+    }
+
+    /// Queues `record` and waits until the batch holding it has committed; returns its seq.
+    pub async fn record_durable(&self, record: Record) -> Result<i64, AuditError> {
+        let (done, committed) = oneshot::channel();
+        self.enqueue(record, Some(done));
+        committed.await.unwrap_or(Err(AuditError::Closed))
+    }
+
+    /// Records per the configured durability: `async` returns at once, `strict` waits for the
+    /// commit. The request path calls this once per request, before answering.
+    pub async fn write(&self, record: Record) -> Result<(), AuditError> {
+        match self.shared.durability {
+            Durability::Async => {
+                self.record(record);
+                Ok(())
+            }
+            Durability::Strict => self.record_durable(record).await.map(drop),
+        }
+    }
+
+    /// Waits until every record queued before this call has been committed (or given up).
+    pub async fn flush(&self) -> Result<(), AuditError> {
+        let (done, flushed) = oneshot::channel();
+        self.tx.send(Msg::Flush(done)).await.map_err(|_| AuditError::Closed)?;
+        flushed.await.map_err(|_| AuditError::Closed)
+    }
+
+    /// Records accepted and not yet committed.
+    pub fn backlog(&self) -> u64 {
+        self.shared.counters.backlog.load(Ordering::Relaxed)
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> WriterStats {
+        let c = &self.shared.counters;
+        WriterStats {
+            written: c.written.load(Ordering::Relaxed),
+            batches: c.batches.load(Ordering::Relaxed),
+            overflowed: c.overflowed.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops accepting records, commits everything already accepted, and waits for the task.
+    /// Call it after the listeners have drained. Idempotent.
+    pub async fn shutdown(&self) {
+        self.shared.stopping.cancel();
+        let handle = self.shared.task.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(handle) = handle
+            && let Err(e) = handle.await
+        {
+            tracing::error!(error = %e, "audit writer task failed");
+        }
+    }
+
+    fn enqueue(&self, record: Record, done: Option<Done>) {
+        let c = &self.shared.counters;
+        c.backlog.fetch_add(1, Ordering::Relaxed);
+        let (full, msg) = match self.tx.try_send(Msg::Record(record, done)) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(msg)) => (true, msg),
+            Err(mpsc::error::TrySendError::Closed(msg)) => (false, msg),
+        };
+        // Only records travel by try_send.
+        let Msg::Record(record, done) = msg else { return };
+        if !full {
+            return self.lost(&record, done);
+        }
+        let mut overflow = self.shared.overflow.lock().unwrap_or_else(PoisonError::into_inner);
+        if overflow.closed {
+            drop(overflow);
+            return self.lost(&record, done);
+        }
+        overflow.queue.push_back((record, done));
+        if !overflow.warned {
+            overflow.warned = true;
+            tracing::warn!("audit channel full: records spill to the overflow queue (the store is slow or down)");
+        }
+        drop(overflow);
+        c.overflowed.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("portcullis_audit_overflow_total").increment(1);
+        self.shared.overflow_notify.notify_one();
+    }
+
+    /// A record that arrived after shutdown: never silent.
+    fn lost(&self, record: &Record, done: Option<Done>) {
+        let c = &self.shared.counters;
+        c.backlog.fetch_sub(1, Ordering::Relaxed);
+        c.dropped.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("portcullis_audit_dropped_total").increment(1);
+        tracing::error!(request_id = %record.request_id, method = %record.method, "audit record dropped: the writer has shut down");
+        if let Some(done) = done {
+            let _ = done.send(Err(AuditError::Closed));
+        }
+    }
+}
+
+/// The background task: owns the receiving end and the store.
+struct Task {
+    store: Store,
+    redactor: Redactor,
+    rx: mpsc::Receiver<Msg>,
+    shared: Arc<Shared>,
+    /// Failed attempts still tolerated after shutdown began.
+    shutdown_budget: u32,
+}
+
+/// One batch being gathered.
+#[derive(Default)]
+struct Batch {
+    records: Vec<(Record, Option<Done>)>,
+    flushes: Vec<oneshot::Sender<()>>,
+    /// Someone waits for this batch (a strict record or a flush), so it should not linger.
+    urgent: bool,
+}
+
+impl Batch {
+    fn take(&mut self, msg: Msg) {
+        match msg {
+            Msg::Record(r, d) => self.push(r, d),
+            Msg::Flush(f) => {
+                self.urgent = true;
+                self.flushes.push(f);
+            }
+        }
+    }
+
+    fn push(&mut self, record: Record, done: Option<Done>) {
+        self.urgent |= done.is_some();
+        self.records.push((record, done));
+    }
+}
+
+impl Task {
+    async fn run(mut self) {
+        loop {
+            let mut batch = Batch::default();
+            let stopping = self.gather(&mut batch).await;
+            if stopping {
+                // No new records from here on; everything already accepted is written below.
+                self.rx.close();
+                while let Ok(msg) = self.rx.try_recv() {
+                    batch.take(msg);
+                }
+                self.take_overflow(&mut batch, usize::MAX, true);
+            }
+            // A flush answers only after everything queued before it (including the overflow)
+            // is written, so drain the overflow too.
+            if !batch.flushes.is_empty() {
+                self.take_overflow(&mut batch, usize::MAX, false);
+            }
+            for chunk in chunks(std::mem::take(&mut batch.records)) {
+                self.commit(chunk).await;
+            }
+            for f in batch.flushes {
+                let _ = f.send(());
+            }
+            self.report_backlog();
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    /// Fills `batch`; returns whether shutdown has begun.
+    async fn gather(&mut self, batch: &mut Batch) -> bool {
+        let stopping = self.shared.stopping.clone();
+        tokio::select! {
+            msg = self.rx.recv() => match msg {
+                Some(msg) => batch.take(msg),
+                None => return true,
+            },
+            () = self.shared.overflow_notify.notified() => {}
+            () = stopping.cancelled() => return true,
+        }
+        let deadline = Instant::now() + MAX_DELAY;
+        loop {
+            while batch.records.len() < MAX_BATCH {
+                match self.rx.try_recv() {
+                    Ok(msg) => batch.take(msg),
+                    Err(_) => break,
+                }
+            }
+            self.take_overflow(batch, MAX_BATCH.saturating_sub(batch.records.len()), false);
+            if batch.records.len() >= MAX_BATCH || batch.urgent {
+                return false;
+            }
+            tokio::select! {
+                msg = self.rx.recv() => match msg {
+                    Some(msg) => batch.take(msg),
+                    None => return true,
+                },
+                () = tokio::time::sleep_until(deadline) => return false,
+                () = stopping.cancelled() => return true,
+            }
+        }
+    }
+
+    fn take_overflow(&self, batch: &mut Batch, max: usize, close: bool) {
+        let mut overflow = self.shared.overflow.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = max.min(overflow.queue.len());
+        for (record, done) in overflow.queue.drain(..n) {
+            batch.push(record, done);
+        }
+        if overflow.queue.is_empty() {
+            overflow.warned = false;
+        }
+        if close {
+            overflow.closed = true;
+        }
+    }
+
+    /// Writes one batch, retrying with backoff until it commits; during shutdown it gives up
+    /// once the shutdown budget of failed attempts is spent, loudly.
+    async fn commit(&mut self, records: Vec<(Record, Option<Done>)>) {
+        let (records, mut waiters): (Vec<_>, Vec<_>) = records.into_iter().unzip();
+        let mut entries: Vec<Entry> = records.iter().map(|r| r.to_entry(&self.redactor)).collect();
+        drop(records);
+        let n = entries.len() as u64;
+        let c = &self.shared.counters;
+        let mut attempt: u32 = 0;
+        loop {
+            let started = std::time::Instant::now();
+            match self.store.audit_append(&mut entries).await {
+                Ok(()) => {
+                    metrics::histogram!("portcullis_audit_batch_seconds").record(started.elapsed().as_secs_f64());
+                    metrics::counter!("portcullis_audit_written_total").increment(n);
+                    c.written.fetch_add(n, Ordering::Relaxed);
+                    c.batches.fetch_add(1, Ordering::Relaxed);
+                    c.backlog.fetch_sub(n, Ordering::Relaxed);
+                    for (w, e) in waiters.iter_mut().zip(&entries) {
+                        if let Some(w) = w.take() {
+                            let _ = w.send(Ok(e.seq));
+                        }
+                    }
+                    return;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    c.errors.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("portcullis_audit_write_errors_total").increment(1);
+                    tracing::error!(error = %e, records = n, attempt, "audit batch failed; retrying");
+                    // Strict callers learn of the failure now rather than after the outage;
+                    // their records stay in the batch and are still written when the store recovers.
+                    for w in waiters.iter_mut().filter_map(Option::take) {
+                        let _ = w.send(Err(AuditError::NotCommitted(e.to_string())));
+                    }
+                    let stopping = self.shared.stopping.is_cancelled();
+                    if stopping {
+                        self.shutdown_budget = self.shutdown_budget.saturating_sub(1);
+                    }
+                    if stopping && self.shutdown_budget == 0 {
+                        c.dropped.fetch_add(n, Ordering::Relaxed);
+                        c.backlog.fetch_sub(n, Ordering::Relaxed);
+                        metrics::counter!("portcullis_audit_dropped_total").increment(n);
+                        let first = entries.first().map(|e| e.request_id.as_str()).unwrap_or_default();
+                        tracing::error!(error = %e, records = n, first_request_id = first, "audit records lost: the store failed during shutdown");
+                        return;
+                    }
+                    self.report_backlog();
+                    let backoff = MAX_BACKOFF.min(Duration::from_millis(50) * 2u32.saturating_pow(attempt.min(10)));
+                    if stopping {
+                        tokio::time::sleep(backoff.min(SHUTDOWN_BACKOFF)).await;
+                    } else {
+                        // Shutdown cuts a long pause short: from then on attempts are counted.
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            () = self.shared.stopping.cancelled() => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn report_backlog(&self) {
+        metrics::gauge!("portcullis_audit_backlog").set(self.shared.counters.backlog.load(Ordering::Relaxed) as f64);
+    }
+}
+
+/// Splits into transactions of at most [`MAX_BATCH`] records.
+fn chunks<T>(mut items: Vec<T>) -> Vec<Vec<T>> {
+    let mut out = Vec::with_capacity(items.len().div_ceil(MAX_BATCH));
+    while items.len() > MAX_BATCH {
+        let rest = items.split_off(MAX_BATCH);
+        out.push(std::mem::replace(&mut items, rest));
+    }
+    if !items.is_empty() {
+        out.push(items);
+    }
+    out
+}

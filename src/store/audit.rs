@@ -1,0 +1,188 @@
+//! Audit records: append a chained batch in one transaction, read pages and searches.
+//!
+//! Appends are serialised across processes (SQLite `BEGIN IMMEDIATE`; on PostgreSQL a
+//! transaction-level advisory lock) and read the chain's head inside the transaction, so
+//! several replicas can append to one chain without forking it.
+
+use super::{Store, StoreError};
+use crate::audit::Entry;
+use crate::on_pool;
+
+/// The PostgreSQL advisory lock key that serialises appends ("pclaudit").
+const APPEND_LOCK: i64 = 0x7063_6c61_7564_6974;
+
+/// Rows per `INSERT` statement. Measured on both databases: 20 rows (400 binds) beat single
+/// rows by 2-3x, while statements of hundreds of rows cost more to prepare than they save.
+const ROWS_PER_INSERT: usize = 20;
+
+const COLUMNS: &str = "seq, time_ms, request_id, principal_id, principal_kind, principal_name, token_id, \
+     client_name, client_version, server, method, tool, arguments, decision, upstream_status, latency_us, \
+     bytes_in, bytes_out, prev_hash, hash";
+const N_COLUMNS: usize = 20;
+
+/// Filters for [`Store::audit_search`]; `None` matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditQuery {
+    /// Principal name or id.
+    pub user: Option<String>,
+    /// Upstream server.
+    pub server: Option<String>,
+    /// Tool.
+    pub tool: Option<String>,
+    /// From this time on (Unix ms, inclusive).
+    pub since_ms: Option<i64>,
+    /// Before this time (Unix ms, exclusive).
+    pub until_ms: Option<i64>,
+    /// Only records after this seq.
+    pub after_seq: Option<i64>,
+    /// At most this many, the newest.
+    pub limit: i64,
+}
+
+enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+fn insert_sql(rows: usize) -> String {
+    let mut sql = format!("INSERT INTO audit_records ({COLUMNS}) VALUES ");
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..N_COLUMNS {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('$');
+            sql.push_str(&(r * N_COLUMNS + c + 1).to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// Reads the head, seals `entries` onto it and inserts them, inside the open transaction `$tx`.
+macro_rules! append_in {
+    ($tx:ident, $entries:ident) => {{
+        let head: Option<(i64, Vec<u8>)> =
+            sqlx::query_as("SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&mut *$tx)
+                .await?;
+        let (mut seq, mut prev) = head.unwrap_or_else(|| (0, crate::audit::GENESIS.to_vec()));
+        for e in $entries.iter_mut() {
+            seq += 1;
+            crate::audit::seal(e, seq, &prev);
+            prev.clone_from(&e.hash);
+        }
+        for chunk in $entries.chunks(ROWS_PER_INSERT) {
+            let sql = insert_sql(chunk.len());
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for e in chunk {
+                q = q
+                    .bind(e.seq)
+                    .bind(e.time_ms)
+                    .bind(&e.request_id)
+                    .bind(&e.principal_id)
+                    .bind(&e.principal_kind)
+                    .bind(&e.principal_name)
+                    .bind(&e.token_id)
+                    .bind(&e.client_name)
+                    .bind(&e.client_version)
+                    .bind(&e.server)
+                    .bind(&e.method)
+                    .bind(&e.tool)
+                    .bind(&e.arguments)
+                    .bind(&e.decision)
+                    .bind(e.upstream_status)
+                    .bind(e.latency_us)
+                    .bind(e.bytes_in)
+                    .bind(e.bytes_out)
+                    .bind(&e.prev_hash)
+                    .bind(&e.hash);
+            }
+            q.execute(&mut *$tx).await?;
+        }
+        $tx.commit().await?;
+    }};
+}
+
+impl Store {
+    /// Appends `entries` to the chain in one transaction, setting their `seq`, `prev_hash`
+    /// and `hash`. On error nothing is appended (and the entries are re-sealed on retry).
+    pub async fn audit_append(&self, entries: &mut [Entry]) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Store::Sqlite(pool) => {
+                // IMMEDIATE takes the write lock before the head is read, so a second process
+                // waits (busy_timeout) instead of failing to upgrade a read transaction.
+                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                append_in!(tx, entries);
+            }
+            Store::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(APPEND_LOCK).execute(&mut *tx).await?;
+                append_in!(tx, entries);
+            }
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` records with `seq > after`, in seq order.
+    pub async fn audit_after(&self, after: i64, limit: i64) -> Result<Vec<Entry>, StoreError> {
+        const SQL: &str = "SELECT * FROM audit_records WHERE seq > $1 ORDER BY seq LIMIT $2";
+        Ok(on_pool!(self, p => sqlx::query_as(SQL).bind(after).bind(limit).fetch_all(p).await?))
+    }
+
+    /// The seq of the record whose hash is `hash`, if any.
+    pub async fn audit_seq_of_hash(&self, hash: &[u8]) -> Result<Option<i64>, StoreError> {
+        const SQL: &str = "SELECT seq FROM audit_records WHERE hash = $1 ORDER BY seq LIMIT 1";
+        Ok(on_pool!(self, p => sqlx::query_scalar(SQL).bind(hash).fetch_optional(p).await?))
+    }
+
+    /// How many records there are.
+    pub async fn audit_count(&self) -> Result<i64, StoreError> {
+        Ok(on_pool!(self, p => sqlx::query_scalar("SELECT COUNT(*) FROM audit_records").fetch_one(p).await?))
+    }
+
+    /// The newest `query.limit` records matching `query`, returned oldest first.
+    pub async fn audit_search(&self, query: &AuditQuery) -> Result<Vec<Entry>, StoreError> {
+        let mut sql = String::from("SELECT * FROM audit_records WHERE 1 = 1");
+        let mut binds = Vec::new();
+        let mut cond = |sql: &mut String, clause: &str, bind: Bind| {
+            binds.push(bind);
+            sql.push_str(&clause.replace('?', &format!("${}", binds.len())));
+        };
+        if let Some(u) = &query.user {
+            cond(&mut sql, " AND (principal_name = ? OR principal_id = ?)", Bind::Text(u.clone()));
+        }
+        if let Some(s) = &query.server {
+            cond(&mut sql, " AND server = ?", Bind::Text(s.clone()));
+        }
+        if let Some(t) = &query.tool {
+            cond(&mut sql, " AND tool = ?", Bind::Text(t.clone()));
+        }
+        if let Some(t) = query.since_ms {
+            cond(&mut sql, " AND time_ms >= ?", Bind::Int(t));
+        }
+        if let Some(t) = query.until_ms {
+            cond(&mut sql, " AND time_ms < ?", Bind::Int(t));
+        }
+        if let Some(s) = query.after_seq {
+            cond(&mut sql, " AND seq > ?", Bind::Int(s));
+        }
+        cond(&mut sql, " ORDER BY seq DESC LIMIT ?", Bind::Int(query.limit.max(0)));
+        let mut rows: Vec<Entry> = on_pool!(self, p => {
+            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+            for b in &binds {
+                q = match b {
+                    Bind::Text(s) => q.bind(s.as_str()),
+                    Bind::Int(i) => q.bind(*i),
+                };
+            }
+            q.fetch_all(p).await?
+        });
+        rows.reverse();
+        Ok(rows)
+    }
+}

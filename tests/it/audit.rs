@@ -1,0 +1,509 @@
+//! Audit: the writer, the hash chain and `verify` on SQLite and PostgreSQL, and the
+//! `portcullis audit` CLI against a real store file.
+//!
+//! PostgreSQL runs on 127.0.0.1:5432 in CI (PORTCULLIS_TEST_PG overrides the URL); every
+//! PostgreSQL test creates its own database and drops it afterwards, and fails when the server
+//! is down.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use portcullis::audit::{
+    Arguments, AuditConfig, AuditError, AuditWriter, BreakKind, Decision, Durability, Record, Verification, verify,
+};
+use portcullis::store::Store;
+use portcullis::store::audit::AuditQuery;
+use serde_json::{Value, json};
+use sqlx::Connection;
+
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh, migrated store that disappears with the value.
+struct TestDb {
+    store: Store,
+    url: String,
+    _dir: tempfile::TempDir,
+    _pg: Option<PgDatabase>,
+}
+
+/// A PostgreSQL database created for one test, dropped (with its connections) on drop.
+struct PgDatabase {
+    admin_url: String,
+    name: String,
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs outside any runtime we may block, so use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                if let Ok(mut c) = sqlx::PgConnection::connect(&admin).await {
+                    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut c).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+fn pg_url() -> String {
+    std::env::var("PORTCULLIS_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+async fn test_db(backend: Backend) -> TestDb {
+    let dir = tempfile::tempdir().expect("tempdir");
+    match backend {
+        Backend::Sqlite => {
+            let url = format!("sqlite://{}/audit.db", dir.path().display());
+            let store = Store::connect(&url).await.expect("sqlite opens");
+            TestDb { store, url, _dir: dir, _pg: None }
+        }
+        Backend::Postgres => {
+            let admin_url = pg_url();
+            let name = format!("pcl_audit_{}", uuid::Uuid::new_v4().simple());
+            let mut admin = sqlx::PgConnection::connect(&admin_url)
+                .await
+                .expect("PostgreSQL on 127.0.0.1:5432 (or PORTCULLIS_TEST_PG) must be running");
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&mut admin)
+                .await
+                .expect("create test database");
+            let guard = PgDatabase { admin_url: admin_url.clone(), name: name.clone() };
+            let mut url = url::Url::parse(&admin_url).expect("PostgreSQL URL");
+            url.set_path(&format!("/{name}"));
+            let url = url.to_string();
+            let store = Store::connect(&url).await.expect("test database opens");
+            TestDb { store, url, _dir: dir, _pg: Some(guard) }
+        }
+    }
+}
+
+/// Runs `$scenario(backend)` once per backend, as `$scenario::sqlite` and `$scenario::postgres`.
+macro_rules! on_both {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                super::$scenario(super::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                super::$scenario(super::Backend::Postgres).await
+            }
+        }
+    )*};
+}
+
+on_both!(
+    chain_verifies_and_secrets_never_reach_the_store,
+    edited_record_is_named,
+    deleted_record_is_named,
+    reordered_records_are_named,
+    writer_loses_nothing_across_shutdown,
+    strict_mode_returns_after_commit,
+    replicas_share_one_chain,
+    search_filters_combine,
+    store_outage_is_retried_and_never_silent,
+);
+
+fn record(i: usize) -> Record {
+    let mut r = Record::new(1_795_400_000_000 + i as i64, format!("req-{i}"), "tools/call", Decision::Allow);
+    r.principal_id = Some(format!("p-{}", i % 3));
+    r.principal_kind = Some("user".into());
+    r.principal_name = Some(["alice", "bob", "carol"][i % 3].into());
+    r.token_id = Some(format!("tok-{}", i % 3));
+    r.client_name = Some("claude-code".into());
+    r.client_version = Some("2.1.0".into());
+    r.server = Some(["github", "linear"][i % 2].into());
+    r.tool = Some(format!("tool_{}", i % 5));
+    r.arguments = Arguments::new(json!({"i": i, "q": "text"}));
+    r.upstream_status = Some(200);
+    r.latency_us = 1000 + i as u64;
+    r.bytes_in = 100;
+    r.bytes_out = 2000;
+    r
+}
+
+async fn writer_with(db: &TestDb, config: AuditConfig, n: usize) -> AuditWriter {
+    let writer = AuditWriter::start(db.store.clone(), &config);
+    for i in 0..n {
+        writer.record(record(i));
+    }
+    writer.flush().await.expect("flushed");
+    writer
+}
+
+async fn filled(backend: Backend, n: usize) -> TestDb {
+    let db = test_db(backend).await;
+    writer_with(&db, AuditConfig::default(), n).await.shutdown().await;
+    db
+}
+
+async fn exec(store: &Store, sql: &'static str) {
+    portcullis::on_pool!(store, p => { sqlx::query(sql).execute(p).await.expect(sql); });
+}
+
+async fn broken_at(store: &Store) -> (i64, BreakKind) {
+    match verify(store).await.expect("verify runs") {
+        Verification::Broken(b) => (b.seq, b.kind),
+        intact => panic!("tampering went unnoticed: {intact:?}"),
+    }
+}
+
+async fn chain_verifies_and_secrets_never_reach_the_store(backend: Backend) {
+    let db = test_db(backend).await;
+    assert_eq!(
+        verify(&db.store).await.expect("verify"),
+        Verification::Intact { records: 0, head: None },
+        "an empty log is intact"
+    );
+    let writer = AuditWriter::start(db.store.clone(), &AuditConfig::default());
+    let mut secret = record(0);
+    secret.arguments = Arguments::new(json!({
+        "password": "hunter2",
+        "note": "my key is ghp_0123456789abcdefghijABCDEFGHIJ0123 ok",
+        "headers": {"Authorization": "Bearer abcdefghijklmnop"},
+        "float": 0.1,
+        "unicode": "snow ☃ and nul \u{0}",
+    }));
+    secret.client_name = Some("nul\0client".into());
+    writer.record(secret);
+    for i in 1..10 {
+        writer.record(record(i));
+    }
+    writer.shutdown().await;
+    match verify(&db.store).await.expect("verify") {
+        Verification::Intact { records: 10, head: Some((10, hash)) } => assert_eq!(hash.len(), 32),
+        other => panic!("{other:?}"),
+    }
+    let entries = db.store.audit_after(0, 100).await.expect("read");
+    let seqs: Vec<i64> = entries.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+    assert_eq!(entries[0].prev_hash, vec![0; 32], "genesis");
+    let args: Value = serde_json::from_str(&entries[0].arguments).expect("json");
+    assert_eq!(args["password"], "[REDACTED]");
+    assert_eq!(args["note"], "my key is [REDACTED] ok");
+    assert_eq!(args["headers"]["Authorization"], "[REDACTED]");
+    assert_eq!(args["float"], 0.1);
+    assert_eq!(entries[0].client_name.as_deref(), Some("nul\u{fffd}client"));
+    let all = format!("{entries:?}");
+    assert!(!all.contains("hunter2") && !all.contains("ghp_") && !all.contains("abcdefghijklmnop"), "{all}");
+}
+
+async fn edited_record_is_named(backend: Backend) {
+    let db = filled(backend, 6).await;
+    exec(&db.store, "UPDATE audit_records SET arguments = '{\"i\":99}' WHERE seq = 4").await;
+    assert_eq!(broken_at(&db.store).await, (4, BreakKind::Edited));
+
+    let db = filled(backend, 6).await;
+    exec(&db.store, "UPDATE audit_records SET decision = 'deny' WHERE seq = 1").await;
+    assert_eq!(broken_at(&db.store).await, (1, BreakKind::Edited));
+
+    let db = filled(backend, 6).await;
+    exec(&db.store, "UPDATE audit_records SET arguments = 'not json' WHERE seq = 6").await;
+    assert_eq!(broken_at(&db.store).await, (6, BreakKind::Edited));
+}
+
+async fn deleted_record_is_named(backend: Backend) {
+    let db = filled(backend, 6).await;
+    exec(&db.store, "DELETE FROM audit_records WHERE seq = 3").await;
+    assert_eq!(broken_at(&db.store).await, (3, BreakKind::Deleted));
+
+    let db = filled(backend, 6).await;
+    exec(&db.store, "DELETE FROM audit_records WHERE seq = 1").await;
+    assert_eq!(broken_at(&db.store).await, (1, BreakKind::Deleted));
+
+    // Deleting and renumbering to hide the gap is still a deletion.
+    let db = filled(backend, 6).await;
+    exec(&db.store, "DELETE FROM audit_records WHERE seq = 3").await;
+    exec(&db.store, "UPDATE audit_records SET seq = seq + 100 WHERE seq > 3").await;
+    exec(&db.store, "UPDATE audit_records SET seq = seq - 101 WHERE seq > 100").await;
+    assert_eq!(broken_at(&db.store).await, (3, BreakKind::Deleted));
+}
+
+async fn reordered_records_are_named(backend: Backend) {
+    let db = filled(backend, 6).await;
+    exec(&db.store, "UPDATE audit_records SET seq = -1 WHERE seq = 3").await;
+    exec(&db.store, "UPDATE audit_records SET seq = 3 WHERE seq = 4").await;
+    exec(&db.store, "UPDATE audit_records SET seq = 4 WHERE seq = -1").await;
+    assert_eq!(broken_at(&db.store).await, (3, BreakKind::Reordered));
+
+    let db = filled(backend, 6).await;
+    exec(&db.store, "UPDATE audit_records SET seq = -1 WHERE seq = 2").await;
+    exec(&db.store, "UPDATE audit_records SET seq = 2 WHERE seq = 5").await;
+    exec(&db.store, "UPDATE audit_records SET seq = 5 WHERE seq = -1").await;
+    assert_eq!(broken_at(&db.store).await, (2, BreakKind::Reordered));
+}
+
+async fn writer_loses_nothing_across_shutdown(backend: Backend) {
+    // A small channel forces the overflow path under this burst.
+    for capacity in [64, 10_000] {
+        let db = test_db(backend).await;
+        let writer = AuditWriter::start(db.store.clone(), &AuditConfig { capacity, ..AuditConfig::default() });
+        let tasks: Vec<_> = (0..50)
+            .map(|t| {
+                let w = writer.clone();
+                tokio::spawn(async move {
+                    for i in 0..100 {
+                        w.record(record(t * 100 + i));
+                        if i % 10 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task");
+        }
+        writer.shutdown().await;
+        let stats = writer.stats();
+        assert_eq!(db.store.audit_count().await.expect("count"), 5000, "capacity {capacity}: {stats:?}");
+        assert_eq!((stats.written, stats.dropped), (5000, 0), "{stats:?}");
+        assert!(stats.batches <= 1000, "records are batched: {stats:?}");
+        assert_eq!(writer.backlog(), 0);
+        match verify(&db.store).await.expect("verify") {
+            Verification::Intact { records: 5000, .. } => {}
+            other => panic!("{other:?}"),
+        }
+        let ids: std::collections::HashSet<String> =
+            db.store.audit_after(0, 10_000).await.expect("read").into_iter().map(|e| e.request_id).collect();
+        assert_eq!(ids.len(), 5000, "every request id exactly once");
+        // After shutdown nothing is accepted, and nothing is lost silently.
+        writer.record(record(0));
+        assert_eq!(writer.stats().dropped, 1);
+        assert!(matches!(writer.record_durable(record(1)).await, Err(AuditError::Closed)));
+        assert_eq!(writer.stats().dropped, 2);
+        assert_eq!(db.store.audit_count().await.expect("count"), 5000);
+    }
+}
+
+async fn strict_mode_returns_after_commit(backend: Backend) {
+    let db = test_db(backend).await;
+    let config = AuditConfig { durability: Durability::Strict, ..AuditConfig::default() };
+    let writer = AuditWriter::start(db.store.clone(), &config);
+    assert_eq!(writer.durability(), Durability::Strict);
+    for i in 0..3 {
+        writer.write(record(i)).await.expect("committed");
+        // Visible to another reader the moment the call returns.
+        assert_eq!(db.store.audit_count().await.expect("count"), i as i64 + 1);
+    }
+    let seq = writer.record_durable(record(3)).await.expect("committed");
+    assert_eq!(seq, 4);
+    // Many strict callers at once share transactions (group commit), each learning its seq.
+    let writer = Arc::new(writer);
+    let calls: Vec<_> = (10..60)
+        .map(|i| {
+            let w = writer.clone();
+            tokio::spawn(async move { w.record_durable(record(i)).await.expect("committed") })
+        })
+        .collect();
+    let mut seqs = Vec::new();
+    for c in calls {
+        seqs.push(c.await.expect("task"));
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (5..55).collect::<Vec<i64>>());
+    assert_eq!(db.store.audit_count().await.expect("count"), 54);
+    writer.shutdown().await;
+    assert!(matches!(verify(&db.store).await.expect("verify"), Verification::Intact { records: 54, .. }));
+}
+
+async fn replicas_share_one_chain(backend: Backend) {
+    let db = test_db(backend).await;
+    // Two writers on two pools: two gateway replicas sharing a database.
+    let other = Store::connect(&db.url).await.expect("second pool");
+    let writers = [
+        AuditWriter::start(db.store.clone(), &AuditConfig::default()),
+        AuditWriter::start(other.clone(), &AuditConfig::default()),
+    ];
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let w = writers[t % 2].clone();
+            tokio::spawn(async move {
+                for i in 0..50 {
+                    w.record(record(t * 50 + i));
+                    // Each flush closes a batch, so the replicas' transactions interleave.
+                    if i % 10 == 9 {
+                        w.flush().await.expect("flushed");
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    for w in &writers {
+        w.shutdown().await;
+    }
+    assert!(writers.iter().all(|w| w.stats().batches >= 5), "both replicas wrote several batches");
+    assert_eq!(db.store.audit_count().await.expect("count"), 400);
+    assert!(matches!(verify(&db.store).await.expect("verify"), Verification::Intact { records: 400, .. }));
+    other.close().await;
+}
+
+async fn search_filters_combine(backend: Backend) {
+    let db = filled(backend, 30).await;
+    let search = |q: AuditQuery| {
+        let store = db.store.clone();
+        async move { store.audit_search(&AuditQuery { limit: 100, ..q }).await.expect("search") }
+    };
+    let alice = search(AuditQuery { user: Some("alice".into()), ..AuditQuery::default() }).await;
+    assert_eq!(alice.len(), 10);
+    assert!(alice.iter().all(|e| e.principal_name.as_deref() == Some("alice")));
+    assert!(alice.windows(2).all(|w| w[0].seq < w[1].seq), "oldest first");
+    let by_id = search(AuditQuery { user: Some("p-0".into()), ..AuditQuery::default() }).await;
+    assert_eq!(by_id, alice, "--user matches ids too");
+    let both = search(AuditQuery {
+        user: Some("alice".into()),
+        server: Some("github".into()),
+        tool: Some("tool_0".into()),
+        ..AuditQuery::default()
+    })
+    .await;
+    // i % 3 == 0, i % 2 == 0, i % 5 == 0: i in {0}, and 30 records hold only i < 30.
+    assert_eq!(both.iter().map(|e| e.request_id.as_str()).collect::<Vec<_>>(), ["req-0"]);
+    let window = search(AuditQuery {
+        since_ms: Some(1_795_400_000_010),
+        until_ms: Some(1_795_400_000_015),
+        ..AuditQuery::default()
+    })
+    .await;
+    assert_eq!(window.iter().map(|e| e.seq).collect::<Vec<_>>(), [11, 12, 13, 14, 15]);
+    let newest = db.store.audit_search(&AuditQuery { limit: 3, ..AuditQuery::default() }).await.expect("search");
+    assert_eq!(newest.iter().map(|e| e.seq).collect::<Vec<_>>(), [28, 29, 30]);
+}
+
+fn portcullis(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("--config")
+        .arg(config)
+        .args(["audit"])
+        .args(args)
+        .env_remove("PORTCULLIS_CONFIG")
+        .output()
+        .expect("portcullis runs")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_cli_verify_tail_search_export() {
+    let db = test_db(Backend::Sqlite).await;
+    let dir = db._dir.path();
+    let config = dir.join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!("[gateway]\ndata_dir = {:?}\n\n[store]\nurl = {:?}\n", dir.display().to_string(), db.url),
+    )
+    .expect("config");
+    let writer = AuditWriter::start(db.store.clone(), &AuditConfig::default());
+    for i in 0..5 {
+        let mut r = record(i);
+        if i == 1 {
+            r.arguments = Arguments::new(json!({"api_key": "sk-0123456789abcdefghijklmn", "q": "x"}));
+        }
+        writer.record(r);
+    }
+    writer.shutdown().await;
+
+    let out = portcullis(&config, &["verify"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("ok: 5 records"), "{stdout}");
+
+    let out = portcullis(&config, &["tail", "-n", "2"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(stdout.lines().next().is_some_and(|l| l.contains("#4") && l.contains("req-3")), "{stdout}");
+
+    let out = portcullis(&config, &["search", "--user", "bob", "--json", "--since", "2026-11-23"]);
+    let lines: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+    assert!(out.status.success());
+    assert_eq!(lines.iter().map(|v| v["seq"].as_i64().unwrap_or(0)).collect::<Vec<_>>(), [2, 5]);
+
+    let export = dir.join("audit.jsonl");
+    let out = portcullis(&config, &["export", "--format", "jsonl", "--out", export.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&export).expect("export written");
+    let rows: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+    assert_eq!(rows.len(), 5);
+    assert_eq!(rows[0]["prev_hash"], "0".repeat(64));
+    assert_eq!(rows[1]["prev_hash"], rows[0]["hash"]);
+    assert_eq!(rows[1]["arguments"], json!({"api_key": "[REDACTED]", "q": "x"}));
+    assert!(!text.contains("sk-0123"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&export).expect("metadata").permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the export is private: {mode:o}");
+    }
+    let out = portcullis(&config, &["export", "--format", "jsonl"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), text, "stdout export matches the file");
+
+    exec(&db.store, "UPDATE audit_records SET latency_us = 1 WHERE seq = 2").await;
+    let out = portcullis(&config, &["verify"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "verify must fail after tampering");
+    assert!(stderr.contains("seq 2") && stderr.contains("edited"), "{stderr}");
+}
+
+/// Makes every insert into `audit_records` fail (a store outage), or ends it.
+async fn outage(store: &Store, on: bool) {
+    match (store, on) {
+        (Store::Sqlite(_), true) => {
+            exec(
+                store,
+                "CREATE TRIGGER audit_off BEFORE INSERT ON audit_records BEGIN SELECT RAISE(ABORT, 'down'); END",
+            )
+            .await
+        }
+        (Store::Sqlite(_), false) => exec(store, "DROP TRIGGER audit_off").await,
+        (Store::Postgres(_), true) => {
+            exec(store, "CREATE OR REPLACE FUNCTION audit_off() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'down'; END $$")
+                .await;
+            exec(
+                store,
+                "CREATE TRIGGER audit_off BEFORE INSERT ON audit_records FOR EACH ROW EXECUTE FUNCTION audit_off()",
+            )
+            .await;
+        }
+        (Store::Postgres(_), false) => exec(store, "DROP TRIGGER audit_off ON audit_records").await,
+    }
+}
+
+async fn store_outage_is_retried_and_never_silent(backend: Backend) {
+    let db = test_db(backend).await;
+    let writer = AuditWriter::start(db.store.clone(), &AuditConfig::default());
+    writer.record_durable(record(0)).await.expect("committed");
+    outage(&db.store, true).await;
+    // A strict caller hears of the failure at once; its record stays queued.
+    assert!(matches!(writer.record_durable(record(1)).await, Err(AuditError::NotCommitted(_))));
+    writer.record(record(2));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(writer.stats().errors >= 2, "{:?}", writer.stats());
+    assert_eq!(writer.backlog(), 2);
+    outage(&db.store, false).await;
+    writer.flush().await.expect("flushed after the outage");
+    assert_eq!(db.store.audit_count().await.expect("count"), 3);
+    assert_eq!((writer.backlog(), writer.stats().dropped), (0, 0));
+
+    // Still down at shutdown: a few more attempts, then the loss is counted (and logged).
+    outage(&db.store, true).await;
+    writer.record(record(3));
+    let started = std::time::Instant::now();
+    writer.shutdown().await;
+    assert!(started.elapsed() < Duration::from_secs(10), "shutdown is bounded");
+    assert_eq!((writer.stats().dropped, writer.backlog()), (1, 0));
+    outage(&db.store, false).await;
+    assert!(matches!(verify(&db.store).await.expect("verify"), Verification::Intact { records: 3, .. }));
+}
