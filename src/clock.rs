@@ -19,6 +19,16 @@ impl Clock {
         Clock { fixed: Some(secs) }
     }
 
+    /// Milliseconds since the Unix epoch.
+    pub fn unix_millis(&self) -> i64 {
+        #[allow(clippy::disallowed_methods)]
+        let ms = match self.fixed {
+            Some(s) => u128::from(s) * 1000,
+            None => SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0),
+        };
+        i64::try_from(ms).unwrap_or(i64::MAX)
+    }
+
     /// Seconds since the Unix epoch.
     pub fn unix_secs(&self) -> u64 {
         #[allow(clippy::disallowed_methods)]

@@ -25,6 +25,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Upstream servers, in file order.
     pub servers: Vec<ServerConfig>,
+    /// The audit log.
+    pub audit: crate::audit::AuditConfig,
 }
 
 /// Validated `[gateway]`.
@@ -192,13 +194,14 @@ impl Spans {
             gateway: Option<toml::Spanned<toml::Value>>,
             store: Option<toml::Spanned<toml::Value>>,
             log: Option<toml::Spanned<toml::Value>>,
+            audit: Option<toml::Spanned<toml::Value>>,
             servers: Option<Vec<toml::Spanned<toml::Value>>>,
         }
         let Ok(top) = toml::from_str::<Top>(text) else {
             return Spans::default();
         };
         let mut spans = Spans::default();
-        for (name, s) in [("gateway", top.gateway), ("store", top.store), ("log", top.log)] {
+        for (name, s) in [("gateway", top.gateway), ("store", top.store), ("log", top.log), ("audit", top.audit)] {
             if let Some(s) = s {
                 spans.sections.insert(name.to_owned(), s.span().start);
             }
@@ -242,6 +245,10 @@ impl Validator<'_> {
         let gateway: RawGateway = self.section(&mut table, "gateway", spans);
         let store: RawStore = self.section(&mut table, "store", spans);
         let log: RawLog = self.section(&mut table, "log", spans);
+        let audit: crate::audit::AuditConfig = self.section(&mut table, "audit", spans);
+        for problem in audit.problems() {
+            self.at(spans.sections.get("audit").copied(), "[audit]", problem);
+        }
         let servers = match table.remove("servers") {
             None => Vec::new(),
             Some(toml::Value::Array(items)) => items,
@@ -251,7 +258,7 @@ impl Validator<'_> {
             }
         };
         for key in table.keys() {
-            self.at(None, key, "unknown top-level key (expected gateway, store, log, servers)");
+            self.at(None, key, "unknown top-level key (expected gateway, store, log, audit, servers)");
         }
         let gateway = self.gateway(gateway, spans.sections.get("gateway").copied());
         let store = StoreConfig {
@@ -282,7 +289,7 @@ impl Validator<'_> {
                 parsed.push(s);
             }
         }
-        Some(Config { gateway: gateway?, store, log, servers: parsed })
+        Some(Config { gateway: gateway?, store, log, servers: parsed, audit })
     }
 
     fn gateway(&mut self, raw: RawGateway, at: Option<usize>) -> Option<GatewayConfig> {

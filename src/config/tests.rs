@@ -92,7 +92,11 @@ auth = { type = "static", secret = "github-pat", env = "GITHUB_TOKEN" }
     let c = parse(text).expect("valid");
     assert_eq!(
         c.servers[0].auth,
-        UpstreamAuth::StaticHeader { secret: "github-pat".into(), header: "Authorization".into(), prefix: "Bearer ".into() }
+        UpstreamAuth::StaticHeader {
+            secret: "github-pat".into(),
+            header: "Authorization".into(),
+            prefix: "Bearer ".into()
+        }
     );
     assert_eq!(
         c.servers[1].auth,

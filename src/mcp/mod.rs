@@ -55,6 +55,7 @@ pub async fn initialize(
         created: app.clock().unix_secs(),
         hello: hello_kept,
         features: crate::upstream::mux::features::from_capabilities(&hello.capabilities),
+        client: Some(client_name_version(&hello.client_info)),
     };
     let sealed = app.sealer().seal(&state, &binding(&server.config.name, &principal.id));
     metrics::counter!("portcullis_sessions_opened_total", "server" => server.config.name.clone()).increment(1);
@@ -68,4 +69,10 @@ pub async fn initialize(
 pub async fn relay(server: &Server, session: &SessionState, message: Message) -> Result<Reply, Failure> {
     let id = message.id.clone();
     server.upstream.send(session, message).await.map_err(|e| GatewayError::from(e).with_id(id))
+}
+
+/// `clientInfo`'s name and version, cut to 64 characters each.
+pub fn client_name_version(info: &Value) -> (String, String) {
+    let field = |k: &str| info.get(k).and_then(Value::as_str).unwrap_or("").chars().take(64).collect::<String>();
+    (field("name"), field("version"))
 }
