@@ -96,6 +96,8 @@ struct Inner {
     metrics: PrometheusHandle,
     shutdown: CancellationToken,
     legacy: crate::transport::legacy_sse::Connections,
+    audit: crate::audit::AuditWriter,
+    keys: crate::keys::SharedKeyRing,
 }
 
 /// Shared state: a cheap handle, passed to every handler.
@@ -136,6 +138,16 @@ impl AppState {
     /// Open connections of legacy HTTP+SSE clients on this replica.
     pub fn legacy(&self) -> &crate::transport::legacy_sse::Connections {
         &self.0.legacy
+    }
+
+    /// The audit log writer.
+    pub fn audit(&self) -> &crate::audit::AuditWriter {
+        &self.0.audit
+    }
+
+    /// The master key ring (reloaded from its source when a row names a key it lacks).
+    pub fn keys(&self) -> &crate::keys::SharedKeyRing {
+        &self.0.keys
     }
 
     /// The store.
@@ -249,6 +261,8 @@ impl Gateway {
             tokio::net::TcpListener::bind(listen).await.map_err(|source| StartError::Bind { addr: listen, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: listen, source })?;
         let store = Store::connect(&config.store.url).await?;
+        let audit = crate::audit::AuditWriter::start(store.clone(), &config.audit);
+        let shared_keys = crate::keys::SharedKeyRing::new(keys.clone(), Some(config.gateway.data_dir.clone()));
         let public_url = config
             .gateway
             .public_url
@@ -269,6 +283,8 @@ impl Gateway {
             metrics: metrics_handle(),
             shutdown: CancellationToken::new(),
             legacy: Default::default(),
+            audit,
+            keys: shared_keys,
         }));
         let router = router(state.clone());
         let token = state.0.shutdown.clone();
@@ -293,6 +309,8 @@ impl Gateway {
         for server in self.state.0.servers.values() {
             server.upstream.shutdown().await;
         }
+        // After the listener drained, so every exchange's record is queued; before the store closes.
+        self.state.0.audit.shutdown().await;
         self.state.0.store.close().await;
         tracing::info!("portcullis stopped");
     }

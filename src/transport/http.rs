@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::BodyExt;
 
+use super::exchange::Exchange;
 use super::jsonrpc::{self, Kind, Message};
 use super::reply;
 use super::session::{SessionState, binding};
@@ -25,13 +26,15 @@ use crate::upstream::http::{PROTOCOL_HEADER, SESSION_HEADER};
 /// `POST /mcp/{server}`.
 pub async fn post(State(app): State<AppState>, Path(name): Path<String>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
-    let mut method = "invalid";
-    let resp = match post_steps(&app, &name, &headers, body, &mut method).await {
+    let mut ex = Exchange::new("invalid");
+    let resp = match post_steps(&app, &name, &headers, body, &mut ex).await {
         Ok(resp) => resp,
-        Err(failure) => failure.into_response(),
+        Err(failure) => {
+            ex.note_failure(&failure);
+            failure.into_response()
+        }
     };
-    app.observe(&name, method, resp.status(), started);
-    resp
+    app.finish(&name, ex, resp, started).await
 }
 
 async fn post_steps(
@@ -39,22 +42,25 @@ async fn post_steps(
     name: &str,
     headers: &HeaderMap,
     body: Body,
-    method: &mut &'static str,
+    ex: &mut Exchange,
 ) -> Result<Response, Failure> {
     let server = app.server(name)?;
     app.hosts().check(headers)?;
     let principal = authn::authenticate(app, &server, headers).await?;
+    ex.principal = Some(principal.clone());
     check_content_type(headers)?;
     check_accept(headers, false)?;
     let bytes = read_body(body, app.config().gateway.max_body_bytes).await?;
+    ex.bytes_in = bytes.len() as u64;
     match jsonrpc::Body::parse(bytes)? {
         jsonrpc::Body::Single(message) => {
-            *method = metric_method(message.method());
-            one_message(app, &server, &principal, headers, message).await
+            ex.note_message(&message, metric_method(message.method()));
+            one_message(app, &server, &principal, headers, message, ex).await
         }
         jsonrpc::Body::Batch(messages) => {
-            *method = "batch";
-            batch(app, &server, &principal, headers, messages).await
+            ex.metric = "batch";
+            ex.method = "batch".to_owned();
+            batch(app, &server, &principal, headers, messages, ex).await
         }
     }
 }
@@ -65,6 +71,7 @@ async fn one_message(
     principal: &Principal,
     headers: &HeaderMap,
     message: Message,
+    ex: &mut Exchange,
 ) -> Result<Response, Failure> {
     if mcp::stateless::is_stateless(headers) {
         let request_id = (message.kind == Kind::Request).then(|| message.id.clone()).flatten();
@@ -73,7 +80,8 @@ async fn one_message(
         return Ok(reply::post_response(reply, request_id, timeout, &server.config.name).await);
     }
     if message.kind == Kind::Request && message.method() == "initialize" {
-        let (response, _, sealed) = mcp::initialize(app, server, principal, &message).await?;
+        let (response, state, sealed) = mcp::initialize(app, server, principal, &message).await?;
+        ex.client = state.client;
         let mut resp = axum::Json(response).into_response();
         if let Ok(v) = HeaderValue::from_str(&sealed) {
             resp.headers_mut().insert(SESSION_HEADER, v);
@@ -82,6 +90,7 @@ async fn one_message(
     }
     let id = message.id.clone();
     let session = session(app, server, principal, headers).map_err(|e| e.with_id(id.clone()))?;
+    ex.client.clone_from(&session.client);
     let request_id = (message.kind == Kind::Request).then(|| id.clone()).flatten();
     let reply = mcp::relay(server, &session, message).await?;
     Ok(reply::post_response(reply, request_id, server.config.request_timeout, &server.config.name).await)
@@ -94,6 +103,7 @@ async fn batch(
     principal: &Principal,
     headers: &HeaderMap,
     messages: Vec<Message>,
+    ex: &mut Exchange,
 ) -> Result<Response, Failure> {
     let mut answers = Vec::new();
     for message in messages {
@@ -102,7 +112,7 @@ async fn batch(
             return Err(err.with_id(message.id));
         }
         let resp =
-            one_message(app, server, principal, headers, message).await.unwrap_or_else(IntoResponse::into_response);
+            one_message(app, server, principal, headers, message, ex).await.unwrap_or_else(IntoResponse::into_response);
         if resp.status() == StatusCode::ACCEPTED {
             continue;
         }
@@ -134,20 +144,25 @@ pub async fn get(State(app): State<AppState>, Path(name): Path<String>, headers:
         return StatusCode::METHOD_NOT_ALLOWED.into_response();
     }
     let started = Instant::now();
+    let mut ex = Exchange::new("GET");
     let result = async {
         let server = app.server(&name)?;
         app.hosts().check(&headers)?;
         let principal = authn::authenticate(&app, &server, &headers).await?;
+        ex.principal = Some(principal.clone());
         check_accept(&headers, true)?;
         let session = session(&app, &server, &principal, &headers)?;
+        ex.client.clone_from(&session.client);
         let last = headers.get("last-event-id").and_then(|v| v.to_str().ok());
         let reply = server.upstream.listen(&session, last).await.map_err(GatewayError::from)?;
         Ok::<_, Failure>(reply::get_response(reply, app.shutdown()))
     }
     .await;
-    let resp = result.unwrap_or_else(IntoResponse::into_response);
-    app.observe(&name, "GET", resp.status(), started);
-    resp
+    let resp = result.unwrap_or_else(|f| {
+        ex.note_failure(&f);
+        f.into_response()
+    });
+    app.finish(&name, ex, resp, started).await
 }
 
 /// `DELETE /mcp/{server}`: ends the session.
@@ -157,18 +172,23 @@ pub async fn delete(State(app): State<AppState>, Path(name): Path<String>, heade
         return StatusCode::METHOD_NOT_ALLOWED.into_response();
     }
     let started = Instant::now();
+    let mut ex = Exchange::new("DELETE");
     let result = async {
         let server = app.server(&name)?;
         app.hosts().check(&headers)?;
         let principal = authn::authenticate(&app, &server, &headers).await?;
+        ex.principal = Some(principal.clone());
         let session = session(&app, &server, &principal, &headers)?;
+        ex.client.clone_from(&session.client);
         server.upstream.close(&session).await.map_err(GatewayError::from)?;
         Ok::<_, Failure>(StatusCode::OK.into_response())
     }
     .await;
-    let resp = result.unwrap_or_else(IntoResponse::into_response);
-    app.observe(&name, "DELETE", resp.status(), started);
-    resp
+    let resp = result.unwrap_or_else(|f| {
+        ex.note_failure(&f);
+        f.into_response()
+    });
+    app.finish(&name, ex, resp, started).await
 }
 
 /// The session named by `Mcp-Session-Id`, which must have been opened by the same principal

@@ -20,6 +20,7 @@ use http::{HeaderMap, StatusCode};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use super::exchange::Exchange;
 use super::http::{check_accept, check_content_type, read_body};
 use super::jsonrpc::{self, Kind, Message, code, error_response};
 use super::session::{SessionState, new_session_key};
@@ -76,17 +77,21 @@ impl Drop for Closer {
 /// `GET /mcp/{server}/sse`.
 pub async fn open(State(app): State<AppState>, Path(name): Path<String>, headers: HeaderMap) -> Response {
     let started = Instant::now();
+    let mut ex = Exchange::new("GET");
     let result = async {
         let server = app.server(&name)?;
         app.hosts().check(&headers)?;
         let principal = authn::authenticate(&app, &server, &headers).await?;
+        ex.principal = Some(principal.clone());
         check_accept(&headers, true)?;
         Ok::<_, Failure>(stream(&app, &name, principal))
     }
     .await;
-    let resp = result.unwrap_or_else(IntoResponse::into_response);
-    app.observe(&name, "GET", resp.status(), started);
-    resp
+    let resp = result.unwrap_or_else(|f| {
+        ex.note_failure(&f);
+        f.into_response()
+    });
+    app.finish(&name, ex, resp, started).await
 }
 
 fn stream(app: &AppState, name: &str, principal: Principal) -> Response {
@@ -119,10 +124,12 @@ pub async fn message(
     body: Body,
 ) -> Response {
     let started = Instant::now();
+    let mut ex = Exchange::new("POST");
     let result = async {
         let server = app.server(&name)?;
         app.hosts().check(&headers)?;
         let principal = authn::authenticate(&app, &server, &headers).await?;
+        ex.principal = Some(principal.clone());
         check_content_type(&headers)?;
         // A connection serves only the principal that opened it.
         let conn = query
@@ -131,19 +138,26 @@ pub async fn message(
             .filter(|c| c.server == name && c.principal.id == principal.id)
             .ok_or(GatewayError::UnknownSession)?;
         let bytes = read_body(body, app.config().gateway.max_body_bytes).await?;
+        ex.bytes_in = bytes.len() as u64;
         let messages = match jsonrpc::Body::parse(bytes)? {
             jsonrpc::Body::Single(m) => vec![m],
             jsonrpc::Body::Batch(ms) => ms,
         };
+        if let Some(first) = messages.first() {
+            ex.note_message(first, "POST");
+        }
+        ex.client = conn.session().and_then(|s| s.client);
         for m in messages {
             dispatch(&app, &server, &conn, m).await?;
         }
         Ok::<_, Failure>(StatusCode::ACCEPTED.into_response())
     }
     .await;
-    let resp = result.unwrap_or_else(IntoResponse::into_response);
-    app.observe(&name, "POST", resp.status(), started);
-    resp
+    let resp = result.unwrap_or_else(|f| {
+        ex.note_failure(&f);
+        f.into_response()
+    });
+    app.finish(&name, ex, resp, started).await
 }
 
 async fn dispatch(
