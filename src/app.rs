@@ -22,6 +22,7 @@ use crate::store::Store;
 use crate::transport::origin::HostPolicy;
 use crate::transport::session::{Sealer, SessionState};
 use crate::upstream::Upstream;
+use crate::upstream::credentials::Credentials;
 
 /// One configured upstream server and its connector.
 pub struct Server {
@@ -37,10 +38,10 @@ pub struct Server {
 }
 
 impl Server {
-    fn new(config: &ServerConfig, client: reqwest::Client) -> Server {
+    fn new(config: &ServerConfig, client: reqwest::Client, credentials: Arc<Credentials>) -> Server {
         Server {
             config: config.clone(),
-            upstream: Upstream::new(config, client),
+            upstream: Upstream::new(config, client, credentials),
             stateless: Default::default(),
             metrics: Default::default(),
         }
@@ -270,8 +271,12 @@ impl Gateway {
             .unwrap_or_else(|| Url::parse(&format!("http://{addr}")).expect("a socket address makes a valid URL"));
         let hosts = HostPolicy::new(&public_url, addr, &config.gateway.allowed_hosts, &config.gateway.allowed_origins);
         let client = upstream_client();
-        let servers =
-            config.servers.iter().map(|s| (s.name.clone(), Arc::new(Server::new(s, client.clone())))).collect();
+        let credentials = Credentials::new(store.clone(), shared_keys.clone());
+        let servers = config
+            .servers
+            .iter()
+            .map(|s| (s.name.clone(), Arc::new(Server::new(s, client.clone(), credentials.clone()))))
+            .collect();
         let state = AppState(Arc::new(Inner {
             sealer: Sealer::from_ring(&keys.derive("session")),
             config,

@@ -114,6 +114,7 @@ impl GatewayError {
                 UpstreamError::Unreachable { .. }
                 | UpstreamError::Status { .. }
                 | UpstreamError::Process { .. }
+                | UpstreamError::Credential { .. }
                 | UpstreamError::Protocol { .. } => {
                     (if has_id { StatusCode::OK } else { StatusCode::BAD_GATEWAY }, code::UPSTREAM_ERROR)
                 }

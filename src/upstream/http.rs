@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderName, HeaderValue, StatusCode, header};
 use serde_json::Value;
 use url::Url;
 
@@ -32,6 +32,8 @@ const BUFFERED_JSON_BYTES: u64 = 1024 * 1024;
 /// A Streamable HTTP upstream.
 pub struct HttpUpstream {
     name: Arc<str>,
+    auth: crate::config::UpstreamAuth,
+    credentials: Arc<super::credentials::Credentials>,
     url: Url,
     client: reqwest::Client,
     timeout: Duration,
@@ -45,9 +47,23 @@ const MODE_STATELESS: u8 = 2;
 
 impl HttpUpstream {
     /// A connector for `url` (connects lazily).
-    pub fn new(name: Arc<str>, url: Url, client: reqwest::Client, timeout: Duration, stateless: bool) -> HttpUpstream {
+    pub fn new(
+        config: &crate::config::ServerConfig,
+        url: Url,
+        stateless: bool,
+        client: reqwest::Client,
+        credentials: Arc<super::credentials::Credentials>,
+    ) -> HttpUpstream {
         let mode = AtomicU8::new(if stateless { MODE_STATELESS } else { MODE_UNKNOWN });
-        HttpUpstream { name, url, client, timeout, mode }
+        HttpUpstream {
+            name: Arc::from(config.name.as_str()),
+            auth: config.auth.clone(),
+            credentials,
+            url,
+            client,
+            timeout: config.request_timeout,
+            mode,
+        }
     }
 
     fn unreachable(&self, e: &reqwest::Error) -> UpstreamError {
@@ -62,15 +78,27 @@ impl HttpUpstream {
         UpstreamError::Unreachable { server: self.name.to_string(), cause: cause.to_string() }
     }
 
-    fn request(&self, method: reqwest::Method, session: Option<&SessionState>) -> reqwest::RequestBuilder {
+    /// The header carrying the gateway's own credential for this upstream, if it has one.
+    async fn credential(&self) -> Result<Option<(HeaderName, HeaderValue)>, UpstreamError> {
+        self.credentials.header(&self.name, &self.auth).await
+    }
+
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        session: Option<&SessionState>,
+    ) -> Result<reqwest::RequestBuilder, UpstreamError> {
         let mut req = self.client.request(method, self.url.clone()).header(header::ACCEPT, ACCEPT_BOTH);
+        if let Some((name, value)) = self.credential().await? {
+            req = req.header(name, value);
+        }
         if let Some(s) = session {
             if let Some(id) = &s.upstream_session {
                 req = req.header(SESSION_HEADER, id);
             }
             req = req.header(PROTOCOL_HEADER, version::header_value(&s.upstream_protocol));
         }
-        req
+        Ok(req)
     }
 
     async fn status_error(&self, resp: reqwest::Response) -> UpstreamError {
@@ -120,7 +148,7 @@ impl HttpUpstream {
 
     async fn initialize(&self, hello: &ClientHello) -> Result<Opened, UpstreamError> {
         let body = initialize_request(Value::from(0), hello);
-        let resp = self.lifecycle(self.request(reqwest::Method::POST, None), &body).await?;
+        let resp = self.lifecycle(self.request(reqwest::Method::POST, None).await?, &body).await?;
         let session = resp.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let response = self.single_response(resp, &Value::from(0)).await?;
         let opened = opened_from_response(&self.name, response, session)?;
@@ -133,6 +161,7 @@ impl HttpUpstream {
         let note = Bytes::from_static(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
         let resp = self
             .request(reqwest::Method::POST, Some(&state))
+            .await?
             .header(header::CONTENT_TYPE, "application/json")
             .body(note)
             .timeout(self.timeout)
@@ -174,6 +203,7 @@ impl HttpUpstream {
         }
         let req = self
             .request(reqwest::Method::POST, Some(session))
+            .await?
             .header(header::CONTENT_TYPE, "application/json")
             .body(message.raw);
         // The deadline covers the headers and a JSON body; an SSE body is timed by the relay.
@@ -193,7 +223,9 @@ impl HttpUpstream {
             StatusCode::ACCEPTED => Ok(Reply::Accepted),
             s if s.is_success() => {
                 if content_type(resp.headers()).starts_with("text/event-stream") {
+                    let credential = self.credential().await?;
                     let resume = session.upstream_session.as_ref().map(|id| Resume {
+                        credential,
                         client: self.client.clone(),
                         url: self.url.clone(),
                         session: id.clone(),
@@ -219,7 +251,8 @@ impl HttpUpstream {
             // The stateless revision has no GET stream.
             return Ok(Reply::Status(StatusCode::METHOD_NOT_ALLOWED));
         }
-        let mut req = self.request(reqwest::Method::GET, Some(session)).header(header::ACCEPT, "text/event-stream");
+        let mut req =
+            self.request(reqwest::Method::GET, Some(session)).await?.header(header::ACCEPT, "text/event-stream");
         if let Some(id) = last_event_id.and_then(|v| HeaderValue::from_str(v).ok()) {
             req = req.header("last-event-id", id);
         }
@@ -234,6 +267,7 @@ impl HttpUpstream {
         }
         let resp = self
             .request(reqwest::Method::DELETE, Some(session))
+            .await?
             .timeout(self.timeout)
             .send()
             .await
@@ -247,8 +281,8 @@ impl HttpUpstream {
 
     /// Ready when the upstream answers HTTP at all (any status).
     pub async fn ready(&self) -> Result<(), UpstreamError> {
-        self.client
-            .get(self.url.clone())
+        self.request(reqwest::Method::GET, None)
+            .await?
             .timeout(Duration::from_secs(5))
             .send()
             .await
@@ -263,13 +297,13 @@ const METHOD_HEADER: &str = "mcp-method";
 const NAME_HEADER: &str = "mcp-name";
 
 impl HttpUpstream {
-    fn stateless_request(&self, method: &str) -> reqwest::RequestBuilder {
-        self.client
-            .post(self.url.clone())
-            .header(header::ACCEPT, ACCEPT_BOTH)
+    async fn stateless_request(&self, method: &str) -> Result<reqwest::RequestBuilder, UpstreamError> {
+        Ok(self
+            .request(reqwest::Method::POST, None)
+            .await?
             .header(header::CONTENT_TYPE, "application/json")
             .header(PROTOCOL_HEADER, version::STATELESS)
-            .header(METHOD_HEADER, method)
+            .header(METHOD_HEADER, method))
     }
 
     /// `server/discover`, turned into the shape of an `initialize` result.
@@ -277,7 +311,7 @@ impl HttpUpstream {
         let meta = request_meta(&hello.capabilities, &hello.client_info);
         let body =
             serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "server/discover", "params": {"_meta": meta}});
-        let resp = self.lifecycle(self.stateless_request("server/discover"), &body).await?;
+        let resp = self.lifecycle(self.stateless_request("server/discover").await?, &body).await?;
         let response = self.single_response(resp, &Value::from(0)).await?;
         let result = response.get("result").cloned().unwrap_or(Value::Null);
         let speaks = result
@@ -332,7 +366,7 @@ impl HttpUpstream {
                 meta.entry(k.clone()).or_insert_with(|| v.clone());
             }
         }
-        let mut req = self.stateless_request(&method).timeout(self.timeout);
+        let mut req = self.stateless_request(&method).await?.timeout(self.timeout);
         let name_key = match method.as_str() {
             "tools/call" | "prompts/get" => Some("/params/name"),
             "resources/read" => Some("/params/uri"),
@@ -395,6 +429,7 @@ pub struct SseReply {
 
 /// Enough of an upstream session to GET its stream again with `Last-Event-ID`.
 pub struct Resume {
+    credential: Option<(HeaderName, HeaderValue)>,
     client: reqwest::Client,
     url: Url,
     session: String,
@@ -455,9 +490,11 @@ pub fn resuming_messages(sse: SseReply) -> super::MessageStream {
                     let (Some(resume), Some(last)) = (&st.resume, &st.last_id) else { return None };
                     tokio::time::sleep(st.retry).await;
                     st.resumes += 1;
-                    let resp = resume
-                        .client
-                        .get(resume.url.clone())
+                    let mut get = resume.client.get(resume.url.clone());
+                    if let Some((name, value)) = &resume.credential {
+                        get = get.header(name, value);
+                    }
+                    let resp = get
                         .header(header::ACCEPT, "text/event-stream")
                         .header(SESSION_HEADER, &resume.session)
                         .header(PROTOCOL_HEADER, &resume.protocol)

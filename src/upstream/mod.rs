@@ -1,6 +1,7 @@
 //! Connectors to upstream MCP servers: Streamable HTTP, legacy HTTP+SSE, and stdio child
 //! processes. An enum, not a trait object: the set is closed and `match` keeps it explicit.
 
+pub mod credentials;
 pub mod http;
 pub mod mux;
 pub mod sse;
@@ -98,6 +99,14 @@ pub enum UpstreamError {
         /// What happened.
         detail: String,
     },
+    /// The gateway's credential for the upstream is missing or unusable.
+    #[error("upstream server '{server}': {detail}")]
+    Credential {
+        /// Server name.
+        server: String,
+        /// What is wrong (never the value).
+        detail: String,
+    },
     /// The upstream broke the protocol.
     #[error("upstream server '{server}' broke the protocol: {detail}")]
     Protocol {
@@ -120,16 +129,15 @@ pub enum Upstream {
 
 impl Upstream {
     /// Builds the connector for one configured server (starts nothing yet).
-    pub fn new(config: &ServerConfig, client: reqwest::Client) -> Upstream {
-        let name: Arc<str> = Arc::from(config.name.as_str());
+    pub fn new(config: &ServerConfig, client: reqwest::Client, credentials: Arc<credentials::Credentials>) -> Upstream {
         match &config.transport {
             ServerTransport::StreamableHttp { url, stateless } => {
-                Upstream::Http(http::HttpUpstream::new(name, url.clone(), client, config.request_timeout, *stateless))
+                Upstream::Http(http::HttpUpstream::new(config, url.clone(), *stateless, client, credentials))
             }
             ServerTransport::Sse { url } => {
-                Upstream::Sse(sse::SseUpstream::new(name, url.clone(), client, config.request_timeout))
+                Upstream::Sse(sse::SseUpstream::new(config, url.clone(), client, credentials))
             }
-            ServerTransport::Stdio { .. } => Upstream::Stdio(stdio::StdioUpstream::new(config)),
+            ServerTransport::Stdio { .. } => Upstream::Stdio(stdio::StdioUpstream::new(config, credentials)),
         }
     }
 

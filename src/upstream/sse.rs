@@ -37,13 +37,28 @@ pub struct SseUpstream {
     url: Url,
     client: reqwest::Client,
     timeout: Duration,
+    auth: crate::config::UpstreamAuth,
+    credentials: Arc<super::credentials::Credentials>,
     connections: DashMap<String, Connection>,
 }
 
 impl SseUpstream {
     /// A connector for the SSE endpoint `url`.
-    pub fn new(name: Arc<str>, url: Url, client: reqwest::Client, timeout: Duration) -> SseUpstream {
-        SseUpstream { name, url, client, timeout, connections: DashMap::new() }
+    pub fn new(
+        config: &crate::config::ServerConfig,
+        url: Url,
+        client: reqwest::Client,
+        credentials: Arc<super::credentials::Credentials>,
+    ) -> SseUpstream {
+        SseUpstream {
+            name: Arc::from(config.name.as_str()),
+            url,
+            client,
+            timeout: config.request_timeout,
+            auth: config.auth.clone(),
+            credentials,
+            connections: DashMap::new(),
+        }
     }
 
     fn err(&self, detail: impl Into<String>) -> UpstreamError {
@@ -52,13 +67,15 @@ impl SseUpstream {
 
     /// Opens the stream, waits for the endpoint, and initializes with the client's hello.
     pub async fn open(&self, hello: &ClientHello, session_key: &str) -> Result<Opened, UpstreamError> {
-        let resp = self
-            .client
-            .get(self.url.clone())
-            .header(header::ACCEPT, "text/event-stream")
-            .timeout(self.timeout)
-            .send()
+        let credential = self.credentials.header(&self.name, &self.auth).await?;
+        let mut get = self.client.get(self.url.clone()).header(header::ACCEPT, "text/event-stream");
+        if let Some((name, value)) = &credential {
+            get = get.header(name, value);
+        }
+        // The deadline covers the headers only: the stream itself lives as long as the session.
+        let resp = tokio::time::timeout(self.timeout, get.send())
             .await
+            .map_err(|_| UpstreamError::Timeout { server: self.name.to_string(), after: self.timeout })?
             .map_err(|e| UpstreamError::Unreachable { server: self.name.to_string(), cause: e.to_string() })?;
         if !resp.status().is_success() {
             return Err(UpstreamError::Status {
@@ -101,7 +118,7 @@ impl SseUpstream {
                 mux.close("closed its SSE stream");
             }
         });
-        let poster = tokio::spawn(post_loop(self.client.clone(), endpoint, out_rx, mux.clone()));
+        let poster = tokio::spawn(post_loop(self.client.clone(), endpoint, credential, out_rx, mux.clone()));
         let conn = Connection { mux: mux.clone(), tasks: [reader, poster] };
         let response = tokio::time::timeout(self.timeout, mux.call(super::initialize_request(Value::from(0), hello)))
             .await
@@ -157,10 +174,19 @@ impl SseUpstream {
     }
 }
 
-async fn post_loop(client: reqwest::Client, endpoint: Url, mut rx: mpsc::UnboundedReceiver<Bytes>, mux: Arc<Mux>) {
+async fn post_loop(
+    client: reqwest::Client,
+    endpoint: Url,
+    credential: Option<(http::HeaderName, http::HeaderValue)>,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    mux: Arc<Mux>,
+) {
     while let Some(body) = rx.recv().await {
-        let sent =
-            client.post(endpoint.clone()).header(header::CONTENT_TYPE, "application/json").body(body).send().await;
+        let mut post = client.post(endpoint.clone()).header(header::CONTENT_TYPE, "application/json");
+        if let Some((name, value)) = &credential {
+            post = post.header(name, value);
+        }
+        let sent = post.body(body).send().await;
         match sent {
             Ok(r) if r.status().is_success() => {}
             Ok(r) => tracing::warn!(status = %r.status(), "legacy SSE upstream refused a message"),

@@ -50,6 +50,8 @@ pub struct StdioUpstream {
     env: BTreeMap<String, String>,
     cwd: Option<PathBuf>,
     timeout: Duration,
+    auth: crate::config::UpstreamAuth,
+    credentials: Arc<super::credentials::Credentials>,
     slot: Mutex<Slot>,
     ended: std::sync::Mutex<Ended>,
 }
@@ -66,7 +68,7 @@ const ENDED_CAP: usize = 100_000;
 
 impl StdioUpstream {
     /// A connector for one configured stdio server (starts nothing).
-    pub fn new(config: &ServerConfig) -> StdioUpstream {
+    pub fn new(config: &ServerConfig, credentials: Arc<super::credentials::Credentials>) -> StdioUpstream {
         let ServerTransport::Stdio { command, args, env, cwd } = &config.transport else {
             unreachable!("StdioUpstream is built only for stdio servers")
         };
@@ -77,6 +79,8 @@ impl StdioUpstream {
             env: env.clone(),
             cwd: cwd.clone(),
             timeout: config.request_timeout,
+            auth: config.auth.clone(),
+            credentials,
             slot: Mutex::new(Slot::default()),
             ended: std::sync::Mutex::new(Ended::default()),
         }
@@ -131,6 +135,10 @@ impl StdioUpstream {
         cmd.process_group(0);
         if let Some(dir) = &self.cwd {
             cmd.current_dir(dir);
+        }
+        if let crate::config::UpstreamAuth::StaticEnv { secret, env } = &self.auth {
+            let value = self.credentials.secret(&self.name, secret).await?;
+            cmd.env(env, secrecy::ExposeSecret::expose_secret(&value));
         }
         let mut child =
             cmd.spawn().map_err(|e| self.process_error(format!("could not start `{}`: {e}", self.command)))?;

@@ -10,3 +10,4 @@ mod identity;
 mod protocol;
 mod relay;
 mod secrets;
+mod upstream_auth;

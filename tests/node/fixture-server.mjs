@@ -698,7 +698,7 @@ function startHttp(port, requiredHeaders) {
 
 function usage(message) {
   if (message) log(message);
-  log('usage: fixture-server.mjs (--stdio | --http PORT [--require-header NAME=VALUE]...) [--protocol VERSION]');
+  log('usage: fixture-server.mjs (--stdio [--require-env NAME=VALUE]... | --http PORT [--require-header NAME=VALUE]...) [--protocol VERSION]');
   process.exit(2);
 }
 
@@ -706,6 +706,7 @@ const argv = process.argv.slice(2);
 let mode;
 let port;
 const requiredHeaders = [];
+const requiredEnv = [];
 for (let i = 0; i < argv.length; i++) {
   const arg = argv[i];
   if (arg === '--stdio') mode = 'stdio';
@@ -718,6 +719,13 @@ for (let i = 0; i < argv.length; i++) {
     const eq = spec.indexOf('=');
     if (eq <= 0) usage(`bad --require-header: ${spec}`);
     requiredHeaders.push([spec.slice(0, eq).toLowerCase(), spec.slice(eq + 1)]);
+  } else if (arg === '--require-env') {
+    // stdio: refuse to start unless the environment carries this credential (tests of
+    // credentials the gateway injects into stdio upstreams).
+    const spec = argv[++i] ?? '';
+    const eq = spec.indexOf('=');
+    if (eq <= 0) usage(`bad --require-env: ${spec}`);
+    requiredEnv.push([spec.slice(0, eq), spec.slice(eq + 1)]);
   } else if (arg === '--protocol') {
     pinnedProtocol = argv[++i] ?? '';
     if (!SUPPORTED_PROTOCOL_VERSIONS.includes(pinnedProtocol)) {
@@ -728,6 +736,12 @@ for (let i = 0; i < argv.length; i++) {
 
 if (mode === 'stdio') {
   if (requiredHeaders.length) usage('--require-header only applies to --http');
+  for (const [name, value] of requiredEnv) {
+    if (process.env[name] !== value) {
+      log(`environment variable ${name} is missing or wrong; exiting`);
+      process.exit(1);
+    }
+  }
   const { server } = createSession();
   server.onclose = () => process.exit(0);
   const transport = new StdioServerTransport();
