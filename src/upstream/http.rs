@@ -224,13 +224,13 @@ impl HttpUpstream {
             s if s.is_success() => {
                 if content_type(resp.headers()).starts_with("text/event-stream") {
                     let credential = self.credential().await?;
-                    let resume = session.upstream_session.as_ref().map(|id| Resume {
+                    let resume = session.upstream_session.as_ref().map(|id| Box::new(Resume {
                         credential,
                         client: self.client.clone(),
                         url: self.url.clone(),
                         session: id.clone(),
                         protocol: session.upstream_protocol.clone(),
-                    });
+                    }));
                     return Ok(Reply::Sse(SseReply { resp, resume }));
                 }
                 if resp.content_length().is_none_or(|n| n > BUFFERED_JSON_BYTES) {
@@ -424,7 +424,7 @@ pub struct SseReply {
     /// The upstream's response; its body is the stream.
     pub resp: reqwest::Response,
     /// How to resume the stream after the upstream closes it early (session upstreams only).
-    pub resume: Option<Resume>,
+    pub resume: Option<Box<Resume>>,
 }
 
 /// Enough of an upstream session to GET its stream again with `Last-Event-ID`.
@@ -445,7 +445,7 @@ type Events = std::pin::Pin<Box<dyn futures::Stream<Item = Result<sse_stream::Ss
 
 struct Resuming {
     events: Events,
-    resume: Option<Resume>,
+    resume: Option<Box<Resume>>,
     last_id: Option<String>,
     retry: Duration,
     answered: bool,
