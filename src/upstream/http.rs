@@ -224,13 +224,15 @@ impl HttpUpstream {
             s if s.is_success() => {
                 if content_type(resp.headers()).starts_with("text/event-stream") {
                     let credential = self.credential().await?;
-                    let resume = session.upstream_session.as_ref().map(|id| Box::new(Resume {
-                        credential,
-                        client: self.client.clone(),
-                        url: self.url.clone(),
-                        session: id.clone(),
-                        protocol: session.upstream_protocol.clone(),
-                    }));
+                    let resume = session.upstream_session.as_ref().map(|id| {
+                        Box::new(Resume {
+                            credential,
+                            client: self.client.clone(),
+                            url: self.url.clone(),
+                            session: id.clone(),
+                            protocol: session.upstream_protocol.clone(),
+                        })
+                    });
                     return Ok(Reply::Sse(SseReply { resp, resume }));
                 }
                 if resp.content_length().is_none_or(|n| n > BUFFERED_JSON_BYTES) {
