@@ -134,7 +134,7 @@ async fn start_gateway(dir: &std::path::Path, stub: SocketAddr) -> (Proc, Socket
     let data = dir.join("data");
     let config = dir.join("portcullis.toml");
     let toml = format!(
-        "[gateway]\nlisten = \"{addr}\"\ndata_dir = {data:?}\n\n[log]\nlevel = \"warn\"\n\n\
+        "[gateway]\nlisten = \"{addr}\"\ndata_dir = {data:?}\n\n[log]\nlevel = \"warn\"\n\n[audit]\nenabled = false\n\n\
          [[servers]]\nname = \"stub\"\nurl = \"http://{stub}/mcp\"\npublic = true\n",
         data = data.display().to_string(),
     );

@@ -263,6 +263,9 @@ impl Gateway {
         let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: listen, source })?;
         let store = Store::connect(&config.store.url).await?;
         let audit = crate::audit::AuditWriter::start(store.clone(), &config.audit);
+        if !config.audit.enabled {
+            tracing::warn!("the audit log is off ([audit] enabled = false): MCP exchanges leave no record");
+        }
         let shared_keys = crate::keys::SharedKeyRing::new(keys.clone(), Some(config.gateway.data_dir.clone()));
         let public_url = config
             .gateway

@@ -41,6 +41,9 @@ pub enum Durability {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
+    /// Write a record for every MCP exchange. Turning it off is for benchmarks of the bare
+    /// relay and for development; the gateway warns at start when it is off. Default `true`.
+    pub enabled: bool,
     /// `"async"` (answer at once, the record follows within about 50 ms) or `"strict"` (answer
     /// only once the record is committed). Default `"async"`.
     pub durability: Durability,
@@ -60,6 +63,7 @@ pub const DEFAULT_CAPACITY: usize = 10_000;
 impl Default for AuditConfig {
     fn default() -> Self {
         AuditConfig {
+            enabled: true,
             durability: Durability::Async,
             capacity: DEFAULT_CAPACITY,
             redact_keys: DEFAULT_REDACT_KEYS.iter().map(|k| (*k).to_owned()).collect(),
