@@ -66,7 +66,7 @@ async fn list(config: &Config, store: &Store) -> anyhow::Result<()> {
     println!("{:32}  {:6}  {:20}  ROWS", "ID", "ACTIVE", "CREATED");
     for k in ring.keys() {
         let active = if &k.id == ring.active_id() { "*" } else { "" };
-        let created = k.created.map(super::secret::utc).unwrap_or_else(|| "-".to_owned());
+        let created = k.created.map(crate::clock::rfc3339).unwrap_or_else(|| "-".to_owned());
         println!("{:32}  {active:6}  {created:20}  {}", k.id, usage.remove(k.id.as_str()).unwrap_or(0));
     }
     for (id, rows) in usage {

@@ -5,6 +5,8 @@ use std::io::{IsTerminal, Read};
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
+
+use crate::clock::rfc3339;
 use secrecy::SecretString;
 use secrecy::zeroize::Zeroizing;
 
@@ -72,7 +74,7 @@ async fn list(config: &Config) -> anyhow::Result<()> {
     let width = secrets.iter().map(|s| s.name.len()).max().unwrap_or(0).max(4);
     println!("{:width$}  {:20}  UPDATED", "NAME", "CREATED");
     for s in secrets {
-        println!("{:width$}  {:20}  {}", s.name, utc(s.created_at), utc(s.updated_at));
+        println!("{:width$}  {:20}  {}", s.name, rfc3339(s.created_at), rfc3339(s.updated_at));
     }
     Ok(())
 }
@@ -106,22 +108,6 @@ fn read_value(input: impl Read, terminal: bool) -> anyhow::Result<SecretString> 
     Ok(SecretString::from(text))
 }
 
-/// `YYYY-MM-DD HH:MM:SSZ` for seconds since the Unix epoch (UTC).
-pub(super) fn utc(secs: i64) -> String {
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
 #[cfg(test)]
 mod tests {
     use secrecy::ExposeSecret;
@@ -144,12 +130,5 @@ mod tests {
         assert!(read_value(&b"x"[..], true).is_err(), "a terminal is refused");
         let err = piped(b"\xffhunter2").expect_err("not UTF-8").to_string();
         assert!(!err.contains("hunter2"), "{err}");
-    }
-
-    #[test]
-    fn secret_times_print_as_utc() {
-        assert_eq!(utc(0), "1970-01-01 00:00:00Z");
-        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00Z");
-        assert_eq!(utc(1_767_225_599), "2025-12-31 23:59:59Z");
     }
 }
