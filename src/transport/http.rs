@@ -44,10 +44,7 @@ async fn post_steps(
     body: Body,
     ex: &mut Exchange,
 ) -> Result<Response, Failure> {
-    let server = app.server(name)?;
-    app.hosts().check(headers)?;
-    let principal = authn::authenticate(app, &server, headers).await?;
-    ex.principal = Some(principal.clone());
+    let (server, principal) = admit(app, name, headers, ex).await?;
     check_content_type(headers)?;
     check_accept(headers, false)?;
     let bytes = read_body(body, app.config().gateway.max_body_bytes).await?;
@@ -146,10 +143,7 @@ pub async fn get(State(app): State<AppState>, Path(name): Path<String>, headers:
     let started = Instant::now();
     let mut ex = Exchange::new("GET");
     let result = async {
-        let server = app.server(&name)?;
-        app.hosts().check(&headers)?;
-        let principal = authn::authenticate(&app, &server, &headers).await?;
-        ex.principal = Some(principal.clone());
+        let (server, principal) = admit(&app, &name, &headers, &mut ex).await?;
         check_accept(&headers, true)?;
         let session = session(&app, &server, &principal, &headers)?;
         ex.client.clone_from(&session.client);
@@ -174,10 +168,7 @@ pub async fn delete(State(app): State<AppState>, Path(name): Path<String>, heade
     let started = Instant::now();
     let mut ex = Exchange::new("DELETE");
     let result = async {
-        let server = app.server(&name)?;
-        app.hosts().check(&headers)?;
-        let principal = authn::authenticate(&app, &server, &headers).await?;
-        ex.principal = Some(principal.clone());
+        let (server, principal) = admit(&app, &name, &headers, &mut ex).await?;
         let session = session(&app, &server, &principal, &headers)?;
         ex.client.clone_from(&session.client);
         server.upstream.close(&session).await.map_err(GatewayError::from)?;
@@ -189,6 +180,21 @@ pub async fn delete(State(app): State<AppState>, Path(name): Path<String>, heade
         f.into_response()
     });
     app.finish(&name, ex, resp, started).await
+}
+
+/// The first steps of every exchange: find the server, check `Host` and `Origin` (DNS
+/// rebinding), and authenticate the caller, noting who it is.
+pub(super) async fn admit(
+    app: &AppState,
+    name: &str,
+    headers: &HeaderMap,
+    ex: &mut Exchange,
+) -> Result<(std::sync::Arc<Server>, Principal), GatewayError> {
+    let server = app.server(name)?;
+    app.hosts().check(headers)?;
+    let principal = authn::authenticate(app, &server, headers).await?;
+    ex.principal = Some(principal.clone());
+    Ok((server, principal))
 }
 
 /// The session named by `Mcp-Session-Id`, which must have been opened by the same principal

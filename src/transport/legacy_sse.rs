@@ -21,11 +21,11 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::exchange::Exchange;
-use super::http::{check_accept, check_content_type, read_body};
+use super::http::{admit, check_accept, check_content_type, read_body};
 use super::jsonrpc::{self, Kind, Message, code, error_response};
 use super::session::{SessionState, new_session_key};
 use crate::app::{AppState, Server};
-use crate::authn::{self, Principal};
+use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
 use crate::mcp;
 use crate::upstream::messages_of;
@@ -79,10 +79,7 @@ pub async fn open(State(app): State<AppState>, Path(name): Path<String>, headers
     let started = Instant::now();
     let mut ex = Exchange::new("GET");
     let result = async {
-        let server = app.server(&name)?;
-        app.hosts().check(&headers)?;
-        let principal = authn::authenticate(&app, &server, &headers).await?;
-        ex.principal = Some(principal.clone());
+        let (_, principal) = admit(&app, &name, &headers, &mut ex).await?;
         check_accept(&headers, true)?;
         Ok::<_, Failure>(stream(&app, &name, principal))
     }
@@ -126,10 +123,7 @@ pub async fn message(
     let started = Instant::now();
     let mut ex = Exchange::new("POST");
     let result = async {
-        let server = app.server(&name)?;
-        app.hosts().check(&headers)?;
-        let principal = authn::authenticate(&app, &server, &headers).await?;
-        ex.principal = Some(principal.clone());
+        let (server, principal) = admit(&app, &name, &headers, &mut ex).await?;
         check_content_type(&headers)?;
         // A connection serves only the principal that opened it.
         let conn = query
