@@ -2,6 +2,7 @@
 //! request (never trusted from the session), or the request gets 401 with a
 //! `WWW-Authenticate: Bearer` challenge (RFC 6750) that says no more than "invalid".
 
+pub mod cache;
 pub mod token;
 
 use http::HeaderMap;
@@ -87,10 +88,19 @@ pub async fn authenticate(app: &AppState, server: &Server, headers: &HeaderMap) 
         return Err(GatewayError::Unauthenticated(Rejection::Invalid));
     }
     let now = app.clock().unix_secs();
-    let found = app.store().token_lookup(&token::hash(bearer)).await.map_err(|e| {
-        tracing::error!(error = %e, "token lookup failed");
-        GatewayError::StoreUnavailable
-    })?;
+    let hash = token::hash(bearer);
+    let found = match app.tokens().get(&hash) {
+        Some(remembered) => remembered,
+        None => {
+            let epoch = app.tokens().epoch();
+            let found = app.store().token_lookup(&hash).await.map_err(|e| {
+                tracing::error!(error = %e, "token lookup failed");
+                GatewayError::StoreUnavailable
+            })?;
+            app.tokens().put(hash, found.clone(), epoch);
+            found
+        }
+    };
     let auth = found.filter(|t| t.usable_for(&server.config.name, now));
     let Some(auth) = auth else { return Err(GatewayError::Unauthenticated(Rejection::Invalid)) };
     app.touch_token(&auth.token_id, auth.last_used_at, now);

@@ -181,6 +181,7 @@ impl Store {
             let Some(id) = id else { return Ok(Err(IdentityError::NotFound(format!("principal '{name}'")))) };
             let revoked = sqlx::query("UPDATE grant_tokens SET revoked_at = $1 WHERE principal_id = $2 AND revoked_at IS NULL")
                 .bind(now).bind(&id).execute(&mut *tx).await?.rows_affected();
+            sqlx::query("UPDATE revocation_epoch SET epoch = epoch + 1 WHERE id = 1").execute(&mut *tx).await?;
             tx.commit().await?;
             revoked
         });
@@ -241,6 +242,7 @@ impl Store {
                 "DELETE FROM group_members WHERE group_id = $1 AND principal_id = $2"
             };
             sqlx::query(sql).bind(gid).bind(pid).execute(p).await?;
+            sqlx::query("UPDATE revocation_epoch SET epoch = epoch + 1 WHERE id = 1").execute(p).await?;
         });
         Ok(Ok(()))
     }
@@ -299,8 +301,14 @@ impl Store {
 
     /// Revokes a token by id; `false` if there is no such token.
     pub async fn token_revoke(&self, id: &str, now: i64) -> Result<bool, StoreError> {
-        let n = on_pool!(self, p => sqlx::query("UPDATE grant_tokens SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2")
-            .bind(now).bind(id).execute(p).await?.rows_affected());
+        let n = on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let n = sqlx::query("UPDATE grant_tokens SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2")
+                .bind(now).bind(id).execute(&mut *tx).await?.rows_affected();
+            sqlx::query("UPDATE revocation_epoch SET epoch = epoch + 1 WHERE id = 1").execute(&mut *tx).await?;
+            tx.commit().await?;
+            n
+        });
         Ok(n > 0)
     }
 
@@ -342,5 +350,14 @@ impl Store {
     pub async fn token_touch(&self, id: &str, now: i64) -> Result<(), StoreError> {
         on_pool!(self, p => sqlx::query("UPDATE grant_tokens SET last_used_at = $1 WHERE id = $2").bind(now).bind(id).execute(p).await?.rows_affected());
         Ok(())
+    }
+}
+
+impl Store {
+    /// The revocation epoch: it moves whenever access may have been taken away.
+    pub async fn revocation_epoch(&self) -> Result<i64, StoreError> {
+        Ok(
+            on_pool!(self, p => sqlx::query_scalar("SELECT epoch FROM revocation_epoch WHERE id = 1").fetch_one(p).await?),
+        )
     }
 }

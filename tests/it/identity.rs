@@ -122,6 +122,8 @@ async fn sessions_belong_to_their_principal_and_disabling_ends_them() {
     // Offboarding: every token revoked at once; her live session stops on its next request.
     let revoked = store.principal_disable("alice", now()).await.expect("store").expect("disabled");
     assert_eq!(revoked, 2);
+    // Gateways learn of revocations by polling the store's revocation epoch.
+    tokio::time::sleep(portcullis::authn::cache::POLL * 3).await;
     let after = post(&c, &url, &ping, Some(&session)).bearer_auth(&alice).send().await.expect("sent");
     assert_eq!(after.status(), 401);
     assert!(store.token_list(Some("alice")).await.expect("store").iter().all(|t| t.revoked_at.is_some()));
