@@ -61,6 +61,27 @@ pub async fn handle(app: &AppState, server: &Server, headers: &HeaderMap, messag
     Ok(Reply::Messages(stream as MessageStream))
 }
 
+/// The client's name and version from a stateless request's `_meta` (for the audit log).
+pub fn client_of(message: &Message) -> Option<(String, String)> {
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        params: Option<Params>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Params {
+        #[serde(rename = "_meta")]
+        meta: Option<Meta>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        #[serde(rename = "io.modelcontextprotocol/clientInfo")]
+        client_info: Option<Value>,
+    }
+    let env: Envelope = serde_json::from_slice(&message.raw).ok()?;
+    let info = env.params?.meta?.client_info?;
+    Some(crate::mcp::client_name_version(&info))
+}
+
 /// Sends within the shared stateless session, reopening it once if the upstream forgot it.
 async fn send_with_reopen(app: &AppState, server: &Server, message: Message) -> Result<Reply, UpstreamError> {
     let (session, _) = server.stateless_session(app).await?;

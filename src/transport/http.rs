@@ -71,6 +71,7 @@ async fn one_message(
     ex: &mut Exchange,
 ) -> Result<Response, Failure> {
     if mcp::stateless::is_stateless(headers) {
+        ex.client = mcp::stateless::client_of(&message);
         let request_id = (message.kind == Kind::Request).then(|| message.id.clone()).flatten();
         let reply = mcp::stateless::handle(app, server, headers, message).await?;
         let timeout = server.config.request_timeout;

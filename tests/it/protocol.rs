@@ -64,7 +64,14 @@ async fn a_stateless_client_reaches_a_2025_03_26_upstream() {
     let c = reqwest::Client::new();
     let get = c.get(gw.url("old")).header("accept", "text/event-stream").header("mcp-protocol-version", "2026-07-28");
     assert_eq!(get.send().await.expect("sent").status(), 405);
+    let store = portcullis::store::Store::connect(&format!("sqlite://{}/portcullis.db", gw.dir.path().display()))
+        .await
+        .expect("store");
     gw.stop().await;
+    // The audit log names the stateless client from its per-request `_meta`.
+    let records = store.audit_after(0, 1000).await.expect("records");
+    let call = records.iter().find(|r| r.method == "tools/call").expect("a call was audited");
+    assert!(call.client_name.as_deref().is_some_and(|n| !n.is_empty()), "{call:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
