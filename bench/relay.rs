@@ -697,18 +697,8 @@ async fn run_scenario(
 // Report
 
 fn today_utc() -> String {
-    let secs = portcullis::clock::Clock::system().unix_secs();
-    // Days to civil date (Howard Hinnant's algorithm).
-    let z = (secs / 86_400) as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
+    let secs = i64::try_from(portcullis::clock::Clock::system().unix_secs()).unwrap_or(i64::MAX);
+    portcullis::clock::rfc3339(secs)[..10].to_owned()
 }
 
 fn machine() -> String {
