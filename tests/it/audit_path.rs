@@ -54,6 +54,7 @@ async fn every_exchange_leaves_exactly_one_record() {
         .await
         .expect("sent");
     send(post(&c, &gw.url("nope"), &init_body(), None)).await.expect("sent");
+    let _dir = gw.dir.clone(); // the store outlives the gateway
     gw.stop().await;
 
     assert_eq!(store.audit_count().await.expect("count"), exchanges, "one record per exchange");

@@ -145,7 +145,8 @@ pub fn free_port() -> u16 {
 pub struct TestGateway {
     gateway: Option<Gateway>,
     pub base: String,
-    pub dir: tempfile::TempDir,
+    /// The data directory; hold a clone to use the store after `stop` (which drops the gateway).
+    pub dir: std::sync::Arc<tempfile::TempDir>,
 }
 
 impl TestGateway {
@@ -169,7 +170,7 @@ impl TestGateway {
         let config = Config::parse(&text, "test.toml", Vec::new()).unwrap_or_else(|e| panic!("config: {e}"));
         let gateway = Gateway::start_with_key(config, key).await.expect("gateway starts");
         let base = format!("http://{}", gateway.addr);
-        TestGateway { gateway: Some(gateway), base, dir }
+        TestGateway { gateway: Some(gateway), base, dir: std::sync::Arc::new(dir) }
     }
 
     pub fn url(&self, server: &str) -> String {

@@ -67,6 +67,7 @@ async fn a_stateless_client_reaches_a_2025_03_26_upstream() {
     let store = portcullis::store::Store::connect(&format!("sqlite://{}/portcullis.db", gw.dir.path().display()))
         .await
         .expect("store");
+    let _dir = gw.dir.clone(); // the store outlives the gateway
     gw.stop().await;
     // The audit log names the stateless client from its per-request `_meta`.
     let records = store.audit_after(0, 1000).await.expect("records");
