@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use serde_json::Value;
 
-use crate::transport::jsonrpc::{EnvelopeError, code, error_response};
+use crate::transport::jsonrpc::{EnvelopeError, code};
 use crate::upstream::UpstreamError;
 
 /// Why the gateway refused or could not complete an MCP request.
@@ -151,8 +151,28 @@ impl GatewayError {
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
         let (status, rpc_code) = self.error.status_and_code(self.id.is_some());
-        let body = error_response(self.id.as_ref(), rpc_code, &self.error.to_string());
-        let mut resp = (status, axum::Json(body)).into_response();
+        // Serialised straight from borrowed parts: refusals are the path an attacker can drive
+        // hardest, so they skip building a `serde_json::Value`.
+        #[derive(serde::Serialize)]
+        struct Envelope<'a> {
+            jsonrpc: &'static str,
+            id: &'a Value,
+            error: Error<'a>,
+        }
+        #[derive(serde::Serialize)]
+        struct Error<'a> {
+            code: i64,
+            message: &'a str,
+        }
+        let message = self.error.to_string();
+        let envelope = Envelope {
+            jsonrpc: "2.0",
+            id: self.id.as_ref().unwrap_or(&Value::Null),
+            error: Error { code: rpc_code, message: &message },
+        };
+        let body = serde_json::to_vec(&envelope).unwrap_or_default();
+        let mut resp =
+            (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response();
         if let GatewayError::Unauthenticated(why) = self.error {
             let challenge = match why {
                 crate::authn::Rejection::Missing => "Bearer realm=\"portcullis\"",

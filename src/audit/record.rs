@@ -148,23 +148,23 @@ impl Record {
 
     /// The stored form, not yet chained: arguments redacted, NUL characters (which PostgreSQL
     /// `TEXT` refuses) replaced, counters clamped to the database's signed 64 bits.
-    pub fn to_entry(&self, redactor: &Redactor) -> Entry {
-        let text = |s: &str| if s.contains('\0') { s.replace('\0', "\u{fffd}") } else { s.to_owned() };
-        let opt = |s: &Option<String>| s.as_deref().map(text);
+    pub fn into_entry(self, redactor: &Redactor) -> Entry {
+        let text = |s: String| if s.contains('\0') { s.replace('\0', "\u{fffd}") } else { s };
+        let opt = |s: Option<String>| s.map(text);
         let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         Entry {
             seq: 0,
             time_ms: self.time_ms,
-            request_id: text(&self.request_id),
-            principal_id: opt(&self.principal_id),
-            principal_kind: opt(&self.principal_kind),
-            principal_name: opt(&self.principal_name),
-            token_id: opt(&self.token_id),
-            client_name: opt(&self.client_name),
-            client_version: opt(&self.client_version),
-            server: opt(&self.server),
-            method: text(&self.method),
-            tool: opt(&self.tool),
+            request_id: text(self.request_id),
+            principal_id: opt(self.principal_id),
+            principal_kind: opt(self.principal_kind),
+            principal_name: opt(self.principal_name),
+            token_id: opt(self.token_id),
+            client_name: opt(self.client_name),
+            client_version: opt(self.client_version),
+            server: opt(self.server),
+            method: text(self.method),
+            tool: opt(self.tool),
             arguments: self.arguments.redacted(redactor),
             decision: self.decision.as_str().to_owned(),
             upstream_status: self.upstream_status,

@@ -103,7 +103,7 @@ fn audit_arguments_debug_never_shows_values() {
     for text in [format!("{args:?}"), format!("{record:?}"), format!("{record:#?}")] {
         assert!(!text.contains("hunter2") && !text.contains("ghp_"), "{text}");
     }
-    let entry = record.to_entry(&Redactor::default());
+    let entry = record.clone().into_entry(&Redactor::default());
     assert_eq!(entry.arguments, r#"{"password":"[REDACTED]","q":"[REDACTED]"}"#);
     assert!(!format!("{entry:?}").contains("hunter2"));
 }
@@ -115,7 +115,7 @@ fn audit_canonical_form_is_sorted_and_stable() {
     record.upstream_status = Some(-32601);
     record.latency_us = u64::MAX;
     record.arguments = Arguments::new(json!({"b": [1, {"z": 1, "a": 2}], "a": 1.5}));
-    let mut entry = record.to_entry(&Redactor::default());
+    let mut entry = record.clone().into_entry(&Redactor::default());
     entry.seq = 7;
     let text = String::from_utf8(entry.canonical()).expect("utf-8");
     assert_eq!(
@@ -138,7 +138,7 @@ fn audit_canonical_form_is_sorted_and_stable() {
 fn audit_nul_characters_are_replaced_before_storing() {
     let mut record = Record::new(1, "a\0b", "m", Decision::Error);
     record.client_name = Some("x\0".into());
-    let entry = record.to_entry(&Redactor::default());
+    let entry = record.clone().into_entry(&Redactor::default());
     assert_eq!(entry.request_id, "a\u{fffd}b");
     assert_eq!(entry.client_name.as_deref(), Some("x\u{fffd}"));
 }
@@ -146,9 +146,9 @@ fn audit_nul_characters_are_replaced_before_storing() {
 #[test]
 fn audit_chain_links_and_detects_changes() {
     let r = Redactor::default();
-    let mut first = Record::new(1, "a", "tools/list", Decision::Allow).to_entry(&r);
+    let mut first = Record::new(1, "a", "tools/list", Decision::Allow).into_entry(&r);
     seal(&mut first, 1, &GENESIS);
-    let mut second = Record::new(2, "b", "tools/call", Decision::Allow).to_entry(&r);
+    let mut second = Record::new(2, "b", "tools/call", Decision::Allow).into_entry(&r);
     seal(&mut second, 2, &first.hash);
     assert_eq!(first.prev_hash, GENESIS.to_vec());
     assert_eq!(second.prev_hash, first.hash);

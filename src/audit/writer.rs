@@ -87,6 +87,10 @@ struct Shared {
     durability: Durability,
     overflow: Mutex<Overflow>,
     overflow_notify: Notify,
+    /// Wakes the writer while it gathers a batch: a strict record or a flush waits, or the
+    /// channel is half full. Other records do not wake it, so a busy gateway pays one wake-up
+    /// per batch rather than one per request.
+    ready: Notify,
     counters: Counters,
     stopping: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
@@ -116,6 +120,7 @@ impl AuditWriter {
             durability: config.durability,
             overflow: Mutex::default(),
             overflow_notify: Notify::new(),
+            ready: Notify::new(),
             counters: Counters::default(),
             stopping: CancellationToken::new(),
             task: Mutex::new(None),
@@ -160,6 +165,7 @@ impl AuditWriter {
     pub async fn flush(&self) -> Result<(), AuditError> {
         let (done, flushed) = oneshot::channel();
         self.tx.send(Msg::Flush(done)).await.map_err(|_| AuditError::Closed)?;
+        self.shared.ready.notify_one();
         flushed.await.map_err(|_| AuditError::Closed)
     }
 
@@ -195,8 +201,14 @@ impl AuditWriter {
     fn enqueue(&self, record: Record, done: Option<Done>) {
         let c = &self.shared.counters;
         c.backlog.fetch_add(1, Ordering::Relaxed);
+        let urgent = done.is_some();
         let (full, msg) = match self.tx.try_send(Msg::Record(record, done)) {
-            Ok(()) => return,
+            Ok(()) => {
+                if urgent || self.tx.capacity() <= self.tx.max_capacity() / 2 {
+                    self.shared.ready.notify_one();
+                }
+                return;
+            }
             Err(mpsc::error::TrySendError::Full(msg)) => (true, msg),
             Err(mpsc::error::TrySendError::Closed(msg)) => (false, msg),
         };
@@ -317,7 +329,8 @@ impl Task {
             while batch.records.len() < MAX_BATCH {
                 match self.rx.try_recv() {
                     Ok(msg) => batch.take(msg),
-                    Err(_) => break,
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return true,
                 }
             }
             self.take_overflow(batch, MAX_BATCH.saturating_sub(batch.records.len()), false);
@@ -325,11 +338,18 @@ impl Task {
                 return false;
             }
             tokio::select! {
-                msg = self.rx.recv() => match msg {
-                    Some(msg) => batch.take(msg),
-                    None => return true,
-                },
-                () = tokio::time::sleep_until(deadline) => return false,
+                () = self.shared.ready.notified() => {}
+                () = self.shared.overflow_notify.notified() => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    // The records that came in meanwhile join this batch.
+                    while batch.records.len() < MAX_BATCH {
+                        match self.rx.try_recv() {
+                            Ok(msg) => batch.take(msg),
+                            Err(_) => break,
+                        }
+                    }
+                    return false;
+                }
                 () = stopping.cancelled() => return true,
             }
         }
@@ -353,8 +373,7 @@ impl Task {
     /// once the shutdown budget of failed attempts is spent, loudly.
     async fn commit(&mut self, records: Vec<(Record, Option<Done>)>) {
         let (records, mut waiters): (Vec<_>, Vec<_>) = records.into_iter().unzip();
-        let mut entries: Vec<Entry> = records.iter().map(|r| r.to_entry(&self.redactor)).collect();
-        drop(records);
+        let mut entries: Vec<Entry> = records.into_iter().map(|r| r.into_entry(&self.redactor)).collect();
         let n = entries.len() as u64;
         let c = &self.shared.counters;
         let mut attempt: u32 = 0;
