@@ -4,14 +4,20 @@
 
 use std::time::Instant;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use http::{StatusCode, header};
+use http_body::Frame;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::jsonrpc::{Message, code, error_response};
 use crate::app::AppState;
-use crate::audit::{Arguments, Decision, Record};
+use crate::audit::{Arguments, AuditWriter, Decision, Durability, Record};
 use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
 
@@ -97,12 +103,10 @@ impl AppState {
             Some((d, rpc)) => (d, Some(rpc)),
             None => (Decision::Allow, Some(i64::from(resp.status().as_u16()))),
         };
-        let bytes_out = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        // A body of known length is counted now; a stream is counted as it goes (below).
+        let known = http_body::Body::size_hint(resp.body()).exact().or_else(|| {
+            resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+        });
         let request_id = uuid::Uuid::now_v7().to_string();
         let principal = ex.principal;
         let record = Record {
@@ -118,9 +122,17 @@ impl AppState {
             upstream_status,
             latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             bytes_in: ex.bytes_in,
-            bytes_out,
+            bytes_out: known.unwrap_or(0),
             ..Record::new(self.clock().unix_millis(), request_id, ex.method, decision)
         };
+        if known.is_none() && self.audit().durability() == Durability::Async {
+            // A streamed answer (SSE) is recorded when it ends, with the bytes it carried and
+            // its whole duration, or when the client goes away. In strict durability the
+            // record must be durable before the answer starts, so it is written now instead.
+            let (parts, body) = resp.into_parts();
+            let pending = Pending { record, writer: self.audit().clone(), started };
+            return Response::from_parts(parts, Body::new(Metered { inner: body, bytes: 0, pending: Some(pending) }));
+        }
         match self.audit().write(record).await {
             Ok(()) => resp,
             Err(e) => {
@@ -129,5 +141,63 @@ impl AppState {
                 (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response()
             }
         }
+    }
+}
+
+/// A streamed answer's record, written when the stream ends or is dropped.
+struct Pending {
+    record: Record,
+    writer: AuditWriter,
+    started: Instant,
+}
+
+/// A response body that counts the bytes it yields and writes the exchange's audit record
+/// once: at its end, or when it is dropped (the client went away, or shutdown ended it).
+struct Metered {
+    inner: Body,
+    bytes: u64,
+    pending: Option<Pending>,
+}
+
+impl Metered {
+    fn record(&mut self) {
+        if let Some(Pending { mut record, writer, started }) = self.pending.take() {
+            record.bytes_out = self.bytes;
+            record.latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            writer.record(record);
+        }
+    }
+}
+
+impl http_body::Body for Metered {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(None | Some(Err(_))) => self.record(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        self.record();
     }
 }

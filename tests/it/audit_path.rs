@@ -43,7 +43,14 @@ async fn every_exchange_leaves_exactly_one_record() {
     let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "echo",
         "arguments": {"text": "hello", "api_key": "k-123", "note": "ghp_abcdefghijklmnopqrstuvwxyz0123456789"}}});
     let r = send(post(&c, &url, &call, Some(&session)).bearer_auth(&token)).await.expect("sent");
-    messages(r).await;
+    let json_len = r.bytes().await.expect("body").len() as i64;
+    // A call that outlasts the JSON window is answered as an SSE stream: its record is written
+    // when the stream ends, with the bytes it carried and its whole duration.
+    let slow = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "slow",
+        "arguments": {"ms": 600}, "_meta": {"progressToken": "p"}}});
+    let r = send(post(&c, &url, &slow, Some(&session)).bearer_auth(&token)).await.expect("sent");
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let sse_len = r.bytes().await.expect("body").len() as i64;
     // Denied and failed: no token, a wrong token, a bad origin, bad JSON, an unknown server.
     send(post(&c, &url, &init_body(), None)).await.expect("sent");
     send(post(&c, &url, &init_body(), None).bearer_auth(NewToken::generate().expose())).await.expect("sent");
@@ -60,7 +67,11 @@ async fn every_exchange_leaves_exactly_one_record() {
     assert_eq!(store.audit_count().await.expect("count"), exchanges, "one record per exchange");
     assert!(matches!(verify(&store).await.expect("verifies"), Verification::Intact { .. }));
     let records = store.audit_after(0, 100).await.expect("records");
-    let call = records.iter().find(|r| r.method == "tools/call").expect("the call's record");
+    let call = records.iter().find(|r| r.tool.as_deref() == Some("echo")).expect("the call's record");
+    assert_eq!(call.bytes_out, json_len, "a JSON answer's bytes");
+    let streamed = records.iter().find(|r| r.tool.as_deref() == Some("slow")).expect("the streamed call's record");
+    assert_eq!(streamed.bytes_out, sse_len, "a streamed answer's bytes, counted to its end");
+    assert!(streamed.latency_us >= 600_000, "a streamed answer's whole duration: {}", streamed.latency_us);
     assert_eq!(call.principal_name.as_deref(), Some("alice"));
     assert_eq!(call.principal_kind.as_deref(), Some("user"));
     assert!(call.token_id.is_some());
