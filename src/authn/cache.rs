@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::Store;
@@ -32,11 +33,13 @@ pub struct TokenCache {
     entries: DashMap<[u8; 32], Entry>,
     /// The epoch last read from the store; `i64::MIN` until the first read.
     epoch: AtomicI64,
+    /// Tells long-lived streams that the epoch moved (see [`super::revoked`]).
+    changes: watch::Sender<i64>,
 }
 
 impl Default for TokenCache {
     fn default() -> Self {
-        TokenCache { entries: DashMap::new(), epoch: AtomicI64::new(i64::MIN) }
+        TokenCache { entries: DashMap::new(), epoch: AtomicI64::new(i64::MIN), changes: watch::Sender::new(i64::MIN) }
     }
 }
 
@@ -44,6 +47,11 @@ impl TokenCache {
     /// The epoch to tag a lookup that starts now.
     pub fn epoch(&self) -> i64 {
         self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Wakes whenever the revocation epoch moves.
+    pub fn changes(&self) -> watch::Receiver<i64> {
+        self.changes.subscribe()
     }
 
     /// A remembered check, if it is still trustworthy.
@@ -75,6 +83,9 @@ impl TokenCache {
                     if self.epoch.swap(epoch, Ordering::AcqRel) != epoch {
                         self.entries.retain(|_, e| e.epoch == epoch);
                     }
+                    // Compared with the last epoch announced, so a change made while the store
+                    // could not be read is announced too.
+                    self.changes.send_if_modified(|last| std::mem::replace(last, epoch) != epoch);
                 }
                 // Without a fresh epoch nothing cached is trusted: checks go to the store.
                 Err(e) => {

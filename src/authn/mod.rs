@@ -78,6 +78,11 @@ pub async fn authenticate(app: &AppState, server: &Server, headers: &HeaderMap) 
     if server.config.public {
         return Ok(Principal::anonymous());
     }
+    check(app, server, &bearer_hash(headers)?).await
+}
+
+/// The hash of the request's grant token, if it carries a well-formed one.
+fn bearer_hash(headers: &HeaderMap) -> Result<[u8; 32], GatewayError> {
     let header = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
     let Some(bearer) = header.and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer "))) else {
         return Err(GatewayError::Unauthenticated(Rejection::Missing));
@@ -87,17 +92,21 @@ pub async fn authenticate(app: &AppState, server: &Server, headers: &HeaderMap) 
     if !token::well_formed(bearer) {
         return Err(GatewayError::Unauthenticated(Rejection::Invalid));
     }
+    Ok(token::hash(bearer))
+}
+
+/// The principal of the grant token whose hash is `hash`, if it may call `server` now.
+async fn check(app: &AppState, server: &Server, hash: &[u8; 32]) -> Result<Principal, GatewayError> {
     let now = app.clock().unix_secs();
-    let hash = token::hash(bearer);
-    let found = match app.tokens().get(&hash) {
+    let found = match app.tokens().get(hash) {
         Some(remembered) => remembered,
         None => {
             let epoch = app.tokens().epoch();
-            let found = app.store().token_lookup(&hash).await.map_err(|e| {
+            let found = app.store().token_lookup(hash).await.map_err(|e| {
                 tracing::error!(error = %e, "token lookup failed");
                 GatewayError::StoreUnavailable
             })?;
-            app.tokens().put(hash, found.clone(), epoch);
+            app.tokens().put(*hash, found.clone(), epoch);
             found
         }
     };
@@ -105,6 +114,34 @@ pub async fn authenticate(app: &AppState, server: &Server, headers: &HeaderMap) 
     let Some(auth) = auth else { return Err(GatewayError::Unauthenticated(Rejection::Invalid)) };
     app.touch_token(&auth.token_id, auth.last_used_at, now);
     Ok(principal_of(auth))
+}
+
+/// Completes once the grant token of a request that authenticated with `headers` stops
+/// working for `server`: revoked, expired, or its principal disabled. Long-lived streams (a
+/// session's GET stream, a legacy SSE connection) end on it, so `portcullis user disable`
+/// ends them within the revocation poll ([`cache::POLL`]), on every replica. The check runs
+/// on each change of the revocation epoch and at least every [`cache::TTL`] (for expiry);
+/// while the store cannot answer, the stream is left alone.
+pub fn revoked(app: &AppState, server: &Server, headers: &HeaderMap) -> impl Future<Output = ()> + Send + 'static {
+    let app = app.clone();
+    let server = app.server(&server.config.name).ok();
+    let hash = bearer_hash(headers).ok();
+    let mut changes = app.tokens().changes();
+    async move {
+        let (Some(server), Some(hash)) = (server, hash) else { return std::future::pending().await };
+        if server.config.public {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return std::future::pending().await },
+                () = tokio::time::sleep(cache::TTL) => {}
+            }
+            if let Err(GatewayError::Unauthenticated(_)) = check(&app, &server, &hash).await {
+                return;
+            }
+        }
+    }
 }
 
 fn principal_of(auth: TokenAuth) -> Principal {

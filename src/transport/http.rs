@@ -10,6 +10,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::BodyExt;
 
@@ -150,7 +151,7 @@ pub async fn get(State(app): State<AppState>, Path(name): Path<String>, headers:
         ex.client.clone_from(&session.client);
         let last = headers.get("last-event-id").and_then(|v| v.to_str().ok());
         let reply = server.upstream.listen(&session, last).await.map_err(GatewayError::from)?;
-        Ok::<_, Failure>(reply::get_response(reply, app.shutdown()))
+        Ok::<_, Failure>(reply::get_response(reply, stream_end(&app, &server, &headers)))
     }
     .await;
     let resp = result.unwrap_or_else(|f| {
@@ -181,6 +182,19 @@ pub async fn delete(State(app): State<AppState>, Path(name): Path<String>, heade
         f.into_response()
     });
     app.finish(&name, ex, resp, started).await
+}
+
+/// Completes when a long-lived stream opened with `headers` must end: the gateway shuts down,
+/// or the caller's grant token stops working (revoked, expired, principal disabled).
+pub(super) fn stream_end(app: &AppState, server: &Server, headers: &HeaderMap) -> BoxFuture<'static, ()> {
+    let shutdown = app.shutdown().clone().cancelled_owned();
+    let revoked = authn::revoked(app, server, headers);
+    Box::pin(async move {
+        tokio::select! {
+            () = shutdown => {}
+            () = revoked => tracing::info!("a stream ends: its grant token no longer works"),
+        }
+    })
 }
 
 /// The first steps of every exchange: find the server, check `Host` and `Origin` (DNS

@@ -16,12 +16,13 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use dashmap::DashMap;
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use http::{HeaderMap, StatusCode};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::exchange::Exchange;
-use super::http::{admit, check_accept, check_content_type, read_body};
+use super::http::{admit, check_accept, check_content_type, read_body, stream_end};
 use super::jsonrpc::{self, Kind, Message, code, error_response};
 use super::session::{SessionState, new_session_key};
 use crate::app::{AppState, Server};
@@ -79,9 +80,9 @@ pub async fn open(State(app): State<AppState>, Path(name): Path<String>, headers
     let started = Instant::now();
     let mut ex = Exchange::new("GET");
     let result = async {
-        let (_, principal) = admit(&app, &name, &headers, &mut ex).await?;
+        let (server, principal) = admit(&app, &name, &headers, &mut ex).await?;
         check_accept(&headers, true)?;
-        Ok::<_, Failure>(stream(&app, &name, principal))
+        Ok::<_, Failure>(stream(&app, &name, principal, stream_end(&app, &server, &headers)))
     }
     .await;
     let resp = result.unwrap_or_else(|f| {
@@ -91,7 +92,7 @@ pub async fn open(State(app): State<AppState>, Path(name): Path<String>, headers
     app.finish(&name, ex, resp, started).await
 }
 
-fn stream(app: &AppState, name: &str, principal: Principal) -> Response {
+fn stream(app: &AppState, name: &str, principal: Principal, end: BoxFuture<'static, ()>) -> Response {
     let id = new_session_key();
     let (tx, rx) = mpsc::unbounded_channel();
     let conn =
@@ -108,7 +109,7 @@ fn stream(app: &AppState, name: &str, principal: Principal) -> Response {
         let _keep = &closer;
         Event::default().event("message").data(msg.to_string())
     });
-    let events = first.chain(messages).take_until(app.shutdown().clone().cancelled_owned()).map(Ok::<_, Infallible>);
+    let events = first.chain(messages).take_until(end).map(Ok::<_, Infallible>);
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
 }
 

@@ -6,10 +6,10 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
 use http::{HeaderValue, StatusCode, header};
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
 use crate::transport::jsonrpc::{code, error_response};
 use crate::upstream::{MessageStream, Reply};
@@ -67,11 +67,11 @@ pub async fn post_response(reply: Reply, request_id: Option<Value>, timeout: Dur
     }
 }
 
-/// Builds the response for a GET stream.
-pub fn get_response(reply: Reply, shutdown: &CancellationToken) -> Response {
+/// Builds the response for a GET stream, which ends when `stop` completes.
+pub fn get_response(reply: Reply, stop: BoxFuture<'static, ()>) -> Response {
     match reply {
-        Reply::Sse(sse) => relay_sse(sse.resp, Some(shutdown.clone())),
-        Reply::Messages(stream) => sse_of(stream, Some(shutdown.clone()), true),
+        Reply::Sse(sse) => relay_sse(sse.resp, Some(stop)),
+        Reply::Messages(stream) => sse_of(stream, Some(stop), true),
         Reply::Status(s) => s.into_response(),
         Reply::Accepted | Reply::Json(_) | Reply::JsonBody(_) => StatusCode::METHOD_NOT_ALLOWED.into_response(),
     }
@@ -83,10 +83,10 @@ fn json_bytes(body: Body) -> Response {
     resp
 }
 
-/// Relays an upstream SSE body byte for byte; a GET stream ends when the gateway shuts down.
-fn relay_sse(resp: reqwest::Response, shutdown: Option<CancellationToken>) -> Response {
-    let body = match shutdown {
-        Some(token) => Body::from_stream(resp.bytes_stream().take_until(token.cancelled_owned())),
+/// Relays an upstream SSE body byte for byte; a GET stream ends when `stop` completes.
+fn relay_sse(resp: reqwest::Response, stop: Option<BoxFuture<'static, ()>>) -> Response {
+    let body = match stop {
+        Some(stop) => Body::from_stream(resp.bytes_stream().take_until(stop)),
         None => Body::from_stream(resp.bytes_stream()),
     };
     let mut out = Response::new(body);
@@ -135,12 +135,12 @@ fn relay_sse_within(resp: reqwest::Response, id: Value, timeout: Duration, serve
 
 fn sse_of(
     stream: impl Stream<Item = Value> + Send + 'static,
-    shutdown: Option<CancellationToken>,
+    stop: Option<BoxFuture<'static, ()>>,
     keep_alive: bool,
 ) -> Response {
     let until = async move {
-        match shutdown {
-            Some(token) => token.cancelled_owned().await,
+        match stop {
+            Some(stop) => stop.await,
             None => std::future::pending().await,
         }
     };

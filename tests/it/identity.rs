@@ -1,6 +1,8 @@
 //! Identity: grant tokens checked on every request with the official SDK clients, sessions
 //! bound to their principal, offboarding, and the identity store on SQLite and PostgreSQL.
 
+use std::time::Duration;
+
 use portcullis::authn::token::NewToken;
 use portcullis::store::Store;
 use portcullis::store::identity::IdentityError;
@@ -119,13 +121,38 @@ async fn sessions_belong_to_their_principal_and_disabling_ends_them() {
     assert_eq!(ok.status(), 200);
     let stolen = post(&c, &url, &ping, Some(&session)).bearer_auth(&bob).send().await.expect("sent");
     assert_eq!(stolen.status(), 404, "a session id does not move to another principal");
-    // Offboarding: every token revoked at once; her live session stops on its next request.
+    // Her long-lived streams: the session's GET stream and a legacy SSE connection.
+    let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    post(&c, &url, &note, Some(&session)).bearer_auth(&alice).send().await.expect("sent");
+    let get = c
+        .get(&url)
+        .bearer_auth(&alice)
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &session)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(get.status(), 200);
+    let legacy = c
+        .get(format!("{url}/sse"))
+        .bearer_auth(&alice)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(legacy.status(), 200);
+    // Offboarding: every token revoked at once; her live session stops on its next request,
+    // and her open streams end.
     let revoked = store.principal_disable("alice", now()).await.expect("store").expect("disabled");
     assert_eq!(revoked, 2);
     // Gateways learn of revocations by polling the store's revocation epoch.
     tokio::time::sleep(portcullis::authn::cache::POLL * 3).await;
     let after = post(&c, &url, &ping, Some(&session)).bearer_auth(&alice).send().await.expect("sent");
     assert_eq!(after.status(), 401);
+    for (what, stream) in [("GET stream", get), ("legacy SSE stream", legacy)] {
+        let ended = tokio::time::timeout(Duration::from_secs(5), stream.bytes()).await;
+        assert!(ended.is_ok(), "the {what} of a disabled user ends");
+    }
     assert!(store.token_list(Some("alice")).await.expect("store").iter().all(|t| t.revoked_at.is_some()));
     // Bob is unaffected.
     let bob_init = post(&c, &url, &init_body(), None).bearer_auth(&bob).send().await.expect("sent");
