@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod error;
 pub mod keys;
 pub mod mcp;
+pub mod net;
 pub mod store;
 pub mod telemetry;
 pub mod transport;

@@ -27,6 +27,8 @@ pub struct Config {
     pub servers: Vec<ServerConfig>,
     /// The audit log.
     pub audit: crate::audit::AuditConfig,
+    /// The guard on URLs that come from upstreams and clients.
+    pub outbound: crate::net::OutboundConfig,
 }
 
 /// Validated `[gateway]`.
@@ -195,13 +197,20 @@ impl Spans {
             store: Option<toml::Spanned<toml::Value>>,
             log: Option<toml::Spanned<toml::Value>>,
             audit: Option<toml::Spanned<toml::Value>>,
+            outbound: Option<toml::Spanned<toml::Value>>,
             servers: Option<Vec<toml::Spanned<toml::Value>>>,
         }
         let Ok(top) = toml::from_str::<Top>(text) else {
             return Spans::default();
         };
         let mut spans = Spans::default();
-        for (name, s) in [("gateway", top.gateway), ("store", top.store), ("log", top.log), ("audit", top.audit)] {
+        for (name, s) in [
+            ("gateway", top.gateway),
+            ("store", top.store),
+            ("log", top.log),
+            ("audit", top.audit),
+            ("outbound", top.outbound),
+        ] {
             if let Some(s) = s {
                 spans.sections.insert(name.to_owned(), s.span().start);
             }
@@ -249,6 +258,10 @@ impl Validator<'_> {
         for problem in audit.problems() {
             self.at(spans.sections.get("audit").copied(), "[audit]", problem);
         }
+        let outbound: crate::net::OutboundConfig = self.section(&mut table, "outbound", spans);
+        for problem in outbound.problems() {
+            self.at(spans.sections.get("outbound").copied(), "[outbound]", problem);
+        }
         let servers = match table.remove("servers") {
             None => Vec::new(),
             Some(toml::Value::Array(items)) => items,
@@ -258,7 +271,7 @@ impl Validator<'_> {
             }
         };
         for key in table.keys() {
-            self.at(None, key, "unknown top-level key (expected gateway, store, log, audit, servers)");
+            self.at(None, key, "unknown top-level key (expected gateway, store, log, audit, outbound, servers)");
         }
         let gateway = self.gateway(gateway, spans.sections.get("gateway").copied());
         let store = StoreConfig {
@@ -289,7 +302,7 @@ impl Validator<'_> {
                 parsed.push(s);
             }
         }
-        Some(Config { gateway: gateway?, store, log, servers: parsed, audit })
+        Some(Config { gateway: gateway?, store, log, servers: parsed, audit, outbound })
     }
 
     fn gateway(&mut self, raw: RawGateway, at: Option<usize>) -> Option<GatewayConfig> {

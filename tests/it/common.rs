@@ -307,3 +307,31 @@ fn uuid_like() -> String {
     getrandom::fill(&mut b).expect("random");
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// Runs the calling test again inside a fresh user and network namespace that has only
+/// loopback (`unshare -rn`), so that a broken outbound guard could not send a packet beyond
+/// this machine. Returns `true` in the outer run, after asserting that the inner run passed;
+/// `false` inside the namespace, where the test body goes on. `test` is the test's path in
+/// this binary, e.g. `egress::redirects_are_refused`.
+pub async fn outside_netns(test: &str) -> bool {
+    if std::env::var_os("PORTCULLIS_IN_NETNS").is_some() {
+        // Prove the premise: the namespace has loopback and nothing else.
+        let dev = std::fs::read_to_string("/proc/net/dev").expect("/proc/net/dev");
+        let ifaces: Vec<&str> = dev.lines().skip(2).filter_map(|l| l.split(':').next()).map(str::trim).collect();
+        assert_eq!(ifaces, ["lo"], "the test namespace must have only loopback");
+        return false;
+    }
+    let exe = std::env::current_exe().expect("the test binary");
+    let out = tokio::process::Command::new("unshare")
+        .args(["--user", "--map-root-user", "--net", "sh", "-c", "ip link set lo up && exec \"$@\"", "sh"])
+        .arg(exe)
+        .args([test, "--exact", "--nocapture", "--test-threads", "1"])
+        .env("PORTCULLIS_IN_NETNS", "1")
+        .output()
+        .await
+        .expect("unshare runs (util-linux)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the test failed inside its network namespace:\n{text}");
+    assert!(text.contains("1 passed"), "the test did not run inside its network namespace:\n{text}");
+    true
+}

@@ -5,6 +5,7 @@ mod audit;
 mod audit_path;
 mod common;
 mod conformance;
+mod egress;
 mod errors;
 mod identity;
 mod protocol;

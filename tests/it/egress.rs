@@ -1,0 +1,116 @@
+//! The guarded outbound client (`portcullis::net::Egress`, R101/R121): refusals of private,
+//! link-local and loopback addresses, redirects, oversized bodies and slow answers.
+//!
+//! Every test here runs inside a fresh network namespace with only loopback (`unshare -rn`, see
+//! `common::outside_netns`): even if the guard were broken, no packet could leave the machine.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use http::{HeaderMap, StatusCode, header};
+use portcullis::net::{Class, Egress, EgressError, Policy};
+use url::Url;
+
+use crate::common::*;
+
+fn dev(timeout: Duration) -> Egress {
+    Egress::new(Policy { allow_http_loopback: true, timeout, max_body_bytes: 64 * 1024, ..Policy::default() })
+}
+
+/// A loopback server with the routes these tests need.
+async fn hostile_server() -> String {
+    let big = vec![b'x'; 200 * 1024];
+    let app = Router::new()
+        .route("/ok", get(|| async { axum::Json(serde_json::json!({"issuer": "https://as.example.com"})) }))
+        .route(
+            "/redirect",
+            get(|| async {
+                (StatusCode::FOUND, [(header::LOCATION, "http://169.254.169.254/latest/meta-data/?token=x")])
+            }),
+        )
+        .route("/big", get(move || async move { big.clone() }))
+        .route(
+            "/big-chunked",
+            get(|| async {
+                let chunks = futures::stream::iter((0..100).map(|_| Ok::<_, std::io::Error>(vec![b'y'; 4096])));
+                Body::from_stream(chunks).into_response()
+            }),
+        )
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                "late"
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+fn url(s: &str) -> Url {
+    Url::parse(s).expect("a URL")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn private_link_local_and_loopback_addresses_are_refused() {
+    if outside_netns("egress::private_link_local_and_loopback_addresses_are_refused").await {
+        return;
+    }
+    let strict = Egress::new(Policy { timeout: Duration::from_secs(2), ..Policy::default() });
+    for (u, class) in [
+        ("https://169.254.169.254/latest/meta-data/", Class::LinkLocal),
+        ("https://10.0.0.1/.well-known/oauth-authorization-server", Class::Private),
+        ("https://[::1]/.well-known/oauth-protected-resource", Class::Loopback),
+        ("https://[fd00::1]/", Class::Private),
+        // A name is judged by what it resolves to, at connect time (the address is pinned).
+        ("https://localhost/.well-known/openid-configuration", Class::Loopback),
+    ] {
+        match strict.get(&url(u), HeaderMap::new()).await {
+            Err(EgressError::Address { class: c, .. }) => assert_eq!(c, class, "{u}"),
+            other => panic!("{u}: expected a refusal, got {other:?}"),
+        }
+    }
+    // Plain http is refused without the development switch, even to loopback.
+    let e = strict.get(&url("http://127.0.0.1:9/"), HeaderMap::new()).await.expect_err("http");
+    assert!(e.to_string().contains("only https"), "{e}");
+    // With it, loopback works and nothing else does.
+    let server = hostile_server().await;
+    let ok = dev(Duration::from_secs(2)).get(&url(&format!("{server}/ok")), HeaderMap::new()).await.expect("fetched");
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.json::<serde_json::Value>().expect("json")["issuer"], "https://as.example.com");
+    let e = dev(Duration::from_secs(2)).get(&url("https://10.0.0.1/"), HeaderMap::new()).await.expect_err("private");
+    assert!(matches!(e, EgressError::Address { class: Class::Private, .. }), "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redirects_oversized_bodies_and_slow_answers_are_refused() {
+    if outside_netns("egress::redirects_oversized_bodies_and_slow_answers_are_refused").await {
+        return;
+    }
+    let server = hostile_server().await;
+    let egress = dev(Duration::from_millis(800));
+    match egress.get(&url(&format!("{server}/redirect")), HeaderMap::new()).await {
+        Err(e @ EgressError::Redirect { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("169.254.169.254") && text.contains("not followed"), "{text}");
+            assert!(!text.contains("token=x"), "no query in errors: {text}");
+        }
+        other => panic!("expected a refused redirect, got {other:?}"),
+    }
+    for path in ["/big", "/big-chunked"] {
+        match egress.get(&url(&format!("{server}{path}")), HeaderMap::new()).await {
+            Err(EgressError::TooLarge { limit, .. }) => assert_eq!(limit, 64 * 1024),
+            other => panic!("{path}: expected a size refusal, got {other:?}"),
+        }
+    }
+    let started = std::time::Instant::now();
+    match egress.get(&url(&format!("{server}/slow")), HeaderMap::new()).await {
+        Err(EgressError::Timeout { .. }) => assert!(started.elapsed() < Duration::from_secs(5)),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+}
