@@ -130,6 +130,9 @@ impl Policy {
     /// Checks a URL's scheme and, for an IP literal, its address. Names are checked when
     /// they resolve.
     pub fn check_url(&self, url: &Url) -> Result<(), EgressError> {
+        if !matches!(url.scheme(), "https" | "http") {
+            return Err(EgressError::Url { url: shown(url), reason: "only https is allowed" });
+        }
         let host = match url.host() {
             Some(h) => h,
             None => return Err(EgressError::Url { url: shown(url), reason: "it has no host" }),
