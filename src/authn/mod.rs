@@ -5,6 +5,8 @@
 pub mod cache;
 pub mod token;
 
+use std::sync::Arc;
+
 use http::HeaderMap;
 use http::header::AUTHORIZATION;
 
@@ -122,13 +124,13 @@ async fn check(app: &AppState, server: &Server, hash: &[u8; 32]) -> Result<Princ
 /// ends them within the revocation poll ([`cache::POLL`]), on every replica. The check runs
 /// on each change of the revocation epoch and at least every [`cache::TTL`] (for expiry);
 /// while the store cannot answer, the stream is left alone.
-pub fn revoked(app: &AppState, server: &Server, headers: &HeaderMap) -> impl Future<Output = ()> + Send + 'static {
+pub fn revoked(app: &AppState, server: &Arc<Server>, headers: &HeaderMap) -> impl Future<Output = ()> + Send + 'static {
     let app = app.clone();
-    let server = app.server(&server.config.name).ok();
+    let server = server.clone();
     let hash = bearer_hash(headers).ok();
     let mut changes = app.tokens().changes();
     async move {
-        let (Some(server), Some(hash)) = (server, hash) else { return std::future::pending().await };
+        let Some(hash) = hash else { return std::future::pending().await };
         if server.config.public {
             return std::future::pending().await;
         }

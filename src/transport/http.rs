@@ -186,7 +186,11 @@ pub async fn delete(State(app): State<AppState>, Path(name): Path<String>, heade
 
 /// Completes when a long-lived stream opened with `headers` must end: the gateway shuts down,
 /// or the caller's grant token stops working (revoked, expired, principal disabled).
-pub(super) fn stream_end(app: &AppState, server: &Server, headers: &HeaderMap) -> BoxFuture<'static, ()> {
+pub(super) fn stream_end(
+    app: &AppState,
+    server: &std::sync::Arc<Server>,
+    headers: &HeaderMap,
+) -> BoxFuture<'static, ()> {
     let shutdown = app.shutdown().clone().cancelled_owned();
     let revoked = authn::revoked(app, server, headers);
     Box::pin(async move {
