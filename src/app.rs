@@ -60,6 +60,7 @@ impl Server {
             protocol: crate::mcp::version::LATEST_STATEFUL.to_owned(),
             capabilities: serde_json::json!({}),
             client_info: serde_json::json!({"name": "portcullis", "version": env!("CARGO_PKG_VERSION")}),
+            caller: String::new(),
         };
         let key = format!("stateless-{}", crate::transport::session::new_session_key());
         let opened = self.upstream.open(&hello, &key).await?;
@@ -75,6 +76,7 @@ impl Server {
                 .then(|| serde_json::json!({"capabilities": hello.capabilities, "clientInfo": hello.client_info})),
             features: 0,
             client: None,
+            subject: String::new(),
         };
         *slot = Some((state, opened.result));
         Ok(slot.as_ref().map(Clone::clone).expect("just set"))

@@ -115,8 +115,12 @@ impl GatewayError {
                 | UpstreamError::Status { .. }
                 | UpstreamError::Process { .. }
                 | UpstreamError::Credential { .. }
+                | UpstreamError::Authorization { link: None, .. }
                 | UpstreamError::Protocol { .. } => {
                     (if has_id { StatusCode::OK } else { StatusCode::BAD_GATEWAY }, code::UPSTREAM_ERROR)
+                }
+                UpstreamError::Authorization { link: Some(_), .. } => {
+                    (if has_id { StatusCode::OK } else { StatusCode::FORBIDDEN }, code::URL_ELICITATION_REQUIRED)
                 }
             },
         }
@@ -163,12 +167,28 @@ impl IntoResponse for Failure {
         struct Error<'a> {
             code: i64,
             message: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            data: Option<Value>,
         }
-        let message = self.error.to_string();
+        let mut message = self.error.to_string();
+        let mut data = None;
+        if let GatewayError::Upstream(UpstreamError::Authorization { reason, link: Some(link), .. }) = &self.error {
+            // URL-mode elicitation required (MCP 2025-11-25): clients that support it open the
+            // link; the message carries it for the others.
+            use secrecy::ExposeSecret;
+            let url = link.expose_secret();
+            message = format!("{reason}: {url}");
+            data = Some(serde_json::json!({"elicitations": [{
+                "mode": "url",
+                "elicitationId": uuid::Uuid::new_v4().to_string(),
+                "url": url,
+                "message": reason,
+            }]}));
+        }
         let envelope = Envelope {
             jsonrpc: "2.0",
             id: self.id.as_ref().unwrap_or(&Value::Null),
-            error: Error { code: rpc_code, message: &message },
+            error: Error { code: rpc_code, message: &message, data },
         };
         let body = serde_json::to_vec(&envelope).unwrap_or_default();
         let mut resp =

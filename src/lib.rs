@@ -17,3 +17,4 @@ pub mod store;
 pub mod telemetry;
 pub mod transport;
 pub mod upstream;
+pub mod vault;

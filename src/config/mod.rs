@@ -115,6 +115,8 @@ pub enum UpstreamAuth {
         /// Variable name.
         env: String,
     },
+    /// Upstream OAuth through the vault (`oauth` or `client_credentials`).
+    OAuth(Box<crate::vault::OAuthConfig>),
 }
 
 /// How an upstream is reached.
@@ -512,8 +514,22 @@ impl Validator<'_> {
                     }
                 }
             }
+            Some(kind @ ("oauth" | "client_credentials")) => {
+                if stdio {
+                    self.at(at, &what, "OAuth for stdio upstreams is not supported yet; use an HTTP upstream");
+                    return None;
+                }
+                let machine = kind == "client_credentials";
+                self.oauth(raw, machine, at, &what)
+            }
             Some(other) => {
-                self.at(at, &what, format!("type {other:?} is not supported (\"none\" or \"static\")"));
+                self.at(
+                    at,
+                    &what,
+                    format!(
+                        "type {other:?} is not supported (\"none\", \"static\", \"oauth\" or \"client_credentials\")"
+                    ),
+                );
                 None
             }
             None => {
@@ -521,6 +537,86 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+}
+
+impl Validator<'_> {
+    fn oauth(&mut self, raw: RawAuth, machine: bool, at: Option<usize>, what: &str) -> Option<UpstreamAuth> {
+        let mut ok = true;
+        if raw.secret.is_some() || raw.header.is_some() || raw.prefix.is_some() || raw.env.is_some() {
+            self.at(at, what, "`secret`, `header`, `prefix` and `env` belong to `static`");
+            ok = false;
+        }
+        if machine && raw.client_id.is_none() {
+            self.at(at, what, "`client_credentials` needs `client_id` (and usually `client_secret`)");
+            ok = false;
+        }
+        if machine && raw.per_user == Some(true) {
+            self.at(at, what, "`client_credentials` is one shared connection; `per_user` does not apply");
+            ok = false;
+        }
+        if raw.client_secret.is_some() && raw.client_id.is_none() {
+            self.at(at, what, "`client_secret` needs `client_id`");
+            ok = false;
+        }
+        let method = match raw.token_endpoint_auth_method.as_deref() {
+            None => None,
+            Some(m) => {
+                match crate::vault::endpoint::AuthMethod::parse(m) {
+                    Some(m) => Some(m),
+                    None => {
+                        self.at(
+                        at,
+                        what,
+                        format!("token_endpoint_auth_method {m:?} is not client_secret_basic, client_secret_post or none"),
+                    );
+                        ok = false;
+                        None
+                    }
+                }
+            }
+        };
+        let metadata_url = match raw.metadata_url.as_deref() {
+            None => None,
+            Some(u) => match Url::parse(u) {
+                Ok(url) if matches!(url.scheme(), "https" | "http") => Some(url),
+                _ => {
+                    self.at(at, what, format!("metadata_url {u:?} is not an http(s) URL"));
+                    ok = false;
+                    None
+                }
+            },
+        };
+        let (mut resource_parameter, mut scope_on_refresh) = (true, false);
+        match raw.provider.as_deref() {
+            None | Some("generic") => {}
+            Some("entra") => {
+                resource_parameter = false;
+                scope_on_refresh = true;
+            }
+            Some(other) => {
+                self.at(at, what, format!("provider {other:?} is not \"generic\" or \"entra\""));
+                ok = false;
+            }
+        }
+        let scopes = raw.scopes.unwrap_or_default();
+        if scopes.iter().any(|s| s.is_empty() || s.contains(' ')) {
+            self.at(at, what, "each scope must be one non-empty word");
+            ok = false;
+        }
+        let config = crate::vault::OAuthConfig {
+            per_user: !machine && raw.per_user.unwrap_or(true),
+            client_credentials: machine,
+            scopes,
+            client_id: raw.client_id,
+            client_secret: raw.client_secret,
+            token_endpoint_auth_method: method,
+            metadata_url,
+            authorization_params: raw.authorization_params.unwrap_or_default(),
+            resource_parameter: raw.resource_parameter.unwrap_or(resource_parameter),
+            scope_on_refresh: raw.scope_on_refresh.unwrap_or(scope_on_refresh),
+        };
+        ok.then(|| UpstreamAuth::OAuth(Box::new(config)))
     }
 }
 

@@ -97,4 +97,25 @@ pub struct RawAuth {
     pub prefix: Option<String>,
     /// With `static` on a stdio upstream: the environment variable to set. Required there.
     pub env: Option<String>,
+    /// With `oauth`: each person connects their own account (`true`, default) or one shared
+    /// connection an admin makes (`false`).
+    pub per_user: Option<bool>,
+    /// With `oauth`/`client_credentials`: scopes always asked for.
+    pub scopes: Option<Vec<String>>,
+    /// A pre-registered client id.
+    pub client_id: Option<String>,
+    /// The stored secret (name) holding the pre-registered client's secret.
+    pub client_secret: Option<String>,
+    /// `client_secret_basic`, `client_secret_post` or `none` for the pre-registered client.
+    pub token_endpoint_auth_method: Option<String>,
+    /// The authorization server metadata URL, instead of discovery.
+    pub metadata_url: Option<String>,
+    /// Extra authorization request parameters.
+    pub authorization_params: Option<std::collections::BTreeMap<String, String>>,
+    /// Send RFC 8707 `resource` (default `true`; Entra ID v2 needs `false`).
+    pub resource_parameter: Option<bool>,
+    /// Send `scope` on refresh (default `false`; Entra ID needs `true`).
+    pub scope_on_refresh: Option<bool>,
+    /// Named provider quirks: `"entra"` (no `resource`, `scope` on refresh).
+    pub provider: Option<String>,
 }

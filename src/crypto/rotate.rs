@@ -28,7 +28,12 @@ pub struct EncryptedTable {
 
 /// Every table with encrypted rows; a new one joins rotation (and `keys list`) by adding
 /// itself here.
-pub const ENCRYPTED_TABLES: &[EncryptedTable] = &[crate::store::secrets::SECRETS_TABLE];
+pub const ENCRYPTED_TABLES: &[EncryptedTable] = &[
+    crate::store::secrets::SECRETS_TABLE,
+    crate::store::vault::CLIENTS_TABLE,
+    crate::store::vault::FLOWS_TABLE,
+    crate::store::vault::CONNECTIONS_TABLE,
+];
 
 /// How many passes a rotation makes at most (writers using an old key can add work).
 const MAX_PASSES: usize = 8;

@@ -40,6 +40,7 @@ pub async fn initialize(
             .get("clientInfo")
             .cloned()
             .unwrap_or_else(|| serde_json::json!({"name": "unknown", "version": "0"})),
+        caller: principal.id.clone(),
     };
     let key = new_session_key();
     let opened = server.upstream.open(&hello, &key).await.map_err(|e| fail(e.into()))?;
@@ -56,6 +57,7 @@ pub async fn initialize(
         hello: hello_kept,
         features: crate::upstream::mux::features::from_capabilities(&hello.capabilities),
         client: Some(client_name_version(&hello.client_info)),
+        subject: principal.id.clone(),
     };
     let sealed = app.sealer().seal(&state, &binding(&server.config.name, &principal.id));
     metrics::counter!("portcullis_sessions_opened_total", "server" => server.config.name.clone()).increment(1);

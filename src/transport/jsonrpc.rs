@@ -25,6 +25,9 @@ pub mod code {
     pub const UPSTREAM_ERROR: i64 = -32001;
     /// The upstream server did not answer in time.
     pub const UPSTREAM_TIMEOUT: i64 = -32002;
+    /// The caller must open a URL first (MCP 2025-11-25 URL-mode elicitation): here, the link
+    /// that connects their account to an OAuth upstream.
+    pub const URL_ELICITATION_REQUIRED: i64 = -32042;
 }
 
 /// What kind of message this is.

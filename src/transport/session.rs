@@ -42,6 +42,10 @@ pub struct SessionState {
     /// The client's `clientInfo` name and version (for the audit log), each at most 64 chars.
     #[serde(rename = "n", default, skip_serializing_if = "Option::is_none")]
     pub client: Option<(String, String)>,
+    /// The principal who opened the session: whose upstream credentials its calls use on
+    /// servers with per-user OAuth.
+    #[serde(rename = "p", default, skip_serializing_if = "String::is_empty")]
+    pub subject: String,
 }
 
 /// Seals session ids with one key and opens them with that key or older ones (after a key

@@ -1,6 +1,6 @@
-//! Static upstream credentials: secrets stored with `portcullis secret set`, read from the
-//! store and decrypted on first use, and kept in memory for [`TTL`] so a changed secret
-//! reaches upstreams within that time without a restart.
+//! Upstream credentials. Static ones: secrets stored with `portcullis secret set`, read from
+//! the store and decrypted on first use, and kept in memory for [`TTL`] so a changed secret
+//! reaches upstreams within that time without a restart. OAuth ones come from the vault.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +13,8 @@ use super::UpstreamError;
 use crate::config::UpstreamAuth;
 use crate::keys::SharedKeyRing;
 use crate::store::Store;
+use crate::vault::challenge::BearerChallenge;
+use crate::vault::{Vault, VaultError};
 
 /// How long a decrypted secret is reused.
 pub const TTL: Duration = Duration::from_secs(30);
@@ -22,6 +24,15 @@ pub struct Credentials {
     store: Store,
     keys: SharedKeyRing,
     cache: DashMap<String, (SecretString, Instant)>,
+    vault: Option<Arc<Vault>>,
+}
+
+/// What an upstream's refusal (401/403) leads to.
+pub enum Renewed {
+    /// Send again with this header.
+    Retry(HeaderName, HeaderValue),
+    /// The caller must (re)connect: the error to return.
+    Refused(UpstreamError),
 }
 
 impl std::fmt::Debug for Credentials {
@@ -33,7 +44,17 @@ impl std::fmt::Debug for Credentials {
 impl Credentials {
     /// Credentials read from `store` with `keys`.
     pub fn new(store: Store, keys: SharedKeyRing) -> Arc<Credentials> {
-        Arc::new(Credentials { store, keys, cache: DashMap::new() })
+        Arc::new(Credentials { store, keys, cache: DashMap::new(), vault: None })
+    }
+
+    /// Credentials that also serve OAuth upstreams from `vault`.
+    pub fn with_vault(store: Store, keys: SharedKeyRing, vault: Arc<Vault>) -> Arc<Credentials> {
+        Arc::new(Credentials { store, keys, cache: DashMap::new(), vault: Some(vault) })
+    }
+
+    /// The vault, if the gateway has one.
+    pub fn vault(&self) -> Option<&Arc<Vault>> {
+        self.vault.as_ref()
     }
 
     /// The secret named `name`, for `server`'s calls.
@@ -54,11 +75,23 @@ impl Credentials {
 
     /// The header an HTTP upstream with `auth` gets, if any; marked sensitive so it is never
     /// printed.
+    /// `caller` is the principal whose connection a per-user OAuth server uses. An OAuth
+    /// server the caller has not connected yet gets no header: its 401 and challenge then
+    /// start the connection ([`Credentials::refused`]).
     pub async fn header(
         &self,
         server: &str,
         auth: &UpstreamAuth,
+        caller: &str,
     ) -> Result<Option<(HeaderName, HeaderValue)>, UpstreamError> {
+        if let UpstreamAuth::OAuth(_) = auth {
+            let vault = self.vault_for(server)?;
+            return match vault.token(server, caller).await {
+                Ok((token, _)) => Ok(Some(bearer(server, &token)?)),
+                Err(VaultError::NotConnected { .. } | VaultError::NeedsReconnect { .. }) => Ok(None),
+                Err(e) => Err(vault_error(server, e)),
+            };
+        }
         let UpstreamAuth::StaticHeader { secret, header, prefix } = auth else { return Ok(None) };
         let value = self.secret(server, secret).await?;
         let bad = || UpstreamError::Credential {
@@ -70,4 +103,93 @@ impl Credentials {
         value.set_sensitive(true);
         Ok(Some((name, value)))
     }
+
+    fn vault_for(&self, server: &str) -> Result<&Arc<Vault>, UpstreamError> {
+        self.vault.as_ref().ok_or_else(|| UpstreamError::Credential {
+            server: server.to_owned(),
+            detail: "OAuth upstreams need the vault, which this process did not start".to_owned(),
+        })
+    }
+
+    /// An OAuth upstream refused a request (`status` 401 or 403) that carried `sent` (or no
+    /// credential): refresh once and retry (R99), or say how to connect (R94 step-up on
+    /// `insufficient_scope`).
+    pub async fn refused(
+        &self,
+        server: &str,
+        caller: &str,
+        status: u16,
+        challenge: Option<&BearerChallenge>,
+        sent: Option<&HeaderValue>,
+    ) -> Result<Renewed, UpstreamError> {
+        let vault = self.vault_for(server)?;
+        let insufficient = status == 403 && challenge.and_then(|c| c.error.as_deref()) == Some("insufficient_scope");
+        if status == 401
+            && let Some(sent) = sent
+        {
+            let current = vault.token(server, caller).await;
+            let renewed = match current {
+                Ok((token, generation)) => {
+                    let (_, value) = bearer(server, &token)?;
+                    if value.as_bytes() == sent.as_bytes() {
+                        vault.rejected(server, caller, generation).await
+                    } else {
+                        Ok((token, generation))
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match renewed {
+                Ok((token, _)) => {
+                    let (name, value) = bearer(server, &token)?;
+                    return Ok(Renewed::Retry(name, value));
+                }
+                Err(VaultError::NotConnected { .. } | VaultError::NeedsReconnect { .. }) => {}
+                Err(e) => return Err(vault_error(server, e)),
+            }
+        } else if status == 403 && !insufficient {
+            return Ok(Renewed::Refused(UpstreamError::Status {
+                server: server.to_owned(),
+                status,
+                detail: ": forbidden".to_owned(),
+            }));
+        }
+        let extra = if insufficient { challenge.map(BearerChallenge::scopes).unwrap_or_default() } else { Vec::new() };
+        let subject = vault.subject_for(server, caller);
+        let reason = if insufficient {
+            format!("'{server}' needs more permissions ({}); connect again to grant them", extra.join(" "))
+        } else if sent.is_some() {
+            format!("the connection to '{server}' no longer works; connect again")
+        } else {
+            format!("'{server}' needs you to connect your account first")
+        };
+        if subject.is_empty() && !caller.is_empty() && vault.is_shared(server) {
+            // A shared connection is made by an administrator (`portcullis connect`), never
+            // through a link handed to whoever called.
+            return Ok(Renewed::Refused(UpstreamError::Authorization {
+                server: server.to_owned(),
+                reason: format!(
+                    "{reason} (a shared connection: ask an administrator to run `portcullis connect {server}`)"
+                ),
+                link: None,
+            }));
+        }
+        let link = vault.link(server, &subject, challenge, &extra).await.map_err(|e| vault_error(server, e))?;
+        Ok(Renewed::Refused(UpstreamError::Authorization { server: server.to_owned(), reason, link: Some(link.url) }))
+    }
+}
+
+fn bearer(server: &str, token: &SecretString) -> Result<(HeaderName, HeaderValue), UpstreamError> {
+    let mut value =
+        HeaderValue::from_str(&format!("Bearer {}", token.expose_secret())).map_err(|_| UpstreamError::Credential {
+            server: server.to_owned(),
+            detail: "the upstream access token cannot be sent in a header".to_owned(),
+        })?;
+    value.set_sensitive(true);
+    Ok((http::header::AUTHORIZATION, value))
+}
+
+fn vault_error(server: &str, e: VaultError) -> UpstreamError {
+    tracing::warn!(server, error = %e, "upstream OAuth failed");
+    UpstreamError::Credential { server: server.to_owned(), detail: e.to_string() }
 }

@@ -12,10 +12,12 @@ use http::{HeaderName, HeaderValue, StatusCode, header};
 use serde_json::Value;
 use url::Url;
 
+use super::credentials::Renewed;
 use super::{ClientHello, Opened, Reply, UpstreamError, initialize_request, opened_from_response};
 use crate::mcp::version;
 use crate::transport::jsonrpc::{Kind, Message, code, error_response, result_response};
 use crate::transport::session::SessionState;
+use crate::vault::challenge::BearerChallenge;
 
 /// `Mcp-Session-Id`.
 pub const SESSION_HEADER: &str = "mcp-session-id";
@@ -78,18 +80,56 @@ impl HttpUpstream {
         UpstreamError::Unreachable { server: self.name.to_string(), cause: cause.to_string() }
     }
 
-    /// The header carrying the gateway's own credential for this upstream, if it has one.
-    async fn credential(&self) -> Result<Option<(HeaderName, HeaderValue)>, UpstreamError> {
-        self.credentials.header(&self.name, &self.auth).await
+    /// The header carrying the gateway's own credential for this upstream (for `caller`'s
+    /// calls), if it has one.
+    async fn credential(&self, caller: &str) -> Result<Option<(HeaderName, HeaderValue)>, UpstreamError> {
+        self.credentials.header(&self.name, &self.auth, caller).await
+    }
+
+    /// Sends a request. For an OAuth upstream, a 401 gets one refresh and one retry (R99),
+    /// and a refusal that a new authorization could fix becomes
+    /// [`UpstreamError::Authorization`] with a connect link for `caller`.
+    async fn execute(&self, req: reqwest::RequestBuilder, caller: &str) -> Result<reqwest::Response, UpstreamError> {
+        let req = req.build().map_err(|e| self.unreachable(&e))?;
+        if !matches!(self.auth, crate::config::UpstreamAuth::OAuth(_)) {
+            return self.client.execute(req).await.map_err(|e| self.unreachable(&e));
+        }
+        let again = req.try_clone();
+        let sent = req.headers().get(header::AUTHORIZATION).cloned();
+        let resp = self.client.execute(req).await.map_err(|e| self.unreachable(&e))?;
+        if !matches!(resp.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            return Ok(resp);
+        }
+        let challenge = BearerChallenge::from_headers(resp.headers());
+        let status = resp.status().as_u16();
+        match self.credentials.refused(&self.name, caller, status, challenge.as_ref(), sent.as_ref()).await? {
+            Renewed::Refused(e) => Err(e),
+            Renewed::Retry(name, value) => {
+                let Some(mut retry) = again else { return Ok(resp) };
+                retry.headers_mut().insert(name, value);
+                let resp = self.client.execute(retry).await.map_err(|e| self.unreachable(&e))?;
+                if !matches!(resp.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+                    return Ok(resp);
+                }
+                // Refused with a fresh token too: only a new authorization can help.
+                let challenge = BearerChallenge::from_headers(resp.headers());
+                let status = resp.status().as_u16();
+                match self.credentials.refused(&self.name, caller, status, challenge.as_ref(), None).await? {
+                    Renewed::Refused(e) => Err(e),
+                    Renewed::Retry(..) => Ok(resp),
+                }
+            }
+        }
     }
 
     async fn request(
         &self,
         method: reqwest::Method,
         session: Option<&SessionState>,
+        caller: &str,
     ) -> Result<reqwest::RequestBuilder, UpstreamError> {
         let mut req = self.client.request(method, self.url.clone()).header(header::ACCEPT, ACCEPT_BOTH);
-        if let Some((name, value)) = self.credential().await? {
+        if let Some((name, value)) = self.credential(caller).await? {
             req = req.header(name, value);
         }
         if let Some(s) = session {
@@ -138,8 +178,13 @@ impl HttpUpstream {
     }
 
     /// Sends a lifecycle request of the gateway's own; any non-success status is an error.
-    async fn lifecycle(&self, req: reqwest::RequestBuilder, body: &Value) -> Result<reqwest::Response, UpstreamError> {
-        let resp = req.json(body).timeout(self.timeout).send().await.map_err(|e| self.unreachable(&e))?;
+    async fn lifecycle(
+        &self,
+        req: reqwest::RequestBuilder,
+        body: &Value,
+        caller: &str,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let resp = self.execute(req.json(body).timeout(self.timeout), caller).await?;
         if !resp.status().is_success() {
             return Err(self.status_error(resp).await);
         }
@@ -148,7 +193,9 @@ impl HttpUpstream {
 
     async fn initialize(&self, hello: &ClientHello) -> Result<Opened, UpstreamError> {
         let body = initialize_request(Value::from(0), hello);
-        let resp = self.lifecycle(self.request(reqwest::Method::POST, None).await?, &body).await?;
+        let resp = self
+            .lifecycle(self.request(reqwest::Method::POST, None, &hello.caller).await?, &body, &hello.caller)
+            .await?;
         let session = resp.headers().get(SESSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let response = self.single_response(resp, &Value::from(0)).await?;
         let opened = opened_from_response(&self.name, response, session)?;
@@ -156,18 +203,17 @@ impl HttpUpstream {
             version: 1,
             upstream_protocol: opened.upstream_protocol.clone(),
             upstream_session: opened.upstream_session.clone(),
+            subject: hello.caller.clone(),
             ..SessionState::default()
         };
         let note = Bytes::from_static(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
-        let resp = self
-            .request(reqwest::Method::POST, Some(&state))
+        let req = self
+            .request(reqwest::Method::POST, Some(&state), &hello.caller)
             .await?
             .header(header::CONTENT_TYPE, "application/json")
             .body(note)
-            .timeout(self.timeout)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(&e))?;
+            .timeout(self.timeout);
+        let resp = self.execute(req, &hello.caller).await?;
         if !resp.status().is_success() {
             return Err(self.status_error(resp).await);
         }
@@ -202,13 +248,13 @@ impl HttpUpstream {
             return self.send_stateless(session, message).await;
         }
         let req = self
-            .request(reqwest::Method::POST, Some(session))
+            .request(reqwest::Method::POST, Some(session), &session.subject)
             .await?
             .header(header::CONTENT_TYPE, "application/json")
             .body(message.raw);
         // The deadline covers the headers and a JSON body; an SSE body is timed by the relay.
         let exchange = async {
-            let resp = req.send().await.map_err(|e| self.unreachable(&e))?;
+            let resp = self.execute(req, &session.subject).await?;
             self.relay(resp, session).await
         };
         if message.kind != Kind::Request {
@@ -223,7 +269,7 @@ impl HttpUpstream {
             StatusCode::ACCEPTED => Ok(Reply::Accepted),
             s if s.is_success() => {
                 if content_type(resp.headers()).starts_with("text/event-stream") {
-                    let credential = self.credential().await?;
+                    let credential = self.credential(&session.subject).await?;
                     let resume = session.upstream_session.as_ref().map(|id| {
                         Box::new(Resume {
                             credential,
@@ -253,12 +299,14 @@ impl HttpUpstream {
             // The stateless revision has no GET stream.
             return Ok(Reply::Status(StatusCode::METHOD_NOT_ALLOWED));
         }
-        let mut req =
-            self.request(reqwest::Method::GET, Some(session)).await?.header(header::ACCEPT, "text/event-stream");
+        let mut req = self
+            .request(reqwest::Method::GET, Some(session), &session.subject)
+            .await?
+            .header(header::ACCEPT, "text/event-stream");
         if let Some(id) = last_event_id.and_then(|v| HeaderValue::from_str(v).ok()) {
             req = req.header("last-event-id", id);
         }
-        let resp = req.send().await.map_err(|e| self.unreachable(&e))?;
+        let resp = self.execute(req, &session.subject).await?;
         self.relay(resp, session).await
     }
 
@@ -267,13 +315,8 @@ impl HttpUpstream {
         if session.upstream_session.is_none() {
             return Ok(());
         }
-        let resp = self
-            .request(reqwest::Method::DELETE, Some(session))
-            .await?
-            .timeout(self.timeout)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(&e))?;
+        let req = self.request(reqwest::Method::DELETE, Some(session), &session.subject).await?.timeout(self.timeout);
+        let resp = self.execute(req, &session.subject).await?;
         match resp.status() {
             s if s.is_success() => Ok(()),
             StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => Ok(()),
@@ -283,7 +326,7 @@ impl HttpUpstream {
 
     /// Ready when the upstream answers HTTP at all (any status).
     pub async fn ready(&self) -> Result<(), UpstreamError> {
-        self.request(reqwest::Method::GET, None)
+        self.request(reqwest::Method::GET, None, "")
             .await?
             .timeout(Duration::from_secs(5))
             .send()
@@ -299,9 +342,9 @@ const METHOD_HEADER: &str = "mcp-method";
 const NAME_HEADER: &str = "mcp-name";
 
 impl HttpUpstream {
-    async fn stateless_request(&self, method: &str) -> Result<reqwest::RequestBuilder, UpstreamError> {
+    async fn stateless_request(&self, method: &str, caller: &str) -> Result<reqwest::RequestBuilder, UpstreamError> {
         Ok(self
-            .request(reqwest::Method::POST, None)
+            .request(reqwest::Method::POST, None, caller)
             .await?
             .header(header::CONTENT_TYPE, "application/json")
             .header(PROTOCOL_HEADER, version::STATELESS)
@@ -313,7 +356,9 @@ impl HttpUpstream {
         let meta = request_meta(&hello.capabilities, &hello.client_info);
         let body =
             serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "server/discover", "params": {"_meta": meta}});
-        let resp = self.lifecycle(self.stateless_request("server/discover").await?, &body).await?;
+        let resp = self
+            .lifecycle(self.stateless_request("server/discover", &hello.caller).await?, &body, &hello.caller)
+            .await?;
         let response = self.single_response(resp, &Value::from(0)).await?;
         let result = response.get("result").cloned().unwrap_or(Value::Null);
         let speaks = result
@@ -368,7 +413,7 @@ impl HttpUpstream {
                 meta.entry(k.clone()).or_insert_with(|| v.clone());
             }
         }
-        let mut req = self.stateless_request(&method).await?.timeout(self.timeout);
+        let mut req = self.stateless_request(&method, &session.subject).await?.timeout(self.timeout);
         let name_key = match method.as_str() {
             "tools/call" | "prompts/get" => Some("/params/name"),
             "resources/read" => Some("/params/uri"),
@@ -379,7 +424,7 @@ impl HttpUpstream {
         {
             req = req.header(NAME_HEADER, h);
         }
-        let resp = req.json(&value).send().await.map_err(|e| self.unreachable(&e))?;
+        let resp = self.execute(req.json(&value), &session.subject).await?;
         let reply = self.relay(resp, session).await?;
         if session.client_protocol == version::STATELESS {
             return Ok(reply);

@@ -30,6 +30,8 @@ pub struct ClientHello {
     pub capabilities: Value,
     /// The client's `clientInfo`.
     pub client_info: Value,
+    /// The principal's id (whose upstream credentials to use; empty for anonymous).
+    pub caller: String,
 }
 
 /// An upstream session after a successful `initialize`.
@@ -106,6 +108,17 @@ pub enum UpstreamError {
         server: String,
         /// What is wrong (never the value).
         detail: String,
+    },
+    /// The caller must connect (or reconnect) their account at an OAuth upstream. The link is
+    /// kept out of the message (messages reach logs); the MCP layer shows it to the caller.
+    #[error("upstream server '{server}' needs authorization: {reason}")]
+    Authorization {
+        /// Server name.
+        server: String,
+        /// What to do, for people.
+        reason: String,
+        /// The single-use connect link for this caller, if one was made.
+        link: Option<secrecy::SecretString>,
     },
     /// The upstream broke the protocol.
     #[error("upstream server '{server}' broke the protocol: {detail}")]

@@ -67,7 +67,7 @@ impl SseUpstream {
 
     /// Opens the stream, waits for the endpoint, and initializes with the client's hello.
     pub async fn open(&self, hello: &ClientHello, session_key: &str) -> Result<Opened, UpstreamError> {
-        let credential = self.credentials.header(&self.name, &self.auth).await?;
+        let credential = self.credentials.header(&self.name, &self.auth, "").await?;
         let mut get = self.client.get(self.url.clone()).header(header::ACCEPT, "text/event-stream");
         if let Some((name, value)) = &credential {
             get = get.header(name, value);

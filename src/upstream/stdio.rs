@@ -159,6 +159,7 @@ impl StdioUpstream {
             protocol: version::LATEST_STATEFUL.to_owned(),
             capabilities: serde_json::json!({ "sampling": {}, "elicitation": {}, "roots": { "listChanged": true } }),
             client_info: serde_json::json!({ "name": "portcullis", "version": env!("CARGO_PKG_VERSION") }),
+            caller: String::new(),
         };
         let response = mux.call(super::initialize_request(Value::from(0), &hello)).await?;
         let opened = super::opened_from_response(&self.name, response, None)?;

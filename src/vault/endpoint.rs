@@ -1,0 +1,393 @@
+//! The authorization server's endpoints: dynamic client registration (RFC 7591), the token
+//! endpoint (authorization code, refresh, client credentials; through the `oauth2` crate) and
+//! revocation (RFC 7009). Every request goes through [`Egress`]; no value here is logged.
+
+use bytes::Bytes;
+use oauth2::basic::{BasicClient, BasicErrorResponseType, BasicTokenResponse};
+use oauth2::{
+    AuthType, AuthorizationCode, ClientId, ClientSecret, EndpointNotSet, EndpointSet, PkceCodeVerifier, RedirectUrl,
+    RefreshToken, RequestTokenError, RevocationUrl, StandardRevocableToken, TokenResponse, TokenUrl,
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use super::VaultError;
+use crate::net::{Egress, EgressError};
+
+/// How the gateway authenticates at a token endpoint (R97).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMethod {
+    /// `client_secret_basic`.
+    ClientSecretBasic,
+    /// `client_secret_post`.
+    ClientSecretPost,
+    /// `none` (public client: CIMD, or a registration without a secret).
+    None,
+}
+
+impl AuthMethod {
+    /// The RFC 7591 name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::ClientSecretBasic => "client_secret_basic",
+            AuthMethod::ClientSecretPost => "client_secret_post",
+            AuthMethod::None => "none",
+        }
+    }
+
+    /// From the RFC 7591 name.
+    pub fn parse(text: &str) -> Option<AuthMethod> {
+        match text {
+            "client_secret_basic" => Some(AuthMethod::ClientSecretBasic),
+            "client_secret_post" => Some(AuthMethod::ClientSecretPost),
+            "none" => Some(AuthMethod::None),
+            _ => None,
+        }
+    }
+
+    /// The method to use for a client with (or without) a secret, among those the server
+    /// advertises (RFC 8414 §2: absent means `client_secret_basic`).
+    pub fn choose(has_secret: bool, supported: Option<&[String]>) -> AuthMethod {
+        let offers = |m: AuthMethod| match supported {
+            None => m == AuthMethod::ClientSecretBasic,
+            Some(list) => list.iter().any(|s| s == m.as_str()),
+        };
+        if !has_secret {
+            return AuthMethod::None;
+        }
+        [AuthMethod::ClientSecretBasic, AuthMethod::ClientSecretPost]
+            .into_iter()
+            .find(|m| offers(*m))
+            .unwrap_or(AuthMethod::ClientSecretBasic)
+    }
+}
+
+/// The gateway's identity at one authorization server.
+#[derive(Clone)]
+pub struct ClientAuth {
+    /// `client_id`.
+    pub client_id: String,
+    /// `client_secret`, if it has one.
+    pub secret: Option<SecretString>,
+    /// How it authenticates.
+    pub method: AuthMethod,
+}
+
+impl std::fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientAuth")
+            .field("client_id", &self.client_id)
+            .field("secret", &self.secret.as_ref().map(|_| "redacted"))
+            .field("method", &self.method)
+            .finish()
+    }
+}
+
+/// Tokens from a token endpoint.
+pub struct Tokens {
+    /// The access token.
+    pub access: SecretString,
+    /// A refresh token, if one was issued.
+    pub refresh: Option<SecretString>,
+    /// Lifetime in seconds, if given.
+    pub expires_in: Option<u64>,
+    /// Granted scopes, if the server said.
+    pub scopes: Option<Vec<String>>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens")
+            .field("refresh", &self.refresh.is_some())
+            .field("expires_in", &self.expires_in)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A dynamic client registration (RFC 7591 §3.1), as a web application (R85).
+pub async fn register(
+    egress: &Egress,
+    endpoint: &str,
+    redirect_uri: &str,
+    supported_methods: Option<&[String]>,
+) -> Result<ClientAuth, VaultError> {
+    let url = parse(endpoint, "registration_endpoint")?;
+    // A confidential client when the server allows it; a public one when it only takes `none`.
+    let wanted = match supported_methods {
+        Some(list) if !list.iter().any(|m| m == "client_secret_basic" || m == "client_secret_post") => AuthMethod::None,
+        other => AuthMethod::choose(true, other),
+    };
+    let body = serde_json::json!({
+        "client_name": "Portcullis",
+        "redirect_uris": [redirect_uri],
+        "grant_types": ["authorization_code", "refresh_token"],
+        "response_types": ["code"],
+        "token_endpoint_auth_method": wanted.as_str(),
+        "application_type": "web",
+    });
+    let fetched = egress.post_json(&url, json_accept(), &body).await?;
+    if !fetched.status.is_success() {
+        let err: OAuthErrorBody = serde_json::from_slice(&fetched.body).unwrap_or_default();
+        return Err(VaultError::Registration {
+            detail: format!(
+                "{} refused the registration (HTTP {}{})",
+                fetched.url,
+                fetched.status.as_u16(),
+                err.describe()
+            ),
+        });
+    }
+    #[derive(Deserialize)]
+    struct Registered {
+        client_id: String,
+        #[serde(default)]
+        client_secret: Option<String>,
+        #[serde(default)]
+        token_endpoint_auth_method: Option<String>,
+    }
+    let reg: Registered = fetched.json()?;
+    let secret = reg.client_secret.filter(|s| !s.is_empty()).map(SecretString::from);
+    let method = match reg.token_endpoint_auth_method.as_deref().and_then(AuthMethod::parse) {
+        Some(m) => m,
+        None if secret.is_some() => {
+            if wanted == AuthMethod::None {
+                AuthMethod::choose(true, supported_methods)
+            } else {
+                wanted
+            }
+        }
+        None => AuthMethod::None,
+    };
+    if method != AuthMethod::None && secret.is_none() {
+        return Err(VaultError::Registration {
+            detail: format!("{} registered a client for {} without a secret", fetched.url, method.as_str()),
+        });
+    }
+    Ok(ClientAuth { client_id: reg.client_id, secret, method })
+}
+
+/// An OAuth error body (RFC 6749 §5.2), for messages.
+#[derive(Debug, Default, Deserialize)]
+struct OAuthErrorBody {
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    error_description: Option<String>,
+}
+
+impl OAuthErrorBody {
+    fn describe(&self) -> String {
+        match (&self.error, &self.error_description) {
+            (Some(e), Some(d)) => format!(": {e}: {}", d.chars().take(200).collect::<String>()),
+            (Some(e), None) => format!(": {e}"),
+            _ => String::new(),
+        }
+    }
+}
+
+fn json_accept() -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    h.insert(http::header::ACCEPT, http::HeaderValue::from_static("application/json"));
+    h
+}
+
+fn parse(url: &str, what: &str) -> Result<Url, VaultError> {
+    Url::parse(url).map_err(|_| VaultError::Discovery { detail: format!("the {what} is not a URL") })
+}
+
+type TokenClient = BasicClient<EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
+
+fn token_client(auth: &ClientAuth, token_endpoint: &str) -> Result<TokenClient, VaultError> {
+    let token_url = TokenUrl::new(token_endpoint.to_owned())
+        .map_err(|_| VaultError::Discovery { detail: "the token_endpoint is not a URL".to_owned() })?;
+    let mut client = BasicClient::new(ClientId::new(auth.client_id.clone())).set_token_uri(token_url);
+    if let Some(secret) = auth.secret.as_ref().filter(|_| auth.method != AuthMethod::None) {
+        client = client.set_client_secret(ClientSecret::new(secret.expose_secret().to_owned()));
+    }
+    let auth_type = match auth.method {
+        AuthMethod::ClientSecretBasic => AuthType::BasicAuth,
+        AuthMethod::ClientSecretPost | AuthMethod::None => AuthType::RequestBody,
+    };
+    Ok(client.set_auth_type(auth_type))
+}
+
+/// `oauth2`'s HTTP client: the guard. A named type with a boxed `Send` future (a closure
+/// would leave the futures' `Send` proof to higher-ranked inference, which fails).
+struct Guarded<'a>(&'a Egress);
+
+impl<'c> oauth2::AsyncHttpClient<'c> for Guarded<'_> {
+    type Error = EgressError;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<oauth2::HttpResponse, EgressError>> + Send + 'c>>;
+
+    fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
+        Box::pin(send(self.0, request))
+    }
+}
+
+/// Sends `oauth2`'s requests through the guard.
+async fn send(egress: &Egress, req: oauth2::HttpRequest) -> Result<oauth2::HttpResponse, EgressError> {
+    let (parts, body) = req.into_parts();
+    let url = Url::parse(&parts.uri.to_string())
+        .map_err(|_| EgressError::Url { url: parts.uri.to_string(), reason: "not a URL" })?;
+    let fetched = egress.send(parts.method, &url, parts.headers, Some(Bytes::from(body))).await?;
+    let mut resp = http::Response::new(fetched.body.to_vec());
+    *resp.status_mut() = fetched.status;
+    *resp.headers_mut() = fetched.headers;
+    Ok(resp)
+}
+
+fn tokens(resp: BasicTokenResponse) -> Tokens {
+    Tokens {
+        access: SecretString::from(resp.access_token().secret().clone()),
+        refresh: resp.refresh_token().map(|r| SecretString::from(r.secret().clone())),
+        expires_in: resp.expires_in().map(|d| d.as_secs()),
+        scopes: resp.scopes().map(|s| s.iter().map(|s| s.to_string()).collect()),
+    }
+}
+
+fn token_error(e: RequestTokenError<EgressError, oauth2::basic::BasicErrorResponse>) -> VaultError {
+    match e {
+        RequestTokenError::ServerResponse(r) => {
+            let code = match r.error() {
+                BasicErrorResponseType::Extension(s) => s.clone(),
+                other => other.as_ref().to_owned(),
+            };
+            let detail = match r.error_description() {
+                Some(d) => format!("{code}: {}", d.chars().take(200).collect::<String>()),
+                None => code.clone(),
+            };
+            VaultError::Token { error: Some(code), detail }
+        }
+        RequestTokenError::Request(e) => VaultError::Egress(e),
+        RequestTokenError::Parse(e, _) => {
+            VaultError::Token { error: None, detail: format!("the token response is not valid: {}", e.path()) }
+        }
+        RequestTokenError::Other(s) => VaultError::Token { error: None, detail: s },
+    }
+}
+
+/// Exchanges an authorization code (with its PKCE verifier and the resource, R88).
+pub async fn exchange_code(
+    egress: &Egress,
+    auth: &ClientAuth,
+    token_endpoint: &str,
+    code: &str,
+    verifier: &str,
+    redirect_uri: &str,
+    resource: Option<&str>,
+) -> Result<Tokens, VaultError> {
+    let redirect = RedirectUrl::new(redirect_uri.to_owned())
+        .map_err(|_| VaultError::Flow { detail: "the redirect URI is not a URL".to_owned() })?;
+    let client = token_client(auth, token_endpoint)?.set_redirect_uri(redirect);
+    let http = Guarded(egress);
+    let mut req = client
+        .exchange_code(AuthorizationCode::new(code.to_owned()))
+        .set_pkce_verifier(PkceCodeVerifier::new(verifier.to_owned()));
+    if let Some(r) = resource {
+        req = req.add_extra_param("resource", r.to_owned());
+    }
+    req.request_async(&http).await.map(tokens).map_err(token_error)
+}
+
+/// Refreshes (R98): `scope` only when asked (some providers require it), `resource` unless
+/// disabled.
+pub async fn refresh(
+    egress: &Egress,
+    auth: &ClientAuth,
+    token_endpoint: &str,
+    refresh_token: &SecretString,
+    scopes: Option<&[String]>,
+    resource: Option<&str>,
+) -> Result<Tokens, VaultError> {
+    let client = token_client(auth, token_endpoint)?;
+    let http = Guarded(egress);
+    let token = RefreshToken::new(refresh_token.expose_secret().to_owned());
+    let mut req = client.exchange_refresh_token(&token);
+    if let Some(scopes) = scopes {
+        req = req.add_scopes(scopes.iter().map(|s| oauth2::Scope::new(s.clone())));
+    }
+    if let Some(r) = resource {
+        req = req.add_extra_param("resource", r.to_owned());
+    }
+    req.request_async(&http).await.map(tokens).map_err(token_error)
+}
+
+/// The client credentials grant (machine-to-machine upstreams, R104).
+pub async fn client_credentials(
+    egress: &Egress,
+    auth: &ClientAuth,
+    token_endpoint: &str,
+    scopes: &[String],
+    resource: Option<&str>,
+) -> Result<Tokens, VaultError> {
+    let client = token_client(auth, token_endpoint)?;
+    let http = Guarded(egress);
+    let mut req = client.exchange_client_credentials().add_scopes(scopes.iter().map(|s| oauth2::Scope::new(s.clone())));
+    if let Some(r) = resource {
+        req = req.add_extra_param("resource", r.to_owned());
+    }
+    req.request_async(&http).await.map(tokens).map_err(token_error)
+}
+
+/// Revokes a token at the provider (RFC 7009).
+pub async fn revoke(
+    egress: &Egress,
+    auth: &ClientAuth,
+    token_endpoint: &str,
+    revocation_endpoint: &str,
+    token: &SecretString,
+    refresh: bool,
+) -> Result<(), VaultError> {
+    let url = RevocationUrl::new(revocation_endpoint.to_owned())
+        .map_err(|_| VaultError::Discovery { detail: "the revocation_endpoint is not a URL".to_owned() })?;
+    let client = token_client(auth, token_endpoint)?.set_revocation_url(url);
+    let http = Guarded(egress);
+    let value = token.expose_secret().to_owned();
+    let token = if refresh {
+        StandardRevocableToken::RefreshToken(RefreshToken::new(value))
+    } else {
+        StandardRevocableToken::AccessToken(oauth2::AccessToken::new(value))
+    };
+    client
+        .revoke_token(token)
+        .map_err(|e| VaultError::Token { error: None, detail: e.to_string() })?
+        .request_async(&http)
+        .await
+        .map_err(|e| match e {
+            RequestTokenError::ServerResponse(r) => VaultError::Token {
+                error: Some(r.error().to_string()),
+                detail: format!("revocation refused: {}", r.error()),
+            },
+            RequestTokenError::Request(e) => VaultError::Egress(e),
+            other => VaultError::Token { error: None, detail: format!("revocation failed: {other}") },
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_auth_method_follows_what_the_server_offers() {
+        let list = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(AuthMethod::choose(true, None), AuthMethod::ClientSecretBasic);
+        assert_eq!(AuthMethod::choose(true, Some(&list(&["client_secret_post"]))), AuthMethod::ClientSecretPost);
+        assert_eq!(
+            AuthMethod::choose(true, Some(&list(&["none", "client_secret_basic"]))),
+            AuthMethod::ClientSecretBasic
+        );
+        assert_eq!(AuthMethod::choose(false, Some(&list(&["client_secret_basic"]))), AuthMethod::None);
+    }
+
+    #[test]
+    fn client_auth_debug_hides_the_secret() {
+        let a = ClientAuth {
+            client_id: "id".into(),
+            secret: Some(SecretString::from("hunter2")),
+            method: AuthMethod::ClientSecretBasic,
+        };
+        assert!(!format!("{a:?}").contains("hunter2"));
+    }
+}

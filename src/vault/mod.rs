@@ -1,0 +1,969 @@
+//! The vault: the gateway is the OAuth client of upstream servers. It discovers their
+//! authorization servers, registers itself, runs authorization code + PKCE once per person
+//! (or once for a shared connection), keeps the tokens encrypted, refreshes them (one refresh
+//! per connection at a time) and revokes them. Clients never see upstream tokens.
+//!
+//! Flow of a connection: an upstream answers 401 → [`Vault::link`] makes a single-use connect
+//! link for the caller → the person opens it → [`Vault::begin`] discovers, registers and
+//! returns the authorization URL → the provider redirects to the server's own callback →
+//! [`Vault::complete`] checks `state` and `iss`, exchanges the code and stores the tokens →
+//! [`Vault::token`] hands the access token to upstream calls, refreshing it when due.
+
+pub mod challenge;
+pub mod discovery;
+pub mod endpoint;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use dashmap::DashMap;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use url::Url;
+
+use crate::clock::Clock;
+use crate::crypto::row_aad;
+use crate::keys::SharedKeyRing;
+use crate::net::{Egress, EgressError};
+use crate::store::vault::{ClientRow, ConnectionRow, FlowRow, LinkRow};
+use crate::store::{Store, StoreError};
+use challenge::BearerChallenge;
+use discovery::{Discovered, Pins, ServerMetadata};
+use endpoint::{AuthMethod, ClientAuth, Tokens};
+
+/// How long an authorization flow (its `state`) stays valid (R89, R114: about 10 minutes).
+pub const FLOW_TTL_SECS: i64 = 600;
+/// How long a connect link stays valid.
+pub const LINK_TTL_SECS: i64 = 900;
+/// An access token this close to expiry is refreshed before use.
+pub const REFRESH_MARGIN_SECS: i64 = 30;
+
+/// `auth = { type = "oauth", … }` (and `client_credentials`) of one server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OAuthConfig {
+    /// Each person connects their own account (`true`), or one shared connection (`false`).
+    pub per_user: bool,
+    /// Machine-to-machine: the client credentials grant, no person involved.
+    pub client_credentials: bool,
+    /// Scopes always asked for.
+    pub scopes: Vec<String>,
+    /// A pre-registered client id.
+    pub client_id: Option<String>,
+    /// The name of the stored secret holding the pre-registered client's secret.
+    pub client_secret: Option<String>,
+    /// Pin the token endpoint authentication method of the pre-registered client.
+    pub token_endpoint_auth_method: Option<AuthMethodName>,
+    /// Authorization server metadata URL, instead of discovery.
+    pub metadata_url: Option<Url>,
+    /// Extra parameters for the authorization request.
+    pub authorization_params: BTreeMap<String, String>,
+    /// Send the `resource` parameter (RFC 8707). Providers that refuse it (Entra ID v2) need
+    /// `false`. Default `true`.
+    pub resource_parameter: bool,
+    /// Send `scope` when refreshing (Entra ID needs it). Default `false`.
+    pub scope_on_refresh: bool,
+}
+
+/// A token endpoint authentication method named in configuration.
+pub type AuthMethodName = AuthMethod;
+
+/// Why the vault could not do what was asked. Messages never carry a token, code, verifier or
+/// client secret.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    /// Discovery failed or found something unacceptable.
+    #[error("discovery failed: {detail}")]
+    Discovery {
+        /// What.
+        detail: String,
+    },
+    /// A guarded fetch was refused or failed.
+    #[error(transparent)]
+    Egress(#[from] EgressError),
+    /// The gateway could not register with the authorization server.
+    #[error("client registration failed: {detail}")]
+    Registration {
+        /// What.
+        detail: String,
+    },
+    /// An authorization response that cannot be accepted (unknown state, wrong issuer, …).
+    #[error("the authorization response was refused: {detail}")]
+    Flow {
+        /// What.
+        detail: String,
+    },
+    /// The authorization server (or the person) declined.
+    #[error("the authorization server answered {error}{}", .description.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
+    Denied {
+        /// The `error` code.
+        error: String,
+        /// The `error_description`, shortened.
+        description: Option<String>,
+    },
+    /// The token endpoint refused or answered badly.
+    #[error("the token endpoint refused: {detail}")]
+    Token {
+        /// The OAuth `error` code, if any (`invalid_grant`, …).
+        error: Option<String>,
+        /// What.
+        detail: String,
+    },
+    /// Nobody connected this server for this subject yet.
+    #[error("not connected to '{server}'")]
+    NotConnected {
+        /// The server.
+        server: String,
+    },
+    /// The connection no longer works and needs a new authorization.
+    #[error("the connection to '{server}' must be renewed: {reason}")]
+    NeedsReconnect {
+        /// The server.
+        server: String,
+        /// Why.
+        reason: String,
+    },
+    /// The server or its settings are unknown or incomplete.
+    #[error("{detail}")]
+    Config {
+        /// What.
+        detail: String,
+    },
+    /// The store failed.
+    #[error("the vault's store failed: {0}")]
+    Store(#[from] StoreError),
+    /// Encryption or decryption failed.
+    #[error("the vault could not decrypt or encrypt a value: {0}")]
+    Crypto(String),
+}
+
+/// One upstream server the vault serves.
+#[derive(Debug, Clone)]
+pub struct VaultServer {
+    /// Its name.
+    pub name: String,
+    /// Its MCP endpoint.
+    pub url: Url,
+    /// Its OAuth settings.
+    pub oauth: OAuthConfig,
+}
+
+/// A new connect link.
+#[derive(Clone)]
+pub struct Link {
+    /// The URL to open (`{public_url}/connect/{server}?link=…`).
+    pub url: SecretString,
+    /// When it stops working.
+    pub expires_at: i64,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").field("expires_at", &self.expires_at).finish_non_exhaustive()
+    }
+}
+
+/// What a completed authorization made.
+#[derive(Debug, Clone)]
+pub struct Connected {
+    /// The server.
+    pub server: String,
+    /// Whose connection (`''` for shared).
+    pub subject: String,
+    /// Granted scopes.
+    pub scopes: Vec<String>,
+    /// When the access token expires, if known.
+    pub expires_at: Option<i64>,
+}
+
+/// The vault. Cheap to share (`Arc`).
+pub struct Vault {
+    store: Store,
+    keys: SharedKeyRing,
+    egress: Egress,
+    clock: Clock,
+    public_url: Url,
+    cimd_url: Option<String>,
+    servers: HashMap<String, VaultServer>,
+    /// One refresh per connection at a time in this process (PostgreSQL adds a lock across
+    /// replicas).
+    locks: DashMap<(String, String), Arc<tokio::sync::Mutex<()>>>,
+    /// Decrypted access tokens: (token, expires_at, generation).
+    cache: DashMap<(String, String), (SecretString, Option<i64>, i64)>,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault").field("servers", &self.servers.keys().collect::<Vec<_>>()).finish_non_exhaustive()
+    }
+}
+
+/// Non-secret details of a flow in progress.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct FlowDetails {
+    redirect_uri: String,
+    scopes: Vec<String>,
+    resource: Option<String>,
+    client_id: String,
+    client_kind: ClientKind,
+    auth_method: AuthMethod,
+    metadata: ServerMetadata,
+}
+
+/// Non-secret details of a connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ConnectionDetails {
+    token_endpoint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    revocation_endpoint: Option<String>,
+    redirect_uri: String,
+    resource: Option<String>,
+    client_kind: ClientKind,
+    auth_method: AuthMethod,
+}
+
+/// Where a client identity came from (R83).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ClientKind {
+    /// Configured by the operator.
+    Preregistered,
+    /// The gateway's Client ID Metadata Document.
+    Metadata,
+    /// Registered dynamically (RFC 7591).
+    Dynamic,
+}
+
+/// What a link asks for.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct LinkDetails {
+    #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(default)]
+    resource_metadata: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SealedTokens {
+    a: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    r: Option<String>,
+}
+
+fn random_b64(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    // The OS random source failing leaves zeros; `getrandom` only fails on broken systems,
+    // where the key ring could not have been made either.
+    let _ = getrandom::fill(&mut buf);
+    URL_SAFE_NO_PAD.encode(buf)
+}
+
+fn sha256_hex(text: &str) -> String {
+    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn union(a: &[String], b: &[String]) -> Vec<String> {
+    let mut out = a.to_vec();
+    for s in b {
+        if !out.contains(s) {
+            out.push(s.clone());
+        }
+    }
+    out
+}
+
+impl Vault {
+    /// A vault for `servers`, with redirect URIs under `public_url` and, when set, the
+    /// gateway's Client ID Metadata Document URL (`cimd_url`, https).
+    pub fn new(
+        store: Store,
+        keys: SharedKeyRing,
+        egress: Egress,
+        clock: Clock,
+        public_url: Url,
+        cimd_url: Option<String>,
+        servers: Vec<VaultServer>,
+    ) -> Arc<Vault> {
+        Arc::new(Vault {
+            store,
+            keys,
+            egress,
+            clock,
+            public_url,
+            cimd_url,
+            servers: servers.into_iter().map(|s| (s.name.clone(), s)).collect(),
+            locks: DashMap::new(),
+            cache: DashMap::new(),
+        })
+    }
+
+    fn now(&self) -> i64 {
+        i64::try_from(self.clock.unix_secs()).unwrap_or(i64::MAX)
+    }
+
+    fn server(&self, name: &str) -> Result<&VaultServer, VaultError> {
+        self.servers
+            .get(name)
+            .ok_or_else(|| VaultError::Config { detail: format!("server '{name}' does not use OAuth") })
+    }
+
+    /// The subject a connection is stored under: the caller for per-user servers, `''` for a
+    /// shared connection.
+    pub fn subject_for(&self, server: &str, caller: &str) -> String {
+        match self.servers.get(server) {
+            Some(s) if s.oauth.per_user => caller.to_owned(),
+            _ => String::new(),
+        }
+    }
+
+    /// Whether `server` uses one shared connection.
+    pub fn is_shared(&self, server: &str) -> bool {
+        self.servers.get(server).is_some_and(|s| !s.oauth.per_user)
+    }
+
+    /// The callback of `server` (distinct per server, R91).
+    pub fn redirect_uri(&self, server: &str) -> String {
+        format!("{}/oauth/callback/{server}", self.public_url.as_str().trim_end_matches('/'))
+    }
+
+    /// Every redirect URI (for the Client ID Metadata Document).
+    pub fn redirect_uris(&self) -> Vec<String> {
+        let mut names: Vec<_> = self.servers.keys().collect();
+        names.sort();
+        names.into_iter().map(|n| self.redirect_uri(n)).collect()
+    }
+
+    /// The gateway's Client ID Metadata Document (R84), if it has an https URL for one.
+    pub fn client_metadata_document(&self) -> Option<serde_json::Value> {
+        let id = self.cimd_url.as_ref()?;
+        Some(serde_json::json!({
+            "client_id": id,
+            "client_name": "Portcullis",
+            "redirect_uris": self.redirect_uris(),
+            "grant_types": ["authorization_code", "refresh_token"],
+            "response_types": ["code"],
+            "token_endpoint_auth_method": "none",
+            "application_type": "web",
+        }))
+    }
+
+    fn seal(&self, table: &str, id: &str, value: &[u8]) -> Result<crate::crypto::Sealed, VaultError> {
+        self.keys.encrypt(&row_aad(table, id), value).map_err(|e| VaultError::Crypto(e.to_string()))
+    }
+
+    fn open(&self, table: &str, id: &str, sealed: &crate::crypto::Sealed) -> Result<Vec<u8>, VaultError> {
+        self.keys
+            .decrypt(&row_aad(table, id), sealed)
+            .map(|s| s.expose_secret().to_vec())
+            .map_err(|e| VaultError::Crypto(e.to_string()))
+    }
+
+    /// A single-use connect link for `subject` at `server`, remembering what the upstream's
+    /// challenge asked for (`extra_scopes` adds step-up scopes, R94).
+    pub async fn link(
+        &self,
+        server: &str,
+        subject: &str,
+        challenge: Option<&BearerChallenge>,
+        extra_scopes: &[String],
+    ) -> Result<Link, VaultError> {
+        self.server(server)?;
+        let secret = random_b64(32);
+        let now = self.now();
+        let details = LinkDetails {
+            scopes: union(&challenge.map(BearerChallenge::scopes).unwrap_or_default(), extra_scopes),
+            resource_metadata: challenge.and_then(|c| c.resource_metadata.clone()),
+        };
+        let row = LinkRow {
+            id: sha256_hex(&secret),
+            server: server.to_owned(),
+            subject: subject.to_owned(),
+            details: serde_json::to_string(&details).unwrap_or_default(),
+            created_at: now,
+            expires_at: now + LINK_TTL_SECS,
+        };
+        self.store.vault_link_put(&row).await?;
+        let url = format!("{}/connect/{server}?link={secret}", self.public_url.as_str().trim_end_matches('/'));
+        Ok(Link { url: SecretString::from(url), expires_at: row.expires_at })
+    }
+
+    /// Uses a connect link for `server` (once) and starts the authorization: the URL to send
+    /// the person's browser to.
+    pub async fn begin_from_link(&self, server: &str, link_secret: &str) -> Result<Url, VaultError> {
+        let row = self
+            .store
+            .vault_link_use(&sha256_hex(link_secret), self.now())
+            .await?
+            .filter(|r| r.server == server)
+            .ok_or_else(|| VaultError::Flow {
+                detail: "this connect link is unknown, expired or already used; ask for a new one".to_owned(),
+            })?;
+        let details: LinkDetails = serde_json::from_str(&row.details).unwrap_or_default();
+        let challenge = BearerChallenge {
+            error: None,
+            scope: (!details.scopes.is_empty()).then(|| details.scopes.join(" ")),
+            resource_metadata: details.resource_metadata,
+        };
+        self.begin(server, &row.subject, Some(&challenge)).await
+    }
+
+    /// Discovers, registers and records a flow for `subject` at `server`; returns the
+    /// authorization URL (validated against the egress policy, R102).
+    pub async fn begin(
+        &self,
+        server: &str,
+        subject: &str,
+        challenge: Option<&BearerChallenge>,
+    ) -> Result<Url, VaultError> {
+        let vs = self.server(server)?.clone();
+        let pins = Pins { metadata_url: vs.oauth.metadata_url.clone() };
+        let found = discovery::discover(&self.egress, &vs.url, challenge, &pins).await?;
+        let redirect_uri = self.redirect_uri(server);
+        let (client, kind) = self.client_for(&vs, &found, &redirect_uri).await?;
+        let previous = self.store.vault_connection(server, subject).await?.map(|c| challenge::split_scopes(&c.scopes));
+        let scopes = self.scopes_for(&vs, &found, challenge, previous.as_deref());
+        let pkce_verifier = random_b64(32);
+        let pkce_challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(pkce_verifier.as_bytes()));
+        let state = random_b64(32);
+        let resource = vs.oauth.resource_parameter.then(|| found.resource.clone());
+        let mut url = Url::parse(&found.server.authorization_endpoint)
+            .map_err(|_| VaultError::Discovery { detail: "the authorization_endpoint is not a URL".to_owned() })?;
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("response_type", "code")
+                .append_pair("client_id", &client.client_id)
+                .append_pair("redirect_uri", &redirect_uri)
+                .append_pair("state", &state)
+                .append_pair("code_challenge", &pkce_challenge)
+                .append_pair("code_challenge_method", "S256");
+            if !scopes.is_empty() {
+                q.append_pair("scope", &scopes.join(" "));
+            }
+            if let Some(r) = &resource {
+                q.append_pair("resource", r);
+            }
+            for (k, v) in &vs.oauth.authorization_params {
+                q.append_pair(k, v);
+            }
+        }
+        self.egress.policy().check_url(&url)?;
+        let now = self.now();
+        let id = sha256_hex(&state);
+        let details = FlowDetails {
+            redirect_uri,
+            scopes,
+            resource,
+            client_id: client.client_id.clone(),
+            client_kind: kind,
+            auth_method: client.method,
+            metadata: found.server,
+        };
+        let sealed = self.seal(crate::store::vault::FLOWS_TABLE.table, &id, pkce_verifier.as_bytes())?;
+        self.store
+            .vault_flow_put(&FlowRow {
+                id,
+                server: server.to_owned(),
+                subject: subject.to_owned(),
+                details: serde_json::to_string(&details).unwrap_or_default(),
+                sealed,
+                created_at: now,
+                expires_at: now + FLOW_TTL_SECS,
+            })
+            .await?;
+        tracing::info!(server, issuer = %details.metadata.issuer, client = ?kind, "upstream authorization started");
+        Ok(url)
+    }
+
+    /// Scope selection (R92–R94): configured scopes, then the challenge's, else everything
+    /// the resource metadata lists; previous scopes kept on step-up; `offline_access` when
+    /// the authorization server lists it.
+    fn scopes_for(
+        &self,
+        vs: &VaultServer,
+        found: &Discovered,
+        challenge: Option<&BearerChallenge>,
+        previous: Option<&[String]>,
+    ) -> Vec<String> {
+        let asked = challenge.map(BearerChallenge::scopes).unwrap_or_default();
+        let mut scopes = if !asked.is_empty() {
+            union(&vs.oauth.scopes, &asked)
+        } else if !vs.oauth.scopes.is_empty() {
+            vs.oauth.scopes.clone()
+        } else {
+            found.resource_scopes.clone().unwrap_or_default()
+        };
+        if let Some(prev) = previous.filter(|_| !asked.is_empty()) {
+            scopes = union(prev, &scopes);
+        }
+        let offline = found.server.scopes_supported.as_ref().is_some_and(|s| s.iter().any(|s| s == "offline_access"));
+        if offline && !scopes.iter().any(|s| s == "offline_access") {
+            scopes.push("offline_access".to_owned());
+        }
+        scopes
+    }
+
+    /// The client identity at the discovered server, in the order of R83: pre-registered, the
+    /// gateway's metadata document, dynamic registration (kept per issuer, R86).
+    async fn client_for(
+        &self,
+        vs: &VaultServer,
+        found: &Discovered,
+        redirect_uri: &str,
+    ) -> Result<(ClientAuth, ClientKind), VaultError> {
+        let supported = found.server.token_endpoint_auth_methods_supported.as_deref();
+        if let Some(id) = &vs.oauth.client_id {
+            let secret = self.preregistered_secret(vs).await?;
+            let method =
+                vs.oauth.token_endpoint_auth_method.unwrap_or_else(|| AuthMethod::choose(secret.is_some(), supported));
+            return Ok((ClientAuth { client_id: id.clone(), secret, method }, ClientKind::Preregistered));
+        }
+        if found.server.client_id_metadata_document_supported
+            && let Some(id) = &self.cimd_url
+        {
+            return Ok((
+                ClientAuth { client_id: id.clone(), secret: None, method: AuthMethod::None },
+                ClientKind::Metadata,
+            ));
+        }
+        let issuer = &found.server.issuer;
+        if let Some(row) = self.store.vault_client(&vs.name, issuer, redirect_uri).await? {
+            return Ok((self.client_of(&row)?, ClientKind::Dynamic));
+        }
+        let Some(endpoint) = &found.server.registration_endpoint else {
+            return Err(VaultError::Registration {
+                detail: format!(
+                    "{issuer} offers no dynamic registration and no client metadata documents; register a client there \
+                     and set client_id (and client_secret) in this server's auth"
+                ),
+            });
+        };
+        let client = endpoint::register(&self.egress, endpoint, redirect_uri, supported).await?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let secret = client.secret.as_ref().map(|s| s.expose_secret().to_owned()).unwrap_or_default();
+        let sealed = self.seal(crate::store::vault::CLIENTS_TABLE.table, &id, secret.as_bytes())?;
+        self.store
+            .vault_client_put(&ClientRow {
+                id,
+                server: vs.name.clone(),
+                issuer: issuer.clone(),
+                client_id: client.client_id.clone(),
+                auth_method: client.method.as_str().to_owned(),
+                redirect_uri: redirect_uri.to_owned(),
+                sealed,
+                created_at: self.now(),
+            })
+            .await?;
+        tracing::info!(server = %vs.name, %issuer, "registered with the upstream's authorization server");
+        Ok((client, ClientKind::Dynamic))
+    }
+
+    fn client_of(&self, row: &ClientRow) -> Result<ClientAuth, VaultError> {
+        let secret = self.open(crate::store::vault::CLIENTS_TABLE.table, &row.id, &row.sealed)?;
+        let secret = String::from_utf8(secret).map_err(|_| VaultError::Crypto("client secret".to_owned()))?;
+        Ok(ClientAuth {
+            client_id: row.client_id.clone(),
+            secret: (!secret.is_empty()).then(|| SecretString::from(secret)),
+            method: AuthMethod::parse(&row.auth_method).unwrap_or(AuthMethod::None),
+        })
+    }
+
+    async fn preregistered_secret(&self, vs: &VaultServer) -> Result<Option<SecretString>, VaultError> {
+        let Some(name) = &vs.oauth.client_secret else { return Ok(None) };
+        let value = self.store.secret_get_shared(name, &self.keys).await.map_err(|e| VaultError::Config {
+            detail: format!("the client secret '{name}' of server '{}' could not be read: {e}", vs.name),
+        })?;
+        value.map(Some).ok_or_else(|| VaultError::Config {
+            detail: format!(
+                "the client secret '{name}' of server '{}' is not set (portcullis secret set {name})",
+                vs.name
+            ),
+        })
+    }
+
+    /// The client a connection's tokens belong to, for refresh and revocation.
+    async fn client_of_connection(
+        &self,
+        conn: &ConnectionRow,
+        d: &ConnectionDetails,
+    ) -> Result<ClientAuth, VaultError> {
+        match d.client_kind {
+            ClientKind::Preregistered => {
+                let vs = self.server(&conn.server)?;
+                Ok(ClientAuth {
+                    client_id: conn.client_id.clone(),
+                    secret: self.preregistered_secret(vs).await?,
+                    method: d.auth_method,
+                })
+            }
+            ClientKind::Metadata => {
+                Ok(ClientAuth { client_id: conn.client_id.clone(), secret: None, method: AuthMethod::None })
+            }
+            ClientKind::Dynamic => {
+                let row =
+                    self.store.vault_client(&conn.server, &conn.issuer, &d.redirect_uri).await?.ok_or_else(|| {
+                        VaultError::NeedsReconnect {
+                            server: conn.server.clone(),
+                            reason: "the gateway's registration with the authorization server is gone".to_owned(),
+                        }
+                    })?;
+                self.client_of(&row)
+            }
+        }
+    }
+
+    /// Completes an authorization at `server`'s callback with the response's query
+    /// parameters: `state` (single-use, R89), `iss` (RFC 9207, R90), then `error` or `code`.
+    pub async fn complete(&self, server: &str, params: &HashMap<String, String>) -> Result<Connected, VaultError> {
+        let state = params.get("state").ok_or_else(|| VaultError::Flow { detail: "no state".to_owned() })?;
+        let flow =
+            self.store.vault_flow_take(&sha256_hex(state)).await?.filter(|f| f.expires_at >= self.now()).ok_or_else(
+                || VaultError::Flow {
+                    detail: "unknown or expired state; start again from the connect link".to_owned(),
+                },
+            )?;
+        if flow.server != server {
+            return Err(VaultError::Flow { detail: "this response belongs to another server's callback".to_owned() });
+        }
+        let d: FlowDetails = serde_json::from_str(&flow.details)
+            .map_err(|_| VaultError::Flow { detail: "the stored flow is unreadable".to_owned() })?;
+        match params.get("iss") {
+            Some(iss) if *iss != d.metadata.issuer => {
+                return Err(VaultError::Flow {
+                    detail: format!("the response names issuer {iss:?}, expected {:?}", d.metadata.issuer),
+                });
+            }
+            None if d.metadata.authorization_response_iss_parameter_supported => {
+                return Err(VaultError::Flow {
+                    detail: "the response lacks the iss parameter its server promised".into(),
+                });
+            }
+            _ => {}
+        }
+        if let Some(error) = params.get("error") {
+            return Err(VaultError::Denied {
+                error: error.chars().take(64).collect(),
+                description: params.get("error_description").map(|d| d.chars().take(200).collect()),
+            });
+        }
+        let code = params.get("code").ok_or_else(|| VaultError::Flow { detail: "no code".to_owned() })?;
+        let verifier = self.open(crate::store::vault::FLOWS_TABLE.table, &flow.id, &flow.sealed)?;
+        let verifier = String::from_utf8(verifier).map_err(|_| VaultError::Crypto("verifier".to_owned()))?;
+        let vs = self.server(server)?.clone();
+        let client = match d.client_kind {
+            ClientKind::Preregistered => ClientAuth {
+                client_id: d.client_id.clone(),
+                secret: self.preregistered_secret(&vs).await?,
+                method: d.auth_method,
+            },
+            ClientKind::Metadata => {
+                ClientAuth { client_id: d.client_id.clone(), secret: None, method: AuthMethod::None }
+            }
+            ClientKind::Dynamic => {
+                let row =
+                    self.store.vault_client(server, &d.metadata.issuer, &d.redirect_uri).await?.ok_or_else(|| {
+                        VaultError::Flow { detail: "the registration used for this flow is gone".to_owned() }
+                    })?;
+                self.client_of(&row)?
+            }
+        };
+        let tokens = endpoint::exchange_code(
+            &self.egress,
+            &client,
+            &d.metadata.token_endpoint,
+            code,
+            &verifier,
+            &d.redirect_uri,
+            d.resource.as_deref(),
+        )
+        .await?;
+        let details = ConnectionDetails {
+            token_endpoint: d.metadata.token_endpoint.clone(),
+            revocation_endpoint: d.metadata.revocation_endpoint.clone(),
+            redirect_uri: d.redirect_uri.clone(),
+            resource: d.resource.clone(),
+            client_kind: d.client_kind,
+            auth_method: client.method,
+        };
+        let connected = self
+            .store_tokens(server, &flow.subject, &d.metadata.issuer, &client.client_id, &d.scopes, &details, tokens)
+            .await?;
+        tracing::info!(server, issuer = %d.metadata.issuer, "upstream connection made");
+        Ok(connected)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn store_tokens(
+        &self,
+        server: &str,
+        subject: &str,
+        issuer: &str,
+        client_id: &str,
+        asked: &[String],
+        details: &ConnectionDetails,
+        tokens: Tokens,
+    ) -> Result<Connected, VaultError> {
+        let now = self.now();
+        let id = uuid::Uuid::now_v7().to_string();
+        let scopes = tokens.scopes.clone().unwrap_or_else(|| asked.to_vec());
+        let expires_at = tokens.expires_in.map(|s| now.saturating_add(i64::try_from(s).unwrap_or(i64::MAX)));
+        let sealed = self.seal_tokens(&id, &tokens.access, tokens.refresh.as_ref())?;
+        self.store
+            .vault_connection_put(&ConnectionRow {
+                id,
+                server: server.to_owned(),
+                subject: subject.to_owned(),
+                issuer: issuer.to_owned(),
+                client_id: client_id.to_owned(),
+                scopes: scopes.join(" "),
+                details: serde_json::to_string(details).unwrap_or_default(),
+                sealed,
+                expires_at,
+                status: "active".to_owned(),
+                generation: 0,
+                created_at: now,
+                refreshed_at: None,
+                last_error: None,
+            })
+            .await?;
+        self.cache.remove(&(server.to_owned(), subject.to_owned()));
+        Ok(Connected { server: server.to_owned(), subject: subject.to_owned(), scopes, expires_at })
+    }
+
+    fn seal_tokens(
+        &self,
+        id: &str,
+        access: &SecretString,
+        refresh: Option<&SecretString>,
+    ) -> Result<crate::crypto::Sealed, VaultError> {
+        let plain = serde_json::to_vec(&SealedTokens {
+            a: access.expose_secret().to_owned(),
+            r: refresh.map(|r| r.expose_secret().to_owned()),
+        })
+        .map_err(|e| VaultError::Crypto(e.to_string()))?;
+        self.seal(crate::store::vault::CONNECTIONS_TABLE.table, id, &plain)
+    }
+
+    fn open_tokens(&self, row: &ConnectionRow) -> Result<(SecretString, Option<SecretString>), VaultError> {
+        let plain = self.open(crate::store::vault::CONNECTIONS_TABLE.table, &row.id, &row.sealed)?;
+        let t: SealedTokens = serde_json::from_slice(&plain).map_err(|_| VaultError::Crypto("tokens".to_owned()))?;
+        Ok((SecretString::from(t.a), t.r.map(SecretString::from)))
+    }
+
+    /// The access token for `caller`'s calls to `server`, refreshed first when it is about to
+    /// expire. Returns it with the connection's generation (for [`Vault::rejected`]).
+    pub async fn token(&self, server: &str, caller: &str) -> Result<(SecretString, i64), VaultError> {
+        let subject = self.subject_for(server, caller);
+        let key = (server.to_owned(), subject.clone());
+        let now = self.now();
+        if let Some(hit) = self.cache.get(&key)
+            && hit.1.is_none_or(|e| e - REFRESH_MARGIN_SECS > now)
+        {
+            return Ok((hit.0.clone(), hit.2));
+        }
+        let vs = self.server(server)?;
+        let Some(row) = self.store.vault_connection(server, &subject).await? else {
+            if vs.oauth.client_credentials {
+                return self.machine_token(server).await;
+            }
+            return Err(VaultError::NotConnected { server: server.to_owned() });
+        };
+        if row.status == "reconnect" {
+            return Err(VaultError::NeedsReconnect {
+                server: server.to_owned(),
+                reason: row.last_error.unwrap_or_else(|| "the authorization server no longer accepts it".to_owned()),
+            });
+        }
+        if row.expires_at.is_some_and(|e| e - REFRESH_MARGIN_SECS <= now) {
+            return self.refresh(server, &subject, row.generation).await;
+        }
+        let (access, _) = self.open_tokens(&row)?;
+        self.cache.insert(key, (access.clone(), row.expires_at, row.generation));
+        Ok((access, row.generation))
+    }
+
+    /// An upstream refused the token of `generation` (401): refresh once, unless another call
+    /// already did (R99). The caller retries once with the new token.
+    pub async fn rejected(
+        &self,
+        server: &str,
+        caller: &str,
+        generation: i64,
+    ) -> Result<(SecretString, i64), VaultError> {
+        let subject = self.subject_for(server, caller);
+        self.cache.remove(&(server.to_owned(), subject.clone()));
+        self.refresh(server, &subject, generation).await
+    }
+
+    /// Refreshes the connection of `subject` at `server` unless its generation moved past
+    /// `seen` (then the newer token is returned). One refresh at a time per connection.
+    async fn refresh(&self, server: &str, subject: &str, seen: i64) -> Result<(SecretString, i64), VaultError> {
+        let key = (server.to_owned(), subject.to_owned());
+        let lock = self.locks.entry(key.clone()).or_default().clone();
+        let _held = lock.lock().await;
+        let _replicas = self.store.vault_refresh_lock(server, subject).await?;
+        let row = self
+            .store
+            .vault_connection(server, subject)
+            .await?
+            .ok_or_else(|| VaultError::NotConnected { server: server.to_owned() })?;
+        let now = self.now();
+        let fresh = row.expires_at.is_none_or(|e| e - REFRESH_MARGIN_SECS > now);
+        if row.generation != seen && row.status == "active" && fresh {
+            let (access, _) = self.open_tokens(&row)?;
+            self.cache.insert(key, (access.clone(), row.expires_at, row.generation));
+            return Ok((access, row.generation));
+        }
+        if row.status == "reconnect" {
+            return Err(VaultError::NeedsReconnect {
+                server: server.to_owned(),
+                reason: row.last_error.unwrap_or_else(|| "the authorization server no longer accepts it".to_owned()),
+            });
+        }
+        let (_, refresh_token) = self.open_tokens(&row)?;
+        let d: ConnectionDetails =
+            serde_json::from_str(&row.details).map_err(|_| VaultError::Crypto("connection details".to_owned()))?;
+        let vs = self.server(server)?.clone();
+        let Some(refresh_token) = refresh_token else {
+            if vs.oauth.client_credentials {
+                drop(_replicas);
+                return self.machine_token(server).await;
+            }
+            let reason = "the access token expired and the authorization server gave no refresh token";
+            self.store.vault_connection_failed(&row.id, true, reason).await?;
+            return Err(VaultError::NeedsReconnect { server: server.to_owned(), reason: reason.to_owned() });
+        };
+        let client = self.client_of_connection(&row, &d).await?;
+        let scopes = challenge::split_scopes(&row.scopes);
+        let result = endpoint::refresh(
+            &self.egress,
+            &client,
+            &d.token_endpoint,
+            &refresh_token,
+            vs.oauth.scope_on_refresh.then_some(scopes.as_slice()),
+            d.resource.as_deref(),
+        )
+        .await;
+        let tokens = match result {
+            Ok(t) => t,
+            Err(VaultError::Token { error: Some(code), detail })
+                if code == "invalid_grant" || code == "invalid_client" =>
+            {
+                // The grant is gone (revoked, expired, or the server forgot us): ask the person
+                // to reconnect instead of retrying in a loop.
+                let reason = format!("the authorization server refused the refresh ({detail})");
+                self.store.vault_connection_failed(&row.id, true, &reason).await?;
+                if code == "invalid_client" && d.client_kind == ClientKind::Dynamic {
+                    self.store.vault_client_delete(server, &row.issuer).await?;
+                }
+                metrics::counter!("portcullis_vault_refresh_total", "server" => server.to_owned(), "outcome" => "reconnect")
+                    .increment(1);
+                return Err(VaultError::NeedsReconnect { server: server.to_owned(), reason });
+            }
+            Err(e) => {
+                self.store.vault_connection_failed(&row.id, false, &e.to_string()).await?;
+                metrics::counter!("portcullis_vault_refresh_total", "server" => server.to_owned(), "outcome" => "error")
+                    .increment(1);
+                return Err(e);
+            }
+        };
+        // The rotated refresh token replaces the old one in the same statement as the new
+        // access token, before either is used (R98).
+        let refresh_next = tokens.refresh.clone().or(Some(refresh_token));
+        let sealed = self.seal_tokens(&row.id, &tokens.access, refresh_next.as_ref())?;
+        let expires_at = tokens.expires_in.map(|s| now.saturating_add(i64::try_from(s).unwrap_or(i64::MAX)));
+        let new_scopes = tokens.scopes.as_ref().map(|s| s.join(" ")).unwrap_or_else(|| row.scopes.clone());
+        let stored = self
+            .store
+            .vault_connection_refreshed(&row.id, row.generation, &sealed, expires_at, &new_scopes, now)
+            .await?;
+        if !stored {
+            return Err(VaultError::NeedsReconnect {
+                server: server.to_owned(),
+                reason: "the connection changed during the refresh".to_owned(),
+            });
+        }
+        metrics::counter!("portcullis_vault_refresh_total", "server" => server.to_owned(), "outcome" => "ok")
+            .increment(1);
+        tracing::info!(server, "upstream token refreshed");
+        let generation = row.generation + 1;
+        self.cache.insert(key, (tokens.access.clone(), expires_at, generation));
+        Ok((tokens.access, generation))
+    }
+
+    /// The client credentials grant for a machine-to-machine server (stored as the shared
+    /// connection).
+    async fn machine_token(&self, server: &str) -> Result<(SecretString, i64), VaultError> {
+        let vs = self.server(server)?.clone();
+        let pins = Pins { metadata_url: vs.oauth.metadata_url.clone() };
+        let found = discovery::discover(&self.egress, &vs.url, None, &pins).await?;
+        let (client, kind) = self.client_for(&vs, &found, &self.redirect_uri(server)).await?;
+        let resource = vs.oauth.resource_parameter.then(|| found.resource.clone());
+        let tokens = endpoint::client_credentials(
+            &self.egress,
+            &client,
+            &found.server.token_endpoint,
+            &vs.oauth.scopes,
+            resource.as_deref(),
+        )
+        .await?;
+        let access = tokens.access.clone();
+        let details = ConnectionDetails {
+            token_endpoint: found.server.token_endpoint.clone(),
+            revocation_endpoint: found.server.revocation_endpoint.clone(),
+            redirect_uri: self.redirect_uri(server),
+            resource,
+            client_kind: kind,
+            auth_method: client.method,
+        };
+        self.store_tokens(server, "", &found.server.issuer, &client.client_id, &vs.oauth.scopes, &details, tokens)
+            .await?;
+        let row = self.store.vault_connection(server, "").await?;
+        Ok((access, row.map(|r| r.generation).unwrap_or(0)))
+    }
+
+    /// Revokes `subject`'s connection to `server` at the provider (RFC 7009, when it has a
+    /// revocation endpoint) and deletes it. Returns what happened at the provider.
+    pub async fn revoke(&self, server: &str, subject: &str) -> Result<Option<String>, VaultError> {
+        let Some(row) = self.store.vault_connection(server, subject).await? else { return Ok(None) };
+        let outcome = self.revoke_at_provider(&row).await;
+        self.store.vault_connection_delete(&row.id).await?;
+        self.cache.remove(&(server.to_owned(), subject.to_owned()));
+        Ok(Some(outcome))
+    }
+
+    async fn revoke_at_provider(&self, row: &ConnectionRow) -> String {
+        let Ok(d) = serde_json::from_str::<ConnectionDetails>(&row.details) else {
+            return "details unreadable; deleted locally only".to_owned();
+        };
+        let Some(endpoint) = &d.revocation_endpoint else {
+            return "the provider has no revocation endpoint; deleted locally".to_owned();
+        };
+        let (access, refresh) = match self.open_tokens(row) {
+            Ok(t) => t,
+            Err(e) => return format!("{e}; deleted locally only"),
+        };
+        let client = match self.client_of_connection(row, &d).await {
+            Ok(c) => c,
+            Err(e) => return format!("{e}; deleted locally only"),
+        };
+        // Revoking the refresh token ends the grant (RFC 7009 §2.1); the access token too,
+        // for servers that keep them apart.
+        let mut done = Vec::new();
+        for (token, is_refresh) in [(refresh.as_ref(), true), (Some(&access), false)] {
+            let Some(token) = token else { continue };
+            let what = if is_refresh { "refresh token" } else { "access token" };
+            match endpoint::revoke(&self.egress, &client, &d.token_endpoint, endpoint, token, is_refresh).await {
+                Ok(()) => done.push(format!("{what} revoked")),
+                Err(e) => done.push(format!("{what} not revoked: {e}")),
+            }
+        }
+        done.join(", ")
+    }
+
+    /// Connections, all or one subject's (never tokens).
+    pub async fn connections(&self, subject: Option<&str>) -> Result<Vec<ConnectionRow>, VaultError> {
+        Ok(self.store.vault_connections(subject).await?)
+    }
+}
