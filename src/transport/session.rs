@@ -167,6 +167,7 @@ mod tests {
             hello: None,
             features: 0,
             client: None,
+            subject: "u1".into(),
         }
     }
 

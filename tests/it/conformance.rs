@@ -35,3 +35,52 @@ async fn every_server_scenario_passes_through_the_gateway_to_a_stdio_upstream() 
     run_suite(&gw.url("fxs")).await;
     gw.stop().await;
 }
+
+/// The example that drives the gateway's upstream OAuth client (`examples/oauth_conformance_client.rs`),
+/// built next to the test binaries by `cargo test`/`cargo nextest`.
+fn oauth_driver() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let driver = dir.join("examples/oauth_conformance_client");
+    assert!(driver.exists(), "{} is missing: build it with `cargo build --examples`", driver.display());
+    driver
+}
+
+async fn run_client_suite(suite: &str, scenarios: usize) {
+    let node = node_dir();
+    let out = Command::new(node.join("node_modules/.bin/node"))
+        .arg(node.join("node_modules/@modelcontextprotocol/conformance/dist/index.js"))
+        .args(["client", "--suite", suite, "--command"])
+        .arg(oauth_driver())
+        .current_dir(tempfile::tempdir().expect("tempdir").path())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("the conformance CLI runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let passed = stdout.lines().filter(|l| l.starts_with('✓')).count();
+    assert!(
+        out.status.success() && passed == scenarios && stdout.contains(" 0 failed, 0 warnings"),
+        "conformance client suite {suite}: {passed}/{scenarios} scenarios passed\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// R76–R97, R103: discovery (four metadata layouts), CIMD, scope selection and step-up, the
+/// retry limit, the three token endpoint authentication methods and pre-registration.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_upstream_oauth_client_passes_the_auth_suite() {
+    run_client_suite("auth", 14).await;
+}
+
+/// R103: 2025-03-26 upstreams (metadata at the origin, and the default endpoints).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_upstream_oauth_client_passes_the_backcompat_suite() {
+    run_client_suite("backcompat", 2).await;
+}
+
+/// R78 (a resource mismatch stops the flow) and R93 (`offline_access` only when offered).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_upstream_oauth_client_passes_the_draft_suite() {
+    run_client_suite("draft", 3).await;
+}
