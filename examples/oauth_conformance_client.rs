@@ -49,7 +49,8 @@ async fn main() -> ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let url = std::env::args().next_back().ok_or_else(|| anyhow::anyhow!("usage: oauth_conformance_client <server-url>"))?;
+    let url =
+        std::env::args().next_back().ok_or_else(|| anyhow::anyhow!("usage: oauth_conformance_client <server-url>"))?;
     let url = Url::parse(&url)?;
     let scenario = std::env::var("MCP_CONFORMANCE_SCENARIO").unwrap_or_default();
     let context: serde_json::Value =

@@ -103,6 +103,7 @@ struct Inner {
     keys: crate::keys::SharedKeyRing,
     tokens: Arc<crate::authn::cache::TokenCache>,
     touched: dashmap::DashMap<String, i64>,
+    vault: Option<Arc<crate::vault::Vault>>,
 }
 
 /// Shared state: a cheap handle, passed to every handler.
@@ -118,6 +119,11 @@ impl AppState {
     /// The URL clients use, resolved against the bound address.
     pub fn public_url(&self) -> &Url {
         &self.0.public_url
+    }
+
+    /// The vault, when some server uses upstream OAuth.
+    pub fn vault(&self) -> Option<&Arc<crate::vault::Vault>> {
+        self.0.vault.as_ref()
     }
 
     /// The server named `name`.
@@ -289,7 +295,11 @@ impl Gateway {
             .unwrap_or_else(|| Url::parse(&format!("http://{addr}")).expect("a socket address makes a valid URL"));
         let hosts = HostPolicy::new(&public_url, addr, &config.gateway.allowed_hosts, &config.gateway.allowed_origins);
         let client = upstream_client();
-        let credentials = Credentials::new(store.clone(), shared_keys.clone());
+        let vault = crate::vault::Vault::from_config(&config, store.clone(), shared_keys.clone(), &public_url);
+        let credentials = match &vault {
+            Some(v) => Credentials::with_vault(store.clone(), shared_keys.clone(), v.clone()),
+            None => Credentials::new(store.clone(), shared_keys.clone()),
+        };
         let tokens = Arc::new(crate::authn::cache::TokenCache::default());
         let servers = config
             .servers
@@ -311,6 +321,7 @@ impl Gateway {
             keys: shared_keys,
             tokens: tokens.clone(),
             touched: Default::default(),
+            vault,
         }));
         tokio::spawn(tokens.watch(state.0.store.clone(), state.0.shutdown.clone()));
         let router = router(state.clone());
@@ -363,6 +374,9 @@ fn router(state: AppState) -> Router {
         .route("/mcp/{server}/", post(mcp_http::post).get(mcp_http::get).delete(mcp_http::delete))
         .route("/mcp/{server}/sse", get(crate::transport::legacy_sse::open))
         .route("/mcp/{server}/messages", post(crate::transport::legacy_sse::message))
+        .route("/connect/{server}", get(crate::transport::connect::connect))
+        .route("/oauth/callback/{server}", get(crate::transport::connect::callback))
+        .route("/oauth/client-metadata.json", get(crate::transport::connect::client_metadata))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

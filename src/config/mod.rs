@@ -475,6 +475,9 @@ impl Validator<'_> {
         };
         let stdio = matches!(transport, Some(ServerTransport::Stdio { .. }));
         let auth = self.auth(raw.auth, stdio, at, &what);
+        if matches!(transport, Some(ServerTransport::Sse { .. })) && matches!(auth, Some(UpstreamAuth::OAuth(_))) {
+            self.at(at, &what, "OAuth upstreams need the Streamable HTTP transport (not transport = \"sse\")");
+        }
         Some(ServerConfig { name, transport: transport?, public, request_timeout, auth: auth? }).filter(|_| valid_name)
     }
 

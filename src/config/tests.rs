@@ -124,3 +124,57 @@ auth = { type = "static" }
     assert!(err.contains("server \"b\": auth: type \"oauth\" is not supported"), "{err}");
     assert!(err.contains("server \"c\": auth: `static` needs `secret`"), "{err}");
 }
+
+#[test]
+fn oauth_auth_is_parsed_with_its_pins_and_provider_quirks() {
+    let text = r#"
+[[servers]]
+name = "gh"
+url = "https://mcp.example.com/mcp"
+auth = { type = "oauth", scopes = ["repo"], client_id = "abc", client_secret = "gh-client", provider = "entra" }
+
+[[servers]]
+name = "shared"
+url = "https://mcp.example.com/mcp"
+auth = { type = "oauth", per_user = false, metadata_url = "https://as.example.com/.well-known/oauth-authorization-server" }
+"#;
+    let config = Config::parse(text, "t.toml", Vec::new()).expect("valid");
+    let UpstreamAuth::OAuth(gh) = &config.servers[0].auth else { panic!("oauth") };
+    assert!(gh.per_user && !gh.resource_parameter && gh.scope_on_refresh);
+    assert_eq!(gh.scopes, ["repo"]);
+    assert_eq!(gh.client_secret.as_deref(), Some("gh-client"));
+    let UpstreamAuth::OAuth(shared) = &config.servers[1].auth else { panic!("oauth") };
+    assert!(!shared.per_user && shared.resource_parameter && shared.metadata_url.is_some());
+}
+
+#[test]
+fn oauth_misconfigurations_are_all_reported() {
+    let text = r#"
+[[servers]]
+name = "a"
+url = "https://x.example.com/mcp"
+auth = { type = "oauth", secret = "s", client_secret = "c", provider = "nope", token_endpoint_auth_method = "magic" }
+
+[[servers]]
+name = "b"
+url = "https://x.example.com/sse"
+transport = "sse"
+auth = { type = "oauth" }
+
+[[servers]]
+name = "c"
+url = "https://x.example.com/mcp"
+auth = { type = "client_credentials" }
+"#;
+    let err = Config::parse(text, "t.toml", Vec::new()).expect_err("invalid").to_string();
+    for needle in [
+        "`secret`, `header`, `prefix` and `env` belong to `static`",
+        "`client_secret` needs `client_id`",
+        "provider \"nope\"",
+        "token_endpoint_auth_method \"magic\"",
+        "OAuth upstreams need the Streamable HTTP transport",
+        "`client_credentials` needs `client_id`",
+    ] {
+        assert!(err.contains(needle), "{needle:?} missing from:\n{err}");
+    }
+}

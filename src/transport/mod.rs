@@ -1,6 +1,7 @@
 //! The client-facing side: Streamable HTTP endpoints, the JSON-RPC envelope, sealed sessions
 //! and the DNS-rebinding guard.
 
+pub mod connect;
 pub mod exchange;
 pub mod http;
 pub mod jsonrpc;

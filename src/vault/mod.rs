@@ -299,6 +299,34 @@ impl Vault {
         })
     }
 
+    /// The vault for a gateway's configuration: `None` unless some server uses OAuth.
+    pub fn from_config(
+        config: &crate::config::Config,
+        store: Store,
+        keys: SharedKeyRing,
+        public_url: &Url,
+    ) -> Option<Arc<Vault>> {
+        let servers: Vec<VaultServer> = config
+            .servers
+            .iter()
+            .filter_map(|s| match (&s.auth, &s.transport) {
+                (
+                    crate::config::UpstreamAuth::OAuth(oauth),
+                    crate::config::ServerTransport::StreamableHttp { url, .. },
+                ) => Some(VaultServer { name: s.name.clone(), url: url.clone(), oauth: (**oauth).clone() }),
+                _ => None,
+            })
+            .collect();
+        if servers.is_empty() {
+            return None;
+        }
+        // A Client ID Metadata Document must sit at an https URL (R84).
+        let cimd_url = (public_url.scheme() == "https")
+            .then(|| format!("{}/oauth/client-metadata.json", public_url.as_str().trim_end_matches('/')));
+        let egress = Egress::new(config.outbound.policy());
+        Some(Vault::new(store, keys, egress, Clock::system(), public_url.clone(), cimd_url, servers))
+    }
+
     fn now(&self) -> i64 {
         i64::try_from(self.clock.unix_secs()).unwrap_or(i64::MAX)
     }
