@@ -112,7 +112,7 @@ auth = { type = "static", secret = "s" }
 [[servers]]
 name = "b"
 url = "https://x.example.com"
-auth = { type = "oauth" }
+auth = { type = "oauth2" }
 
 [[servers]]
 name = "c"
@@ -121,7 +121,7 @@ auth = { type = "static" }
 "#;
     let err = parse(bad).expect_err("invalid").to_string();
     assert!(err.contains("server \"a\": auth: a stdio upstream takes its secret in `env"), "{err}");
-    assert!(err.contains("server \"b\": auth: type \"oauth\" is not supported"), "{err}");
+    assert!(err.contains("server \"b\": auth: type \"oauth2\" is not supported"), "{err}");
     assert!(err.contains("server \"c\": auth: `static` needs `secret`"), "{err}");
 }
 

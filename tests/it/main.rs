@@ -12,3 +12,4 @@ mod protocol;
 mod relay;
 mod secrets;
 mod upstream_auth;
+mod vault_store;

@@ -1,0 +1,165 @@
+//! The vault's rows on SQLite and on PostgreSQL: single-use flows and links, the connection's
+//! generation guard (a refresh that lost a race cannot overwrite), and the refresh lock that
+//! serialises replicas sharing PostgreSQL.
+
+use std::time::Duration;
+
+use portcullis::crypto::Sealed;
+use portcullis::keys::KeyId;
+use portcullis::store::Store;
+use portcullis::store::vault::{ClientRow, ConnectionRow, FlowRow, LinkRow};
+
+use crate::common::FreshPostgres;
+
+const NOW: i64 = 1_760_000_000;
+
+async fn sqlite() -> (Store, Option<FreshPostgres>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::connect(&format!("sqlite://{}/v.db", dir.path().display())).await.expect("sqlite opens");
+    (store, None, dir)
+}
+
+async fn postgres() -> (Store, Option<FreshPostgres>, tempfile::TempDir) {
+    let pg = FreshPostgres::create().await;
+    let store = Store::connect(&pg.url).await.expect("PostgreSQL on 127.0.0.1:5432 must be running");
+    (store, Some(pg), tempfile::tempdir().expect("tempdir"))
+}
+
+fn sealed(byte: u8) -> Sealed {
+    Sealed { key_id: KeyId::parse("k1").expect("key id"), ciphertext: vec![byte; 40] }
+}
+
+fn connection(id: &str, subject: &str) -> ConnectionRow {
+    ConnectionRow {
+        id: id.into(),
+        server: "gh".into(),
+        subject: subject.into(),
+        issuer: "https://as.example.com".into(),
+        client_id: "c1".into(),
+        scopes: "repo".into(),
+        details: "{}".into(),
+        sealed: sealed(1),
+        expires_at: Some(NOW + 60),
+        status: "active".into(),
+        generation: 0,
+        created_at: NOW,
+        refreshed_at: None,
+        last_error: None,
+    }
+}
+
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let (store, _pg, _dir) = super::sqlite().await;
+                super::$name(store).await
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let (store, _pg, _dir) = super::postgres().await;
+                super::$name(store).await
+            })*
+        }
+    };
+}
+
+on_both!(flows_and_links_work_once, connections_keep_one_writer_per_generation, registrations_are_per_issuer);
+
+async fn flows_and_links_work_once(store: Store) {
+    let flow = FlowRow {
+        id: "f1".into(),
+        server: "gh".into(),
+        subject: "u1".into(),
+        details: "{}".into(),
+        sealed: sealed(2),
+        created_at: NOW,
+        expires_at: NOW + 600,
+    };
+    store.vault_flow_put(&flow).await.expect("put");
+    let taken = store.vault_flow_take("f1").await.expect("take").expect("present");
+    assert_eq!((taken.server.as_str(), taken.subject.as_str(), taken.sealed), ("gh", "u1", sealed(2)));
+    assert!(store.vault_flow_take("f1").await.expect("take").is_none(), "a state works once");
+
+    let link = LinkRow {
+        id: "l1".into(),
+        server: "gh".into(),
+        subject: "u1".into(),
+        details: "{}".into(),
+        created_at: NOW,
+        expires_at: NOW + 900,
+    };
+    store.vault_link_put(&link).await.expect("put");
+    assert!(store.vault_link_use("l1", NOW + 901).await.expect("use").is_none(), "expired");
+    assert_eq!(store.vault_link_use("l1", NOW + 1).await.expect("use").expect("valid").subject, "u1");
+    assert!(store.vault_link_use("l1", NOW + 2).await.expect("use").is_none(), "a link works once");
+}
+
+async fn connections_keep_one_writer_per_generation(store: Store) {
+    store.vault_connection_put(&connection("a", "u1")).await.expect("put");
+    store.vault_connection_put(&connection("b", "u2")).await.expect("put");
+    let a = store.vault_connection("gh", "u1").await.expect("get").expect("present");
+    assert_eq!((a.generation, a.status.as_str()), (0, "active"));
+
+    // Two refreshes that both saw generation 0: only the first is stored.
+    assert!(store.vault_connection_refreshed("a", 0, &sealed(3), Some(NOW + 120), "repo", NOW).await.expect("update"));
+    assert!(!store.vault_connection_refreshed("a", 0, &sealed(4), Some(NOW + 120), "repo", NOW).await.expect("update"));
+    let a = store.vault_connection("gh", "u1").await.expect("get").expect("present");
+    assert_eq!((a.generation, a.sealed, a.refreshed_at), (1, sealed(3), Some(NOW)));
+
+    store.vault_connection_failed("a", true, "invalid_grant").await.expect("fail");
+    let a = store.vault_connection("gh", "u1").await.expect("get").expect("present");
+    assert_eq!((a.status.as_str(), a.last_error.as_deref()), ("reconnect", Some("invalid_grant")));
+
+    // A new authorization replaces the row and moves the generation on.
+    store.vault_connection_put(&connection("a2", "u1")).await.expect("put");
+    let a = store.vault_connection("gh", "u1").await.expect("get").expect("present");
+    assert_eq!((a.id.as_str(), a.generation, a.status.as_str(), a.last_error), ("a2", 2, "active", None));
+
+    assert_eq!(store.vault_connections(None).await.expect("list").len(), 2);
+    assert_eq!(store.vault_connections(Some("u2")).await.expect("list")[0].id, "b");
+    assert!(store.vault_connection_delete("b").await.expect("delete"));
+    assert!(!store.vault_connection_delete("b").await.expect("delete"));
+}
+
+async fn registrations_are_per_issuer(store: Store) {
+    let row = |id: &str, issuer: &str| ClientRow {
+        id: id.into(),
+        server: "gh".into(),
+        issuer: issuer.into(),
+        client_id: format!("client-{id}"),
+        auth_method: "none".into(),
+        redirect_uri: "https://gw/oauth/callback/gh".into(),
+        sealed: sealed(5),
+        created_at: NOW,
+    };
+    store.vault_client_put(&row("1", "https://as-a")).await.expect("put");
+    store.vault_client_put(&row("2", "https://as-b")).await.expect("put");
+    let cb = "https://gw/oauth/callback/gh";
+    assert_eq!(store.vault_client("gh", "https://as-a", cb).await.expect("get").expect("a").client_id, "client-1");
+    store.vault_client_delete("gh", "https://as-a").await.expect("delete");
+    assert!(store.vault_client("gh", "https://as-a", cb).await.expect("get").is_none());
+    assert!(store.vault_client("gh", "https://as-b", cb).await.expect("get").is_some(), "another issuer's stays");
+}
+
+/// Replicas sharing PostgreSQL refresh one connection at a time: a second lock on the same
+/// connection waits until the first is released; another connection's does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refresh_lock_serialises_replicas_on_postgres() {
+    let (store, _pg, _dir) = postgres().await;
+    let first = store.vault_refresh_lock("gh", "u1").await.expect("lock").expect("postgres locks");
+    let other = store.clone();
+    let waiting = tokio::spawn(async move { other.vault_refresh_lock("gh", "u1").await.map(|t| t.is_some()) });
+    let other_connection = tokio::time::timeout(Duration::from_secs(5), store.vault_refresh_lock("gh", "u2"))
+        .await
+        .expect("another connection's lock is free");
+    drop(other_connection);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the second lock waits while the first is held");
+    drop(first);
+    let got = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("released").expect("task");
+    assert!(got.expect("lock"));
+}
