@@ -114,3 +114,60 @@ async fn redirects_oversized_bodies_and_slow_answers_are_refused() {
         other => panic!("expected a timeout, got {other:?}"),
     }
 }
+
+/// The vault's discovery refuses hostile metadata (R101, R102): an authorization server at a
+/// link-local address, a challenge pointing at a private address, loopback without the
+/// development switch, and a `javascript:` authorization endpoint.
+#[tokio::test(flavor = "multi_thread")]
+async fn vault_discovery_refuses_hostile_metadata() {
+    if outside_netns("egress::vault_discovery_refuses_hostile_metadata").await {
+        return;
+    }
+    use portcullis::vault::challenge::BearerChallenge;
+    use portcullis::vault::discovery::{Pins, discover};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let b = base.clone();
+    let app = Router::new()
+        .route(
+            "/.well-known/oauth-protected-resource/imds/mcp",
+            get(move || async move {
+                axum::Json(serde_json::json!({"resource": format!("{b}/imds/mcp"),
+                    "authorization_servers": ["http://169.254.169.254"]}))
+            }),
+        )
+        .route(
+            "/.well-known/oauth-protected-resource/js/mcp",
+            get({
+                let b = base.clone();
+                move || async move {
+                    axum::Json(serde_json::json!({"resource": format!("{b}/js/mcp"), "authorization_servers": [b]}))
+                }
+            }),
+        )
+        .route(
+            "/.well-known/oauth-authorization-server",
+            get({
+                let b = base.clone();
+                move || async move {
+                    axum::Json(serde_json::json!({"issuer": b, "authorization_endpoint": "javascript:alert(1)",
+                        "token_endpoint": format!("{b}/token"), "code_challenge_methods_supported": ["S256"]}))
+                }
+            }),
+        );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let egress = dev(Duration::from_secs(5));
+    let url = |p: &str| Url::parse(&format!("{base}{p}")).expect("url");
+    let err = |r: Result<_, portcullis::vault::VaultError>| r.map(|_| ()).expect_err("refused").to_string();
+
+    let imds = err(discover(&egress, &url("/imds/mcp"), None, &Pins::default()).await);
+    assert!(imds.contains("169.254.169.254"), "{imds}");
+    let private = BearerChallenge { resource_metadata: Some("https://10.0.0.1/prm".into()), ..Default::default() };
+    let private = err(discover(&egress, &url("/imds/mcp"), Some(&private), &Pins::default()).await);
+    assert!(private.contains("10.0.0.1") && private.contains("not allowed"), "{private}");
+    let strict = Egress::new(Policy::default());
+    let loopback = err(discover(&strict, &url("/js/mcp"), None, &Pins::default()).await);
+    assert!(loopback.contains("refused"), "{loopback}");
+    let js = err(discover(&egress, &url("/js/mcp"), None, &Pins::default()).await);
+    assert!(js.contains("authorization_endpoint") && js.contains("refused"), "{js}");
+}
