@@ -35,16 +35,25 @@ pub struct Server {
     /// Metric handles by (method, status), registered on first use: the hot path then
     /// neither allocates labels nor searches the registry.
     metrics: dashmap::DashMap<(&'static str, u16), (metrics::Counter, metrics::Histogram)>,
+    /// The vault, for servers with upstream OAuth.
+    vault: Option<Arc<crate::vault::Vault>>,
 }
 
 impl Server {
     fn new(config: &ServerConfig, client: reqwest::Client, credentials: Arc<Credentials>) -> Server {
+        let oauth = matches!(config.auth, crate::config::UpstreamAuth::OAuth(_));
         Server {
+            vault: credentials.vault().filter(|_| oauth).cloned(),
             config: config.clone(),
             upstream: Upstream::new(config, client, credentials),
             stateless: Default::default(),
             metrics: Default::default(),
         }
+    }
+
+    /// The vault, when this server uses upstream OAuth.
+    pub fn vault(&self) -> Option<&Arc<crate::vault::Vault>> {
+        self.vault.as_ref()
     }
 
     /// The upstream session for stateless clients and its `initialize` result.
@@ -77,6 +86,7 @@ impl Server {
             features: 0,
             client: None,
             subject: String::new(),
+            pending: false,
         };
         *slot = Some((state, opened.result));
         Ok(slot.as_ref().map(Clone::clone).expect("just set"))
@@ -324,6 +334,9 @@ impl Gateway {
             vault,
         }));
         tokio::spawn(tokens.watch(state.0.store.clone(), state.0.shutdown.clone()));
+        if let Some(vault) = state.0.vault.clone() {
+            tokio::spawn(vault.run_refresher(state.0.shutdown.clone()));
+        }
         let router = router(state.clone());
         let token = state.0.shutdown.clone();
         let task =

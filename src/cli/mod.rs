@@ -1,6 +1,7 @@
 //! The `portcullis` command line: one file per subcommand group.
 
 mod audit;
+mod connection;
 mod group;
 mod keys;
 mod secret;
@@ -67,6 +68,19 @@ enum Command {
         #[command(subcommand)]
         cmd: secret::SecretCmd,
     },
+    /// Print a single-use link that connects an upstream OAuth account (alone on the last line).
+    Connect {
+        /// The server (one with `auth = { type = "oauth" }`).
+        server: String,
+        /// The person (or service account) whose account it is; omit for a shared connection.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Upstream OAuth connections: list, revoke.
+    Connection {
+        #[command(subcommand)]
+        cmd: connection::ConnectionCmd,
+    },
     /// Manage the master key ring: list, rotate, retire.
     Keys {
         #[command(subcommand)]
@@ -101,6 +115,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token { cmd } => token::run(cmd, &load(&cli.config)?),
         Command::Secret { cmd } => secret::run(load(&cli.config)?, cmd),
         Command::Keys { cmd } => keys::run(load(&cli.config)?, cmd),
+        Command::Connect { server, user } => connection::connect(&load(&cli.config)?, &server, user.as_deref()),
+        Command::Connection { cmd } => connection::run(cmd, &load(&cli.config)?),
         Command::Audit { cmd } => audit::run(cmd, &load(&cli.config)?),
         Command::Migrate => {
             let config = load(&cli.config)?;

@@ -19,7 +19,8 @@ pub enum PrincipalCmd {
     },
     /// List them.
     List,
-    /// Disable one: revokes all its grant tokens at once.
+    /// Disable one: revokes all its grant tokens at once, and its upstream OAuth connections
+    /// at their providers; the whole operation is audited.
     Disable {
         /// Name.
         name: String,
@@ -52,8 +53,14 @@ pub fn run(cmd: PrincipalCmd, service: bool, config: &Config) -> anyhow::Result<
                 }
             }
             PrincipalCmd::Disable { name } => {
+                let id = super::connection::principal_id(&store, &name).await?;
                 let revoked = store.principal_disable(&name, now).await??;
                 println!("disabled {what} {name}; revoked {revoked} grant tokens");
+                let upstream = super::connection::revoke_all(config, &store, &id).await?;
+                for (server, outcome) in &upstream {
+                    println!("  {server}: {outcome}");
+                }
+                audit_disable(config, &store, &id, &name, service, revoked, &upstream).await;
             }
             PrincipalCmd::Enable { name } => {
                 store.principal_enable(&name).await??;
@@ -63,6 +70,41 @@ pub fn run(cmd: PrincipalCmd, service: bool, config: &Config) -> anyhow::Result<
         store.close().await;
         Ok(())
     })
+}
+
+/// One audit record for the whole offboarding, its report in the arguments.
+async fn audit_disable(
+    config: &Config,
+    store: &Store,
+    id: &str,
+    name: &str,
+    service: bool,
+    grants: u64,
+    upstream: &[(String, String)],
+) {
+    use crate::audit::{Arguments, Decision, Record};
+    let report = serde_json::json!({
+        "grants_revoked": grants,
+        "upstream": upstream.iter().map(|(s, o)| serde_json::json!({"server": s, "result": o})).collect::<Vec<_>>(),
+    });
+    let record = Record {
+        principal_id: Some(id.to_owned()),
+        principal_kind: Some(if service { "service" } else { "user" }.to_owned()),
+        principal_name: Some(name.to_owned()),
+        client_name: Some("portcullis-cli".to_owned()),
+        arguments: Arguments::new(report),
+        ..Record::new(
+            Clock::system().unix_millis(),
+            uuid::Uuid::now_v7().to_string(),
+            "admin/user.disable",
+            Decision::Allow,
+        )
+    };
+    let writer = crate::audit::AuditWriter::start(store.clone(), &config.audit);
+    if let Err(e) = writer.write(record).await {
+        eprintln!("warning: the audit record of this operation could not be written: {e}");
+    }
+    writer.shutdown().await;
 }
 
 /// Now, in unix seconds, for the store.

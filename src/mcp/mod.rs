@@ -43,7 +43,13 @@ pub async fn initialize(
         caller: principal.id.clone(),
     };
     let key = new_session_key();
-    let opened = server.upstream.open(&hello, &key).await.map_err(|e| fail(e.into()))?;
+    let (opened, pending) = match server.upstream.open(&hello, &key).await {
+        Ok(opened) => (opened, false),
+        // An OAuth upstream the caller has not connected yet: open a session the gateway
+        // answers for, so the client starts and the caller gets the link on a tool call.
+        Err(crate::upstream::UpstreamError::Authorization { .. }) => (unconnected(server, protocol), true),
+        Err(e) => return Err(fail(e.into())),
+    };
     // A stateless upstream needs the client's capabilities in every request's `_meta`.
     let hello_kept = (opened.upstream_protocol == version::STATELESS)
         .then(|| serde_json::json!({"capabilities": hello.capabilities, "clientInfo": hello.client_info}));
@@ -58,6 +64,7 @@ pub async fn initialize(
         features: crate::upstream::mux::features::from_capabilities(&hello.capabilities),
         client: Some(client_name_version(&hello.client_info)),
         subject: principal.id.clone(),
+        pending,
     };
     let sealed = app.sealer().seal(&state, &binding(&server.config.name, &principal.id));
     metrics::counter!("portcullis_sessions_opened_total", "server" => server.config.name.clone()).increment(1);
@@ -67,8 +74,88 @@ pub async fn initialize(
     Ok((response, state, sealed))
 }
 
+/// The `initialize` result of a session opened before the caller connected (the upstream's
+/// own arrives once they have).
+fn unconnected(server: &Server, protocol: &str) -> crate::upstream::Opened {
+    let name = &server.config.name;
+    crate::upstream::Opened {
+        upstream_session: None,
+        upstream_protocol: String::new(),
+        result: serde_json::json!({
+            "protocolVersion": protocol,
+            "capabilities": {"tools": {"listChanged": true}},
+            "serverInfo": {"name": name, "version": "unconnected"},
+            "instructions": format!("'{name}' needs you to connect your account first: call any of its tools to get the link."),
+        }),
+    }
+}
+
+/// Answers for a session opened before the caller connected (see
+/// [`SessionState::pending`]): empty lists, and on a tool call the connect link, as a
+/// URL-mode elicitation (JSON-RPC -32042) when the client declared it, else as a tool error
+/// carrying the link. Once the caller is connected, the session ends (404): the client
+/// initializes again and reaches the upstream.
+async fn unconnected_answer(server: &Server, session: &SessionState, message: Message) -> Result<Reply, Failure> {
+    use crate::transport::jsonrpc::Kind;
+    use crate::upstream::UpstreamError;
+    let id = message.id.clone();
+    let name = server.config.name.clone();
+    let Some(vault) = server.vault() else {
+        return Err(GatewayError::from(UpstreamError::SessionExpired).with_id(id));
+    };
+    if vault.token(&name, &session.subject).await.is_ok() {
+        return Err(GatewayError::from(UpstreamError::SessionExpired).with_id(id));
+    }
+    if message.kind != Kind::Request {
+        return Ok(Reply::Accepted);
+    }
+    let reply = |result: Value| {
+        let bytes =
+            serde_json::to_vec(&result_response(id.as_ref().unwrap_or(&Value::Null), result)).unwrap_or_default();
+        Ok(Reply::Json(bytes.into()))
+    };
+    let empty = |key: &str| serde_json::json!({ key: [] });
+    match message.method() {
+        "ping" => reply(serde_json::json!({})),
+        "tools/list" => reply(empty("tools")),
+        "prompts/list" => reply(empty("prompts")),
+        "resources/list" => reply(empty("resources")),
+        "resources/templates/list" => reply(empty("resourceTemplates")),
+        method => {
+            let subject = vault.subject_for(&name, &session.subject);
+            let shared = vault.is_shared(&name);
+            let (reason, link) = if shared {
+                (
+                    format!("'{name}' is not connected yet: ask an administrator to run `portcullis connect {name}`"),
+                    None,
+                )
+            } else {
+                let link = vault.link(&name, &subject, None, &[]).await.map_err(|e| {
+                    GatewayError::from(UpstreamError::Credential { server: name.clone(), detail: e.to_string() })
+                        .with_id(id.clone())
+                })?;
+                (format!("'{name}' needs you to connect your account first"), Some(link.url))
+            };
+            let url_mode = session.features & crate::upstream::mux::features::ELICITATION_URL != 0;
+            if method != "tools/call" || url_mode || link.is_none() {
+                let e = UpstreamError::Authorization { server: name, reason, link };
+                return Err(GatewayError::from(e).with_id(id));
+            }
+            use secrecy::ExposeSecret;
+            let url = link.as_ref().map(|l| l.expose_secret().to_owned()).unwrap_or_default();
+            reply(serde_json::json!({
+                "content": [{"type": "text", "text": format!("{reason}. Open this link to connect, then call the tool again: {url}")}],
+                "isError": true,
+            }))
+        }
+    }
+}
+
 /// Relays one message of an established session.
 pub async fn relay(server: &Server, session: &SessionState, message: Message) -> Result<Reply, Failure> {
+    if session.pending {
+        return unconnected_answer(server, session, message).await;
+    }
     let id = message.id.clone();
     server.upstream.send(session, message).await.map_err(|e| GatewayError::from(e).with_id(id))
 }

@@ -46,6 +46,11 @@ pub struct SessionState {
     /// servers with per-user OAuth.
     #[serde(rename = "p", default, skip_serializing_if = "String::is_empty")]
     pub subject: String,
+    /// Opened while the caller had no connection to this OAuth upstream: the gateway answers
+    /// for it (empty lists, and the connect link on a tool call) until the caller connects;
+    /// then the session ends (404) and the client's next `initialize` reaches the upstream.
+    #[serde(rename = "w", default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
 }
 
 /// Seals session ids with one key and opens them with that key or older ones (after a key
@@ -168,6 +173,7 @@ mod tests {
             features: 0,
             client: None,
             subject: "u1".into(),
+            pending: false,
         }
     }
 

@@ -295,8 +295,9 @@ impl HttpUpstream {
 
     /// GET: the session's server-to-client stream, resumed after `last_event_id` if given.
     pub async fn listen(&self, session: &SessionState, last_event_id: Option<&str>) -> Result<Reply, UpstreamError> {
-        if session.upstream_protocol == version::STATELESS {
-            // The stateless revision has no GET stream.
+        if session.upstream_protocol == version::STATELESS || session.pending {
+            // The stateless revision has no GET stream; nor has a session the gateway answers
+            // for until its caller connects.
             return Ok(Reply::Status(StatusCode::METHOD_NOT_ALLOWED));
         }
         let mut req = self
@@ -312,7 +313,7 @@ impl HttpUpstream {
 
     /// DELETE: ends the upstream session.
     pub async fn close(&self, session: &SessionState) -> Result<(), UpstreamError> {
-        if session.upstream_session.is_none() {
+        if session.upstream_session.is_none() || session.pending {
             return Ok(());
         }
         let req = self.request(reqwest::Method::DELETE, Some(session), &session.subject).await?.timeout(self.timeout);

@@ -31,13 +31,17 @@ pub mod features {
     pub const ELICITATION: u8 = 2;
     /// The client declared `roots`.
     pub const ROOTS: u8 = 4;
+    /// The client declared URL-mode elicitation (`elicitation.url`, MCP 2025-11-25).
+    pub const ELICITATION_URL: u8 = 8;
 
     /// The bits for a client's `capabilities` object.
     pub fn from_capabilities(caps: &Value) -> u8 {
-        [("sampling", SAMPLING), ("elicitation", ELICITATION), ("roots", ROOTS)]
+        let bits = [("sampling", SAMPLING), ("elicitation", ELICITATION), ("roots", ROOTS)]
             .iter()
             .filter(|(k, _)| caps.get(k).is_some_and(|v| !v.is_null()))
-            .fold(0, |acc, (_, bit)| acc | bit)
+            .fold(0, |acc, (_, bit)| acc | bit);
+        let url = caps.pointer("/elicitation/url").is_some_and(|v| !v.is_null());
+        if url { bits | ELICITATION_URL } else { bits }
     }
 
     /// The bit a client needs to answer an upstream request with `method` (0: any client).

@@ -38,8 +38,20 @@ use endpoint::{AuthMethod, ClientAuth, Tokens};
 pub const FLOW_TTL_SECS: i64 = 600;
 /// How long a connect link stays valid.
 pub const LINK_TTL_SECS: i64 = 900;
-/// An access token this close to expiry is refreshed before use.
+/// How long a decrypted access token is reused before the connection row is read again.
+pub const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+/// An access token this close to expiry (at most a third of its lifetime) is refreshed
+/// before use.
 pub const REFRESH_MARGIN_SECS: i64 = 30;
+/// How often the background refresher looks for connections about to expire.
+pub const REFRESHER_TICK: std::time::Duration = std::time::Duration::from_secs(15);
+/// Tokens living shorter than this are only refreshed on demand, not in the background.
+pub const BACKGROUND_MIN_LIFETIME_SECS: i64 = 120;
+
+/// When a token issued at `issued_at` and expiring at `expires_at` is due for refresh.
+fn refresh_at(expires_at: Option<i64>, issued_at: i64) -> Option<i64> {
+    expires_at.map(|e| e - REFRESH_MARGIN_SECS.min((e - issued_at).max(0) / 3))
+}
 
 /// `auth = { type = "oauth", … }` (and `client_credentials`) of one server.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -190,8 +202,13 @@ pub struct Vault {
     /// One refresh per connection at a time in this process (PostgreSQL adds a lock across
     /// replicas).
     locks: DashMap<(String, String), Arc<tokio::sync::Mutex<()>>>,
-    /// Decrypted access tokens: (token, expires_at, generation).
-    cache: DashMap<(String, String), (SecretString, Option<i64>, i64)>,
+    /// The last challenge each server sent (its metadata URL and scopes), for links made
+    /// without one at hand.
+    challenges: DashMap<String, BearerChallenge>,
+    /// Decrypted access tokens: (token, refresh due at, generation, cached at). An entry is
+    /// trusted for [`CACHE_TTL`], so a connection revoked or replaced by another process (the
+    /// CLI, another replica) stops being used within that time.
+    cache: DashMap<(String, String), (SecretString, Option<i64>, i64, std::time::Instant)>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -295,6 +312,7 @@ impl Vault {
             cimd_url,
             servers: servers.into_iter().map(|s| (s.name.clone(), s)).collect(),
             locks: DashMap::new(),
+            challenges: DashMap::new(),
             cache: DashMap::new(),
         })
     }
@@ -398,6 +416,20 @@ impl Vault {
         extra_scopes: &[String],
     ) -> Result<Link, VaultError> {
         self.server(server)?;
+        let remembered;
+        let challenge = match challenge {
+            Some(c) => {
+                // A step-up challenge is about one operation, not the server.
+                if c.error.as_deref() != Some("insufficient_scope") {
+                    self.challenges.insert(server.to_owned(), c.clone());
+                }
+                Some(c)
+            }
+            None => {
+                remembered = self.challenges.get(server).map(|c| c.clone());
+                remembered.as_ref()
+            }
+        };
         let secret = random_b64(32);
         let now = self.now();
         let details = LinkDetails {
@@ -786,7 +818,8 @@ impl Vault {
         let key = (server.to_owned(), subject.clone());
         let now = self.now();
         if let Some(hit) = self.cache.get(&key)
-            && hit.1.is_none_or(|e| e - REFRESH_MARGIN_SECS > now)
+            && hit.1.is_none_or(|due| due > now)
+            && hit.3.elapsed() < CACHE_TTL
         {
             return Ok((hit.0.clone(), hit.2));
         }
@@ -803,11 +836,12 @@ impl Vault {
                 reason: row.last_error.unwrap_or_else(|| "the authorization server no longer accepts it".to_owned()),
             });
         }
-        if row.expires_at.is_some_and(|e| e - REFRESH_MARGIN_SECS <= now) {
+        let due = refresh_at(row.expires_at, row.refreshed_at.unwrap_or(row.created_at));
+        if due.is_some_and(|due| due <= now) {
             return self.refresh(server, &subject, row.generation).await;
         }
         let (access, _) = self.open_tokens(&row)?;
-        self.cache.insert(key, (access.clone(), row.expires_at, row.generation));
+        self.cache.insert(key, (access.clone(), due, row.generation, std::time::Instant::now()));
         Ok((access, row.generation))
     }
 
@@ -837,10 +871,12 @@ impl Vault {
             .await?
             .ok_or_else(|| VaultError::NotConnected { server: server.to_owned() })?;
         let now = self.now();
-        let fresh = row.expires_at.is_none_or(|e| e - REFRESH_MARGIN_SECS > now);
-        if row.generation != seen && row.status == "active" && fresh {
+        // Another call (or replica) refreshed since `seen`: use its token, not the refresh token.
+        let unexpired = row.expires_at.is_none_or(|e| e > now);
+        if row.generation != seen && row.status == "active" && unexpired {
             let (access, _) = self.open_tokens(&row)?;
-            self.cache.insert(key, (access.clone(), row.expires_at, row.generation));
+            let due = refresh_at(row.expires_at, row.refreshed_at.unwrap_or(row.created_at));
+            self.cache.insert(key, (access.clone(), due, row.generation, std::time::Instant::now()));
             return Ok((access, row.generation));
         }
         if row.status == "reconnect" {
@@ -916,7 +952,8 @@ impl Vault {
             .increment(1);
         tracing::info!(server, "upstream token refreshed");
         let generation = row.generation + 1;
-        self.cache.insert(key, (tokens.access.clone(), expires_at, generation));
+        self.cache
+            .insert(key, (tokens.access.clone(), refresh_at(expires_at, now), generation, std::time::Instant::now()));
         Ok((tokens.access, generation))
     }
 
@@ -988,6 +1025,49 @@ impl Vault {
             }
         }
         done.join(", ")
+    }
+
+    /// Refreshes, in the background, every active connection whose token expires within the
+    /// next tick plus its margin (with a per-connection jitter, so replicas and connections do
+    /// not all refresh at once), until `stop`. Tokens shorter-lived than
+    /// [`BACKGROUND_MIN_LIFETIME_SECS`] are left to on-demand refresh.
+    pub async fn run_refresher(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(REFRESHER_TICK) => {}
+            }
+            if let Err(e) = self.refresh_due().await {
+                tracing::warn!(error = %e, "background refresh pass failed");
+            }
+        }
+    }
+
+    /// One pass of the background refresher; returns how many connections it refreshed.
+    pub async fn refresh_due(&self) -> Result<usize, VaultError> {
+        let now = self.now();
+        let tick = i64::try_from(REFRESHER_TICK.as_secs()).unwrap_or(15);
+        let mut refreshed = 0;
+        for row in self.store.vault_connections(None).await? {
+            let Some(expires) = row.expires_at else { continue };
+            let issued = row.refreshed_at.unwrap_or(row.created_at);
+            if row.status != "active"
+                || expires - issued < BACKGROUND_MIN_LIFETIME_SECS
+                || !self.servers.contains_key(&row.server)
+            {
+                continue;
+            }
+            let jitter = i64::from(Sha256::digest(row.id.as_bytes())[0]) % tick.max(1);
+            let due = refresh_at(Some(expires), issued).unwrap_or(expires) - tick - jitter;
+            if due > now {
+                continue;
+            }
+            match self.refresh(&row.server, &row.subject, row.generation).await {
+                Ok(_) => refreshed += 1,
+                Err(e) => tracing::warn!(server = %row.server, error = %e, "background refresh failed"),
+            }
+        }
+        Ok(refreshed)
     }
 
     /// Connections, all or one subject's (never tokens).
