@@ -137,16 +137,12 @@ async fn unconnected_answer(server: &Server, session: &SessionState, message: Me
                 (format!("'{name}' needs you to connect your account first"), Some(link.url))
             };
             let url_mode = session.features & crate::upstream::mux::features::ELICITATION_URL != 0;
-            if method != "tools/call" || url_mode || link.is_none() {
-                let e = UpstreamError::Authorization { server: name, reason, link };
-                return Err(GatewayError::from(e).with_id(id));
+            match link {
+                Some(link) if method == "tools/call" && !url_mode => Ok(link_tool_error(id.as_ref(), &reason, &link)),
+                link => {
+                    Err(GatewayError::from(UpstreamError::Authorization { server: name, reason, link }).with_id(id))
+                }
             }
-            use secrecy::ExposeSecret;
-            let url = link.as_ref().map(|l| l.expose_secret().to_owned()).unwrap_or_default();
-            reply(serde_json::json!({
-                "content": [{"type": "text", "text": format!("{reason}. Open this link to connect, then call the tool again: {url}")}],
-                "isError": true,
-            }))
         }
     }
 }
@@ -157,7 +153,26 @@ pub async fn relay(server: &Server, session: &SessionState, message: Message) ->
         return unconnected_answer(server, session, message).await;
     }
     let id = message.id.clone();
-    server.upstream.send(session, message).await.map_err(|e| GatewayError::from(e).with_id(id))
+    let tool_call = message.method() == "tools/call";
+    match server.upstream.send(session, message).await {
+        // A tool call that needs the caller to (re)connect: a URL-mode elicitation for clients
+        // that declared it, a tool error carrying the link for the others.
+        Err(crate::upstream::UpstreamError::Authorization { reason, link: Some(link), .. })
+            if tool_call && session.features & crate::upstream::mux::features::ELICITATION_URL == 0 =>
+        {
+            Ok(link_tool_error(id.as_ref(), &reason, &link))
+        }
+        other => other.map_err(|e| GatewayError::from(e).with_id(id)),
+    }
+}
+
+/// A `tools/call` result that tells the caller to open `link`.
+fn link_tool_error(id: Option<&Value>, reason: &str, link: &secrecy::SecretString) -> Reply {
+    use secrecy::ExposeSecret;
+    let text = format!("{reason}. Open this link to connect, then call the tool again: {}", link.expose_secret());
+    let result = serde_json::json!({"content": [{"type": "text", "text": text}], "isError": true});
+    let bytes = serde_json::to_vec(&result_response(id.unwrap_or(&Value::Null), result)).unwrap_or_default();
+    Reply::Json(bytes.into())
 }
 
 /// `clientInfo`'s name and version, cut to 64 characters each.
