@@ -6,7 +6,7 @@ use bytes::Bytes;
 use oauth2::basic::{BasicClient, BasicErrorResponseType, BasicTokenResponse};
 use oauth2::{
     AuthType, AuthorizationCode, ClientId, ClientSecret, EndpointNotSet, EndpointSet, PkceCodeVerifier, RedirectUrl,
-    RefreshToken, RequestTokenError, RevocationUrl, StandardRevocableToken, TokenResponse, TokenUrl,
+    RefreshToken, RequestTokenError, TokenResponse, TokenUrl,
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -331,38 +331,49 @@ pub async fn client_credentials(
     req.request_async(&http).await.map(tokens).map_err(token_error)
 }
 
-/// Revokes a token at the provider (RFC 7009).
+/// Revokes a token at the provider (RFC 7009). Sent directly through the guard rather than
+/// through `oauth2`, which refuses any non-https revocation URL even where the operator allowed
+/// loopback http for development; the guard alone decides which URLs may be used.
 pub async fn revoke(
     egress: &Egress,
     auth: &ClientAuth,
-    token_endpoint: &str,
     revocation_endpoint: &str,
     token: &SecretString,
     refresh: bool,
 ) -> Result<(), VaultError> {
-    let url = RevocationUrl::new(revocation_endpoint.to_owned())
-        .map_err(|_| VaultError::Discovery { detail: "the revocation_endpoint is not a URL".to_owned() })?;
-    let client = token_client(auth, token_endpoint)?.set_revocation_url(url);
-    let http = Guarded(egress);
-    let value = token.expose_secret().to_owned();
-    let token = if refresh {
-        StandardRevocableToken::RefreshToken(RefreshToken::new(value))
-    } else {
-        StandardRevocableToken::AccessToken(oauth2::AccessToken::new(value))
-    };
-    client
-        .revoke_token(token)
-        .map_err(|e| VaultError::Token { error: None, detail: e.to_string() })?
-        .request_async(&http)
-        .await
-        .map_err(|e| match e {
-            RequestTokenError::ServerResponse(r) => VaultError::Token {
-                error: Some(r.error().to_string()),
-                detail: format!("revocation refused: {}", r.error()),
-            },
-            RequestTokenError::Request(e) => VaultError::Egress(e),
-            other => VaultError::Token { error: None, detail: format!("revocation failed: {other}") },
-        })
+    let url = parse(revocation_endpoint, "revocation_endpoint")?;
+    let hint = if refresh { "refresh_token" } else { "access_token" };
+    let mut headers = json_accept();
+    let mut form: Vec<(&str, &str)> = vec![("token", token.expose_secret()), ("token_type_hint", hint)];
+    let secret = auth.secret.as_ref().map(|s| s.expose_secret()).unwrap_or_default();
+    match auth.method {
+        AuthMethod::ClientSecretBasic => {
+            // RFC 6749 §2.3.1: both parts form-encoded before base64.
+            let enc = |t: &str| url::form_urlencoded::byte_serialize(t.as_bytes()).collect::<String>();
+            let basic = base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                format!("{}:{}", enc(&auth.client_id), enc(secret)),
+            );
+            let mut value = http::HeaderValue::from_str(&format!("Basic {basic}"))
+                .map_err(|_| VaultError::Config { detail: "the client id cannot be sent in a header".to_owned() })?;
+            value.set_sensitive(true);
+            headers.insert(http::header::AUTHORIZATION, value);
+        }
+        AuthMethod::ClientSecretPost => {
+            form.push(("client_id", &auth.client_id));
+            form.push(("client_secret", secret));
+        }
+        AuthMethod::None => form.push(("client_id", &auth.client_id)),
+    }
+    let fetched = egress.post_form(&url, headers, &form).await?;
+    if fetched.status.is_success() {
+        return Ok(());
+    }
+    let err: OAuthErrorBody = serde_json::from_slice(&fetched.body).unwrap_or_default();
+    Err(VaultError::Token {
+        error: err.error.clone(),
+        detail: format!("revocation refused (HTTP {}{})", fetched.status.as_u16(), err.describe()),
+    })
 }
 
 #[cfg(test)]

@@ -1013,18 +1013,17 @@ impl Vault {
             Ok(c) => c,
             Err(e) => return format!("{e}; deleted locally only"),
         };
-        // Revoking the refresh token ends the grant (RFC 7009 §2.1); the access token too,
-        // for servers that keep them apart.
-        let mut done = Vec::new();
-        for (token, is_refresh) in [(refresh.as_ref(), true), (Some(&access), false)] {
-            let Some(token) = token else { continue };
-            let what = if is_refresh { "refresh token" } else { "access token" };
-            match endpoint::revoke(&self.egress, &client, &d.token_endpoint, endpoint, token, is_refresh).await {
-                Ok(()) => done.push(format!("{what} revoked")),
-                Err(e) => done.push(format!("{what} not revoked: {e}")),
-            }
+        // Revoking the refresh token ends the grant and its access tokens (RFC 7009 §2.1);
+        // without one, the access token itself is revoked.
+        let (token, is_refresh) = match &refresh {
+            Some(r) => (r, true),
+            None => (&access, false),
+        };
+        let what = if is_refresh { "refresh token" } else { "access token" };
+        match endpoint::revoke(&self.egress, &client, endpoint, token, is_refresh).await {
+            Ok(()) => format!("{what} revoked at the provider"),
+            Err(e) => format!("{what} not revoked at the provider ({e}); deleted locally"),
         }
-        done.join(", ")
     }
 
     /// Refreshes, in the background, every active connection whose token expires within the

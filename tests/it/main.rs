@@ -12,4 +12,5 @@ mod protocol;
 mod relay;
 mod secrets;
 mod upstream_auth;
+mod vault_e2e;
 mod vault_store;

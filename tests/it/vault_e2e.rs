@@ -1,0 +1,380 @@
+//! The vault end to end: a real OAuth 2 authorization server we did not write (npm
+//! `oidc-provider`, `tests/node/oauth-as.mjs`) protects a real MCP server whose token checks
+//! come from the official TypeScript SDK (`tests/node/protected-mcp-server.mjs`, JWT access
+//! tokens with the resource as audience, rotating refresh tokens). Access tokens live a few
+//! seconds, so every test crosses expiries. The tests play the clients (raw MCP over HTTP)
+//! and the people who open connect links (a browser that follows no redirect by itself).
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use portcullis::authn::token::NewToken;
+use portcullis::keys::Key;
+use portcullis::store::Store;
+use serde_json::{Value, json};
+use tokio::process::Command;
+
+use crate::common::*;
+
+/// The authorization server and the protected MCP server.
+struct Provider {
+    issuer: String,
+    mcp: String,
+    port: u16,
+    ttl: u64,
+    _as: Proc,
+    _mcp: Proc,
+}
+
+async fn spawn_line(script: &str, args: &[String]) -> (Proc, String) {
+    let mut child = Command::new(node_dir().join("node_modules/.bin/node"))
+        .arg(node_dir().join(script))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs");
+    let stdout = child.stdout.take().expect("piped");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the fixture starts")
+        .expect("reads")
+        .expect("a line");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let url = line.strip_prefix("listening ").unwrap_or_else(|| panic!("{script}: {line}")).trim().to_owned();
+    (Proc { child }, url)
+}
+
+impl Provider {
+    async fn start(ttl: u64) -> Provider {
+        let (as_proc, issuer) = spawn_line("oauth-as.mjs", &["--access-ttl".into(), ttl.to_string()]).await;
+        let port: u16 = issuer.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+        let (mcp_proc, mcp) = spawn_line("protected-mcp-server.mjs", &["--issuer".into(), issuer.clone()]).await;
+        Provider { issuer, mcp, port, ttl, _as: as_proc, _mcp: mcp_proc }
+    }
+
+    /// Restarts the authorization server on the same port: every client, grant and token is
+    /// lost, and its signing key changes.
+    async fn restart_authorization_server(&mut self) {
+        let _ = self._as.child.start_kill();
+        let _ = self._as.child.wait().await;
+        let args = ["--port".into(), self.port.to_string(), "--access-ttl".into(), self.ttl.to_string()];
+        let (proc, issuer) = spawn_line("oauth-as.mjs", &args).await;
+        assert_eq!(issuer, self.issuer);
+        self._as = proc;
+    }
+
+    async fn as_stats(&self) -> Value {
+        reqwest::get(format!("{}/test/stats", self.issuer)).await.expect("stats").json().await.expect("json")
+    }
+
+    async fn refreshes(&self) -> u64 {
+        self.as_stats().await["token_requests"]["refresh_token"].as_u64().unwrap_or(0)
+    }
+
+    async fn mcp_stats(&self) -> Value {
+        let url = self.mcp.replace("/mcp", "/test/stats");
+        reqwest::get(url).await.expect("stats").json().await.expect("json")
+    }
+
+    /// Gateway configuration: the protected server as `acme`, per-user OAuth.
+    fn servers(&self) -> String {
+        format!(
+            "[outbound]\nallow_http_loopback = true\n\n[[servers]]\nname = \"acme\"\nurl = \"{}\"\nauth = {{ type = \"oauth\" }}\n",
+            self.mcp
+        )
+    }
+}
+
+/// A caller: one grant token, one MCP session at a time, raw HTTP.
+struct Caller {
+    http: reqwest::Client,
+    url: String,
+    token: String,
+    session: Option<String>,
+    next_id: u64,
+}
+
+impl Caller {
+    async fn new(store: &Store, gw_url: &str, name: &str) -> Caller {
+        let now = i64::try_from(portcullis::clock::Clock::system().unix_secs()).expect("fits");
+        if store.principal_add(name, false, &[], now).await.expect("store").is_err() {
+            // Already there (a second replica's caller).
+        }
+        let token = NewToken::generate();
+        store.token_create(name, "e2e", &token.hash(), &None, None, now).await.expect("store").expect("created");
+        Caller {
+            http: reqwest::Client::new(),
+            url: gw_url.to_owned(),
+            token: token.expose().to_owned(),
+            session: None,
+            next_id: 1,
+        }
+    }
+
+    async fn send(&mut self, body: &Value) -> reqwest::Response {
+        post(&self.http, &self.url, body, self.session.as_deref())
+            .header("authorization", format!("Bearer {}", self.token))
+            .send()
+            .await
+            .expect("the gateway answers")
+    }
+
+    async fn initialize(&mut self) -> Value {
+        self.session = None;
+        let resp = self.send(&init_body()).await;
+        assert_eq!(resp.status(), 200);
+        self.session = Some(resp.headers()["mcp-session-id"].to_str().expect("ascii").to_owned());
+        let result = messages(resp).await.remove(0)["result"].clone();
+        let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+        assert_eq!(self.send(&note).await.status(), 202);
+        result
+    }
+
+    /// `tools/call`; re-initializes once when the session ended (404), as clients must.
+    async fn call(&mut self, tool: &str, args: Value) -> Value {
+        for _ in 0..2 {
+            if self.session.is_none() {
+                self.initialize().await;
+            }
+            self.next_id += 1;
+            let body = json!({"jsonrpc": "2.0", "id": self.next_id, "method": "tools/call",
+                "params": {"name": tool, "arguments": args}});
+            let resp = self.send(&body).await;
+            if resp.status() == 404 {
+                self.session = None;
+                continue;
+            }
+            assert_eq!(resp.status(), 200, "tools/call {tool}");
+            return messages(resp).await.into_iter().find(|m| m.get("id").is_some()).expect("a response");
+        }
+        panic!("the session ended twice in a row")
+    }
+
+    async fn whoami(&mut self) -> String {
+        let answer = self.call("whoami", json!({})).await;
+        assert_eq!(answer["result"]["isError"], Value::Null, "whoami failed: {answer}");
+        answer["result"]["content"][0]["text"].as_str().expect("text").to_owned()
+    }
+}
+
+/// The connect link in a tool error (or a -32042 error).
+fn link_in(answer: &Value) -> String {
+    let text = answer["result"]["content"][0]["text"]
+        .as_str()
+        .or_else(|| answer["error"]["message"].as_str())
+        .unwrap_or_else(|| panic!("no link in {answer}"));
+    let start = text.find("http://").unwrap_or_else(|| panic!("no link in {text}"));
+    text[start..].split_whitespace().next().expect("a link").to_owned()
+}
+
+/// Plays the person who opens `link`: gateway → authorization server → its login, completed
+/// as `account` → back to the gateway's callback. Returns the callback page.
+async fn open_link(link: &str, account: &str) -> (u16, String) {
+    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+    let location =
+        |resp: &reqwest::Response| resp.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let resp = browser.get(link).send().await.expect("connect");
+    assert_eq!(resp.status(), 302, "the connect link redirects to the provider");
+    assert_eq!(resp.headers()["referrer-policy"], "no-referrer");
+    let authorize = location(&resp).expect("location");
+    let resp = browser.get(&authorize).send().await.expect("authorize");
+    let interaction = location(&resp).unwrap_or_else(|| panic!("authorize answered {}", resp.status()));
+    let resp = browser.get(format!("{interaction}/auto?account={account}")).send().await.expect("login");
+    let callback = location(&resp).unwrap_or_else(|| panic!("login answered {}", resp.status()));
+    assert!(callback.contains("/oauth/callback/acme?"), "{callback}");
+    let resp = browser.get(&callback).send().await.expect("callback");
+    (resp.status().as_u16(), resp.text().await.expect("page"))
+}
+
+/// Connects `caller` as `account` from a tool call that asked for it.
+async fn connect(caller: &mut Caller, account: &str) {
+    let answer = caller.call("whoami", json!({})).await;
+    assert_eq!(answer["result"]["isError"], true, "an unconnected call is a tool error: {answer}");
+    let (status, page) = open_link(&link_in(&answer), account).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("Connected"), "{page}");
+}
+
+async fn store_of(gw: &TestGateway) -> Store {
+    Store::connect(&format!("sqlite://{}/portcullis.db", gw.dir.path().display())).await.expect("store")
+}
+
+/// Two people connect their own accounts; each call acts as its own person (R96, R100).
+#[tokio::test(flavor = "multi_thread")]
+async fn two_people_connect_and_each_call_acts_as_its_own_person() {
+    let provider = Provider::start(10).await;
+    let gw = TestGateway::start(&provider.servers()).await;
+    let store = store_of(&gw).await;
+    let mut alice = Caller::new(&store, &gw.url("acme"), "alice").await;
+    let mut bob = Caller::new(&store, &gw.url("acme"), "bob").await;
+
+    // Before connecting: the session opens (the gateway answers for it), lists are empty, a
+    // tool call returns a link made for this caller.
+    let init = alice.initialize().await;
+    assert_eq!(init["serverInfo"]["version"], "unconnected", "{init}");
+    let list = alice.send(&json!({"jsonrpc": "2.0", "id": 50, "method": "tools/list"})).await;
+    assert_eq!(messages(list).await[0]["result"]["tools"], json!([]));
+    let answer = alice.call("whoami", json!({})).await;
+    let link = link_in(&answer);
+    assert!(link.contains("/connect/acme?link="), "{link}");
+    // Someone else's grant cannot use a link twice: it is single-use.
+    let (status, page) = open_link(&link, "alice").await;
+    assert_eq!((status, page.contains("Connected")), (200, true), "{page}");
+    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+    let again = browser.get(&link).send().await.expect("again");
+    assert_eq!(again.status(), 400, "a used link is refused");
+
+    assert_eq!(alice.whoami().await, "alice");
+    connect(&mut bob, "bob").await;
+    assert_eq!(bob.whoami().await, "bob");
+    assert_eq!(alice.whoami().await, "alice");
+
+    let subjects = provider.mcp_stats().await["subjects"].clone();
+    assert!(subjects["alice"].as_u64() >= Some(2) && subjects["bob"].as_u64() >= Some(1), "{subjects}");
+    // Tokens are stored encrypted: no access token appears in the database file.
+    let rows = store.vault_connections(None).await.expect("rows");
+    assert_eq!(rows.len(), 2);
+    drop(store);
+    gw.stop().await;
+}
+
+/// A session of several minutes keeps working across many expiries of 5-second access
+/// tokens with rotating refresh tokens, and the client never sees a failure (R98, R99).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_session_survives_many_expiries_invisibly() {
+    let provider = Provider::start(5).await;
+    let gw = TestGateway::start(&provider.servers()).await;
+    let store = store_of(&gw).await;
+    let mut alice = Caller::new(&store, &gw.url("acme"), "alice").await;
+    alice.initialize().await;
+    connect(&mut alice, "alice").await;
+    let before = provider.refreshes().await;
+    let start = Instant::now();
+    let mut calls = 0;
+    while start.elapsed() < Duration::from_secs(150) {
+        let answer = alice.call("echo", json!({"text": format!("n{calls}")})).await;
+        assert_eq!(answer["result"]["content"][0]["text"], format!("n{calls}"), "call {calls}: {answer}");
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let refreshes = provider.refreshes().await - before;
+    // About one refresh per lifetime (5 s) over 150 s, never one per call.
+    assert!((20..=60).contains(&refreshes), "{refreshes} refreshes for {calls} calls");
+    let unauthorized = provider.mcp_stats().await["unauthorized"].as_u64().unwrap_or(0);
+    assert!(unauthorized <= 3, "expired tokens were sent {unauthorized} times");
+    gw.stop().await;
+}
+
+/// Fifty calls at the moment of expiry, spread over two replicas sharing PostgreSQL, cause
+/// exactly one refresh (R98: a rotating refresh token is never spent twice).
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_calls_at_expiry_across_two_replicas_refresh_once() {
+    let provider = Provider::start(5).await;
+    let pg = FreshPostgres::create().await;
+    let key = Key::random();
+    let config = format!("[store]\nurl = \"{}\"\n{}", pg.url, provider.servers());
+    let a = TestGateway::start_keyed(&config, "", key.clone()).await;
+    let b = TestGateway::start_keyed(&config, "", key).await;
+    let store = Store::connect(&pg.url).await.expect("store");
+    let mut first = Caller::new(&store, &a.url("acme"), "alice").await;
+    first.initialize().await;
+    connect(&mut first, "alice").await;
+    assert_eq!(first.whoami().await, "alice");
+
+    let mut callers = Vec::new();
+    for i in 0..50 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let mut c = Caller::new(&store, &gw.url("acme"), "alice").await;
+        c.initialize().await;
+        callers.push(c);
+    }
+    // Wait until the access token has expired, then call all at once.
+    tokio::time::sleep(Duration::from_secs(provider.ttl + 1)).await;
+    let before = provider.refreshes().await;
+    let calls = callers.into_iter().map(|mut c| tokio::spawn(async move { c.whoami().await }));
+    for who in futures::future::join_all(calls).await {
+        assert_eq!(who.expect("task"), "alice");
+    }
+    assert_eq!(provider.refreshes().await - before, 1, "exactly one refresh");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// An authorization server that lost every client and token (restarted) leads to a clean
+/// prompt to reconnect, not a loop of failures; reconnecting works (R98 invalid_grant /
+/// invalid_client, R86 re-registration).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_authorization_server_leads_to_a_clean_reconnection() {
+    let mut provider = Provider::start(5).await;
+    let gw = TestGateway::start(&provider.servers()).await;
+    let store = store_of(&gw).await;
+    let mut alice = Caller::new(&store, &gw.url("acme"), "alice").await;
+    alice.initialize().await;
+    connect(&mut alice, "alice").await;
+    assert_eq!(alice.whoami().await, "alice");
+    provider.restart_authorization_server().await;
+
+    let answer = alice.call("whoami", json!({})).await;
+    assert_eq!(answer["result"]["isError"], true, "{answer}");
+    let text = answer["result"]["content"][0]["text"].as_str().unwrap_or_default().to_owned();
+    assert!(text.contains("connect"), "{text}");
+    let rows = store.vault_connections(None).await.expect("rows");
+    assert_eq!(rows[0].status, "reconnect", "the connection is marked, not retried in a loop");
+    // Asking again does not hammer the provider: no new refresh attempt for a marked connection.
+    let before = provider.as_stats().await["token_requests"]["refresh_token"].as_u64();
+    let again = alice.call("whoami", json!({})).await;
+    assert_eq!(again["result"]["isError"], true);
+    assert_eq!(provider.as_stats().await["token_requests"]["refresh_token"].as_u64(), before);
+
+    let (status, page) = open_link(&link_in(&again), "alice").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(alice.whoami().await, "alice");
+    gw.stop().await;
+}
+
+/// `portcullis user disable` revokes the person's upstream tokens at the provider (RFC 7009),
+/// deletes them, and leaves one audit record with the report.
+#[tokio::test(flavor = "multi_thread")]
+async fn offboarding_revokes_upstream_tokens_at_the_provider() {
+    let provider = Provider::start(30).await;
+    let key = Key::random();
+    let gw = TestGateway::start_keyed(&provider.servers(), "", key.clone()).await;
+    let store = store_of(&gw).await;
+    let mut alice = Caller::new(&store, &gw.url("acme"), "alice").await;
+    alice.initialize().await;
+    connect(&mut alice, "alice").await;
+    assert_eq!(alice.whoami().await, "alice");
+
+    let config = gw.dir.path().join("cli.toml");
+    std::fs::write(
+        &config,
+        format!("[gateway]\ndata_dir = {:?}\n{}", gw.dir.path().display().to_string(), provider.servers()),
+    )
+    .expect("config");
+    let master = base64::engine::general_purpose::STANDARD.encode(key.bytes());
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env("PORTCULLIS_MASTER_KEY", &master)
+            .output()
+            .expect("runs");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed = cli(&["connection", "list"]);
+    assert!(listed.contains("acme") && listed.contains("alice") && listed.contains("active"), "{listed}");
+    let report = cli(&["user", "disable", "alice"]);
+    assert!(report.contains("acme: refresh token revoked at the provider"), "{report}");
+    assert_eq!(provider.as_stats().await["revocations"].as_u64(), Some(1));
+    assert!(store.vault_connections(None).await.expect("rows").is_empty());
+    assert!(!cli(&["connection", "list"]).contains("alice"));
+    let audit = cli(&["audit", "export", "--format", "jsonl"]);
+    let record = audit.lines().find(|l| l.contains("admin/user.disable")).expect("an audit record of the offboarding");
+    assert!(record.contains("refresh token revoked at the provider") && record.contains("alice"), "{record}");
+    gw.stop().await;
+}
