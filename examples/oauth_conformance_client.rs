@@ -76,7 +76,7 @@ async fn run() -> anyhow::Result<()> {
         Clock::system(),
         Url::parse("http://127.0.0.1:9/")?,
         Some(CIMD_URL.to_owned()),
-        vec![VaultServer { name: SERVER.to_owned(), url: url.clone(), oauth: oauth.clone() }],
+        vec![VaultServer { name: SERVER.to_owned(), url: Some(url.clone()), oauth: oauth.clone() }],
     );
     let credentials = Credentials::with_vault(store, keys, vault.clone());
     let config = ServerConfig {

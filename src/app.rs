@@ -336,6 +336,7 @@ impl Gateway {
         tokio::spawn(tokens.watch(state.0.store.clone(), state.0.shutdown.clone()));
         if let Some(vault) = state.0.vault.clone() {
             tokio::spawn(vault.run_refresher(state.0.shutdown.clone()));
+            tokio::spawn(sweep_stdio(state.clone(), state.0.tokens.changes()));
         }
         let router = router(state.clone());
         let token = state.0.shutdown.clone();
@@ -378,6 +379,24 @@ fn upstream_client() -> reqwest::Client {
         .user_agent(concat!("portcullis/", env!("CARGO_PKG_VERSION")))
         .build()
         .expect("the TLS backend initialises")
+}
+
+/// Stops the per-user stdio processes of people whose connection ended: when access changes
+/// (the revocation epoch moves: a person disabled, a token revoked) and every 30 s.
+async fn sweep_stdio(app: AppState, mut changes: tokio::sync::watch::Receiver<i64>) {
+    loop {
+        tokio::select! {
+            () = app.0.shutdown.cancelled() => return,
+            r = changes.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+        if let Some(vault) = app.vault() {
+            vault.forget_cached();
+        }
+        for server in app.0.servers.values() {
+            server.upstream.sweep().await;
+        }
+    }
 }
 
 fn router(state: AppState) -> Router {

@@ -152,11 +152,18 @@ pub(super) async fn revoke_all(config: &Config, store: &Store, subject: &str) ->
     let Ok(vault) = vault(config, store).await else { return Ok(Vec::new()) };
     let mut report = Vec::new();
     for c in vault.connections(Some(subject)).await? {
-        let outcome = match vault.revoke(&c.server, subject).await {
+        let mut outcome = match vault.revoke(&c.server, subject).await {
             Ok(Some(o)) => o,
             Ok(None) => "already gone".to_owned(),
             Err(e) => format!("not revoked: {e}"),
         };
+        let stdio = config
+            .servers
+            .iter()
+            .any(|s| s.name == c.server && matches!(s.transport, crate::config::ServerTransport::Stdio { .. }));
+        if stdio {
+            outcome.push_str("; running gateways stop this person's process");
+        }
         report.push((c.server, outcome));
     }
     Ok(report)

@@ -518,12 +518,8 @@ impl Validator<'_> {
                 }
             }
             Some(kind @ ("oauth" | "client_credentials")) => {
-                if stdio {
-                    self.at(at, &what, "OAuth for stdio upstreams is not supported yet; use an HTTP upstream");
-                    return None;
-                }
                 let machine = kind == "client_credentials";
-                self.oauth(raw, machine, at, &what)
+                self.oauth(raw, machine, stdio, at, &what)
             }
             Some(other) => {
                 self.at(
@@ -544,11 +540,33 @@ impl Validator<'_> {
 }
 
 impl Validator<'_> {
-    fn oauth(&mut self, raw: RawAuth, machine: bool, at: Option<usize>, what: &str) -> Option<UpstreamAuth> {
+    fn oauth(
+        &mut self,
+        raw: RawAuth,
+        machine: bool,
+        stdio: bool,
+        at: Option<usize>,
+        what: &str,
+    ) -> Option<UpstreamAuth> {
         let mut ok = true;
-        if raw.secret.is_some() || raw.header.is_some() || raw.prefix.is_some() || raw.env.is_some() {
-            self.at(at, what, "`secret`, `header`, `prefix` and `env` belong to `static`");
+        if raw.secret.is_some() || raw.header.is_some() || raw.prefix.is_some() {
+            self.at(at, what, "`secret`, `header` and `prefix` belong to `static`");
             ok = false;
+        }
+        match (stdio, &raw.env, &raw.metadata_url) {
+            (true, Some(_), Some(_)) | (false, None, _) => {}
+            (true, None, _) => {
+                self.at(at, what, "a stdio upstream takes its access token in `env = \"VARIABLE\"`");
+                ok = false;
+            }
+            (true, Some(_), None) => {
+                self.at(at, what, "a stdio upstream has no URL to discover from: set `metadata_url`");
+                ok = false;
+            }
+            (false, Some(_), _) => {
+                self.at(at, what, "`env` applies to stdio upstreams; an HTTP upstream gets the token in its header");
+                ok = false;
+            }
         }
         if machine && raw.client_id.is_none() {
             self.at(at, what, "`client_credentials` needs `client_id` (and usually `client_secret`)");
@@ -602,6 +620,12 @@ impl Validator<'_> {
                 ok = false;
             }
         }
+        if let Some(r) = &raw.resource
+            && !Url::parse(r).is_ok_and(|u| u.fragment().is_none() && matches!(u.scheme(), "https" | "http"))
+        {
+            self.at(at, what, format!("resource {r:?} is not an http(s) URL without a fragment"));
+            ok = false;
+        }
         let scopes = raw.scopes.unwrap_or_default();
         if scopes.iter().any(|s| s.is_empty() || s.contains(' ')) {
             self.at(at, what, "each scope must be one non-empty word");
@@ -618,6 +642,8 @@ impl Validator<'_> {
             authorization_params: raw.authorization_params.unwrap_or_default(),
             resource_parameter: raw.resource_parameter.unwrap_or(resource_parameter),
             scope_on_refresh: raw.scope_on_refresh.unwrap_or(scope_on_refresh),
+            env: raw.env,
+            resource: raw.resource,
         };
         ok.then(|| UpstreamAuth::OAuth(Box::new(config)))
     }

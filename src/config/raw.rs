@@ -118,4 +118,6 @@ pub struct RawAuth {
     pub scope_on_refresh: Option<bool>,
     /// Named provider quirks: `"entra"` (no `resource`, `scope` on refresh).
     pub provider: Option<String>,
+    /// The resource indicator to ask tokens for when the upstream does not say (stdio).
+    pub resource: Option<String>,
 }

@@ -168,7 +168,7 @@ auth = { type = "client_credentials" }
 "#;
     let err = Config::parse(text, "t.toml", Vec::new()).expect_err("invalid").to_string();
     for needle in [
-        "`secret`, `header`, `prefix` and `env` belong to `static`",
+        "`secret`, `header` and `prefix` belong to `static`",
         "`client_secret` needs `client_id`",
         "provider \"nope\"",
         "token_endpoint_auth_method \"magic\"",

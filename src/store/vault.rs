@@ -349,13 +349,19 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes a connection; `false` if it was gone.
+    /// Deletes a connection; `false` if it was gone. Moves the revocation epoch in the same
+    /// transaction: access was taken away, so every gateway looks again (and stops the
+    /// person's stdio processes).
     pub async fn vault_connection_delete(&self, id: &str) -> Result<bool, StoreError> {
-        let n = crate::on_pool!(self, p => sqlx::query("DELETE FROM vault_connections WHERE id = $1")
-            .bind(id)
-            .execute(p)
-            .await?
-            .rows_affected());
+        let n = crate::on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let n = sqlx::query("DELETE FROM vault_connections WHERE id = $1").bind(id).execute(&mut *tx).await?.rows_affected();
+            if n > 0 {
+                sqlx::query("UPDATE revocation_epoch SET epoch = epoch + 1 WHERE id = 1").execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            n
+        });
         Ok(n > 0)
     }
 

@@ -104,6 +104,35 @@ impl Credentials {
         Ok(Some((name, value)))
     }
 
+    /// The access token a stdio upstream with OAuth gets in its environment, for `caller`;
+    /// without a connection, the error that carries the caller's connect link.
+    pub async fn env_token(&self, server: &str, caller: &str) -> Result<SecretString, UpstreamError> {
+        let vault = self.vault_for(server)?;
+        match vault.token(server, caller).await {
+            Ok((token, _)) => Ok(token),
+            Err(VaultError::NotConnected { .. } | VaultError::NeedsReconnect { .. }) => {
+                match self.refused(server, caller, 401, None, None).await? {
+                    Renewed::Refused(e) => Err(e),
+                    Renewed::Retry(..) => Err(UpstreamError::Credential {
+                        server: server.to_owned(),
+                        detail: "the connection changed; try again".to_owned(),
+                    }),
+                }
+            }
+            Err(e) => Err(vault_error(server, e)),
+        }
+    }
+
+    /// Whether `caller` still has a usable connection to `server` (for stopping the stdio
+    /// processes of people who no longer do).
+    pub async fn connected(&self, server: &str, caller: &str) -> bool {
+        match &self.vault {
+            // A store failure is not a reason to stop anyone's process.
+            Some(v) => v.is_connected(server, caller).await.unwrap_or(true),
+            None => true,
+        }
+    }
+
     fn vault_for(&self, server: &str) -> Result<&Arc<Vault>, UpstreamError> {
         self.vault.as_ref().ok_or_else(|| UpstreamError::Credential {
             server: server.to_owned(),

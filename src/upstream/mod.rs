@@ -205,6 +205,14 @@ impl Upstream {
         }
     }
 
+    /// Stops the per-user processes of people whose upstream connection ended.
+    pub async fn sweep(&self) -> usize {
+        match self {
+            Upstream::Stdio(u) => u.sweep().await,
+            Upstream::Http(_) | Upstream::Sse(_) => 0,
+        }
+    }
+
     /// Stops child processes and background connections.
     pub async fn shutdown(&self) {
         match self {

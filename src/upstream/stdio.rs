@@ -1,6 +1,8 @@
-//! stdio upstreams: one child process per server, started on first use, initialized once by
-//! the gateway, restarted with backoff after it dies, stderr copied into the gateway's logs,
-//! and stopped (stdin closed, then SIGTERM, then SIGKILL to its process group) on shutdown.
+//! stdio upstreams: one child process per server (per person, for servers with per-user
+//! OAuth: their access token in its environment), started on first use, initialized once by
+//! the gateway, restarted with backoff after it dies and at once when its token changes,
+//! stderr copied into the gateway's logs, and stopped (stdin closed, then SIGTERM, then SIGKILL
+//! to its process group) on shutdown or when its person's connection ends.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -40,6 +42,8 @@ struct Slot {
     running: Option<Running>,
     failures: u32,
     last_start: Option<Instant>,
+    /// SHA-256 of the access token the process was started with (OAuth servers).
+    token: Option<[u8; 32]>,
 }
 
 /// A stdio upstream.
@@ -52,7 +56,8 @@ pub struct StdioUpstream {
     timeout: Duration,
     auth: crate::config::UpstreamAuth,
     credentials: Arc<super::credentials::Credentials>,
-    slot: Mutex<Slot>,
+    /// Processes by person (`""`: the one process of a server without per-user OAuth).
+    slots: Mutex<std::collections::HashMap<String, Arc<Mutex<Slot>>>>,
     ended: std::sync::Mutex<Ended>,
 }
 
@@ -81,7 +86,7 @@ impl StdioUpstream {
             timeout: config.request_timeout,
             auth: config.auth.clone(),
             credentials,
-            slot: Mutex::new(Slot::default()),
+            slots: Mutex::new(std::collections::HashMap::new()),
             ended: std::sync::Mutex::new(Ended::default()),
         }
     }
@@ -90,18 +95,50 @@ impl StdioUpstream {
         UpstreamError::Process { server: self.name.to_string(), detail: detail.into() }
     }
 
-    /// The live process, started (or restarted after backoff) if needed.
-    async fn running(&self) -> Result<(Arc<Mux>, Value), UpstreamError> {
-        let mut slot = self.slot.lock().await;
+    fn oauth(&self) -> Option<&crate::vault::OAuthConfig> {
+        match &self.auth {
+            crate::config::UpstreamAuth::OAuth(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    /// Whose process serves `caller`: their own with per-user OAuth, else the server's one.
+    fn process_key(&self, caller: &str) -> String {
+        if self.oauth().is_some_and(|o| o.per_user) { caller.to_owned() } else { String::new() }
+    }
+
+    async fn slot(&self, key: &str) -> Arc<Mutex<Slot>> {
+        self.slots.lock().await.entry(key.to_owned()).or_default().clone()
+    }
+
+    /// The live process for `caller`, started (or restarted after backoff, or with a fresh
+    /// token when the token changed) if needed.
+    async fn running(&self, caller: &str) -> Result<(Arc<Mux>, Value), UpstreamError> {
+        let token = match self.oauth() {
+            Some(_) => Some(self.credentials.env_token(&self.name, caller).await?),
+            None => None,
+        };
+        let fingerprint = token.as_ref().map(|t| {
+            use sha2::Digest;
+            <[u8; 32]>::from(sha2::Sha256::digest(secrecy::ExposeSecret::expose_secret(t).as_bytes()))
+        });
+        let slot = self.slot(&self.process_key(caller)).await;
+        let mut slot = slot.lock().await;
         if let Some(r) = &slot.running {
-            if !r.mux.is_closed() {
+            if !r.mux.is_closed() && slot.token == fingerprint {
                 return Ok((r.mux.clone(), r.init.clone()));
             }
-            if slot.last_start.is_some_and(|t| t.elapsed() >= HEALTHY_AFTER) {
-                slot.failures = 0;
+            if r.mux.is_closed() {
+                if slot.last_start.is_some_and(|t| t.elapsed() >= HEALTHY_AFTER) {
+                    slot.failures = 0;
+                }
+                slot.failures += 1;
+            } else {
+                tracing::info!(server = %self.name, "restarting a stdio upstream with its fresh token");
             }
-            slot.failures += 1;
-            slot.running = None;
+            if let Some(old) = slot.running.take() {
+                tokio::spawn(stop(old));
+            }
         }
         if slot.failures > 0 {
             let wait = BACKOFF.0.saturating_mul(1 << slot.failures.min(16)).min(BACKOFF.1);
@@ -111,17 +148,18 @@ impl StdioUpstream {
             }
         }
         slot.last_start = Some(Instant::now());
-        let running = match tokio::time::timeout(self.timeout, self.start()).await {
+        let running = match tokio::time::timeout(self.timeout, self.start(token.as_ref())).await {
             Ok(r) => r,
             Err(_) => Err(self.process_error(format!("did not initialize within {}", super::human(self.timeout)))),
         };
         let running = running.inspect_err(|_| slot.failures += 1)?;
         let out = (running.mux.clone(), running.init.clone());
         slot.running = Some(running);
+        slot.token = fingerprint;
         Ok(out)
     }
 
-    async fn start(&self) -> Result<Running, UpstreamError> {
+    async fn start(&self, token: Option<&secrecy::SecretString>) -> Result<Running, UpstreamError> {
         let mut cmd = Command::new(&self.command);
         cmd.args(&self.args)
             .env_clear()
@@ -139,6 +177,9 @@ impl StdioUpstream {
         if let crate::config::UpstreamAuth::StaticEnv { secret, env } = &self.auth {
             let value = self.credentials.secret(&self.name, secret).await?;
             cmd.env(env, secrecy::ExposeSecret::expose_secret(&value));
+        }
+        if let (Some(token), Some(env)) = (token, self.oauth().and_then(|o| o.env.as_ref())) {
+            cmd.env(env, secrecy::ExposeSecret::expose_secret(token));
         }
         let mut child =
             cmd.spawn().map_err(|e| self.process_error(format!("could not start `{}`: {e}", self.command)))?;
@@ -171,8 +212,8 @@ impl StdioUpstream {
     }
 
     /// Answers a client's `initialize` from the process's own initialization.
-    pub async fn open(&self, _hello: &ClientHello) -> Result<Opened, UpstreamError> {
-        let (_, init) = self.running().await?;
+    pub async fn open(&self, hello: &ClientHello) -> Result<Opened, UpstreamError> {
+        let (_, init) = self.running(&hello.caller).await?;
         let upstream_protocol = init.get("protocolVersion").and_then(Value::as_str).unwrap_or_default().to_owned();
         Ok(Opened { upstream_session: None, upstream_protocol, result: init })
     }
@@ -185,14 +226,17 @@ impl StdioUpstream {
     /// Relays one client message.
     pub async fn send(&self, session: &SessionState, message: Message) -> Result<Reply, UpstreamError> {
         self.check_live(session)?;
-        let (mux, _) = self.running().await?;
+        let (mux, _) = self.running(&session.subject).await?;
         send_via_mux(&mux, session, message)
     }
 
     /// The session's GET stream.
     pub async fn listen(&self, session: &SessionState) -> Result<Reply, UpstreamError> {
         self.check_live(session)?;
-        let (mux, _) = self.running().await?;
+        if session.pending {
+            return Ok(Reply::Status(http::StatusCode::METHOD_NOT_ALLOWED));
+        }
+        let (mux, _) = self.running(&session.subject).await?;
         Ok(Reply::Messages(mux.listen(&session.key, session.features)?))
     }
 
@@ -209,37 +253,75 @@ impl StdioUpstream {
                 }
             }
         }
-        if let Some(r) = &self.slot.lock().await.running {
+        let slot = self.slots.lock().await.get(&self.process_key(&session.subject)).cloned();
+        if let Some(slot) = slot
+            && let Some(r) = &slot.lock().await.running
+        {
             r.mux.forget(&session.key);
         }
     }
 
-    /// Ready when the process runs, or can be started.
+    /// Ready when the process runs, or can be started (a per-user server has no process of
+    /// its own to check).
     pub async fn ready(&self) -> Result<(), UpstreamError> {
-        self.running().await.map(|_| ())
+        if self.oauth().is_some_and(|o| o.per_user) {
+            return Ok(());
+        }
+        self.running("").await.map(|_| ())
     }
 
-    /// Stops the process: close stdin, then SIGTERM, then SIGKILL.
+    /// Stops every process: close stdin, then SIGTERM, then SIGKILL.
     pub async fn shutdown(&self) {
-        let Some(r) = self.slot.lock().await.running.take() else {
-            return;
-        };
-        r.mux.close("was stopped by the gateway");
-        r.writer.abort(); // drops stdin: well-behaved servers exit on EOF
-        let mut child = r.child.lock().await;
+        let slots: Vec<_> = self.slots.lock().await.drain().map(|(_, s)| s).collect();
+        for slot in slots {
+            if let Some(r) = slot.lock().await.running.take() {
+                stop(r).await;
+            }
+        }
+    }
+
+    /// Stops the processes of people whose connection ended (disabled, revoked, needing
+    /// reconnection). Returns how many were stopped.
+    pub async fn sweep(&self) -> usize {
+        if !self.oauth().is_some_and(|o| o.per_user) {
+            return 0;
+        }
+        let keys: Vec<String> = self.slots.lock().await.keys().cloned().collect();
+        let mut stopped = 0;
+        for key in keys {
+            if self.credentials.connected(&self.name, &key).await {
+                continue;
+            }
+            let slot = self.slots.lock().await.remove(&key);
+            if let Some(slot) = slot
+                && let Some(r) = slot.lock().await.running.take()
+            {
+                tracing::info!(server = %self.name, "stopping a stdio upstream whose connection ended");
+                stop(r).await;
+                stopped += 1;
+            }
+        }
+        stopped
+    }
+}
+
+/// Stops one process: close stdin, then SIGTERM, then SIGKILL to its process group.
+async fn stop(r: Running) {
+    r.mux.close("was stopped by the gateway");
+    r.writer.abort(); // drops stdin: well-behaved servers exit on EOF
+    let mut child = r.child.lock().await;
+    if tokio::time::timeout(Duration::from_secs(2), child.wait()).await.is_ok() {
+        return;
+    }
+    #[cfg(unix)]
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
         if tokio::time::timeout(Duration::from_secs(2), child.wait()).await.is_ok() {
             return;
         }
-        #[cfg(unix)]
-        if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
-            if tokio::time::timeout(Duration::from_secs(2), child.wait()).await.is_ok() {
-                return;
-            }
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
-        let _ = child.kill().await;
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     }
+    let _ = child.kill().await;
 }
 
 /// Sends a client message through a mux: requests get a message stream, the rest are

@@ -65,8 +65,8 @@ pub struct ServerMetadata {
 #[derive(Debug, Clone)]
 pub struct Discovered {
     /// The resource indicator to send (RFC 8707): the metadata's `resource`, or the upstream
-    /// URL when there is no resource metadata.
-    pub resource: String,
+    /// URL when there is no resource metadata; none for a stdio upstream.
+    pub resource: Option<String>,
     /// Scopes the resource metadata lists.
     pub resource_scopes: Option<Vec<String>>,
     /// The authorization server.
@@ -81,20 +81,30 @@ pub struct Pins {
 }
 
 /// Runs discovery for the upstream at `upstream`, starting from its challenge if it sent one.
+/// An upstream without a URL (stdio) needs `pins.metadata_url`.
 pub async fn discover(
     egress: &Egress,
-    upstream: &Url,
+    upstream: Option<&Url>,
     challenge: Option<&BearerChallenge>,
     pins: &Pins,
 ) -> Result<Discovered, VaultError> {
+    let Some(upstream) = upstream else {
+        let url = pins.metadata_url.as_ref().ok_or_else(|| VaultError::Discovery {
+            detail: "a stdio upstream needs metadata_url in its auth".to_owned(),
+        })?;
+        let server = fetch_server_metadata(egress, url, None).await?.ok_or_else(|| VaultError::Discovery {
+            detail: format!("no authorization server metadata at {}", crate::net::shown(url)),
+        })?;
+        return checked(Discovered { resource: None, resource_scopes: None, server }, egress);
+    };
     let prm = resource_metadata(egress, upstream, challenge).await?;
     if let Some(url) = &pins.metadata_url {
         let server = fetch_server_metadata(egress, url, None).await?.ok_or_else(|| VaultError::Discovery {
             detail: format!("no authorization server metadata at {}", crate::net::shown(url)),
         })?;
         let (resource, resource_scopes) = match prm {
-            Some(p) => (p.resource, p.scopes_supported),
-            None => (upstream.to_string(), None),
+            Some(p) => (Some(p.resource), p.scopes_supported),
+            None => (Some(upstream.to_string()), None),
         };
         return checked(Discovered { resource, resource_scopes, server }, egress);
     }
@@ -103,7 +113,7 @@ pub async fn discover(
         detail: "the protected resource metadata names no authorization server".to_owned(),
     })?;
     let server = server_metadata(egress, &issuer).await?;
-    checked(Discovered { resource: prm.resource, resource_scopes: prm.scopes_supported, server }, egress)
+    checked(Discovered { resource: Some(prm.resource), resource_scopes: prm.scopes_supported, server }, egress)
 }
 
 /// The PRM, or `None` if the upstream publishes none (2025-03-26 model). A refused or broken
@@ -248,7 +258,7 @@ async fn legacy(egress: &Egress, upstream: &Url) -> Result<Discovered, VaultErro
             authorization_response_iss_parameter_supported: false,
         },
     };
-    checked(Discovered { resource: upstream.to_string(), resource_scopes: None, server }, egress)
+    checked(Discovered { resource: Some(upstream.to_string()), resource_scopes: None, server }, egress)
 }
 
 /// Checks a discovered server before anything is sent to it: PKCE S256 (R82) and every

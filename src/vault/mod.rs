@@ -77,6 +77,11 @@ pub struct OAuthConfig {
     pub resource_parameter: bool,
     /// Send `scope` when refreshing (Entra ID needs it). Default `false`.
     pub scope_on_refresh: bool,
+    /// For a stdio upstream: the environment variable that carries the access token.
+    pub env: Option<String>,
+    /// The resource indicator (RFC 8707) to ask tokens for when discovery gives none (a
+    /// stdio upstream: the API its tokens are for).
+    pub resource: Option<String>,
 }
 
 /// A token endpoint authentication method named in configuration.
@@ -156,8 +161,8 @@ pub enum VaultError {
 pub struct VaultServer {
     /// Its name.
     pub name: String,
-    /// Its MCP endpoint.
-    pub url: Url,
+    /// Its MCP endpoint (`None` for a stdio upstream).
+    pub url: Option<Url>,
     /// Its OAuth settings.
     pub oauth: OAuthConfig,
 }
@@ -208,12 +213,27 @@ pub struct Vault {
     /// Decrypted access tokens: (token, refresh due at, generation, cached at). An entry is
     /// trusted for [`CACHE_TTL`], so a connection revoked or replaced by another process (the
     /// CLI, another replica) stops being used within that time.
-    cache: DashMap<(String, String), (SecretString, Option<i64>, i64, std::time::Instant)>,
+    cache: DashMap<(String, String), Cached>,
 }
 
 impl std::fmt::Debug for Vault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vault").field("servers", &self.servers.keys().collect::<Vec<_>>()).finish_non_exhaustive()
+    }
+}
+
+/// A decrypted access token kept in memory.
+struct Cached {
+    token: SecretString,
+    /// When it is due for refresh (unix seconds), if it expires.
+    due: Option<i64>,
+    generation: i64,
+    at: std::time::Instant,
+}
+
+impl Cached {
+    fn new(token: SecretString, due: Option<i64>, generation: i64) -> Cached {
+        Cached { token, due, generation, at: std::time::Instant::now() }
     }
 }
 
@@ -331,7 +351,10 @@ impl Vault {
                 (
                     crate::config::UpstreamAuth::OAuth(oauth),
                     crate::config::ServerTransport::StreamableHttp { url, .. },
-                ) => Some(VaultServer { name: s.name.clone(), url: url.clone(), oauth: (**oauth).clone() }),
+                ) => Some(VaultServer { name: s.name.clone(), url: Some(url.clone()), oauth: (**oauth).clone() }),
+                (crate::config::UpstreamAuth::OAuth(oauth), crate::config::ServerTransport::Stdio { .. }) => {
+                    Some(VaultServer { name: s.name.clone(), url: None, oauth: (**oauth).clone() })
+                }
                 _ => None,
             })
             .collect();
@@ -479,7 +502,7 @@ impl Vault {
     ) -> Result<Url, VaultError> {
         let vs = self.server(server)?.clone();
         let pins = Pins { metadata_url: vs.oauth.metadata_url.clone() };
-        let found = discovery::discover(&self.egress, &vs.url, challenge, &pins).await?;
+        let found = discovery::discover(&self.egress, vs.url.as_ref(), challenge, &pins).await?;
         let redirect_uri = self.redirect_uri(server);
         let (client, kind) = self.client_for(&vs, &found, &redirect_uri).await?;
         let previous = self.store.vault_connection(server, subject).await?.map(|c| challenge::split_scopes(&c.scopes));
@@ -487,7 +510,8 @@ impl Vault {
         let pkce_verifier = random_b64(32);
         let pkce_challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(pkce_verifier.as_bytes()));
         let state = random_b64(32);
-        let resource = vs.oauth.resource_parameter.then(|| found.resource.clone());
+        let resource =
+            found.resource.clone().or_else(|| vs.oauth.resource.clone()).filter(|_| vs.oauth.resource_parameter);
         let mut url = Url::parse(&found.server.authorization_endpoint)
             .map_err(|_| VaultError::Discovery { detail: "the authorization_endpoint is not a URL".to_owned() })?;
         {
@@ -818,10 +842,10 @@ impl Vault {
         let key = (server.to_owned(), subject.clone());
         let now = self.now();
         if let Some(hit) = self.cache.get(&key)
-            && hit.1.is_none_or(|due| due > now)
-            && hit.3.elapsed() < CACHE_TTL
+            && hit.due.is_none_or(|due| due > now)
+            && hit.at.elapsed() < CACHE_TTL
         {
-            return Ok((hit.0.clone(), hit.2));
+            return Ok((hit.token.clone(), hit.generation));
         }
         let vs = self.server(server)?;
         let Some(row) = self.store.vault_connection(server, &subject).await? else {
@@ -841,7 +865,7 @@ impl Vault {
             return self.refresh(server, &subject, row.generation).await;
         }
         let (access, _) = self.open_tokens(&row)?;
-        self.cache.insert(key, (access.clone(), due, row.generation, std::time::Instant::now()));
+        self.cache.insert(key, Cached::new(access.clone(), due, row.generation));
         Ok((access, row.generation))
     }
 
@@ -876,7 +900,7 @@ impl Vault {
         if row.generation != seen && row.status == "active" && unexpired {
             let (access, _) = self.open_tokens(&row)?;
             let due = refresh_at(row.expires_at, row.refreshed_at.unwrap_or(row.created_at));
-            self.cache.insert(key, (access.clone(), due, row.generation, std::time::Instant::now()));
+            self.cache.insert(key, Cached::new(access.clone(), due, row.generation));
             return Ok((access, row.generation));
         }
         if row.status == "reconnect" {
@@ -952,8 +976,7 @@ impl Vault {
             .increment(1);
         tracing::info!(server, "upstream token refreshed");
         let generation = row.generation + 1;
-        self.cache
-            .insert(key, (tokens.access.clone(), refresh_at(expires_at, now), generation, std::time::Instant::now()));
+        self.cache.insert(key, Cached::new(tokens.access.clone(), refresh_at(expires_at, now), generation));
         Ok((tokens.access, generation))
     }
 
@@ -962,9 +985,10 @@ impl Vault {
     async fn machine_token(&self, server: &str) -> Result<(SecretString, i64), VaultError> {
         let vs = self.server(server)?.clone();
         let pins = Pins { metadata_url: vs.oauth.metadata_url.clone() };
-        let found = discovery::discover(&self.egress, &vs.url, None, &pins).await?;
+        let found = discovery::discover(&self.egress, vs.url.as_ref(), None, &pins).await?;
         let (client, kind) = self.client_for(&vs, &found, &self.redirect_uri(server)).await?;
-        let resource = vs.oauth.resource_parameter.then(|| found.resource.clone());
+        let resource =
+            found.resource.clone().or_else(|| vs.oauth.resource.clone()).filter(|_| vs.oauth.resource_parameter);
         let tokens = endpoint::client_credentials(
             &self.egress,
             &client,
@@ -1067,6 +1091,23 @@ impl Vault {
             }
         }
         Ok(refreshed)
+    }
+
+    /// Forgets every decrypted token (access changed somewhere: the next use reads the store).
+    pub fn forget_cached(&self) {
+        self.cache.clear();
+    }
+
+    /// Whether `caller`'s connection to `server` exists and works, read from the store (not
+    /// the cache, which it clears when the answer is no).
+    pub async fn is_connected(&self, server: &str, caller: &str) -> Result<bool, VaultError> {
+        let subject = self.subject_for(server, caller);
+        let row = self.store.vault_connection(server, &subject).await?;
+        let ok = row.is_some_and(|r| r.status == "active");
+        if !ok {
+            self.cache.remove(&(server.to_owned(), subject));
+        }
+        Ok(ok)
     }
 
     /// Connections, all or one subject's (never tokens).

@@ -160,14 +160,14 @@ async fn vault_discovery_refuses_hostile_metadata() {
     let url = |p: &str| Url::parse(&format!("{base}{p}")).expect("url");
     let err = |r: Result<_, portcullis::vault::VaultError>| r.map(|_| ()).expect_err("refused").to_string();
 
-    let imds = err(discover(&egress, &url("/imds/mcp"), None, &Pins::default()).await);
+    let imds = err(discover(&egress, Some(&url("/imds/mcp")), None, &Pins::default()).await);
     assert!(imds.contains("169.254.169.254"), "{imds}");
     let private = BearerChallenge { resource_metadata: Some("https://10.0.0.1/prm".into()), ..Default::default() };
-    let private = err(discover(&egress, &url("/imds/mcp"), Some(&private), &Pins::default()).await);
+    let private = err(discover(&egress, Some(&url("/imds/mcp")), Some(&private), &Pins::default()).await);
     assert!(private.contains("10.0.0.1") && private.contains("not allowed"), "{private}");
     let strict = Egress::new(Policy::default());
-    let loopback = err(discover(&strict, &url("/js/mcp"), None, &Pins::default()).await);
+    let loopback = err(discover(&strict, Some(&url("/js/mcp")), None, &Pins::default()).await);
     assert!(loopback.contains("refused"), "{loopback}");
-    let js = err(discover(&egress, &url("/js/mcp"), None, &Pins::default()).await);
+    let js = err(discover(&egress, Some(&url("/js/mcp")), None, &Pins::default()).await);
     assert!(js.contains("authorization_endpoint") && js.contains("refused"), "{js}");
 }

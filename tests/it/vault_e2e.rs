@@ -378,3 +378,68 @@ async fn offboarding_revokes_upstream_tokens_at_the_provider() {
     assert!(record.contains("refresh token revoked at the provider") && record.contains("alice"), "{record}");
     gw.stop().await;
 }
+
+/// A stdio upstream with per-user OAuth: one process per person with that person's access
+/// token in its environment, restarted with every fresh token, and stopped when the person is
+/// disabled.
+#[tokio::test(flavor = "multi_thread")]
+async fn stdio_upstreams_get_one_process_per_person_with_their_token() {
+    let provider = Provider::start(5).await;
+    let key = Key::random();
+    let servers = format!(
+        "[outbound]\nallow_http_loopback = true\n\n[[servers]]\nname = \"acme\"\ncommand = {:?}\nargs = [{:?}]\n\
+         auth = {{ type = \"oauth\", env = \"UPSTREAM_TOKEN\", scopes = [\"mcp:tools\"], resource = {:?}, \
+         metadata_url = \"{}/.well-known/oauth-authorization-server\" }}\n",
+        node_dir().join("node_modules/.bin/node").display().to_string(),
+        node_dir().join("token-stdio-server.mjs").display().to_string(),
+        provider.mcp,
+        provider.issuer,
+    );
+    let gw = TestGateway::start_keyed(&servers, "", key.clone()).await;
+    let store = store_of(&gw).await;
+    let mut alice = Caller::new(&store, &gw.url("acme"), "alice").await;
+    let mut bob = Caller::new(&store, &gw.url("acme"), "bob").await;
+    for (caller, name) in [(&mut alice, "alice"), (&mut bob, "bob")] {
+        let init = caller.initialize().await;
+        assert_eq!(init["serverInfo"]["version"], "unconnected", "{init}");
+        connect(caller, name).await;
+    }
+    let parse = |text: String| {
+        let mut parts = text.split(' ');
+        let sub = parts.next().unwrap_or_default().to_owned();
+        let pid: u32 = parts.next().and_then(|p| p.strip_prefix("pid=")).and_then(|p| p.parse().ok()).expect("pid");
+        (sub, pid)
+    };
+    let (who_a, pid_a) = parse(alice.whoami().await);
+    let (who_b, pid_b) = parse(bob.whoami().await);
+    assert_eq!((who_a.as_str(), who_b.as_str()), ("alice", "bob"));
+    assert_ne!(pid_a, pid_b, "one process per person");
+    assert_eq!(parse(alice.whoami().await).1, pid_a, "the process is reused while its token is valid");
+
+    // After expiry the token is refreshed and the process restarted with the fresh one.
+    tokio::time::sleep(Duration::from_secs(provider.ttl + 1)).await;
+    let (who, pid) = parse(alice.whoami().await);
+    assert_eq!(who, "alice");
+    assert_ne!(pid, pid_a, "restarted with the fresh token");
+
+    // Disabling bob stops his process (and revokes his token at the provider).
+    let config = gw.dir.path().join("cli.toml");
+    std::fs::write(&config, format!("[gateway]\ndata_dir = {:?}\n{servers}", gw.dir.path().display().to_string()))
+        .expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("--config")
+        .arg(&config)
+        .args(["user", "disable", "bob"])
+        .env("PORTCULLIS_MASTER_KEY", base64::engine::general_purpose::STANDARD.encode(key.bytes()))
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while alive(pid_b) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!alive(pid_b), "bob's process was stopped; disable said: {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(parse(alice.whoami().await).0, "alice", "alice's process is untouched");
+    gw.stop().await;
+}
