@@ -117,7 +117,8 @@ async fn redirects_oversized_bodies_and_slow_answers_are_refused() {
 
 /// The vault's discovery refuses hostile metadata (R101, R102): an authorization server at a
 /// link-local address, a challenge pointing at a private address, loopback without the
-/// development switch, and a `javascript:` authorization endpoint.
+/// development switch, a redirect, an oversized document, and a `javascript:` authorization
+/// endpoint, each with an error that says which.
 #[tokio::test(flavor = "multi_thread")]
 async fn vault_discovery_refuses_hostile_metadata() {
     if outside_netns("egress::vault_discovery_refuses_hostile_metadata").await {
@@ -146,6 +147,11 @@ async fn vault_discovery_refuses_hostile_metadata() {
             }),
         )
         .route(
+            "/.well-known/oauth-protected-resource/redirect/mcp",
+            get(|| async { (StatusCode::FOUND, [(header::LOCATION, "http://169.254.169.254/latest/meta-data/")]) }),
+        )
+        .route("/.well-known/oauth-protected-resource/big/mcp", get(|| async { vec![b' '; 300 * 1024] }))
+        .route(
             "/.well-known/oauth-authorization-server",
             get({
                 let b = base.clone();
@@ -170,4 +176,15 @@ async fn vault_discovery_refuses_hostile_metadata() {
     assert!(loopback.contains("refused"), "{loopback}");
     let js = err(discover(&egress, Some(&url("/js/mcp")), None, &Pins::default()).await);
     assert!(js.contains("authorization_endpoint") && js.contains("refused"), "{js}");
+    let link_local =
+        BearerChallenge { resource_metadata: Some("https://169.254.169.254/prm".into()), ..Default::default() };
+    let link_local = err(discover(&egress, Some(&url("/imds/mcp")), Some(&link_local), &Pins::default()).await);
+    assert!(link_local.contains("169.254.169.254") && link_local.contains("link-local"), "{link_local}");
+    let v6 = BearerChallenge { resource_metadata: Some("https://[::1]:9/prm".into()), ..Default::default() };
+    let v6 = err(discover(&strict, Some(&url("/imds/mcp")), Some(&v6), &Pins::default()).await);
+    assert!(v6.contains("::1") && v6.contains("loopback"), "{v6}");
+    let redirect = err(discover(&egress, Some(&url("/redirect/mcp")), None, &Pins::default()).await);
+    assert!(redirect.contains("redirects are not followed") && redirect.contains("169.254.169.254"), "{redirect}");
+    let big = err(discover(&egress, Some(&url("/big/mcp")), None, &Pins::default()).await);
+    assert!(big.contains("more than 65536 bytes"), "{big}");
 }
