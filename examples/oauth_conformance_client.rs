@@ -68,6 +68,11 @@ async fn run() -> anyhow::Result<()> {
             oauth.client_secret = Some("client-secret".to_owned());
         }
     }
+    // Machine-to-machine scenarios: the client credentials grant, no person involved.
+    if scenario.starts_with("auth/client-credentials") {
+        oauth.client_credentials = true;
+        oauth.per_user = false;
+    }
     let outbound = OutboundConfig { allow_http_loopback: true, ..OutboundConfig::default() };
     let vault = Vault::new(
         store.clone(),

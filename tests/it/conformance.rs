@@ -84,3 +84,24 @@ async fn the_upstream_oauth_client_passes_the_backcompat_suite() {
 async fn the_upstream_oauth_client_passes_the_draft_suite() {
     run_client_suite("draft", 3).await;
 }
+
+/// R104: machine-to-machine upstreams (`type = "client_credentials"`), the extension scenario
+/// with `client_secret_basic` (the JWT-assertion variant needs private_key_jwt, not built).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_upstream_oauth_client_passes_the_client_credentials_scenario() {
+    let node = node_dir();
+    let out = Command::new(node.join("node_modules/.bin/node"))
+        .arg(node.join("node_modules/@modelcontextprotocol/conformance/dist/index.js"))
+        .args(["client", "--scenario", "auth/client-credentials-basic", "--command"])
+        .arg(oauth_driver())
+        .current_dir(tempfile::tempdir().expect("tempdir").path())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("the conformance CLI runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && text.contains("Passed: 8/8, 0 failed, 0 warnings") && text.contains("OVERALL: PASSED"),
+        "auth/client-credentials-basic:\n{text}"
+    );
+}

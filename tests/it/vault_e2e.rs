@@ -368,9 +368,21 @@ async fn offboarding_revokes_upstream_tokens_at_the_provider() {
     };
     let listed = cli(&["connection", "list"]);
     assert!(listed.contains("acme") && listed.contains("alice") && listed.contains("active"), "{listed}");
+
+    // One connection revoked by an administrator: the running gateway stops using it at once
+    // (the revocation epoch moves), and the next call asks alice to connect again.
+    let revoked = cli(&["connection", "revoke", "acme", "--user", "alice"]);
+    assert!(revoked.contains("refresh token revoked at the provider"), "{revoked}");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let answer = alice.call("whoami", json!({})).await;
+    assert_eq!(answer["result"]["isError"], true, "{answer}");
+    let (status, page) = open_link(&link_in(&answer), "alice").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(alice.whoami().await, "alice");
+
     let report = cli(&["user", "disable", "alice"]);
     assert!(report.contains("acme: refresh token revoked at the provider"), "{report}");
-    assert_eq!(provider.as_stats().await["revocations"].as_u64(), Some(1));
+    assert_eq!(provider.as_stats().await["revocations"].as_u64(), Some(2));
     assert!(store.vault_connections(None).await.expect("rows").is_empty());
     assert!(!cli(&["connection", "list"]).contains("alice"));
     let audit = cli(&["audit", "export", "--format", "jsonl"]);
