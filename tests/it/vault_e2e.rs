@@ -504,3 +504,89 @@ async fn the_client_metadata_document_lists_every_callback() {
     assert_eq!(resp.status(), 404);
     plain.stop().await;
 }
+
+/// No upstream token, authorization code, PKCE verifier, state or link secret reaches the
+/// gateway's logs, even at `debug` (R117): a whole flow, a refresh and a call through
+/// `portcullis serve`, then every secret of the flow is looked for in what it printed.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_secret_of_the_flow_reaches_the_logs() {
+    use secrecy::ExposeSecret;
+    let provider = Provider::start(5).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let config = dir.path().join("p.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n[log]\nlevel = \"debug\"\n{}",
+            dir.path().display().to_string(),
+            provider.servers()
+        ),
+    )
+    .expect("config");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env_remove("PORTCULLIS_MASTER_KEY")
+            .output()
+            .expect("runs");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    cli(&["user", "add", "alice"]);
+    let grant = cli(&["token", "create", "--user", "alice", "--name", "t"]).lines().last().expect("token").to_owned();
+    let log_path = dir.path().join("gateway.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .env("RUST_LOG", "debug")
+        .env_remove("PORTCULLIS_MASTER_KEY")
+        .stdout(log.try_clone().expect("clone"))
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("serve starts");
+    let http = reqwest::Client::new();
+    for _ in 0..100 {
+        if http.get(format!("{base}/healthz")).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut alice =
+        Caller { http: http.clone(), url: format!("{base}/mcp/acme"), token: grant, session: None, next_id: 1 };
+    alice.initialize().await;
+    let answer = alice.call("whoami", json!({})).await;
+    let link = link_in(&answer);
+    let (status, _) = open_link(&link, "alice").await;
+    assert_eq!(status, 200);
+    assert_eq!(alice.whoami().await, "alice");
+    tokio::time::sleep(Duration::from_secs(provider.ttl + 1)).await;
+    assert_eq!(alice.whoami().await, "alice", "after a refresh");
+
+    // Every secret the vault holds for alice, decrypted here to look for it.
+    let store = Store::connect(&format!("sqlite://{}/portcullis.db", dir.path().display())).await.expect("store");
+    let ring = portcullis::keys::load_key_ring(dir.path()).expect("key ring");
+    let row = store.vault_connections(None).await.expect("rows").remove(0);
+    let plain =
+        ring.decrypt(&portcullis::crypto::row_aad("vault_connections", &row.id), &row.sealed).expect("decrypts");
+    let tokens: Value = serde_json::from_slice(plain.expose_secret()).expect("json");
+    let mut secrets =
+        vec![tokens["a"].as_str().expect("access").to_owned(), tokens["r"].as_str().expect("refresh").to_owned()];
+    secrets.push(link.split("link=").nth(1).expect("link secret").to_owned());
+    serve.start_kill().expect("kill");
+    let _ = serve.wait().await;
+    let logged = std::fs::read_to_string(&log_path).expect("log");
+    assert!(logged.contains("upstream connection made") && logged.contains("upstream token refreshed"), "{logged}");
+    for secret in &secrets {
+        assert!(!logged.contains(secret.as_str()), "a secret of the flow was logged");
+    }
+    for marker in ["eyJ", "code=", "code_verifier", "refresh_token=", "state="] {
+        assert!(!logged.contains(marker), "{marker:?} appears in the logs");
+    }
+}
