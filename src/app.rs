@@ -30,8 +30,9 @@ pub struct Server {
     pub config: ServerConfig,
     /// Its connector.
     pub upstream: Upstream,
-    /// The upstream session shared by stateless (2026-07-28) clients, opened on first use.
-    stateless: tokio::sync::Mutex<Option<(SessionState, serde_json::Value)>>,
+    /// The upstream sessions of stateless (2026-07-28) clients, opened on first use: one for
+    /// everybody, or one per person on a server with per-user OAuth (keyed by principal id).
+    stateless: tokio::sync::Mutex<HashMap<String, (SessionState, serde_json::Value)>>,
     /// Metric handles by (method, status), registered on first use: the hot path then
     /// neither allocates labels nor searches the registry.
     metrics: dashmap::DashMap<(&'static str, u16), (metrics::Counter, metrics::Histogram)>,
@@ -56,27 +57,37 @@ impl Server {
         self.vault.as_ref()
     }
 
-    /// The upstream session for stateless clients and its `initialize` result.
+    /// Whose upstream session a stateless request of `caller` uses.
+    fn stateless_key(&self, caller: &str) -> String {
+        match &self.config.auth {
+            crate::config::UpstreamAuth::OAuth(o) if o.per_user => caller.to_owned(),
+            _ => String::new(),
+        }
+    }
+
+    /// The upstream session for `caller`'s stateless requests and its `initialize` result.
     pub async fn stateless_session(
         &self,
         app: &AppState,
+        caller: &str,
     ) -> Result<(SessionState, serde_json::Value), crate::upstream::UpstreamError> {
-        let mut slot = self.stateless.lock().await;
-        if let Some(open) = slot.as_ref() {
+        let key = self.stateless_key(caller);
+        let mut slots = self.stateless.lock().await;
+        if let Some(open) = slots.get(&key) {
             return Ok(open.clone());
         }
         let hello = crate::upstream::ClientHello {
             protocol: crate::mcp::version::LATEST_STATEFUL.to_owned(),
             capabilities: serde_json::json!({}),
             client_info: serde_json::json!({"name": "portcullis", "version": env!("CARGO_PKG_VERSION")}),
-            caller: String::new(),
+            caller: key.clone(),
         };
-        let key = format!("stateless-{}", crate::transport::session::new_session_key());
-        let opened = self.upstream.open(&hello, &key).await?;
+        let session_key = format!("stateless-{}", crate::transport::session::new_session_key());
+        let opened = self.upstream.open(&hello, &session_key).await?;
         let stateless_upstream = opened.upstream_protocol == crate::mcp::version::STATELESS;
         let state = SessionState {
             version: 1,
-            key,
+            key: session_key,
             client_protocol: crate::mcp::version::STATELESS.to_owned(),
             upstream_protocol: opened.upstream_protocol,
             upstream_session: opened.upstream_session,
@@ -85,16 +96,18 @@ impl Server {
                 .then(|| serde_json::json!({"capabilities": hello.capabilities, "clientInfo": hello.client_info})),
             features: 0,
             client: None,
-            subject: String::new(),
+            subject: key.clone(),
             pending: false,
         };
-        *slot = Some((state, opened.result));
-        Ok(slot.as_ref().map(Clone::clone).expect("just set"))
+        let open = (state, opened.result);
+        slots.insert(key, open.clone());
+        Ok(open)
     }
 
-    /// Drops the stateless clients' upstream session (the upstream forgot it).
-    pub async fn forget_stateless_session(&self) {
-        self.stateless.lock().await.take();
+    /// Drops `caller`'s stateless upstream session (the upstream forgot it).
+    pub async fn forget_stateless_session(&self, caller: &str) {
+        let key = self.stateless_key(caller);
+        self.stateless.lock().await.remove(&key);
     }
 }
 

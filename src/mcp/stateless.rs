@@ -2,7 +2,8 @@
 //! carries its protocol version and the client's capabilities in `_meta`.
 //!
 //! Toward an upstream that keeps sessions, the gateway holds one upstream session per server
-//! for these clients (opened without sampling, elicitation or roots, since the gateway does
+//! for these clients (one per person on a server with per-user OAuth, so each call uses its
+//! caller's upstream token) (opened without sampling, elicitation or roots, since the gateway does
 //! not yet translate them into 2026-07-28 input requests). `server/discover` is answered from
 //! that session's `initialize` result. Results gain the fields the revision requires
 //! (`resultType`, and `cacheScope`/`ttlMs` on cacheable results).
@@ -34,7 +35,13 @@ pub fn is_stateless(headers: &HeaderMap) -> bool {
 
 /// Handles one stateless message. Returns the reply to send (as JSON or SSE) and, for a
 /// request, its id.
-pub async fn handle(app: &AppState, server: &Server, headers: &HeaderMap, message: Message) -> Result<Reply, Failure> {
+pub async fn handle(
+    app: &AppState,
+    server: &Server,
+    caller: &str,
+    headers: &HeaderMap,
+    message: Message,
+) -> Result<Reply, Failure> {
     let id = message.id.clone();
     if let Some(m) = headers.get(METHOD_HEADER)
         && m.as_bytes() != message.method().as_bytes()
@@ -43,12 +50,14 @@ pub async fn handle(app: &AppState, server: &Server, headers: &HeaderMap, messag
         return Err(GatewayError::InvalidHeader("Mcp-Method does not match the body's method").with_id(id));
     }
     if message.kind == Kind::Request && message.method() == "server/discover" {
-        let (_, init) = server.stateless_session(app).await.map_err(|e| GatewayError::from(e).with_id(id.clone()))?;
+        let (_, init) =
+            server.stateless_session(app, caller).await.map_err(|e| GatewayError::from(e).with_id(id.clone()))?;
         let response = result_response(id.as_ref().unwrap_or(&Value::Null), discover_result(&init));
         return Ok(Reply::Json(serde_json::to_vec(&response).unwrap_or_default().into()));
     }
     let method = message.method.clone().unwrap_or_default();
-    let reply = send_with_reopen(app, server, message).await.map_err(|e| GatewayError::from(e).with_id(id.clone()))?;
+    let reply =
+        send_with_reopen(app, server, caller, message).await.map_err(|e| GatewayError::from(e).with_id(id.clone()))?;
     if id.is_none() {
         return Ok(Reply::Accepted);
     }
@@ -83,12 +92,17 @@ pub fn client_of(message: &Message) -> Option<(String, String)> {
 }
 
 /// Sends within the shared stateless session, reopening it once if the upstream forgot it.
-async fn send_with_reopen(app: &AppState, server: &Server, message: Message) -> Result<Reply, UpstreamError> {
-    let (session, _) = server.stateless_session(app).await?;
+async fn send_with_reopen(
+    app: &AppState,
+    server: &Server,
+    caller: &str,
+    message: Message,
+) -> Result<Reply, UpstreamError> {
+    let (session, _) = server.stateless_session(app, caller).await?;
     match server.upstream.send(&session, message.clone()).await {
         Err(UpstreamError::SessionExpired) => {
-            server.forget_stateless_session().await;
-            let (session, _) = server.stateless_session(app).await?;
+            server.forget_stateless_session(caller).await;
+            let (session, _) = server.stateless_session(app, caller).await?;
             server.upstream.send(&session, message).await
         }
         other => other,

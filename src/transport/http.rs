@@ -74,7 +74,7 @@ async fn one_message(
     if mcp::stateless::is_stateless(headers) {
         ex.client = mcp::stateless::client_of(&message);
         let request_id = (message.kind == Kind::Request).then(|| message.id.clone()).flatten();
-        let reply = mcp::stateless::handle(app, server, headers, message).await?;
+        let reply = mcp::stateless::handle(app, server, &principal.id, headers, message).await?;
         let timeout = server.config.request_timeout;
         return Ok(reply::post_response(reply, request_id, timeout, &server.config.name).await);
     }

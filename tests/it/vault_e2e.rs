@@ -590,3 +590,37 @@ async fn no_secret_of_the_flow_reaches_the_logs() {
         assert!(!logged.contains(marker), "{marker:?} appears in the logs");
     }
 }
+
+/// Clients of the stateless 2026-07-28 revision (no session) also call as their own person:
+/// the gateway keeps one upstream session per person for them on a per-user OAuth server.
+#[tokio::test(flavor = "multi_thread")]
+async fn stateless_clients_call_as_their_own_person() {
+    let provider = Provider::start(10).await;
+    let gw = TestGateway::start(&provider.servers()).await;
+    let store = store_of(&gw).await;
+    let mut alice = Caller::new(&store, &gw.url("acme"), "alice").await;
+    let mut bob = Caller::new(&store, &gw.url("acme"), "bob").await;
+    connect(&mut alice, "alice").await;
+    connect(&mut bob, "bob").await;
+    let meta = json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "stateless", "version": "1"},
+    });
+    for (caller, name) in [(&alice, "alice"), (&bob, "bob")] {
+        let body = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+            "params": {"name": "whoami", "arguments": {}, "_meta": meta}});
+        let resp = post(&caller.http, &caller.url, &body, None)
+            .header("authorization", format!("Bearer {}", caller.token))
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "tools/call")
+            .header("mcp-name", "whoami")
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(resp.status(), 200);
+        let answer = messages(resp).await.into_iter().find(|m| m["id"] == 7).expect("response");
+        assert_eq!(answer["result"]["content"][0]["text"], name, "{answer}");
+    }
+    gw.stop().await;
+}
