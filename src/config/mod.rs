@@ -475,6 +475,10 @@ impl Validator<'_> {
         };
         let stdio = matches!(transport, Some(ServerTransport::Stdio { .. }));
         let auth = self.auth(raw.auth, stdio, at, &what);
+        if public && matches!(auth, Some(UpstreamAuth::OAuth(_))) {
+            // Anonymous callers have no identity to hold a connection (nor to be handed one).
+            self.at(at, &what, "`public = true` cannot be combined with OAuth upstream credentials");
+        }
         if matches!(transport, Some(ServerTransport::Sse { .. })) && matches!(auth, Some(UpstreamAuth::OAuth(_))) {
             self.at(at, &what, "OAuth upstreams need the Streamable HTTP transport (not transport = \"sse\")");
         }

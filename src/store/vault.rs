@@ -132,14 +132,36 @@ impl Store {
         issuer: &str,
         redirect_uri: &str,
     ) -> Result<Option<ClientRow>, StoreError> {
+        self.vault_client_where("redirect_uri", server, issuer, redirect_uri).await
+    }
+
+    /// The registration of `client_id` for `server` at `issuer` (the one a flow or a
+    /// connection used, even if a newer one replaced it).
+    pub async fn vault_client_by_id(
+        &self,
+        server: &str,
+        issuer: &str,
+        client_id: &str,
+    ) -> Result<Option<ClientRow>, StoreError> {
+        self.vault_client_where("client_id", server, issuer, client_id).await
+    }
+
+    async fn vault_client_where(
+        &self,
+        column: &'static str,
+        server: &str,
+        issuer: &str,
+        value: &str,
+    ) -> Result<Option<ClientRow>, StoreError> {
+        let sql = format!(
+            "SELECT id, server, issuer, client_id, auth_method, redirect_uri, key_id, ciphertext, created_at \
+             FROM vault_clients WHERE server = $1 AND issuer = $2 AND {column} = $3"
+        );
         let row = crate::on_pool!(self, p => {
-            let row = sqlx::query(
-                "SELECT id, server, issuer, client_id, auth_method, redirect_uri, key_id, ciphertext, created_at \
-                 FROM vault_clients WHERE server = $1 AND issuer = $2 AND redirect_uri = $3",
-            )
+            let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(server)
             .bind(issuer)
-            .bind(redirect_uri)
+            .bind(value)
             .fetch_optional(p)
             .await?;
             row.map(|r| {
@@ -159,13 +181,13 @@ impl Store {
         Ok(row)
     }
 
-    /// Stores a registration, replacing an earlier one for the same server, issuer and URI.
+    /// Stores a registration unless one for the same server, issuer and URI exists (a
+    /// concurrent registration won: read it back with [`Store::vault_client`] and use that).
     pub async fn vault_client_put(&self, c: &ClientRow) -> Result<(), StoreError> {
         crate::on_pool!(self, p => sqlx::query(
             "INSERT INTO vault_clients (id, server, issuer, client_id, auth_method, redirect_uri, key_id, ciphertext, \
-             created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (server, issuer, redirect_uri) DO \
-             UPDATE SET id = excluded.id, client_id = excluded.client_id, auth_method = excluded.auth_method, \
-             key_id = excluded.key_id, ciphertext = excluded.ciphertext, created_at = excluded.created_at",
+             created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (server, issuer, redirect_uri) DO NOTHING",
         )
         .bind(&c.id)
         .bind(&c.server)
@@ -182,11 +204,15 @@ impl Store {
         Ok(())
     }
 
-    /// Forgets the registration of `server` at `issuer` (the server no longer knows it).
-    pub async fn vault_client_delete(&self, server: &str, issuer: &str) -> Result<(), StoreError> {
-        crate::on_pool!(self, p => sqlx::query("DELETE FROM vault_clients WHERE server = $1 AND issuer = $2")
+    /// Forgets the registration `client_id` of `server` at `issuer` (the issuer no longer
+    /// knows it); a newer registration stays.
+    pub async fn vault_client_delete(&self, server: &str, issuer: &str, client_id: &str) -> Result<(), StoreError> {
+        crate::on_pool!(self, p => sqlx::query(
+            "DELETE FROM vault_clients WHERE server = $1 AND issuer = $2 AND client_id = $3",
+        )
             .bind(server)
             .bind(issuer)
+            .bind(client_id)
             .execute(p)
             .await?
             .rows_affected());

@@ -202,13 +202,23 @@ impl StdioUpstream {
             client_info: serde_json::json!({ "name": "portcullis", "version": env!("CARGO_PKG_VERSION") }),
             caller: String::new(),
         };
-        let response = mux.call(super::initialize_request(Value::from(0), &hello)).await?;
-        let opened = super::opened_from_response(&self.name, response, None)?;
-        mux.forward(
-            "",
-            &Message::from_value(&serde_json::json!({"jsonrpc":"2.0","method":"notifications/initialized"})),
-        )?;
-        Ok(Running { mux, init: opened.result, child, writer })
+        let running = Running { mux: mux.clone(), init: Value::Null, child, writer };
+        let initialized = async {
+            let response = mux.call(super::initialize_request(Value::from(0), &hello)).await?;
+            let opened = super::opened_from_response(&self.name, response, None)?;
+            mux.forward(
+                "",
+                &Message::from_value(&serde_json::json!({"jsonrpc":"2.0","method":"notifications/initialized"})),
+            )?;
+            Ok::<_, UpstreamError>(opened.result)
+        };
+        // The caller's timeout may drop this future: a guard stops the process unless it
+        // initialized, so no half-started process (with a token in its environment) lingers.
+        let mut guard = StartGuard(Some(running));
+        let init = initialized.await?;
+        let mut running = guard.0.take().ok_or_else(|| self.process_error("lost its process"))?;
+        running.init = init;
+        Ok(running)
     }
 
     /// Answers a client's `initialize` from the process's own initialization.
@@ -302,6 +312,17 @@ impl StdioUpstream {
             }
         }
         stopped
+    }
+}
+
+/// Stops a process that did not finish starting, when dropped while still holding it.
+struct StartGuard(Option<Running>);
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take() {
+            tokio::spawn(stop(r));
+        }
     }
 }
 

@@ -625,6 +625,7 @@ impl Vault {
         };
         let client = endpoint::register(&self.egress, endpoint, redirect_uri, supported).await?;
         let id = uuid::Uuid::now_v7().to_string();
+        let ours = client.client_id.clone();
         let secret = client.secret.as_ref().map(|s| s.expose_secret().to_owned()).unwrap_or_default();
         let sealed = self.seal(crate::store::vault::CLIENTS_TABLE.table, &id, secret.as_bytes())?;
         self.store
@@ -639,6 +640,11 @@ impl Vault {
                 created_at: self.now(),
             })
             .await?;
+        // A concurrent registration may have been stored first: everybody uses the stored one.
+        let stored = self.store.vault_client(&vs.name, issuer, redirect_uri).await?;
+        if let Some(row) = stored.filter(|r| r.client_id != ours) {
+            return Ok((self.client_of(&row)?, ClientKind::Dynamic));
+        }
         tracing::info!(server = %vs.name, %issuer, "registered with the upstream's authorization server");
         Ok((client, ClientKind::Dynamic))
     }
@@ -686,7 +692,7 @@ impl Vault {
             }
             ClientKind::Dynamic => {
                 let row =
-                    self.store.vault_client(&conn.server, &conn.issuer, &d.redirect_uri).await?.ok_or_else(|| {
+                    self.store.vault_client_by_id(&conn.server, &conn.issuer, &conn.client_id).await?.ok_or_else(|| {
                         VaultError::NeedsReconnect {
                             server: conn.server.clone(),
                             reason: "the gateway's registration with the authorization server is gone".to_owned(),
@@ -746,7 +752,7 @@ impl Vault {
             }
             ClientKind::Dynamic => {
                 let row =
-                    self.store.vault_client(server, &d.metadata.issuer, &d.redirect_uri).await?.ok_or_else(|| {
+                    self.store.vault_client_by_id(server, &d.metadata.issuer, &d.client_id).await?.ok_or_else(|| {
                         VaultError::Flow { detail: "the registration used for this flow is gone".to_owned() }
                     })?;
                 self.client_of(&row)?
@@ -943,7 +949,7 @@ impl Vault {
                 let reason = format!("the authorization server refused the refresh ({detail})");
                 self.store.vault_connection_failed(&row.id, true, &reason).await?;
                 if code == "invalid_client" && d.client_kind == ClientKind::Dynamic {
-                    self.store.vault_client_delete(server, &row.issuer).await?;
+                    self.store.vault_client_delete(server, &row.issuer, &row.client_id).await?;
                 }
                 metrics::counter!("portcullis_vault_refresh_total", "server" => server.to_owned(), "outcome" => "reconnect")
                     .increment(1);

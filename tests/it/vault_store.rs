@@ -140,7 +140,19 @@ async fn registrations_are_per_issuer(store: Store) {
     store.vault_client_put(&row("2", "https://as-b")).await.expect("put");
     let cb = "https://gw/oauth/callback/gh";
     assert_eq!(store.vault_client("gh", "https://as-a", cb).await.expect("get").expect("a").client_id, "client-1");
-    store.vault_client_delete("gh", "https://as-a").await.expect("delete");
+    store.vault_client_delete("gh", "https://as-a", "client-other").await.expect("delete");
+    assert!(store.vault_client("gh", "https://as-a", cb).await.expect("get").is_some(), "another client id stays");
+    store.vault_client_put(&row("3", "https://as-a")).await.expect("a concurrent registration");
+    assert_eq!(
+        store.vault_client("gh", "https://as-a", cb).await.expect("get").expect("a").client_id,
+        "client-1",
+        "the first registration stored wins"
+    );
+    assert_eq!(
+        store.vault_client_by_id("gh", "https://as-a", "client-1").await.expect("get").expect("by id").id,
+        "1"
+    );
+    store.vault_client_delete("gh", "https://as-a", "client-1").await.expect("delete");
     assert!(store.vault_client("gh", "https://as-a", cb).await.expect("get").is_none());
     assert!(store.vault_client("gh", "https://as-b", cb).await.expect("get").is_some(), "another issuer's stays");
 }
