@@ -391,21 +391,14 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// Across replicas sharing PostgreSQL, one refresh per connection at a time: a
-    /// transaction holding an advisory lock on the connection's key, released when the
-    /// returned guard drops. SQLite serves one gateway process, whose own lock suffices.
+    /// [`refresh_lock`] on this store's pool (`None` on SQLite).
     pub async fn vault_refresh_lock(
         &self,
         server: &str,
         subject: &str,
     ) -> Result<Option<sqlx::Transaction<'static, sqlx::Postgres>>, StoreError> {
         let Store::Postgres(p) = self else { return Ok(None) };
-        let mut tx = p.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))")
-            .bind(format!("vault:{server}\n{subject}"))
-            .execute(&mut *tx)
-            .await?;
-        Ok(Some(tx))
+        Ok(Some(refresh_lock(p, server, subject).await?))
     }
 
     /// Stores a connect link (and drops expired ones).
@@ -455,6 +448,22 @@ impl Store {
         });
         Ok(row)
     }
+}
+
+/// Across replicas sharing PostgreSQL, one refresh per connection at a time: a transaction on
+/// `pool` holding an advisory lock on the connection's key, released when the returned guard
+/// drops. SQLite serves one gateway process, whose own lock suffices.
+pub async fn refresh_lock(
+    pool: &sqlx::PgPool,
+    server: &str,
+    subject: &str,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7))")
+        .bind(format!("vault:{server}\n{subject}"))
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
 }
 
 /// A connect link.

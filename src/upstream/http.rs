@@ -327,8 +327,10 @@ impl HttpUpstream {
 
     /// Ready when the upstream answers HTTP at all (any status).
     pub async fn ready(&self) -> Result<(), UpstreamError> {
-        self.request(reqwest::Method::GET, None, "")
-            .await?
+        // Without credentials: a readiness probe must not fetch or refresh tokens.
+        self.client
+            .request(reqwest::Method::GET, self.url.clone())
+            .header(header::ACCEPT, ACCEPT_BOTH)
             .timeout(Duration::from_secs(5))
             .send()
             .await

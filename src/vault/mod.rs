@@ -207,6 +207,9 @@ pub struct Vault {
     /// One refresh per connection at a time in this process (PostgreSQL adds a lock across
     /// replicas).
     locks: DashMap<(String, String), Arc<tokio::sync::Mutex<()>>>,
+    /// With PostgreSQL: a small pool of its own for the replicas' refresh locks, so lock
+    /// holders never wait for a connection that other lock holders keep.
+    lock_pool: Option<sqlx::PgPool>,
     /// The last challenge each server sent (its metadata URL and scopes), for links made
     /// without one at hand.
     challenges: DashMap<String, BearerChallenge>,
@@ -323,7 +326,16 @@ impl Vault {
         cimd_url: Option<String>,
         servers: Vec<VaultServer>,
     ) -> Arc<Vault> {
+        let lock_pool = match &store {
+            Store::Postgres(p) => Some(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(4)
+                    .connect_lazy_with((*p.connect_options()).clone()),
+            ),
+            Store::Sqlite(_) => None,
+        };
         Arc::new(Vault {
+            lock_pool,
             store,
             keys,
             egress,
@@ -692,12 +704,12 @@ impl Vault {
             }
             ClientKind::Dynamic => {
                 let row =
-                    self.store.vault_client_by_id(&conn.server, &conn.issuer, &conn.client_id).await?.ok_or_else(|| {
-                        VaultError::NeedsReconnect {
+                    self.store.vault_client_by_id(&conn.server, &conn.issuer, &conn.client_id).await?.ok_or_else(
+                        || VaultError::NeedsReconnect {
                             server: conn.server.clone(),
                             reason: "the gateway's registration with the authorization server is gone".to_owned(),
-                        }
-                    })?;
+                        },
+                    )?;
                 self.client_of(&row)
             }
         }
@@ -751,10 +763,9 @@ impl Vault {
                 ClientAuth { client_id: d.client_id.clone(), secret: None, method: AuthMethod::None }
             }
             ClientKind::Dynamic => {
-                let row =
-                    self.store.vault_client_by_id(server, &d.metadata.issuer, &d.client_id).await?.ok_or_else(|| {
-                        VaultError::Flow { detail: "the registration used for this flow is gone".to_owned() }
-                    })?;
+                let row = self.store.vault_client_by_id(server, &d.metadata.issuer, &d.client_id).await?.ok_or_else(
+                    || VaultError::Flow { detail: "the registration used for this flow is gone".to_owned() },
+                )?;
                 self.client_of(&row)?
             }
         };
@@ -843,7 +854,7 @@ impl Vault {
 
     /// The access token for `caller`'s calls to `server`, refreshed first when it is about to
     /// expire. Returns it with the connection's generation (for [`Vault::rejected`]).
-    pub async fn token(&self, server: &str, caller: &str) -> Result<(SecretString, i64), VaultError> {
+    pub async fn token(self: &Arc<Self>, server: &str, caller: &str) -> Result<(SecretString, i64), VaultError> {
         let subject = self.subject_for(server, caller);
         let key = (server.to_owned(), subject.clone());
         let now = self.now();
@@ -878,7 +889,7 @@ impl Vault {
     /// An upstream refused the token of `generation` (401): refresh once, unless another call
     /// already did (R99). The caller retries once with the new token.
     pub async fn rejected(
-        &self,
+        self: &Arc<Self>,
         server: &str,
         caller: &str,
         generation: i64,
@@ -890,11 +901,31 @@ impl Vault {
 
     /// Refreshes the connection of `subject` at `server` unless its generation moved past
     /// `seen` (then the newer token is returned). One refresh at a time per connection.
-    async fn refresh(&self, server: &str, subject: &str, seen: i64) -> Result<(SecretString, i64), VaultError> {
+    ///
+    /// The refresh runs in a task of its own: a caller that goes away (a client that
+    /// disconnects, a timeout) must not cancel it between the provider rotating the refresh
+    /// token and the store keeping the new one.
+    async fn refresh(
+        self: &Arc<Self>,
+        server: &str,
+        subject: &str,
+        seen: i64,
+    ) -> Result<(SecretString, i64), VaultError> {
+        let this = self.clone();
+        let (server, subject) = (server.to_owned(), subject.to_owned());
+        tokio::spawn(async move { this.refresh_now(&server, &subject, seen).await })
+            .await
+            .map_err(|e| VaultError::Config { detail: format!("the refresh task failed: {e}") })?
+    }
+
+    async fn refresh_now(&self, server: &str, subject: &str, seen: i64) -> Result<(SecretString, i64), VaultError> {
         let key = (server.to_owned(), subject.to_owned());
         let lock = self.locks.entry(key.clone()).or_default().clone();
         let _held = lock.lock().await;
-        let _replicas = self.store.vault_refresh_lock(server, subject).await?;
+        let _replicas = match &self.lock_pool {
+            Some(pool) => Some(crate::store::vault::refresh_lock(pool, server, subject).await?),
+            None => None,
+        };
         let row = self
             .store
             .vault_connection(server, subject)
@@ -1073,7 +1104,7 @@ impl Vault {
     }
 
     /// One pass of the background refresher; returns how many connections it refreshed.
-    pub async fn refresh_due(&self) -> Result<usize, VaultError> {
+    pub async fn refresh_due(self: &Arc<Self>) -> Result<usize, VaultError> {
         let now = self.now();
         let tick = i64::try_from(REFRESHER_TICK.as_secs()).unwrap_or(15);
         let mut refreshed = 0;

@@ -148,10 +148,7 @@ async fn registrations_are_per_issuer(store: Store) {
         "client-1",
         "the first registration stored wins"
     );
-    assert_eq!(
-        store.vault_client_by_id("gh", "https://as-a", "client-1").await.expect("get").expect("by id").id,
-        "1"
-    );
+    assert_eq!(store.vault_client_by_id("gh", "https://as-a", "client-1").await.expect("get").expect("by id").id, "1");
     store.vault_client_delete("gh", "https://as-a", "client-1").await.expect("delete");
     assert!(store.vault_client("gh", "https://as-a", cb).await.expect("get").is_none());
     assert!(store.vault_client("gh", "https://as-b", cb).await.expect("get").is_some(), "another issuer's stays");
