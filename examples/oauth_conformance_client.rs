@@ -33,7 +33,6 @@ use url::Url;
 /// The Client ID Metadata Document URL the suite expects (`auth/basic-cimd`).
 const CIMD_URL: &str = "https://conformance-test.local/client-metadata.json";
 const SERVER: &str = "conformance";
-const CALLER: &str = "conformance-user";
 /// Authorization attempts per operation (`auth/scope-retry-limit`: at most 3).
 const MAX_AUTHORIZATIONS: usize = 3;
 
@@ -60,12 +59,20 @@ async fn run() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let store = Store::connect(&format!("sqlite://{}/vault.db", dir.path().display())).await?;
     let keys = SharedKeyRing::new(KeyRing::single(Key::random()), None);
+    // The person connecting: a principal of the gateway, as in production.
+    let caller = store.principal_add("conformance-user", false, &[], 0).await?.map_err(|e| anyhow::anyhow!("{e}"))?.id;
+    let outbound = OutboundConfig { allow_http_loopback: true, ..OutboundConfig::default() };
     let mut oauth = OAuthConfig { per_user: true, resource_parameter: true, ..OAuthConfig::default() };
     if let Some(id) = context.get("client_id").and_then(|v| v.as_str()) {
         oauth.client_id = Some(id.to_owned());
         if let Some(secret) = context.get("client_secret").and_then(|v| v.as_str()) {
             store.secret_set("client-secret", &SecretString::from(secret), &keys.current(), 0).await?;
             oauth.client_secret = Some("client-secret".to_owned());
+            // An operator pins the issuer a pre-registered client belongs to; here it is
+            // whatever the suite's server names, looked up once.
+            let egress = Egress::new(outbound.policy());
+            let found = portcullis::vault::discovery::discover(&egress, Some(&url), None, &Default::default()).await?;
+            oauth.issuer = Some(found.server.issuer);
         }
     }
     // Machine-to-machine scenarios: the client credentials grant, no person involved.
@@ -73,7 +80,6 @@ async fn run() -> anyhow::Result<()> {
         oauth.client_credentials = true;
         oauth.per_user = false;
     }
-    let outbound = OutboundConfig { allow_http_loopback: true, ..OutboundConfig::default() };
     let vault = Vault::new(
         store.clone(),
         keys.clone(),
@@ -98,7 +104,7 @@ async fn run() -> anyhow::Result<()> {
         protocol: "2025-11-25".to_owned(),
         capabilities: serde_json::json!({}),
         client_info: serde_json::json!({"name": "portcullis-conformance", "version": "1"}),
-        caller: CALLER.to_owned(),
+        caller: caller.clone(),
     };
     let mut attempts = 0;
     let opened = loop {
@@ -115,7 +121,7 @@ async fn run() -> anyhow::Result<()> {
         client_protocol: "2025-11-25".to_owned(),
         upstream_protocol: opened.upstream_protocol,
         upstream_session: opened.upstream_session,
-        subject: CALLER.to_owned(),
+        subject: caller.clone(),
         ..SessionState::default()
     };
     let list = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}});

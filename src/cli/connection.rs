@@ -150,6 +150,7 @@ async fn names(store: &Store) -> anyhow::Result<Vec<(String, String)>> {
 /// and deletes it. Returns `(server, outcome)` pairs; empty without a vault.
 pub(super) async fn revoke_all(config: &Config, store: &Store, subject: &str) -> anyhow::Result<Vec<(String, String)>> {
     let Ok(vault) = vault(config, store).await else { return Ok(Vec::new()) };
+    store.vault_forget_subject(subject).await?;
     let mut report = Vec::new();
     for c in vault.connections(Some(subject)).await? {
         let mut outcome = match vault.revoke(&c.server, subject).await {

@@ -584,6 +584,18 @@ impl Validator<'_> {
             self.at(at, what, "`client_secret` needs `client_id`");
             ok = false;
         }
+        if raw.client_secret.is_some() && raw.issuer.is_none() && raw.metadata_url.is_none() {
+            self.at(
+                at,
+                what,
+                "`client_secret` needs `issuer` (or `metadata_url`): the client's secret goes only to the authorization server it belongs to",
+            );
+            ok = false;
+        }
+        if raw.issuer.is_some() && raw.client_id.is_none() {
+            self.at(at, what, "`issuer` pins a pre-registered client: it needs `client_id`");
+            ok = false;
+        }
         let method = match raw.token_endpoint_auth_method.as_deref() {
             None => None,
             Some(m) => {
@@ -640,6 +652,7 @@ impl Validator<'_> {
             client_credentials: machine,
             scopes,
             client_id: raw.client_id,
+            issuer: raw.issuer,
             client_secret: raw.client_secret,
             token_endpoint_auth_method: method,
             metadata_url,

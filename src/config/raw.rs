@@ -104,6 +104,8 @@ pub struct RawAuth {
     pub scopes: Option<Vec<String>>,
     /// A pre-registered client id.
     pub client_id: Option<String>,
+    /// The issuer the pre-registered client belongs to.
+    pub issuer: Option<String>,
     /// The stored secret (name) holding the pre-registered client's secret.
     pub client_secret: Option<String>,
     /// `client_secret_basic`, `client_secret_post` or `none` for the pre-registered client.

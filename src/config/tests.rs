@@ -131,7 +131,7 @@ fn oauth_auth_is_parsed_with_its_pins_and_provider_quirks() {
 [[servers]]
 name = "gh"
 url = "https://mcp.example.com/mcp"
-auth = { type = "oauth", scopes = ["repo"], client_id = "abc", client_secret = "gh-client", provider = "entra" }
+auth = { type = "oauth", scopes = ["repo"], client_id = "abc", client_secret = "gh-client", issuer = "https://as.example.com", provider = "entra" }
 
 [[servers]]
 name = "shared"

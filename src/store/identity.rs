@@ -168,6 +168,17 @@ impl Store {
         Ok(rows)
     }
 
+    /// Whether the principal with id `id` exists and is enabled.
+    pub async fn principal_enabled(&self, id: &str) -> Result<bool, StoreError> {
+        let row: Option<Option<i64>> = on_pool!(self, p => sqlx::query_scalar(
+            "SELECT disabled_at FROM principals WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(p)
+        .await?);
+        Ok(matches!(row, Some(None)))
+    }
+
     /// Disables a principal and revokes all its grant tokens in one transaction. Returns the
     /// number of tokens revoked.
     pub async fn principal_disable(&self, name: &str, now: i64) -> Result<Result<u64, IdentityError>, StoreError> {

@@ -401,6 +401,17 @@ impl Store {
         Ok(Some(refresh_lock(p, server, subject).await?))
     }
 
+    /// Drops every link and flow in progress of `subject` (offboarding: none may create a
+    /// connection afterwards). Returns how many were dropped.
+    pub async fn vault_forget_subject(&self, subject: &str) -> Result<u64, StoreError> {
+        let n = crate::on_pool!(self, p => {
+            let a = sqlx::query("DELETE FROM vault_links WHERE subject = $1").bind(subject).execute(p).await?.rows_affected();
+            let b = sqlx::query("DELETE FROM vault_flows WHERE subject = $1").bind(subject).execute(p).await?.rows_affected();
+            a + b
+        });
+        Ok(n)
+    }
+
     /// Stores a connect link (and drops expired ones).
     pub async fn vault_link_put(&self, l: &LinkRow) -> Result<(), StoreError> {
         crate::on_pool!(self, p => {

@@ -64,6 +64,9 @@ pub struct OAuthConfig {
     pub scopes: Vec<String>,
     /// A pre-registered client id.
     pub client_id: Option<String>,
+    /// The issuer the pre-registered client belongs to: its secret is never sent to another
+    /// (R86, R121). Required with `client_secret` unless `metadata_url` pins the server.
+    pub issuer: Option<String>,
     /// The name of the stored secret holding the pre-registered client's secret.
     pub client_secret: Option<String>,
     /// Pin the token endpoint authentication method of the pre-registered client.
@@ -487,6 +490,7 @@ impl Vault {
     /// Uses a connect link for `server` (once) and starts the authorization: the URL to send
     /// the person's browser to.
     pub async fn begin_from_link(&self, server: &str, link_secret: &str) -> Result<Url, VaultError> {
+        self.server(server)?;
         let row = self
             .store
             .vault_link_use(&sha256_hex(link_secret), self.now())
@@ -513,6 +517,7 @@ impl Vault {
         challenge: Option<&BearerChallenge>,
     ) -> Result<Url, VaultError> {
         let vs = self.server(server)?.clone();
+        self.check_enabled(subject).await?;
         let pins = Pins { metadata_url: vs.oauth.metadata_url.clone() };
         let found = discovery::discover(&self.egress, vs.url.as_ref(), challenge, &pins).await?;
         let redirect_uri = self.redirect_uri(server);
@@ -572,6 +577,15 @@ impl Vault {
         Ok(url)
     }
 
+    /// Refuses to connect for a person who is disabled (or gone): offboarding must not be
+    /// undone by a link or a flow that was still open.
+    async fn check_enabled(&self, subject: &str) -> Result<(), VaultError> {
+        if subject.is_empty() || self.store.principal_enabled(subject).await? {
+            return Ok(());
+        }
+        Err(VaultError::Flow { detail: "the person this connection is for is disabled".to_owned() })
+    }
+
     /// Scope selection (R92–R94): configured scopes, then the challenge's, else everything
     /// the resource metadata lists; previous scopes kept on step-up; `offline_access` when
     /// the authorization server lists it.
@@ -610,6 +624,18 @@ impl Vault {
     ) -> Result<(ClientAuth, ClientKind), VaultError> {
         let supported = found.server.token_endpoint_auth_methods_supported.as_deref();
         if let Some(id) = &vs.oauth.client_id {
+            // The pre-registered client belongs to one authorization server: an upstream that
+            // names another one must not receive its secret (R86, R121).
+            if let Some(pinned) = &vs.oauth.issuer
+                && *pinned != found.server.issuer
+            {
+                return Err(VaultError::Discovery {
+                    detail: format!(
+                        "the upstream names the authorization server {}, but this server's client is registered at {pinned}",
+                        found.server.issuer
+                    ),
+                });
+            }
             let secret = self.preregistered_secret(vs).await?;
             let method =
                 vs.oauth.token_endpoint_auth_method.unwrap_or_else(|| AuthMethod::choose(secret.is_some(), supported));
@@ -728,6 +754,7 @@ impl Vault {
         if flow.server != server {
             return Err(VaultError::Flow { detail: "this response belongs to another server's callback".to_owned() });
         }
+        self.check_enabled(&flow.subject).await?;
         let d: FlowDetails = serde_json::from_str(&flow.details)
             .map_err(|_| VaultError::Flow { detail: "the stored flow is unreadable".to_owned() })?;
         match params.get("iss") {
@@ -1052,6 +1079,14 @@ impl Vault {
     /// Revokes `subject`'s connection to `server` at the provider (RFC 7009, when it has a
     /// revocation endpoint) and deletes it. Returns what happened at the provider.
     pub async fn revoke(&self, server: &str, subject: &str) -> Result<Option<String>, VaultError> {
+        // Under the refresh locks, so a refresh cannot rotate the token between the read and
+        // the revocation.
+        let lock = self.locks.entry((server.to_owned(), subject.to_owned())).or_default().clone();
+        let _held = lock.lock().await;
+        let _replicas = match &self.lock_pool {
+            Some(pool) => Some(crate::store::vault::refresh_lock(pool, server, subject).await?),
+            None => None,
+        };
         let Some(row) = self.store.vault_connection(server, subject).await? else { return Ok(None) };
         let outcome = self.revoke_at_provider(&row).await;
         self.store.vault_connection_delete(&row.id).await?;
