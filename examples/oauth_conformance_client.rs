@@ -160,7 +160,7 @@ async fn connect(
     }
     let link = Url::parse(link.expose_secret())?;
     let secret = link.query_pairs().find(|(k, _)| k == "link").map(|(_, v)| v.into_owned()).unwrap_or_default();
-    let authorize = vault.begin_from_link(SERVER, &secret).await?;
+    let authorize = vault.begin_from_link(SERVER, &secret, Some("driver-browser")).await?;
     let resp = browser.get(authorize).send().await?;
     let location = resp
         .headers()
@@ -169,7 +169,7 @@ async fn connect(
         .ok_or_else(|| anyhow::anyhow!("the authorization server answered {} without a redirect", resp.status()))?;
     let callback = Url::parse(location)?;
     let params: HashMap<String, String> = callback.query_pairs().into_owned().collect();
-    let connected = vault.complete(SERVER, &params).await?;
+    let connected = vault.complete(SERVER, &params, Some("driver-browser")).await?;
     eprintln!("connected with scopes {:?}", connected.scopes);
     Ok(())
 }

@@ -419,7 +419,7 @@ fn router(state: AppState) -> Router {
         .route("/mcp/{server}/", post(mcp_http::post).get(mcp_http::get).delete(mcp_http::delete))
         .route("/mcp/{server}/sse", get(crate::transport::legacy_sse::open))
         .route("/mcp/{server}/messages", post(crate::transport::legacy_sse::message))
-        .route("/connect/{server}", get(crate::transport::connect::connect))
+        .route("/connect/{server}", get(crate::transport::connect::connect).post(crate::transport::connect::confirm))
         .route("/oauth/callback/{server}", get(crate::transport::connect::callback))
         .route("/oauth/client-metadata.json", get(crate::transport::connect::client_metadata))
         .route("/healthz", get(|| async { "ok" }))

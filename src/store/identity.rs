@@ -168,6 +168,15 @@ impl Store {
         Ok(rows)
     }
 
+    /// The name of the principal with id `id`.
+    pub async fn principal_name(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let name: Option<String> = on_pool!(self, p => sqlx::query_scalar("SELECT name FROM principals WHERE id = $1")
+            .bind(id)
+            .fetch_optional(p)
+            .await?);
+        Ok(name)
+    }
+
     /// Whether the principal with id `id` exists and is enabled.
     pub async fn principal_enabled(&self, id: &str) -> Result<bool, StoreError> {
         let row: Option<Option<i64>> = on_pool!(self, p => sqlx::query_scalar(

@@ -433,18 +433,40 @@ impl Store {
         Ok(())
     }
 
-    /// Uses the link `id` at `now`: returns it if it existed, was unused and unexpired, and
-    /// marks it used in the same statement (a link works once).
-    pub async fn vault_link_use(&self, id: &str, now: i64) -> Result<Option<LinkRow>, StoreError> {
+    /// The link `id` for `server` if it is unused and unexpired at `now` (not using it).
+    pub async fn vault_link_peek(&self, id: &str, server: &str, now: i64) -> Result<Option<LinkRow>, StoreError> {
+        self.vault_link_query(
+            "SELECT id, server, subject, details, created_at, expires_at FROM vault_links \
+             WHERE id = $1 AND used_at IS NULL AND expires_at >= $2 AND server = $3",
+            id,
+            server,
+            now,
+        )
+        .await
+    }
+
+    /// Uses the link `id` for `server` at `now`: returns it if it existed, was unused and
+    /// unexpired, and marks it used in the same statement (a link works once).
+    pub async fn vault_link_use(&self, id: &str, server: &str, now: i64) -> Result<Option<LinkRow>, StoreError> {
+        self.vault_link_query(
+            "UPDATE vault_links SET used_at = $2 WHERE id = $1 AND used_at IS NULL AND expires_at >= $2 \
+             AND server = $3 RETURNING id, server, subject, details, created_at, expires_at",
+            id,
+            server,
+            now,
+        )
+        .await
+    }
+
+    async fn vault_link_query(
+        &self,
+        sql: &'static str,
+        id: &str,
+        server: &str,
+        now: i64,
+    ) -> Result<Option<LinkRow>, StoreError> {
         let row = crate::on_pool!(self, p => {
-            let row = sqlx::query(
-                "UPDATE vault_links SET used_at = $2 WHERE id = $1 AND used_at IS NULL AND expires_at >= $2 \
-                 RETURNING id, server, subject, details, created_at, expires_at",
-            )
-            .bind(id)
-            .bind(now)
-            .fetch_optional(p)
-            .await?;
+            let row = sqlx::query(sql).bind(id).bind(now).bind(server).fetch_optional(p).await?;
             row.map(|r| {
                 Ok::<_, sqlx::Error>(LinkRow {
                     id: r.try_get(0)?,

@@ -253,6 +253,9 @@ struct FlowDetails {
     client_kind: ClientKind,
     auth_method: AuthMethod,
     metadata: ServerMetadata,
+    /// SHA-256 of the secret the browser that started the flow holds, if it was bound to one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    browser: Option<String>,
 }
 
 /// Non-secret details of a connection.
@@ -489,23 +492,39 @@ impl Vault {
 
     /// Uses a connect link for `server` (once) and starts the authorization: the URL to send
     /// the person's browser to.
-    pub async fn begin_from_link(&self, server: &str, link_secret: &str) -> Result<Url, VaultError> {
+    ///
+    /// `browser` is a secret the caller also gave the browser (a cookie): the callback then
+    /// accepts the response only from that browser, so an authorization URL copied out of
+    /// this flow and sent to someone else cannot connect their account here.
+    pub async fn begin_from_link(
+        &self,
+        server: &str,
+        link_secret: &str,
+        browser: Option<&str>,
+    ) -> Result<Url, VaultError> {
         self.server(server)?;
-        let row = self
-            .store
-            .vault_link_use(&sha256_hex(link_secret), self.now())
-            .await?
-            .filter(|r| r.server == server)
-            .ok_or_else(|| VaultError::Flow {
+        let row = self.store.vault_link_use(&sha256_hex(link_secret), server, self.now()).await?.ok_or_else(|| {
+            VaultError::Flow {
                 detail: "this connect link is unknown, expired or already used; ask for a new one".to_owned(),
-            })?;
+            }
+        })?;
         let details: LinkDetails = serde_json::from_str(&row.details).unwrap_or_default();
         let challenge = BearerChallenge {
             error: None,
             scope: (!details.scopes.is_empty()).then(|| details.scopes.join(" ")),
             resource_metadata: details.resource_metadata,
         };
-        self.begin(server, &row.subject, Some(&challenge)).await
+        self.begin(server, &row.subject, Some(&challenge), browser).await
+    }
+
+    /// Whose connection the link `link_secret` for `server` would make (`''`: the shared
+    /// one), without using it: for the page that asks the person to confirm.
+    pub async fn peek_link(&self, server: &str, link_secret: &str) -> Result<String, VaultError> {
+        self.store.vault_link_peek(&sha256_hex(link_secret), server, self.now()).await?.map(|r| r.subject).ok_or_else(
+            || VaultError::Flow {
+                detail: "this connect link is unknown, expired or already used; ask for a new one".to_owned(),
+            },
+        )
     }
 
     /// Discovers, registers and records a flow for `subject` at `server`; returns the
@@ -515,6 +534,7 @@ impl Vault {
         server: &str,
         subject: &str,
         challenge: Option<&BearerChallenge>,
+        browser: Option<&str>,
     ) -> Result<Url, VaultError> {
         let vs = self.server(server)?.clone();
         self.check_enabled(subject).await?;
@@ -560,6 +580,7 @@ impl Vault {
             client_kind: kind,
             auth_method: client.method,
             metadata: found.server,
+            browser: browser.map(sha256_hex),
         };
         let sealed = self.seal(crate::store::vault::FLOWS_TABLE.table, &id, pkce_verifier.as_bytes())?;
         self.store
@@ -743,7 +764,15 @@ impl Vault {
 
     /// Completes an authorization at `server`'s callback with the response's query
     /// parameters: `state` (single-use, R89), `iss` (RFC 9207, R90), then `error` or `code`.
-    pub async fn complete(&self, server: &str, params: &HashMap<String, String>) -> Result<Connected, VaultError> {
+    ///
+    /// `browser` is the secret the browser presents (its cookie); a flow bound to a browser
+    /// is completed only by that browser.
+    pub async fn complete(
+        &self,
+        server: &str,
+        params: &HashMap<String, String>,
+        browser: Option<&str>,
+    ) -> Result<Connected, VaultError> {
         let state = params.get("state").ok_or_else(|| VaultError::Flow { detail: "no state".to_owned() })?;
         let flow =
             self.store.vault_flow_take(&sha256_hex(state)).await?.filter(|f| f.expires_at >= self.now()).ok_or_else(
@@ -757,6 +786,13 @@ impl Vault {
         self.check_enabled(&flow.subject).await?;
         let d: FlowDetails = serde_json::from_str(&flow.details)
             .map_err(|_| VaultError::Flow { detail: "the stored flow is unreadable".to_owned() })?;
+        if let Some(expected) = &d.browser
+            && browser.map(sha256_hex).as_ref() != Some(expected)
+        {
+            return Err(VaultError::Flow {
+                detail: "this sign-in was started in another browser; open your own connect link".to_owned(),
+            });
+        }
         match params.get("iss") {
             Some(iss) if *iss != d.metadata.issuer => {
                 return Err(VaultError::Flow {

@@ -170,22 +170,39 @@ fn link_in(answer: &Value) -> String {
     text[start..].split_whitespace().next().expect("a link").to_owned()
 }
 
-/// Plays the person who opens `link`: gateway → authorization server → its login, completed
-/// as `account` → back to the gateway's callback. Returns the callback page.
+/// Plays the person who opens `link`: the gateway's page, their confirmation (a POST from
+/// that page, which sets the flow's browser cookie), the authorization server and its login
+/// (completed as `account`), then the gateway's callback with the cookie. Returns the
+/// callback page.
 async fn open_link(link: &str, account: &str) -> (u16, String) {
     let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
     let location =
         |resp: &reqwest::Response| resp.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let resp = browser.get(link).send().await.expect("connect");
-    assert_eq!(resp.status(), 302, "the connect link redirects to the provider");
-    assert_eq!(resp.headers()["referrer-policy"], "no-referrer");
+    let page = browser.get(link).send().await.expect("connect page");
+    assert_eq!(page.status(), 200, "the connect link shows a page first");
+    assert_eq!(page.headers()["referrer-policy"], "no-referrer");
+    let text = page.text().await.expect("page");
+    assert!(text.contains("method=\"post\""), "{text}");
+    let url = url::Url::parse(link).expect("link");
+    let origin = url.origin().ascii_serialization();
+    let secret = url.query_pairs().find(|(k, _)| k == "link").map(|(_, v)| v.into_owned()).expect("secret");
+    let resp = browser
+        .post(format!("{origin}{}", url.path()))
+        .header("origin", &origin)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("link={secret}"))
+        .send()
+        .await
+        .expect("confirm");
+    assert_eq!(resp.status(), 303, "the confirmation redirects to the provider");
+    let cookie = resp.headers()["set-cookie"].to_str().expect("cookie").split(';').next().expect("pair").to_owned();
     let authorize = location(&resp).expect("location");
     let resp = browser.get(&authorize).send().await.expect("authorize");
     let interaction = location(&resp).unwrap_or_else(|| panic!("authorize answered {}", resp.status()));
     let resp = browser.get(format!("{interaction}/auto?account={account}")).send().await.expect("login");
     let callback = location(&resp).unwrap_or_else(|| panic!("login answered {}", resp.status()));
     assert!(callback.contains("/oauth/callback/acme?"), "{callback}");
-    let resp = browser.get(&callback).send().await.expect("callback");
+    let resp = browser.get(&callback).header("cookie", cookie).send().await.expect("callback");
     (resp.status().as_u16(), resp.text().await.expect("page"))
 }
 
@@ -622,5 +639,54 @@ async fn stateless_clients_call_as_their_own_person() {
         let answer = messages(resp).await.into_iter().find(|m| m["id"] == 7).expect("response");
         assert_eq!(answer["result"]["content"][0]["text"], name, "{answer}");
     }
+    gw.stop().await;
+}
+
+/// A connect link shows whose account it connects before anything happens; only the
+/// gateway's own page can start the flow; and the flow finishes only in the browser that
+/// started it, so an authorization URL copied out of it and sent to someone else connects
+/// nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_links_name_their_person_and_bind_the_browser() {
+    let provider = Provider::start(30).await;
+    let gw = TestGateway::start(&provider.servers()).await;
+    let store = store_of(&gw).await;
+    let mut mallory = Caller::new(&store, &gw.url("acme"), "mallory").await;
+    let answer = mallory.call("whoami", json!({})).await;
+    let link = link_in(&answer);
+    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+    let page = browser.get(&link).send().await.expect("page");
+    assert_eq!(page.headers()["x-frame-options"], "DENY");
+    let text = page.text().await.expect("text");
+    assert!(text.contains("Portcullis user mallory") && text.contains("acme"), "{text}");
+
+    let url = url::Url::parse(&link).expect("link");
+    let secret = url.query_pairs().find(|(k, _)| k == "link").map(|(_, v)| v.into_owned()).expect("secret");
+    let post = |origin: Option<&str>| {
+        let mut req = browser
+            .post(format!("{}{}", gw.base, url.path()))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("link={secret}"));
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        req.send()
+    };
+    assert_eq!(post(Some("https://evil.example")).await.expect("post").status(), 403, "another site's form");
+    assert_eq!(post(None).await.expect("post").status(), 403, "no origin");
+
+    // Mallory starts the flow, then sends the provider's URL to alice, who signs in there.
+    let started = post(Some(&gw.base)).await.expect("post");
+    assert_eq!(started.status(), 303);
+    let authorize = started.headers()["location"].to_str().expect("location").to_owned();
+    let at_provider = browser.get(&authorize).send().await.expect("authorize");
+    let interaction = at_provider.headers()["location"].to_str().expect("interaction").to_owned();
+    let login = browser.get(format!("{interaction}/auto?account=alice")).send().await.expect("login");
+    let callback = login.headers()["location"].to_str().expect("callback").to_owned();
+    // Alice's browser lands on the callback without mallory's cookie.
+    let landed = browser.get(&callback).send().await.expect("callback");
+    assert_eq!(landed.status(), 400);
+    assert!(landed.text().await.expect("page").contains("another browser"));
+    assert!(store.vault_connections(None).await.expect("rows").is_empty(), "nothing was connected");
     gw.stop().await;
 }

@@ -93,9 +93,11 @@ async fn flows_and_links_work_once(store: Store) {
         expires_at: NOW + 900,
     };
     store.vault_link_put(&link).await.expect("put");
-    assert!(store.vault_link_use("l1", NOW + 901).await.expect("use").is_none(), "expired");
-    assert_eq!(store.vault_link_use("l1", NOW + 1).await.expect("use").expect("valid").subject, "u1");
-    assert!(store.vault_link_use("l1", NOW + 2).await.expect("use").is_none(), "a link works once");
+    assert!(store.vault_link_use("l1", "gh", NOW + 901).await.expect("use").is_none(), "expired");
+    assert!(store.vault_link_use("l1", "other", NOW + 1).await.expect("use").is_none(), "another server's path");
+    assert_eq!(store.vault_link_peek("l1", "gh", NOW + 1).await.expect("peek").expect("valid").subject, "u1");
+    assert_eq!(store.vault_link_use("l1", "gh", NOW + 1).await.expect("use").expect("valid").subject, "u1");
+    assert!(store.vault_link_use("l1", "gh", NOW + 2).await.expect("use").is_none(), "a link works once");
 }
 
 async fn connections_keep_one_writer_per_generation(store: Store) {
