@@ -99,7 +99,9 @@ pub async fn callback(
 ) -> Response {
     let Some(vault) = app.vault() else { return page(StatusCode::NOT_FOUND, "Not found", "No OAuth upstream here.") };
     let browser = cookie(&headers, BROWSER_COOKIE);
-    let mut resp = match vault.complete(&server, &q, browser.as_deref()).await {
+    let result = vault.complete(&server, &q, browser.as_deref()).await;
+    audit_connect(&app, &server, &result).await;
+    let mut resp = match result {
         Ok(c) => {
             let whose = whose(&app, &c.subject).await;
             let scopes = if c.scopes.is_empty() { "(none named)".to_owned() } else { c.scopes.join(" ") };
@@ -118,6 +120,32 @@ pub async fn callback(
         resp.headers_mut().insert(header::SET_COOKIE, v);
     }
     resp
+}
+
+/// One audit record per completed (or refused) connection: who, which server, which scopes
+/// (R116: elevations are recorded).
+async fn audit_connect(app: &AppState, server: &str, result: &Result<crate::vault::Connected, VaultError>) {
+    use crate::audit::{Arguments, Decision, Record};
+    let (decision, subject, details) = match result {
+        Ok(c) => (
+            Decision::Allow,
+            Some(c.subject.clone()),
+            serde_json::json!({"scopes": c.scopes, "expires_at": c.expires_at}),
+        ),
+        Err(e) => (Decision::Deny, None, serde_json::json!({"reason": e.to_string()})),
+    };
+    let name = match &subject {
+        Some(s) if !s.is_empty() => app.store().principal_name(s).await.ok().flatten(),
+        _ => None,
+    };
+    let record = Record {
+        principal_id: subject.filter(|s| !s.is_empty()),
+        principal_name: name,
+        server: Some(server.to_owned()),
+        arguments: Arguments::new(details),
+        ..Record::new(app.clock().unix_millis(), uuid::Uuid::now_v7().to_string(), "vault/connect", decision)
+    };
+    app.audit().record(record);
 }
 
 /// `the shared connection`, or `user alice`.

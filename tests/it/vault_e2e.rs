@@ -426,6 +426,8 @@ async fn offboarding_revokes_upstream_tokens_at_the_provider() {
     assert_eq!(left.len(), 1, "bob's connection stays");
     assert!(!cli(&["connection", "list"]).contains("alice"));
     let audit = cli(&["audit", "export", "--format", "jsonl"]);
+    let connects = audit.lines().filter(|l| l.contains("vault/connect") && l.contains("\"allow\"")).count();
+    assert!(connects >= 3, "each connection is audited:\n{audit}");
     let record = audit.lines().find(|l| l.contains("admin/user.disable")).expect("an audit record of the offboarding");
     assert!(record.contains("refresh token revoked at the provider") && record.contains("alice"), "{record}");
     gw.stop().await;
