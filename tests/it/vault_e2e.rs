@@ -692,3 +692,76 @@ async fn connect_links_name_their_person_and_bind_the_browser() {
     assert!(store.vault_connections(None).await.expect("rows").is_empty(), "nothing was connected");
     gw.stop().await;
 }
+
+/// A client that declared URL-mode elicitation gets the connect link as a JSON-RPC
+/// `-32042` error (MCP 2025-11-25) instead of a tool error.
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_with_url_elicitation_get_the_link_as_an_elicitation() {
+    let provider = Provider::start(30).await;
+    let gw = TestGateway::start(&provider.servers()).await;
+    let store = store_of(&gw).await;
+    let mut alice = Caller::new(&store, &gw.url("acme"), "alice").await;
+    let init = json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {"elicitation": {"form": {}, "url": {}}},
+            "clientInfo": {"name": "it", "version": "1"}}
+    });
+    let resp = alice.send(&init).await;
+    alice.session = Some(resp.headers()["mcp-session-id"].to_str().expect("ascii").to_owned());
+    let answer = alice.call("whoami", json!({})).await;
+    assert_eq!(answer["error"]["code"], -32042, "{answer}");
+    let url = answer["error"]["data"]["elicitations"][0]["url"].as_str().expect("url").to_owned();
+    assert_eq!(answer["error"]["data"]["elicitations"][0]["mode"], "url");
+    let (status, page) = open_link(&url, "alice").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(alice.whoami().await, "alice");
+    gw.stop().await;
+}
+
+/// A grant the provider revoked behind the gateway's back: the next refresh gets
+/// `invalid_grant`, the connection is marked for reconnection and the call says so, once,
+/// without retrying in a loop.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grant_revoked_at_the_provider_asks_for_reconnection() {
+    use secrecy::ExposeSecret;
+    let provider = Provider::start(5).await;
+    let key = Key::random();
+    let gw = TestGateway::start_keyed(&provider.servers(), "", key.clone()).await;
+    let store = store_of(&gw).await;
+    let mut alice = Caller::new(&store, &gw.url("acme"), "alice").await;
+    connect(&mut alice, "alice").await;
+    assert_eq!(alice.whoami().await, "alice");
+
+    // Revoke alice's refresh token at the provider, as its admin would, with the gateway's
+    // own client credentials.
+    let ring = portcullis::keys::KeyRing::single(key);
+    let row = store.vault_connections(None).await.expect("rows").remove(0);
+    let open = |table: &str, id: &str, sealed: &portcullis::crypto::Sealed| {
+        ring.decrypt(&portcullis::crypto::row_aad(table, id), sealed).expect("decrypts").expose_secret().to_vec()
+    };
+    let tokens: Value = serde_json::from_slice(&open("vault_connections", &row.id, &row.sealed)).expect("json");
+    let redirect = format!("{}/oauth/callback/acme", gw.base);
+    let client = store.vault_client("acme", &provider.issuer, &redirect).await.expect("store").expect("registered");
+    let secret = String::from_utf8(open("vault_clients", &client.id, &client.sealed)).expect("utf8");
+    let revoked = reqwest::Client::new()
+        .post(format!("{}/token/revocation", provider.issuer))
+        .basic_auth(&client.client_id, Some(&secret))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={}&token_type_hint=refresh_token", tokens["r"].as_str().expect("refresh")))
+        .send()
+        .await
+        .expect("revocation");
+    assert_eq!(revoked.status(), 200);
+
+    tokio::time::sleep(Duration::from_secs(provider.ttl + 1)).await;
+    let answer = alice.call("whoami", json!({})).await;
+    assert_eq!(answer["result"]["isError"], true, "{answer}");
+    let row = store.vault_connections(None).await.expect("rows").remove(0);
+    assert_eq!(row.status, "reconnect");
+    assert!(row.last_error.as_deref().unwrap_or_default().contains("invalid_grant"), "{:?}", row.last_error);
+    let refreshes = provider.refreshes().await;
+    let again = alice.call("whoami", json!({})).await;
+    assert_eq!(again["result"]["isError"], true);
+    assert_eq!(provider.refreshes().await, refreshes, "no refresh loop");
+    gw.stop().await;
+}
