@@ -203,6 +203,17 @@ impl Credentials {
                 link: None,
             }));
         }
+        if insufficient && !vault.step_up_allowed(server, &subject) {
+            return Ok(Renewed::Refused(UpstreamError::Authorization {
+                server: server.to_owned(),
+                reason: format!(
+                    "'{server}' still asks for more permissions ({}) after {} authorizations; ask an administrator",
+                    extra.join(" "),
+                    crate::vault::STEP_UP_LIMIT
+                ),
+                link: None,
+            }));
+        }
         let link = vault.link(server, &subject, challenge, &extra).await.map_err(|e| vault_error(server, e))?;
         Ok(Renewed::Refused(UpstreamError::Authorization { server: server.to_owned(), reason, link: Some(link.url) }))
     }

@@ -38,6 +38,12 @@ use endpoint::{AuthMethod, ClientAuth, Tokens};
 pub const FLOW_TTL_SECS: i64 = 600;
 /// How long a connect link stays valid.
 pub const LINK_TTL_SECS: i64 = 900;
+/// Step-up authorizations allowed per connection within [`STEP_UP_WINDOW`] (R94): an upstream
+/// that keeps asking for more gets an error instead of a fourth link.
+pub const STEP_UP_LIMIT: u32 = 3;
+/// See [`STEP_UP_LIMIT`].
+pub const STEP_UP_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// How long a decrypted access token is reused before the connection row is read again.
 pub const CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 /// An access token this close to expiry (at most a third of its lifetime) is refreshed
@@ -216,6 +222,8 @@ pub struct Vault {
     /// The last challenge each server sent (its metadata URL and scopes), for links made
     /// without one at hand.
     challenges: DashMap<String, BearerChallenge>,
+    /// Step-up links handed out per connection: (count, window start).
+    step_ups: DashMap<(String, String), (u32, std::time::Instant)>,
     /// Decrypted access tokens: (token, refresh due at, generation, cached at). An entry is
     /// trusted for [`CACHE_TTL`], so a connection revoked or replaced by another process (the
     /// CLI, another replica) stops being used within that time.
@@ -351,6 +359,7 @@ impl Vault {
             servers: servers.into_iter().map(|s| (s.name.clone(), s)).collect(),
             locks: DashMap::new(),
             challenges: DashMap::new(),
+            step_ups: DashMap::new(),
             cache: DashMap::new(),
         })
     }
@@ -403,6 +412,18 @@ impl Vault {
             Some(s) if s.oauth.per_user => caller.to_owned(),
             _ => String::new(),
         }
+    }
+
+    /// Counts a step-up for `subject` at `server`; `false` once [`STEP_UP_LIMIT`] were handed
+    /// out within [`STEP_UP_WINDOW`] without the upstream being satisfied.
+    pub fn step_up_allowed(&self, server: &str, subject: &str) -> bool {
+        let mut e =
+            self.step_ups.entry((server.to_owned(), subject.to_owned())).or_insert((0, std::time::Instant::now()));
+        if e.1.elapsed() > STEP_UP_WINDOW {
+            *e = (0, std::time::Instant::now());
+        }
+        e.0 += 1;
+        e.0 <= STEP_UP_LIMIT
     }
 
     /// Whether `server` uses one shared connection.
@@ -1221,5 +1242,34 @@ impl Vault {
     /// Connections, all or one subject's (never tokens).
     pub async fn connections(&self, subject: Option<&str>) -> Result<Vec<ConnectionRow>, VaultError> {
         Ok(self.store.vault_connections(subject).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_due_a_third_of_their_life_early_at_most_thirty_seconds() {
+        assert_eq!(refresh_at(Some(1_000), 990), Some(997));
+        assert_eq!(refresh_at(Some(10_000), 6_400), Some(9_970));
+        assert_eq!(refresh_at(None, 0), None);
+        assert_eq!(refresh_at(Some(100), 200), Some(100), "an issue time after expiry leaves no margin");
+    }
+
+    #[tokio::test]
+    async fn step_ups_are_limited_per_connection() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::connect(&format!("sqlite://{}/v.db", dir.path().display())).await.expect("store");
+        let keys = SharedKeyRing::new(crate::keys::KeyRing::single(crate::keys::Key::random()), None);
+        let egress = Egress::new(crate::net::OutboundConfig::default().policy());
+        let url = Url::parse("https://gw.example.com").expect("url");
+        let vault = Vault::new(store, keys, egress, Clock::system(), url, None, Vec::new());
+        for _ in 0..STEP_UP_LIMIT {
+            assert!(vault.step_up_allowed("gh", "alice"));
+        }
+        assert!(!vault.step_up_allowed("gh", "alice"), "a fourth step-up is refused");
+        assert!(vault.step_up_allowed("gh", "bob"), "counted per person");
+        assert!(vault.step_up_allowed("jira", "alice"), "and per server");
     }
 }
