@@ -60,7 +60,7 @@ impl Server {
     /// Whose upstream session a stateless request of `caller` uses.
     fn stateless_key(&self, caller: &str) -> String {
         match &self.config.auth {
-            crate::config::UpstreamAuth::OAuth(o) if o.per_user => caller.to_owned(),
+            crate::config::UpstreamAuth::OAuth(o) => o.subject(caller),
             _ => String::new(),
         }
     }

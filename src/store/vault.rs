@@ -391,16 +391,6 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// [`refresh_lock`] on this store's pool (`None` on SQLite).
-    pub async fn vault_refresh_lock(
-        &self,
-        server: &str,
-        subject: &str,
-    ) -> Result<Option<sqlx::Transaction<'static, sqlx::Postgres>>, StoreError> {
-        let Store::Postgres(p) = self else { return Ok(None) };
-        Ok(Some(refresh_lock(p, server, subject).await?))
-    }
-
     /// Drops every link and flow in progress of `subject` (offboarding: none may create a
     /// connection afterwards). Returns how many were dropped.
     pub async fn vault_forget_subject(&self, subject: &str) -> Result<u64, StoreError> {

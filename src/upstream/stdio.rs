@@ -104,7 +104,7 @@ impl StdioUpstream {
 
     /// Whose process serves `caller`: their own with per-user OAuth, else the server's one.
     fn process_key(&self, caller: &str) -> String {
-        if self.oauth().is_some_and(|o| o.per_user) { caller.to_owned() } else { String::new() }
+        self.oauth().map(|o| o.subject(caller)).unwrap_or_default()
     }
 
     async fn slot(&self, key: &str) -> Arc<Mutex<Slot>> {

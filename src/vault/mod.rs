@@ -93,6 +93,14 @@ pub struct OAuthConfig {
     pub resource: Option<String>,
 }
 
+impl OAuthConfig {
+    /// Whose connection serves `caller`: their own with `per_user`, else the shared one
+    /// (`""`).
+    pub fn subject(&self, caller: &str) -> String {
+        if self.per_user { caller.to_owned() } else { String::new() }
+    }
+}
+
 /// A token endpoint authentication method named in configuration.
 pub type AuthMethodName = AuthMethod;
 
@@ -236,6 +244,12 @@ impl std::fmt::Debug for Vault {
     }
 }
 
+/// A held connection (see `Vault::lock_connection`); the replicas' lock is released first.
+struct ConnectionLock {
+    _replicas: Option<sqlx::Transaction<'static, sqlx::Postgres>>,
+    _local: tokio::sync::OwnedMutexGuard<()>,
+}
+
 /// A decrypted access token kept in memory.
 struct Cached {
     token: SecretString,
@@ -304,6 +318,10 @@ struct SealedTokens {
     a: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     r: Option<String>,
+}
+
+fn unusable_link() -> VaultError {
+    VaultError::Flow { detail: "this connect link is unknown, expired or already used; ask for a new one".to_owned() }
 }
 
 fn random_b64(bytes: usize) -> String {
@@ -408,10 +426,7 @@ impl Vault {
     /// The subject a connection is stored under: the caller for per-user servers, `''` for a
     /// shared connection.
     pub fn subject_for(&self, server: &str, caller: &str) -> String {
-        match self.servers.get(server) {
-            Some(s) if s.oauth.per_user => caller.to_owned(),
-            _ => String::new(),
-        }
+        self.servers.get(server).map(|s| s.oauth.subject(caller)).unwrap_or_default()
     }
 
     /// Counts a step-up for `subject` at `server`; `false` once [`STEP_UP_LIMIT`] were handed
@@ -524,11 +539,8 @@ impl Vault {
         browser: Option<&str>,
     ) -> Result<Url, VaultError> {
         self.server(server)?;
-        let row = self.store.vault_link_use(&sha256_hex(link_secret), server, self.now()).await?.ok_or_else(|| {
-            VaultError::Flow {
-                detail: "this connect link is unknown, expired or already used; ask for a new one".to_owned(),
-            }
-        })?;
+        let row =
+            self.store.vault_link_use(&sha256_hex(link_secret), server, self.now()).await?.ok_or_else(unusable_link)?;
         let details: LinkDetails = serde_json::from_str(&row.details).unwrap_or_default();
         let challenge = BearerChallenge {
             error: None,
@@ -541,11 +553,11 @@ impl Vault {
     /// Whose connection the link `link_secret` for `server` would make (`''`: the shared
     /// one), without using it: for the page that asks the person to confirm.
     pub async fn peek_link(&self, server: &str, link_secret: &str) -> Result<String, VaultError> {
-        self.store.vault_link_peek(&sha256_hex(link_secret), server, self.now()).await?.map(|r| r.subject).ok_or_else(
-            || VaultError::Flow {
-                detail: "this connect link is unknown, expired or already used; ask for a new one".to_owned(),
-            },
-        )
+        self.store
+            .vault_link_peek(&sha256_hex(link_secret), server, self.now())
+            .await?
+            .map(|r| r.subject)
+            .ok_or_else(unusable_link)
     }
 
     /// Discovers, registers and records a flow for `subject` at `server`; returns the
@@ -752,35 +764,44 @@ impl Vault {
         })
     }
 
+    /// The client identity a flow or a connection used: `client_id` of `kind` for `server` at
+    /// `issuer`; `gone` is the error when its dynamic registration no longer exists.
+    async fn stored_client(
+        &self,
+        server: &str,
+        issuer: &str,
+        client_id: &str,
+        kind: ClientKind,
+        method: AuthMethod,
+        gone: impl FnOnce() -> VaultError,
+    ) -> Result<ClientAuth, VaultError> {
+        match kind {
+            ClientKind::Preregistered => Ok(ClientAuth {
+                client_id: client_id.to_owned(),
+                secret: self.preregistered_secret(self.server(server)?).await?,
+                method,
+            }),
+            ClientKind::Metadata => {
+                Ok(ClientAuth { client_id: client_id.to_owned(), secret: None, method: AuthMethod::None })
+            }
+            ClientKind::Dynamic => {
+                let row = self.store.vault_client_by_id(server, issuer, client_id).await?.ok_or_else(gone)?;
+                self.client_of(&row)
+            }
+        }
+    }
+
     /// The client a connection's tokens belong to, for refresh and revocation.
     async fn client_of_connection(
         &self,
         conn: &ConnectionRow,
         d: &ConnectionDetails,
     ) -> Result<ClientAuth, VaultError> {
-        match d.client_kind {
-            ClientKind::Preregistered => {
-                let vs = self.server(&conn.server)?;
-                Ok(ClientAuth {
-                    client_id: conn.client_id.clone(),
-                    secret: self.preregistered_secret(vs).await?,
-                    method: d.auth_method,
-                })
-            }
-            ClientKind::Metadata => {
-                Ok(ClientAuth { client_id: conn.client_id.clone(), secret: None, method: AuthMethod::None })
-            }
-            ClientKind::Dynamic => {
-                let row =
-                    self.store.vault_client_by_id(&conn.server, &conn.issuer, &conn.client_id).await?.ok_or_else(
-                        || VaultError::NeedsReconnect {
-                            server: conn.server.clone(),
-                            reason: "the gateway's registration with the authorization server is gone".to_owned(),
-                        },
-                    )?;
-                self.client_of(&row)
-            }
-        }
+        let gone = || VaultError::NeedsReconnect {
+            server: conn.server.clone(),
+            reason: "the gateway's registration with the authorization server is gone".to_owned(),
+        };
+        self.stored_client(&conn.server, &conn.issuer, &conn.client_id, d.client_kind, d.auth_method, gone).await
     }
 
     /// Completes an authorization at `server`'s callback with the response's query
@@ -836,23 +857,9 @@ impl Vault {
         let code = params.get("code").ok_or_else(|| VaultError::Flow { detail: "no code".to_owned() })?;
         let verifier = self.open(crate::store::vault::FLOWS_TABLE.table, &flow.id, &flow.sealed)?;
         let verifier = String::from_utf8(verifier).map_err(|_| VaultError::Crypto("verifier".to_owned()))?;
-        let vs = self.server(server)?.clone();
-        let client = match d.client_kind {
-            ClientKind::Preregistered => ClientAuth {
-                client_id: d.client_id.clone(),
-                secret: self.preregistered_secret(&vs).await?,
-                method: d.auth_method,
-            },
-            ClientKind::Metadata => {
-                ClientAuth { client_id: d.client_id.clone(), secret: None, method: AuthMethod::None }
-            }
-            ClientKind::Dynamic => {
-                let row = self.store.vault_client_by_id(server, &d.metadata.issuer, &d.client_id).await?.ok_or_else(
-                    || VaultError::Flow { detail: "the registration used for this flow is gone".to_owned() },
-                )?;
-                self.client_of(&row)?
-            }
-        };
+        let gone = || VaultError::Flow { detail: "the registration used for this flow is gone".to_owned() };
+        let issuer = &d.metadata.issuer;
+        let client = self.stored_client(server, issuer, &d.client_id, d.client_kind, d.auth_method, gone).await?;
         let tokens = endpoint::exchange_code(
             &self.egress,
             &client,
@@ -1002,14 +1009,21 @@ impl Vault {
             .map_err(|e| VaultError::Config { detail: format!("the refresh task failed: {e}") })?
     }
 
-    async fn refresh_now(&self, server: &str, subject: &str, seen: i64) -> Result<(SecretString, i64), VaultError> {
-        let key = (server.to_owned(), subject.to_owned());
-        let lock = self.locks.entry(key.clone()).or_default().clone();
-        let _held = lock.lock().await;
-        let _replicas = match &self.lock_pool {
+    /// Holds the connection of `subject` at `server` for one refresh or revocation: this
+    /// process's lock, and on PostgreSQL the replicas' advisory lock. Released when dropped.
+    async fn lock_connection(&self, server: &str, subject: &str) -> Result<ConnectionLock, VaultError> {
+        let lock = self.locks.entry((server.to_owned(), subject.to_owned())).or_default().clone();
+        let local = lock.lock_owned().await;
+        let replicas = match &self.lock_pool {
             Some(pool) => Some(crate::store::vault::refresh_lock(pool, server, subject).await?),
             None => None,
         };
+        Ok(ConnectionLock { _replicas: replicas, _local: local })
+    }
+
+    async fn refresh_now(&self, server: &str, subject: &str, seen: i64) -> Result<(SecretString, i64), VaultError> {
+        let key = (server.to_owned(), subject.to_owned());
+        let _locked = self.lock_connection(server, subject).await?;
         let row = self
             .store
             .vault_connection(server, subject)
@@ -1036,7 +1050,6 @@ impl Vault {
         let vs = self.server(server)?.clone();
         let Some(refresh_token) = refresh_token else {
             if vs.oauth.client_credentials {
-                drop(_replicas);
                 return self.machine_token(server).await;
             }
             let reason = "the access token expired and the authorization server gave no refresh token";
@@ -1138,12 +1151,7 @@ impl Vault {
     pub async fn revoke(&self, server: &str, subject: &str) -> Result<Option<String>, VaultError> {
         // Under the refresh locks, so a refresh cannot rotate the token between the read and
         // the revocation.
-        let lock = self.locks.entry((server.to_owned(), subject.to_owned())).or_default().clone();
-        let _held = lock.lock().await;
-        let _replicas = match &self.lock_pool {
-            Some(pool) => Some(crate::store::vault::refresh_lock(pool, server, subject).await?),
-            None => None,
-        };
+        let _locked = self.lock_connection(server, subject).await?;
         let Some(row) = self.store.vault_connection(server, subject).await? else { return Ok(None) };
         let outcome = self.revoke_at_provider(&row).await;
         self.store.vault_connection_delete(&row.id).await?;

@@ -46,17 +46,25 @@ fn oauth_driver() -> std::path::PathBuf {
     driver
 }
 
-async fn run_client_suite(suite: &str, scenarios: usize) {
+/// The conformance CLI in client mode, with `args`, running the OAuth driver.
+async fn conformance_client(args: &[&str]) -> std::process::Output {
     let node = node_dir();
-    let out = Command::new(node.join("node_modules/.bin/node"))
+    let dir = tempfile::tempdir().expect("tempdir");
+    Command::new(node.join("node_modules/.bin/node"))
         .arg(node.join("node_modules/@modelcontextprotocol/conformance/dist/index.js"))
-        .args(["client", "--suite", suite, "--command"])
+        .arg("client")
+        .args(args)
+        .arg("--command")
         .arg(oauth_driver())
-        .current_dir(tempfile::tempdir().expect("tempdir").path())
+        .current_dir(dir.path())
         .kill_on_drop(true)
         .output()
         .await
-        .expect("the conformance CLI runs");
+        .expect("the conformance CLI runs")
+}
+
+async fn run_client_suite(suite: &str, scenarios: usize) {
+    let out = conformance_client(&["--suite", suite]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let passed = stdout.lines().filter(|l| l.starts_with('✓')).count();
     assert!(
@@ -89,16 +97,7 @@ async fn the_upstream_oauth_client_passes_the_draft_suite() {
 /// with `client_secret_basic` (the JWT-assertion variant needs private_key_jwt, not built).
 #[tokio::test(flavor = "multi_thread")]
 async fn the_upstream_oauth_client_passes_the_client_credentials_scenario() {
-    let node = node_dir();
-    let out = Command::new(node.join("node_modules/.bin/node"))
-        .arg(node.join("node_modules/@modelcontextprotocol/conformance/dist/index.js"))
-        .args(["client", "--scenario", "auth/client-credentials-basic", "--command"])
-        .arg(oauth_driver())
-        .current_dir(tempfile::tempdir().expect("tempdir").path())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("the conformance CLI runs");
+    let out = conformance_client(&["--scenario", "auth/client-credentials-basic"]).await;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     // "Passed: N/N, 0 failed, 0 warnings": every check passed, whatever their number.
     let all_passed = text.lines().filter_map(|l| l.trim().strip_prefix("Passed: ")).any(|rest| {

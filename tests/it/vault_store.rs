@@ -7,7 +7,7 @@ use std::time::Duration;
 use portcullis::crypto::Sealed;
 use portcullis::keys::KeyId;
 use portcullis::store::Store;
-use portcullis::store::vault::{ClientRow, ConnectionRow, FlowRow, LinkRow};
+use portcullis::store::vault::{ClientRow, ConnectionRow, FlowRow, LinkRow, refresh_lock};
 
 use crate::common::FreshPostgres;
 
@@ -161,10 +161,11 @@ async fn registrations_are_per_issuer(store: Store) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_refresh_lock_serialises_replicas_on_postgres() {
     let (store, _pg, _dir) = postgres().await;
-    let first = store.vault_refresh_lock("gh", "u1").await.expect("lock").expect("postgres locks");
-    let other = store.clone();
-    let waiting = tokio::spawn(async move { other.vault_refresh_lock("gh", "u1").await.map(|t| t.is_some()) });
-    let other_connection = tokio::time::timeout(Duration::from_secs(5), store.vault_refresh_lock("gh", "u2"))
+    let Store::Postgres(pool) = store else { panic!("a PostgreSQL store") };
+    let first = refresh_lock(&pool, "gh", "u1").await.expect("lock");
+    let other = pool.clone();
+    let waiting = tokio::spawn(async move { refresh_lock(&other, "gh", "u1").await.map(|_| true) });
+    let other_connection = tokio::time::timeout(Duration::from_secs(5), refresh_lock(&pool, "gh", "u2"))
         .await
         .expect("another connection's lock is free");
     drop(other_connection);
