@@ -259,11 +259,13 @@ struct Canonical<'a> {
 }
 
 impl Canonical<'_> {
+    /// Keys are plain ASCII names, so they are written as they are, without escaping.
     fn key(&mut self, key: &str) {
         self.out.push(if self.first { b'{' } else { b',' });
         self.first = false;
-        push_json_str(self.out, key);
-        self.out.push(b':');
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
     }
 
     fn raw(&mut self, key: &str, json: &str) {
@@ -282,7 +284,7 @@ impl Canonical<'_> {
     fn int(&mut self, key: &str, value: Option<i64>) {
         self.key(key);
         match value {
-            Some(v) => self.out.extend_from_slice(v.to_string().as_bytes()),
+            Some(v) => self.out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes()),
             None => self.out.extend_from_slice(b"null"),
         }
     }

@@ -67,7 +67,7 @@ fn insert_sql(rows: usize, style: Placeholders) -> String {
             match style {
                 Placeholders::Numbered => {
                     sql.push('$');
-                    sql.push_str(&(r * N_COLUMNS + c + 1).to_string());
+                    sql.push_str(itoa::Buffer::new().format(r * N_COLUMNS + c + 1));
                 }
                 Placeholders::Anonymous => sql.push('?'),
             }
@@ -78,8 +78,11 @@ fn insert_sql(rows: usize, style: Placeholders) -> String {
 }
 
 /// Reads the head, seals `entries` onto it and inserts them, inside the open transaction `$tx`.
+/// `$text` turns each text column into what is bound: SQLite's driver copies a bound `&str`
+/// twice (into a `String`, then into an `Arc`) and an `Arc<str>` not at all, so SQLite gets
+/// one copy made here; PostgreSQL's driver encodes a borrowed `&str` in place.
 macro_rules! append_in {
-    ($tx:ident, $entries:ident, $style:expr) => {{
+    ($tx:ident, $entries:ident, $style:expr, $text:expr) => {{
         let head: Option<(i64, Vec<u8>)> =
             sqlx::query_as("SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1")
                 .fetch_optional(&mut *$tx)
@@ -97,18 +100,18 @@ macro_rules! append_in {
                 q = q
                     .bind(e.seq)
                     .bind(e.time_ms)
-                    .bind(&e.request_id)
-                    .bind(&e.principal_id)
-                    .bind(&e.principal_kind)
-                    .bind(&e.principal_name)
-                    .bind(&e.token_id)
-                    .bind(&e.client_name)
-                    .bind(&e.client_version)
-                    .bind(&e.server)
-                    .bind(&e.method)
-                    .bind(&e.tool)
-                    .bind(&e.arguments)
-                    .bind(&e.decision)
+                    .bind($text(&e.request_id))
+                    .bind(e.principal_id.as_deref().map($text))
+                    .bind(e.principal_kind.as_deref().map($text))
+                    .bind(e.principal_name.as_deref().map($text))
+                    .bind(e.token_id.as_deref().map($text))
+                    .bind(e.client_name.as_deref().map($text))
+                    .bind(e.client_version.as_deref().map($text))
+                    .bind(e.server.as_deref().map($text))
+                    .bind($text(&e.method))
+                    .bind(e.tool.as_deref().map($text))
+                    .bind($text(&e.arguments))
+                    .bind($text(&e.decision))
                     .bind(e.upstream_status)
                     .bind(e.latency_us)
                     .bind(e.bytes_in)
@@ -120,6 +123,16 @@ macro_rules! append_in {
         }
         $tx.commit().await?;
     }};
+}
+
+/// A text column for SQLite: one copy, shared with the driver.
+fn shared(s: &str) -> std::sync::Arc<str> {
+    std::sync::Arc::from(s)
+}
+
+/// A text column for PostgreSQL: borrowed.
+fn borrowed(s: &str) -> &str {
+    s
 }
 
 impl Store {
@@ -134,12 +147,12 @@ impl Store {
                 // IMMEDIATE takes the write lock before the head is read, so a second process
                 // waits (busy_timeout) instead of failing to upgrade a read transaction.
                 let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                append_in!(tx, entries, Placeholders::Anonymous);
+                append_in!(tx, entries, Placeholders::Anonymous, shared);
             }
             Store::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
                 sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(APPEND_LOCK).execute(&mut *tx).await?;
-                append_in!(tx, entries, Placeholders::Numbered);
+                append_in!(tx, entries, Placeholders::Numbered, borrowed);
             }
         }
         Ok(())
