@@ -50,15 +50,18 @@ async fn post_steps(
     check_accept(headers, false)?;
     let bytes = read_body(body, app.config().gateway.max_body_bytes).await?;
     ex.bytes_in = bytes.len() as u64;
+    // The relay's futures are large (kilobytes of nested state); boxed here, they are built
+    // only for requests that get this far, and every future before this point stays small
+    // enough that refusals do not pay for copying them.
     match jsonrpc::Body::parse(bytes)? {
         jsonrpc::Body::Single(message) => {
             ex.note_message(&message, metric_method(message.method()));
-            one_message(app, &server, &principal, headers, message, ex).await
+            Box::pin(one_message(app, &server, &principal, headers, message, ex)).await
         }
         jsonrpc::Body::Batch(messages) => {
             ex.metric = "batch";
             ex.method = "batch".to_owned();
-            batch(app, &server, &principal, headers, messages, ex).await
+            Box::pin(batch(app, &server, &principal, headers, messages, ex)).await
         }
     }
 }
