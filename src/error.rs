@@ -152,9 +152,61 @@ impl GatewayError {
     }
 }
 
+/// `Content-Type` of every error answer (a `const`, so its bytes are checked at compile time).
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+/// The challenge of a request without credentials (RFC 6750 §3.1: no `error` parameter).
+const CHALLENGE_MISSING: HeaderValue = HeaderValue::from_static("Bearer realm=\"portcullis\"");
+/// The challenge of a request with credentials the gateway refuses, whatever the reason.
+const CHALLENGE_INVALID: HeaderValue = HeaderValue::from_static(
+    "Bearer realm=\"portcullis\", error=\"invalid_token\", error_description=\"The access token is invalid\"",
+);
+
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
+        // Refusals of credentials are the answer an attacker can drive hardest, and they never
+        // vary (no id: the body is not read before authentication), so their bodies are
+        // rendered once.
+        if let (GatewayError::Unauthenticated(why), None) = (&self.error, &self.id) {
+            static BODIES: [std::sync::LazyLock<bytes::Bytes>; 2] = [
+                std::sync::LazyLock::new(|| refusal_body(crate::authn::Rejection::Missing)),
+                std::sync::LazyLock::new(|| refusal_body(crate::authn::Rejection::Invalid)),
+            ];
+            let (body, challenge) = match why {
+                crate::authn::Rejection::Missing => (&BODIES[0], CHALLENGE_MISSING),
+                crate::authn::Rejection::Invalid => (&BODIES[1], CHALLENGE_INVALID),
+            };
+            let headers = [(header::CONTENT_TYPE, JSON), (header::WWW_AUTHENTICATE, challenge)];
+            return (StatusCode::UNAUTHORIZED, headers, bytes::Bytes::clone(body)).into_response();
+        }
+        self.render()
+    }
+}
+
+/// The body of a credential refusal, as [`Failure::render`] writes it.
+fn refusal_body(why: crate::authn::Rejection) -> bytes::Bytes {
+    let failure = Failure { error: GatewayError::Unauthenticated(why), id: None };
+    let (_, rpc_code) = failure.error.status_and_code(false);
+    bytes::Bytes::from(failure.body(rpc_code))
+}
+
+impl Failure {
+    /// The answer, rendered from the error and the request id.
+    fn render(self) -> Response {
         let (status, rpc_code) = self.error.status_and_code(self.id.is_some());
+        let body = self.body(rpc_code);
+        let mut resp = (status, [(header::CONTENT_TYPE, JSON)], body).into_response();
+        if let GatewayError::Unauthenticated(why) = self.error {
+            let challenge = match why {
+                crate::authn::Rejection::Missing => CHALLENGE_MISSING,
+                crate::authn::Rejection::Invalid => CHALLENGE_INVALID,
+            };
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
+        }
+        resp
+    }
+
+    /// The JSON-RPC error envelope.
+    fn body(&self, rpc_code: i64) -> Vec<u8> {
         // Serialised straight from borrowed parts: refusals are the path an attacker can drive
         // hardest, so they skip building a `serde_json::Value`.
         #[derive(serde::Serialize)]
@@ -190,18 +242,6 @@ impl IntoResponse for Failure {
             id: self.id.as_ref().unwrap_or(&Value::Null),
             error: Error { code: rpc_code, message: &message, data },
         };
-        let body = serde_json::to_vec(&envelope).unwrap_or_default();
-        let mut resp =
-            (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response();
-        if let GatewayError::Unauthenticated(why) = self.error {
-            let challenge = match why {
-                crate::authn::Rejection::Missing => "Bearer realm=\"portcullis\"",
-                crate::authn::Rejection::Invalid => {
-                    "Bearer realm=\"portcullis\", error=\"invalid_token\", error_description=\"The access token is invalid\""
-                }
-            };
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
-        }
-        resp
+        serde_json::to_vec(&envelope).unwrap_or_default()
     }
 }
