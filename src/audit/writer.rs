@@ -23,6 +23,7 @@ use super::record::Entry;
 use super::redact::Redactor;
 use super::{AuditConfig, AuditError, Durability, Record};
 use crate::store::Store;
+use crate::store::audit::AuditAppender;
 
 /// A batch closes at this many records…
 const MAX_BATCH: usize = 500;
@@ -126,7 +127,13 @@ impl AuditWriter {
             task: Mutex::new(None),
         });
         let redactor = Redactor::new(&config.redact_keys);
-        let task = Task { store, redactor, rx, shared: shared.clone(), shutdown_budget: SHUTDOWN_ATTEMPTS };
+        let task = Task {
+            appender: store.audit_appender(),
+            redactor,
+            rx,
+            shared: shared.clone(),
+            shutdown_budget: SHUTDOWN_ATTEMPTS,
+        };
         let handle = tokio::spawn(task.run());
         *shared.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
         AuditWriter { tx, shared }
@@ -248,7 +255,7 @@ impl AuditWriter {
 
 /// The background task: owns the receiving end and the store.
 struct Task {
-    store: Store,
+    appender: AuditAppender,
     redactor: Redactor,
     rx: mpsc::Receiver<Msg>,
     shared: Arc<Shared>,
@@ -379,7 +386,7 @@ impl Task {
         let mut attempt: u32 = 0;
         loop {
             let started = std::time::Instant::now();
-            match self.store.audit_append(&mut entries).await {
+            match self.appender.append(&mut entries).await {
                 Ok(()) => {
                     metrics::histogram!("portcullis_audit_batch_seconds").record(started.elapsed().as_secs_f64());
                     metrics::counter!("portcullis_audit_written_total").increment(n);

@@ -83,16 +83,8 @@ fn insert_sql(rows: usize, style: Placeholders) -> String {
 /// one copy made here; PostgreSQL's driver encodes a borrowed `&str` in place.
 macro_rules! append_in {
     ($tx:ident, $entries:ident, $style:expr, $text:expr) => {{
-        let head: Option<(i64, Vec<u8>)> =
-            sqlx::query_as("SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(&mut *$tx)
-                .await?;
-        let (mut seq, mut prev) = head.unwrap_or_else(|| (0, crate::audit::GENESIS.to_vec()));
-        for e in $entries.iter_mut() {
-            seq += 1;
-            crate::audit::seal(e, seq, &prev);
-            prev.clone_from(&e.hash);
-        }
+        let head: Option<(i64, Vec<u8>)> = sqlx::query_as(HEAD_SQL).fetch_optional(&mut *$tx).await?;
+        seal_onto($entries, head);
         for chunk in $entries.chunks(ROWS_PER_INSERT) {
             let sql = insert_sql(chunk.len(), $style);
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -123,6 +115,19 @@ macro_rules! append_in {
         }
         $tx.commit().await?;
     }};
+}
+
+/// The chain's head: the newest record's seq and hash.
+const HEAD_SQL: &str = "SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1";
+
+/// Numbers and chains `entries` after `head` (the genesis when the log is empty).
+fn seal_onto(entries: &mut [Entry], head: Option<(i64, Vec<u8>)>) {
+    let (mut seq, mut prev) = head.unwrap_or_else(|| (0, crate::audit::GENESIS.to_vec()));
+    for e in entries.iter_mut() {
+        seq += 1;
+        crate::audit::seal(e, seq, &prev);
+        prev.clone_from(&e.hash);
+    }
 }
 
 /// A text column for SQLite: one copy, shared with the driver.
@@ -215,4 +220,134 @@ impl Store {
         rows.reverse();
         Ok(rows)
     }
+}
+
+/// Where the audit writer appends: [`Store::audit_append`] through the pool, or, on a SQLite
+/// file, a connection of the writer's own through `rusqlite` (see
+/// `docs/decisions/0005-sqlite-audit-appends.md`): sqlx's SQLite driver spends more per bound
+/// value than SQLite spends inserting the row, and a record has twenty.
+pub struct AuditAppender {
+    store: Store,
+    /// The SQLite file, when appends go through a connection of their own.
+    file: Option<std::path::PathBuf>,
+    /// That connection, opened on first use (and again after an error).
+    conn: Option<rusqlite::Connection>,
+}
+
+impl std::fmt::Debug for AuditAppender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditAppender").field("file", &self.file).finish_non_exhaustive()
+    }
+}
+
+/// Rows per `INSERT` on the writer's own SQLite connection: a batch goes in as statements of
+/// these sizes, largest first, so at most three statements are prepared (and cached). Rows of
+/// one statement also share SQLite's cursors: inserted one statement per row, each row's index
+/// entries were found by a full descent of the index, twice the instructions of the rest of the
+/// insert.
+const SQLITE_CHUNKS: [usize; 3] = [ROWS_PER_INSERT, 10, 1];
+
+impl Store {
+    /// The audit writer's way of appending to this store.
+    pub fn audit_appender(&self) -> AuditAppender {
+        let file = match self {
+            Store::Sqlite(pool) => {
+                let opts = pool.connect_options();
+                let file = opts.get_filename();
+                // An in-memory database is private to its connection: a second one would see
+                // another database, so such stores keep appending through the pool.
+                let in_memory = file.as_os_str().is_empty() || file.to_string_lossy().contains(":memory:");
+                (!in_memory).then(|| file.to_path_buf())
+            }
+            Store::Postgres(_) => None,
+        };
+        AuditAppender { store: self.clone(), file, conn: None }
+    }
+}
+
+impl AuditAppender {
+    /// Appends `entries` to the chain in one transaction, setting their `seq`, `prev_hash` and
+    /// `hash`, like [`Store::audit_append`] (whose locking it shares: `BEGIN IMMEDIATE`).
+    pub async fn append(&mut self, entries: &mut Vec<Entry>) -> Result<(), StoreError> {
+        let Some(file) = self.file.clone() else {
+            return self.store.audit_append(entries).await;
+        };
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let conn = self.conn.take();
+        let mut batch = std::mem::take(entries);
+        let job = tokio::task::spawn_blocking(move || {
+            let result = match conn {
+                Some(c) => Ok(c),
+                None => open_appender(&file),
+            }
+            .and_then(|mut c| append_rows(&mut c, &mut batch).map(|()| c));
+            (result, batch)
+        });
+        let (result, batch) = job.await.map_err(|e| StoreError::Append(e.to_string()))?;
+        *entries = batch;
+        // After an error the connection is dropped (rolling back anything open) and reopened
+        // on the next attempt.
+        self.conn = Some(result?);
+        Ok(())
+    }
+}
+
+/// A connection for appends, set up as the pool's are (WAL, which the file already keeps,
+/// `synchronous = FULL`, a 5 s busy timeout).
+fn open_appender(file: &std::path::Path) -> Result<rusqlite::Connection, StoreError> {
+    use rusqlite::OpenFlags;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = rusqlite::Connection::open_with_flags(file, flags)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(conn)
+}
+
+fn append_rows(conn: &mut rusqlite::Connection, entries: &mut [Entry]) -> Result<(), StoreError> {
+    use rusqlite::OptionalExtension;
+    // IMMEDIATE, as in `Store::audit_append`: the write lock before the head is read.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let head = tx.query_row(HEAD_SQL, [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+    seal_onto(entries, head);
+    static SQL: std::sync::LazyLock<[String; 3]> =
+        std::sync::LazyLock::new(|| SQLITE_CHUNKS.map(|rows| insert_sql(rows, Placeholders::Anonymous)));
+    let mut rest = &*entries;
+    while !rest.is_empty() {
+        let i = SQLITE_CHUNKS.iter().position(|&n| n <= rest.len()).unwrap_or(SQLITE_CHUNKS.len() - 1);
+        let (chunk, tail) = rest.split_at(SQLITE_CHUNKS[i]);
+        let mut insert = tx.prepare_cached(&SQL[i])?;
+        let mut column = 0;
+        let mut bind = |value: &dyn rusqlite::ToSql| {
+            column += 1;
+            insert.raw_bind_parameter(column, value)
+        };
+        for e in chunk {
+            bind(&e.seq)?;
+            bind(&e.time_ms)?;
+            bind(&e.request_id)?;
+            bind(&e.principal_id)?;
+            bind(&e.principal_kind)?;
+            bind(&e.principal_name)?;
+            bind(&e.token_id)?;
+            bind(&e.client_name)?;
+            bind(&e.client_version)?;
+            bind(&e.server)?;
+            bind(&e.method)?;
+            bind(&e.tool)?;
+            bind(&e.arguments)?;
+            bind(&e.decision)?;
+            bind(&e.upstream_status)?;
+            bind(&e.latency_us)?;
+            bind(&e.bytes_in)?;
+            bind(&e.bytes_out)?;
+            bind(&e.prev_hash)?;
+            bind(&e.hash)?;
+        }
+        insert.raw_execute()?;
+        rest = tail;
+    }
+    tx.commit()?;
+    Ok(())
 }

@@ -51,6 +51,12 @@ pub enum StoreError {
     /// A query failed.
     #[error("query failed: {0}")]
     Query(#[from] sqlx::Error),
+    /// An audit append through the writer's own SQLite connection failed.
+    #[error("audit append failed: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The blocking task of an audit append did not finish.
+    #[error("audit append failed: {0}")]
+    Append(String),
 }
 
 /// The URL without its password, for messages.

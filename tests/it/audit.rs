@@ -112,6 +112,7 @@ on_both!(
     replicas_share_one_chain,
     search_filters_combine,
     store_outage_is_retried_and_never_silent,
+    every_column_survives_batches_of_any_size,
 );
 
 fn record(i: usize) -> Record {
@@ -506,4 +507,58 @@ async fn store_outage_is_retried_and_never_silent(backend: Backend) {
     assert_eq!((writer.stats().dropped, writer.backlog()), (1, 0));
     outage(&db.store, false).await;
     assert!(matches!(verify(&db.store).await.expect("verify"), Verification::Intact { records: 3, .. }));
+}
+
+/// A batch of 123 records goes into SQLite as statements of 100, 10, 10, 1, 1 and 1 rows
+/// (`docs/decisions/0005-sqlite-audit-appends.md`); every column of every row, empty ones
+/// included, reads back as written, in order and chained.
+async fn every_column_survives_batches_of_any_size(backend: Backend) {
+    let db = test_db(backend).await;
+    let writer = AuditWriter::start(db.store.clone(), &AuditConfig::default());
+    let sparse = |i: usize| {
+        let mut r = record(i);
+        if i.is_multiple_of(7) {
+            // A refusal before authentication: no principal, client, tool or upstream status.
+            r.principal_id = None;
+            r.principal_kind = None;
+            r.principal_name = None;
+            r.token_id = None;
+            r.client_name = None;
+            r.client_version = None;
+            r.tool = None;
+            r.upstream_status = None;
+        }
+        r
+    };
+    for i in 0..123 {
+        writer.record(sparse(i));
+    }
+    writer.flush().await.expect("flushed");
+    writer.record(sparse(123));
+    writer.shutdown().await;
+    let rows = db.store.audit_after(0, 1000).await.expect("read");
+    assert_eq!(rows.len(), 124);
+    for (i, e) in rows.iter().enumerate() {
+        let r = sparse(i);
+        assert_eq!(e.seq, i as i64 + 1);
+        assert_eq!(e.time_ms, r.time_ms);
+        assert_eq!(e.request_id, r.request_id);
+        assert_eq!(e.principal_id, r.principal_id);
+        assert_eq!(e.principal_kind, r.principal_kind);
+        assert_eq!(e.principal_name, r.principal_name);
+        assert_eq!(e.token_id, r.token_id);
+        assert_eq!(e.client_name, r.client_name);
+        assert_eq!(e.client_version, r.client_version);
+        assert_eq!(e.server, r.server);
+        assert_eq!(e.method, "tools/call");
+        assert_eq!(e.tool, r.tool);
+        assert_eq!(serde_json::from_str::<Value>(&e.arguments).expect("json"), json!({"i": i, "q": "text"}));
+        assert_eq!(e.decision, "allow");
+        assert_eq!(e.upstream_status, r.upstream_status);
+        assert_eq!(e.latency_us, 1000 + i as i64);
+        assert_eq!((e.bytes_in, e.bytes_out), (100, 2000));
+        assert_eq!(e.hash.len(), 32);
+    }
+    assert!(rows.windows(2).all(|w| w[1].prev_hash == w[0].hash), "each row names the one before");
+    assert!(matches!(verify(&db.store).await.expect("verify"), Verification::Intact { records: 124, .. }));
 }
