@@ -1,6 +1,7 @@
 //! DNS-rebinding guard: `Host` must name this gateway and `Origin`, when a browser sends one,
 //! must be trusted. Both failures answer 403.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 
@@ -48,9 +49,16 @@ impl HostPolicy {
 
     /// Checks `Host` and `Origin`.
     pub fn check(&self, headers: &HeaderMap) -> Result<(), GatewayError> {
-        let host = headers.get(HOST).and_then(|h| h.to_str().ok()).map(str::to_ascii_lowercase);
-        match host {
-            Some(h) if self.hosts.contains(&h) || self.is_loopback_name(&h) => {}
+        // Lower-cased only when it has to be: every request passes here, refusals included.
+        let host = headers.get(HOST).and_then(|h| h.to_str().ok()).map(|h| {
+            if h.bytes().any(|b| b.is_ascii_uppercase()) {
+                Cow::Owned(h.to_ascii_lowercase())
+            } else {
+                Cow::Borrowed(h)
+            }
+        });
+        match host.as_deref() {
+            Some(h) if self.hosts.contains(h) || self.is_loopback_name(h) => {}
             _ => return Err(GatewayError::ForbiddenHost),
         }
         let Some(origin) = headers.get(ORIGIN) else {
@@ -108,6 +116,9 @@ mod tests {
         let p = HostPolicy::new(&url, "0.0.0.0:443".parse().expect("addr"), &["gw.internal:8443".into()], &[]);
         assert!(p.check(&headers("mcp.example.com", Some("https://mcp.example.com"))).is_ok());
         assert!(p.check(&headers("gw.internal:8443", None)).is_ok());
+        // Host names are case-insensitive (RFC 9110 §4.2.3).
+        assert!(p.check(&headers("MCP.Example.COM", None)).is_ok());
         assert!(p.check(&headers("localhost", None)).is_err());
+        assert!(p.check(&headers("EVIL.example.com", None)).is_err());
     }
 }
