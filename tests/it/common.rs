@@ -240,7 +240,9 @@ pub fn init_body() -> Value {
 pub async fn raw_session(client: &reqwest::Client, url: &str) -> String {
     let resp = post(client, url, &init_body(), None).send().await.expect("initialize");
     assert_eq!(resp.status(), 200, "initialize: {:?}", resp.text().await);
-    let id = resp.headers()["mcp-session-id"].to_str().expect("ascii").to_owned();
+    let Some(id) = resp.headers().get("mcp-session-id").map(|v| v.to_str().expect("ascii").to_owned()) else {
+        panic!("initialize answered without a session: {:?}", resp.text().await);
+    };
     let note = serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
     let r = post(client, url, &note, Some(&id)).send().await.expect("initialized");
     assert_eq!(r.status(), 202);
