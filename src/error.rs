@@ -171,14 +171,22 @@ impl IntoResponse for Failure {
                 std::sync::LazyLock::new(|| refusal_body(crate::authn::Rejection::Missing)),
                 std::sync::LazyLock::new(|| refusal_body(crate::authn::Rejection::Invalid)),
             ];
-            let (body, challenge) = match why {
-                crate::authn::Rejection::Missing => (&BODIES[0], CHALLENGE_MISSING),
-                crate::authn::Rejection::Invalid => (&BODIES[1], CHALLENGE_INVALID),
+            let body = match why {
+                crate::authn::Rejection::Missing => &BODIES[0],
+                crate::authn::Rejection::Invalid => &BODIES[1],
             };
-            let headers = [(header::CONTENT_TYPE, JSON), (header::WWW_AUTHENTICATE, challenge)];
+            let headers = [(header::CONTENT_TYPE, JSON), (header::WWW_AUTHENTICATE, challenge(*why))];
             return (StatusCode::UNAUTHORIZED, headers, bytes::Bytes::clone(body)).into_response();
         }
         self.render()
+    }
+}
+
+/// The `WWW-Authenticate` challenge of a credential refusal.
+fn challenge(why: crate::authn::Rejection) -> HeaderValue {
+    match why {
+        crate::authn::Rejection::Missing => CHALLENGE_MISSING,
+        crate::authn::Rejection::Invalid => CHALLENGE_INVALID,
     }
 }
 
@@ -196,11 +204,7 @@ impl Failure {
         let body = self.body(rpc_code);
         let mut resp = (status, [(header::CONTENT_TYPE, JSON)], body).into_response();
         if let GatewayError::Unauthenticated(why) = self.error {
-            let challenge = match why {
-                crate::authn::Rejection::Missing => CHALLENGE_MISSING,
-                crate::authn::Rejection::Invalid => CHALLENGE_INVALID,
-            };
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, challenge(why));
         }
         resp
     }

@@ -78,11 +78,8 @@ fn insert_sql(rows: usize, style: Placeholders) -> String {
 }
 
 /// Reads the head, seals `entries` onto it and inserts them, inside the open transaction `$tx`.
-/// `$text` turns each text column into what is bound: SQLite's driver copies a bound `&str`
-/// twice (into a `String`, then into an `Arc`) and an `Arc<str>` not at all, so SQLite gets
-/// one copy made here; PostgreSQL's driver encodes a borrowed `&str` in place.
 macro_rules! append_in {
-    ($tx:ident, $entries:ident, $style:expr, $text:expr) => {{
+    ($tx:ident, $entries:ident, $style:expr) => {{
         let head: Option<(i64, Vec<u8>)> = sqlx::query_as(HEAD_SQL).fetch_optional(&mut *$tx).await?;
         seal_onto($entries, head);
         for chunk in $entries.chunks(ROWS_PER_INSERT) {
@@ -92,18 +89,18 @@ macro_rules! append_in {
                 q = q
                     .bind(e.seq)
                     .bind(e.time_ms)
-                    .bind($text(&e.request_id))
-                    .bind(e.principal_id.as_deref().map($text))
-                    .bind(e.principal_kind.as_deref().map($text))
-                    .bind(e.principal_name.as_deref().map($text))
-                    .bind(e.token_id.as_deref().map($text))
-                    .bind(e.client_name.as_deref().map($text))
-                    .bind(e.client_version.as_deref().map($text))
-                    .bind(e.server.as_deref().map($text))
-                    .bind($text(&e.method))
-                    .bind(e.tool.as_deref().map($text))
-                    .bind($text(&e.arguments))
-                    .bind($text(&e.decision))
+                    .bind(&e.request_id)
+                    .bind(&e.principal_id)
+                    .bind(&e.principal_kind)
+                    .bind(&e.principal_name)
+                    .bind(&e.token_id)
+                    .bind(&e.client_name)
+                    .bind(&e.client_version)
+                    .bind(&e.server)
+                    .bind(&e.method)
+                    .bind(&e.tool)
+                    .bind(&e.arguments)
+                    .bind(&e.decision)
                     .bind(e.upstream_status)
                     .bind(e.latency_us)
                     .bind(e.bytes_in)
@@ -130,16 +127,6 @@ fn seal_onto(entries: &mut [Entry], head: Option<(i64, Vec<u8>)>) {
     }
 }
 
-/// A text column for SQLite: one copy, shared with the driver.
-fn shared(s: &str) -> std::sync::Arc<str> {
-    std::sync::Arc::from(s)
-}
-
-/// A text column for PostgreSQL: borrowed.
-fn borrowed(s: &str) -> &str {
-    s
-}
-
 impl Store {
     /// Appends `entries` to the chain in one transaction, setting their `seq`, `prev_hash`
     /// and `hash`. On error nothing is appended (and the entries are re-sealed on retry).
@@ -152,12 +139,12 @@ impl Store {
                 // IMMEDIATE takes the write lock before the head is read, so a second process
                 // waits (busy_timeout) instead of failing to upgrade a read transaction.
                 let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                append_in!(tx, entries, Placeholders::Anonymous, shared);
+                append_in!(tx, entries, Placeholders::Anonymous);
             }
             Store::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
                 sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(APPEND_LOCK).execute(&mut *tx).await?;
-                append_in!(tx, entries, Placeholders::Numbered, borrowed);
+                append_in!(tx, entries, Placeholders::Numbered);
             }
         }
         Ok(())
@@ -226,18 +213,17 @@ impl Store {
 /// file, a connection of the writer's own through `rusqlite` (see
 /// `docs/decisions/0005-sqlite-audit-appends.md`): sqlx's SQLite driver spends more per bound
 /// value than SQLite spends inserting the row, and a record has twenty.
-pub struct AuditAppender {
-    store: Store,
-    /// The SQLite file, when appends go through a connection of their own.
-    file: Option<std::path::PathBuf>,
-    /// That connection, opened on first use (and again after an error).
-    conn: Option<rusqlite::Connection>,
-}
-
-impl std::fmt::Debug for AuditAppender {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuditAppender").field("file", &self.file).finish_non_exhaustive()
-    }
+#[derive(Debug)]
+pub enum AuditAppender {
+    /// PostgreSQL, or an in-memory SQLite database.
+    Pool(Store),
+    /// A SQLite file.
+    Own {
+        /// The file.
+        file: std::sync::Arc<std::path::Path>,
+        /// The connection, opened on first use (and again after an error).
+        conn: Option<rusqlite::Connection>,
+    },
 }
 
 /// Rows per `INSERT` on the writer's own SQLite connection: a batch goes in as statements of
@@ -250,18 +236,17 @@ const SQLITE_CHUNKS: [usize; 3] = [ROWS_PER_INSERT, 10, 1];
 impl Store {
     /// The audit writer's way of appending to this store.
     pub fn audit_appender(&self) -> AuditAppender {
-        let file = match self {
-            Store::Sqlite(pool) => {
-                let opts = pool.connect_options();
-                let file = opts.get_filename();
-                // An in-memory database is private to its connection: a second one would see
-                // another database, so such stores keep appending through the pool.
-                let in_memory = file.as_os_str().is_empty() || file.to_string_lossy().contains(":memory:");
-                (!in_memory).then(|| file.to_path_buf())
+        if let Store::Sqlite(pool) = self {
+            let opts = pool.connect_options();
+            let file = opts.get_filename();
+            // An in-memory database is private to its connection: a second one would see
+            // another database, so such stores keep appending through the pool.
+            let in_memory = file.as_os_str().is_empty() || file.to_string_lossy().contains(":memory:");
+            if !in_memory {
+                return AuditAppender::Own { file: file.into(), conn: None };
             }
-            Store::Postgres(_) => None,
-        };
-        AuditAppender { store: self.clone(), file, conn: None }
+        }
+        AuditAppender::Pool(self.clone())
     }
 }
 
@@ -269,16 +254,17 @@ impl AuditAppender {
     /// Appends `entries` to the chain in one transaction, setting their `seq`, `prev_hash` and
     /// `hash`, like [`Store::audit_append`] (whose locking it shares: `BEGIN IMMEDIATE`).
     pub async fn append(&mut self, entries: &mut Vec<Entry>) -> Result<(), StoreError> {
-        let Some(file) = self.file.clone() else {
-            return self.store.audit_append(entries).await;
+        let (file, conn) = match self {
+            AuditAppender::Pool(store) => return store.audit_append(entries).await,
+            AuditAppender::Own { file, conn } => (file, conn),
         };
         if entries.is_empty() {
             return Ok(());
         }
-        let conn = self.conn.take();
+        let (file, open) = (file.clone(), conn.take());
         let mut batch = std::mem::take(entries);
         let job = tokio::task::spawn_blocking(move || {
-            let result = match conn {
+            let result = match open {
                 Some(c) => Ok(c),
                 None => open_appender(&file),
             }
@@ -289,7 +275,7 @@ impl AuditAppender {
         *entries = batch;
         // After an error the connection is dropped (rolling back anything open) and reopened
         // on the next attempt.
-        self.conn = Some(result?);
+        *conn = Some(result?);
         Ok(())
     }
 }
