@@ -35,7 +35,7 @@ const N_COLUMNS: usize = 20;
 /// Filters for [`Store::audit_search`]; `None` matches everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditQuery {
-    /// Principal name or id.
+    /// Principal name, or id (a UUID).
     pub user: Option<String>,
     /// Upstream server.
     pub server: Option<String>,
@@ -51,8 +51,12 @@ pub struct AuditQuery {
     pub limit: i64,
 }
 
-enum Bind {
+/// A value bound into [`search_sql`]'s statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bind {
+    /// Text.
     Text(String),
+    /// An integer.
     Int(i64),
 }
 
@@ -169,31 +173,7 @@ impl Store {
 
     /// The newest `query.limit` records matching `query`, returned oldest first.
     pub async fn audit_search(&self, query: &AuditQuery) -> Result<Vec<Entry>, StoreError> {
-        let mut sql = String::from("SELECT * FROM audit_records WHERE 1 = 1");
-        let mut binds = Vec::new();
-        let mut cond = |sql: &mut String, clause: &str, bind: Bind| {
-            binds.push(bind);
-            sql.push_str(&clause.replace('?', &format!("${}", binds.len())));
-        };
-        if let Some(u) = &query.user {
-            cond(&mut sql, " AND (principal_name = ? OR principal_id = ?)", Bind::Text(u.clone()));
-        }
-        if let Some(s) = &query.server {
-            cond(&mut sql, " AND server = ?", Bind::Text(s.clone()));
-        }
-        if let Some(t) = &query.tool {
-            cond(&mut sql, " AND tool = ?", Bind::Text(t.clone()));
-        }
-        if let Some(t) = query.since_ms {
-            cond(&mut sql, " AND time_ms >= ?", Bind::Int(t));
-        }
-        if let Some(t) = query.until_ms {
-            cond(&mut sql, " AND time_ms < ?", Bind::Int(t));
-        }
-        if let Some(s) = query.after_seq {
-            cond(&mut sql, " AND seq > ?", Bind::Int(s));
-        }
-        cond(&mut sql, " ORDER BY seq DESC LIMIT ?", Bind::Int(query.limit.max(0)));
+        let (sql, binds) = search_sql(query);
         let mut rows: Vec<Entry> = on_pool!(self, p => {
             let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
             for b in &binds {
@@ -207,6 +187,43 @@ impl Store {
         rows.reverse();
         Ok(rows)
     }
+}
+
+/// The `SELECT` of [`Store::audit_search`] and its values, in `$n` placeholders.
+pub fn search_sql(query: &AuditQuery) -> (String, Vec<Bind>) {
+    let mut sql = String::from("SELECT * FROM audit_records WHERE 1 = 1");
+    let mut binds = Vec::new();
+    let mut cond = |sql: &mut String, clause: &str, bind: Bind| {
+        binds.push(bind);
+        sql.push_str(&clause.replace('?', &format!("${}", binds.len())));
+    };
+    if let Some(u) = &query.user {
+        // By name, through the name index; an argument shaped like a principal id (a UUID)
+        // also matches ids, by a scan: an OR across the two columns could use no index.
+        let clause = if uuid::Uuid::try_parse(u).is_ok() {
+            " AND (principal_name = ? OR principal_id = ?)"
+        } else {
+            " AND principal_name = ?"
+        };
+        cond(&mut sql, clause, Bind::Text(u.clone()));
+    }
+    if let Some(s) = &query.server {
+        cond(&mut sql, " AND server = ?", Bind::Text(s.clone()));
+    }
+    if let Some(t) = &query.tool {
+        cond(&mut sql, " AND tool = ?", Bind::Text(t.clone()));
+    }
+    if let Some(t) = query.since_ms {
+        cond(&mut sql, " AND time_ms >= ?", Bind::Int(t));
+    }
+    if let Some(t) = query.until_ms {
+        cond(&mut sql, " AND time_ms < ?", Bind::Int(t));
+    }
+    if let Some(s) = query.after_seq {
+        cond(&mut sql, " AND seq > ?", Bind::Int(s));
+    }
+    cond(&mut sql, " ORDER BY seq DESC LIMIT ?", Bind::Int(query.limit.max(0)));
+    (sql, binds)
 }
 
 /// Where the audit writer appends: [`Store::audit_append`] through the pool, or, on a SQLite
