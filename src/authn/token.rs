@@ -38,8 +38,7 @@ impl NewToken {
                 body.push(ALPHABET[usize::from(*b % 62)] as char);
             }
         }
-        let check = checksum(&body);
-        body.push_str(&check);
+        body.extend(checksum(&body).map(char::from));
         NewToken(body)
     }
 
@@ -59,14 +58,14 @@ pub fn hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-fn checksum(text: &str) -> String {
+fn checksum(text: &str) -> [u8; CHECK_LEN] {
     let mut n = crc32fast::hash(text.as_bytes());
     let mut out = [b'0'; CHECK_LEN];
     for slot in out.iter_mut().rev() {
         *slot = ALPHABET[(n % 62) as usize];
         n /= 62;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// Whether `text` has the shape and checksum of a grant token (no lookup).
@@ -74,7 +73,7 @@ pub fn well_formed(text: &str) -> bool {
     text.len() == TOKEN_LEN
         && text.starts_with(PREFIX)
         && text[PREFIX.len()..].bytes().all(|b| b.is_ascii_alphanumeric())
-        && checksum(&text[..TOKEN_LEN - CHECK_LEN]) == text[TOKEN_LEN - CHECK_LEN..]
+        && checksum(&text[..TOKEN_LEN - CHECK_LEN]) == text.as_bytes()[TOKEN_LEN - CHECK_LEN..]
 }
 
 #[cfg(test)]

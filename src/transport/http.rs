@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -25,10 +25,14 @@ use crate::mcp::{self, version};
 use crate::upstream::http::{PROTOCOL_HEADER, SESSION_HEADER};
 
 /// `POST /mcp/{server}`.
-pub async fn post(State(app): State<AppState>, Path(name): Path<String>, headers: HeaderMap, body: Body) -> Response {
+///
+/// It takes the whole request rather than axum's `HeaderMap` extractor, which clones the
+/// headers.
+pub async fn post(State(app): State<AppState>, Path(name): Path<String>, request: Request) -> Response {
     let started = Instant::now();
+    let (parts, body) = request.into_parts();
     let mut ex = Exchange::new("invalid");
-    let resp = match post_steps(&app, &name, &headers, body, &mut ex).await {
+    let resp = match post_steps(&app, &name, &parts.headers, body, &mut ex).await {
         Ok(resp) => resp,
         Err(failure) => {
             ex.note_failure(&failure);
@@ -140,7 +144,8 @@ fn sse_messages(body: &[u8]) -> impl Iterator<Item = serde_json::Value> + '_ {
 }
 
 /// `GET /mcp/{server}`: the session's server-to-client stream.
-pub async fn get(State(app): State<AppState>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+pub async fn get(State(app): State<AppState>, Path(name): Path<String>, request: Request) -> Response {
+    let headers = request.into_parts().0.headers;
     if mcp::stateless::is_stateless(&headers) {
         // The stateless revision has no GET stream and no session to delete.
         return StatusCode::METHOD_NOT_ALLOWED.into_response();
@@ -165,7 +170,8 @@ pub async fn get(State(app): State<AppState>, Path(name): Path<String>, headers:
 }
 
 /// `DELETE /mcp/{server}`: ends the session.
-pub async fn delete(State(app): State<AppState>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+pub async fn delete(State(app): State<AppState>, Path(name): Path<String>, request: Request) -> Response {
+    let headers = request.into_parts().0.headers;
     if mcp::stateless::is_stateless(&headers) {
         // The stateless revision has no GET stream and no session to delete.
         return StatusCode::METHOD_NOT_ALLOWED.into_response();
