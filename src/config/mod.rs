@@ -14,6 +14,10 @@ use url::Url;
 
 use raw::{RawAuth, RawGateway, RawLog, RawServer, RawStore};
 
+/// Default `start_timeout` of a stdio server: long enough for `npx` to fetch a package on a
+/// cold cache, short enough that a process that never answers is reported.
+pub const DEFAULT_START_TIMEOUT_SECS: u64 = 120;
+
 /// The validated configuration of one gateway.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -144,6 +148,9 @@ pub enum ServerTransport {
         env: BTreeMap<String, String>,
         /// Working directory.
         cwd: Option<PathBuf>,
+        /// Longest wait for the process to start and answer `initialize`, apart from
+        /// `request_timeout`: a cold `npx` start can take far longer than any one call should.
+        start_timeout: Duration,
     },
 }
 
@@ -403,8 +410,8 @@ impl Validator<'_> {
                 None
             }
             (Some(url), None) => {
-                if raw.args.is_some() || raw.env.is_some() || raw.cwd.is_some() {
-                    self.at(at, &what, "`args`, `env` and `cwd` apply only to `command`");
+                if raw.args.is_some() || raw.env.is_some() || raw.cwd.is_some() || raw.start_timeout.is_some() {
+                    self.at(at, &what, "`args`, `env`, `cwd` and `start_timeout` apply only to `command`");
                 }
                 let stateless = match raw.protocol.as_deref() {
                     None | Some("auto") => false,
@@ -448,11 +455,14 @@ impl Validator<'_> {
                 if command.trim().is_empty() {
                     self.at(at, &what, "`command` is empty");
                 }
+                let start_timeout =
+                    self.duration(at, &format!("{what}: start_timeout"), raw.start_timeout, DEFAULT_START_TIMEOUT_SECS);
                 Some(ServerTransport::Stdio {
                     command,
                     args: raw.args.unwrap_or_default(),
                     env: raw.env.unwrap_or_default(),
                     cwd: raw.cwd.map(PathBuf::from),
+                    start_timeout,
                 })
             }
         };

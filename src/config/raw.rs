@@ -74,6 +74,9 @@ pub struct RawServer {
     pub env: Option<BTreeMap<String, String>>,
     /// Working directory for `command`. Default the gateway's own.
     pub cwd: Option<String>,
+    /// Longest wait for `command` to start and answer `initialize`. Default `"120s"`; only
+    /// with `command`.
+    pub start_timeout: Option<String>,
     /// Serve without client authentication (local single-user setups). Default `false`.
     pub public: Option<bool>,
     /// Per-server override of `gateway.request_timeout`. Default unset.

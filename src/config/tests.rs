@@ -72,6 +72,36 @@ fn durations_parse() {
 }
 
 #[test]
+fn stdio_start_timeout_is_apart_from_the_request_timeout() {
+    let text = r#"
+[gateway]
+request_timeout = "5s"
+
+[[servers]]
+name = "cold"
+command = "npx"
+start_timeout = "10m"
+
+[[servers]]
+name = "plain"
+command = "server"
+"#;
+    let c = parse(text).expect("valid");
+    let start = |i: usize| match &c.servers[i].transport {
+        ServerTransport::Stdio { start_timeout, .. } => *start_timeout,
+        other => panic!("not stdio: {other:?}"),
+    };
+    assert_eq!(start(0), Duration::from_secs(600));
+    assert_eq!(start(1), Duration::from_secs(DEFAULT_START_TIMEOUT_SECS), "not the 5 s request timeout");
+    assert_eq!(c.servers[1].request_timeout, Duration::from_secs(5));
+    let err = parse("[[servers]]\nname = \"h\"\nurl = \"https://x.example.com/mcp\"\nstart_timeout = \"1s\"\n")
+        .expect_err("stdio only");
+    assert!(err.to_string().contains("`start_timeout` apply only to `command`"), "{err}");
+    let err = parse("[[servers]]\nname = \"s\"\ncommand = \"x\"\nstart_timeout = \"soon\"\n").expect_err("bad");
+    assert!(err.to_string().contains("server \"s\": start_timeout: \"soon\" is not a duration"), "{err}");
+}
+
+#[test]
 fn static_upstream_credentials_are_validated() {
     let text = r#"
 [[servers]]

@@ -53,7 +53,8 @@ pub struct StdioUpstream {
     args: Vec<String>,
     env: BTreeMap<String, String>,
     cwd: Option<PathBuf>,
-    timeout: Duration,
+    /// Longest wait for the process to start and answer `initialize`.
+    start_timeout: Duration,
     auth: crate::config::UpstreamAuth,
     credentials: Arc<super::credentials::Credentials>,
     /// Processes by person (`""`: the one process of a server without per-user OAuth).
@@ -74,7 +75,7 @@ const ENDED_CAP: usize = 100_000;
 impl StdioUpstream {
     /// A connector for one configured stdio server (starts nothing).
     pub fn new(config: &ServerConfig, credentials: Arc<super::credentials::Credentials>) -> StdioUpstream {
-        let ServerTransport::Stdio { command, args, env, cwd } = &config.transport else {
+        let ServerTransport::Stdio { command, args, env, cwd, start_timeout } = &config.transport else {
             unreachable!("StdioUpstream is built only for stdio servers")
         };
         StdioUpstream {
@@ -83,7 +84,7 @@ impl StdioUpstream {
             args: args.clone(),
             env: env.clone(),
             cwd: cwd.clone(),
-            timeout: config.request_timeout,
+            start_timeout: *start_timeout,
             auth: config.auth.clone(),
             credentials,
             slots: Mutex::new(std::collections::HashMap::new()),
@@ -148,9 +149,12 @@ impl StdioUpstream {
             }
         }
         slot.last_start = Some(Instant::now());
-        let running = match tokio::time::timeout(self.timeout, self.start(token.as_ref())).await {
+        let running = match tokio::time::timeout(self.start_timeout, self.start(token.as_ref())).await {
             Ok(r) => r,
-            Err(_) => Err(self.process_error(format!("did not initialize within {}", super::human(self.timeout)))),
+            Err(_) => Err(self.process_error(format!(
+                "did not start and initialize within {} (start_timeout)",
+                super::human(self.start_timeout)
+            ))),
         };
         let running = running.inspect_err(|_| slot.failures += 1)?;
         let out = (running.mux.clone(), running.init.clone());
