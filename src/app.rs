@@ -40,6 +40,12 @@ pub struct Server {
     vault: Option<Arc<crate::vault::Vault>>,
 }
 
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("name", &self.config.name).finish_non_exhaustive()
+    }
+}
+
 impl Server {
     fn new(config: &ServerConfig, client: reqwest::Client, credentials: Arc<Credentials>) -> Server {
         let oauth = matches!(config.auth, crate::config::UpstreamAuth::OAuth(_));
@@ -220,19 +226,27 @@ impl AppState {
     }
 
     /// Records one finished HTTP exchange in the metrics.
-    pub fn observe(&self, server: &str, method: &'static str, status: StatusCode, started: Instant) {
+    pub fn observe(&self, server: Option<&Server>, method: &'static str, status: StatusCode, started: Instant) {
         let elapsed = started.elapsed();
-        tracing::debug!(server, method, status = status.as_u16(), micros = elapsed.as_micros() as u64, "mcp request");
-        let (counter, histogram) = match self.0.servers.get(server) {
-            Some(s) => s
-                .metrics
-                .entry((method, status.as_u16()))
-                .or_insert_with(|| request_metrics(server, method, status))
-                .clone(),
-            None => request_metrics("unknown", method, status),
+        let name = server.map_or("unknown", |s| s.config.name.as_str());
+        tracing::debug!(
+            server = name,
+            method,
+            status = status.as_u16(),
+            micros = elapsed.as_micros() as u64,
+            "mcp request"
+        );
+        let record = |(counter, histogram): &(metrics::Counter, metrics::Histogram)| {
+            counter.increment(1);
+            histogram.record(elapsed.as_secs_f64());
         };
-        counter.increment(1);
-        histogram.record(elapsed.as_secs_f64());
+        let Some(s) = server else { return record(&request_metrics(name, method, status)) };
+        let key = (method, status.as_u16());
+        // Registered handles are read under the shard's read lock, without cloning them.
+        if let Some(handles) = s.metrics.get(&key) {
+            return record(&handles);
+        }
+        record(&s.metrics.entry(key).or_insert_with(|| request_metrics(name, method, status)));
     }
 }
 
@@ -414,7 +428,15 @@ async fn sweep_stdio(app: AppState, mut changes: tokio::sync::watch::Receiver<i6
 
 fn router(state: AppState) -> Router {
     use crate::transport::http as mcp_http;
-    Router::new()
+    let mut router = Router::new();
+    // Each configured server gets a route of its own, so a request to it is matched without
+    // path parameters (axum would extract them into the request's extensions, and every
+    // request, refusals included, would pay for it). `/mcp/{server}` serves the rest: names
+    // that are not configured, and percent-encoded spellings of those that are.
+    for server in state.0.servers.values() {
+        router = router.route(&format!("/mcp/{}", server.config.name), mcp_http::endpoint(server));
+    }
+    router
         .route("/mcp/{server}", post(mcp_http::post).get(mcp_http::get).delete(mcp_http::delete))
         .route("/mcp/{server}/", post(mcp_http::post).get(mcp_http::get).delete(mcp_http::delete))
         .route("/mcp/{server}/sse", get(crate::transport::legacy_sse::open))

@@ -2,6 +2,7 @@
 //! fill an [`Exchange`] as they go; [`AppState::finish`] turns it into one metric sample and
 //! exactly one audit record, whatever the outcome.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use std::pin::Pin;
@@ -16,7 +17,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::jsonrpc::{Message, code, error_response};
-use crate::app::AppState;
+use crate::app::{AppState, Server};
 use crate::audit::{Arguments, AuditWriter, Decision, Durability, Record};
 use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
@@ -28,6 +29,8 @@ pub struct Exchange {
     pub metric: &'static str,
     /// The JSON-RPC method (or the HTTP method for GET and DELETE).
     pub method: String,
+    /// The configured server it was for, once found.
+    pub server: Option<Arc<Server>>,
     /// Who called, once authenticated.
     pub principal: Option<Principal>,
     /// `clientInfo` name and version, from the session or the request.
@@ -48,6 +51,7 @@ impl Exchange {
         Exchange {
             metric,
             method: metric.to_owned(),
+            server: None,
             principal: None,
             client: None,
             tool: None,
@@ -94,8 +98,8 @@ impl Exchange {
 impl AppState {
     /// Ends an exchange: one metric sample and one audit record. In strict durability the
     /// answer waits for the record to be durable, and becomes an error if it cannot be.
-    pub async fn finish(&self, server: &str, ex: Exchange, resp: Response, started: Instant) -> Response {
-        self.observe(server, ex.metric, resp.status(), started);
+    pub async fn finish(&self, ex: Exchange, resp: Response, started: Instant) -> Response {
+        self.observe(ex.server.as_deref(), ex.metric, resp.status(), started);
         if !self.config().audit.enabled {
             return resp;
         }
@@ -116,7 +120,7 @@ impl AppState {
             token_id: principal.and_then(|p| p.token_id),
             client_name: ex.client.as_ref().map(|c| c.0.clone()),
             client_version: ex.client.map(|c| c.1),
-            server: self.server(server).ok().map(|s| s.config.name.clone()),
+            server: ex.server.map(|s| s.config.name.clone()),
             tool: ex.tool,
             arguments: ex.arguments.map(Arguments::new).unwrap_or_else(Arguments::none),
             upstream_status,

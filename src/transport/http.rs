@@ -4,11 +4,13 @@
 //! `Origin`, authenticate, check the media types, read the body within its limit, parse the
 //! envelope, then either open a session (`initialize`) or relay within the sealed session.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
+use axum::routing::{self, MethodRouter};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -24,32 +26,61 @@ use crate::error::{Failure, GatewayError};
 use crate::mcp::{self, version};
 use crate::upstream::http::{PROTOCOL_HEADER, SESSION_HEADER};
 
-/// `POST /mcp/{server}`.
+/// Which server a request is for: one of the configured servers, matched by its own route
+/// (see `app::router`), or a name taken from the path and looked up per request.
+#[derive(Clone, Copy)]
+pub enum Target<'a> {
+    /// A configured server.
+    Server(&'a Arc<Server>),
+    /// A name from the path, not yet looked up.
+    Name(&'a str),
+}
+
+/// `POST`, `GET` and `DELETE` on `/mcp/{name}` of the configured server `server`.
+pub fn endpoint(server: &Arc<Server>) -> MethodRouter<AppState> {
+    let (p, g, d) = (server.clone(), server.clone(), server.clone());
+    routing::post(move |State(app): State<AppState>, request: Request| async move {
+        post_to(&app, Target::Server(&p), request).await
+    })
+    .get(move |State(app): State<AppState>, request: Request| async move {
+        get_from(&app, Target::Server(&g), request).await
+    })
+    .delete(move |State(app): State<AppState>, request: Request| async move {
+        delete_at(&app, Target::Server(&d), request).await
+    })
+}
+
+/// `POST /mcp/{server}` for a name without a route of its own.
+pub async fn post(State(app): State<AppState>, Path(name): Path<String>, request: Request) -> Response {
+    post_to(&app, Target::Name(&name), request).await
+}
+
+/// A POST to an MCP endpoint.
 ///
 /// It takes the whole request rather than axum's `HeaderMap` extractor, which clones the
 /// headers.
-pub async fn post(State(app): State<AppState>, Path(name): Path<String>, request: Request) -> Response {
+async fn post_to(app: &AppState, target: Target<'_>, request: Request) -> Response {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
     let mut ex = Exchange::new("invalid");
-    let resp = match post_steps(&app, &name, &parts.headers, body, &mut ex).await {
+    let resp = match post_steps(app, target, &parts.headers, body, &mut ex).await {
         Ok(resp) => resp,
         Err(failure) => {
             ex.note_failure(&failure);
             failure.into_response()
         }
     };
-    app.finish(&name, ex, resp, started).await
+    app.finish(ex, resp, started).await
 }
 
 async fn post_steps(
     app: &AppState,
-    name: &str,
+    target: Target<'_>,
     headers: &HeaderMap,
     body: Body,
     ex: &mut Exchange,
 ) -> Result<Response, Failure> {
-    let (server, principal) = admit(app, name, headers, ex).await?;
+    let (server, principal) = admit(app, target, headers, ex).await?;
     check_content_type(headers)?;
     check_accept(headers, false)?;
     let bytes = read_body(body, app.config().gateway.max_body_bytes).await?;
@@ -143,8 +174,13 @@ fn sse_messages(body: &[u8]) -> impl Iterator<Item = serde_json::Value> + '_ {
         .filter_map(|data| serde_json::from_slice(data.trim_ascii()).ok())
 }
 
-/// `GET /mcp/{server}`: the session's server-to-client stream.
+/// `GET /mcp/{server}` for a name without a route of its own.
 pub async fn get(State(app): State<AppState>, Path(name): Path<String>, request: Request) -> Response {
+    get_from(&app, Target::Name(&name), request).await
+}
+
+/// A GET on an MCP endpoint: the session's server-to-client stream.
+async fn get_from(app: &AppState, target: Target<'_>, request: Request) -> Response {
     let headers = request.into_parts().0.headers;
     if mcp::stateless::is_stateless(&headers) {
         // The stateless revision has no GET stream and no session to delete.
@@ -153,24 +189,29 @@ pub async fn get(State(app): State<AppState>, Path(name): Path<String>, request:
     let started = Instant::now();
     let mut ex = Exchange::new("GET");
     let result = async {
-        let (server, principal) = admit(&app, &name, &headers, &mut ex).await?;
+        let (server, principal) = admit(app, target, &headers, &mut ex).await?;
         check_accept(&headers, true)?;
-        let session = session(&app, &server, &principal, &headers)?;
+        let session = session(app, &server, &principal, &headers)?;
         ex.client.clone_from(&session.client);
         let last = headers.get("last-event-id").and_then(|v| v.to_str().ok());
         let reply = server.upstream.listen(&session, last).await.map_err(GatewayError::from)?;
-        Ok::<_, Failure>(reply::get_response(reply, stream_end(&app, &server, &headers)))
+        Ok::<_, Failure>(reply::get_response(reply, stream_end(app, &server, &headers)))
     }
     .await;
     let resp = result.unwrap_or_else(|f| {
         ex.note_failure(&f);
         f.into_response()
     });
-    app.finish(&name, ex, resp, started).await
+    app.finish(ex, resp, started).await
 }
 
-/// `DELETE /mcp/{server}`: ends the session.
+/// `DELETE /mcp/{server}` for a name without a route of its own.
 pub async fn delete(State(app): State<AppState>, Path(name): Path<String>, request: Request) -> Response {
+    delete_at(&app, Target::Name(&name), request).await
+}
+
+/// A DELETE on an MCP endpoint: ends the session.
+async fn delete_at(app: &AppState, target: Target<'_>, request: Request) -> Response {
     let headers = request.into_parts().0.headers;
     if mcp::stateless::is_stateless(&headers) {
         // The stateless revision has no GET stream and no session to delete.
@@ -179,8 +220,8 @@ pub async fn delete(State(app): State<AppState>, Path(name): Path<String>, reque
     let started = Instant::now();
     let mut ex = Exchange::new("DELETE");
     let result = async {
-        let (server, principal) = admit(&app, &name, &headers, &mut ex).await?;
-        let session = session(&app, &server, &principal, &headers)?;
+        let (server, principal) = admit(app, target, &headers, &mut ex).await?;
+        let session = session(app, &server, &principal, &headers)?;
         ex.client.clone_from(&session.client);
         server.upstream.close(&session).await.map_err(GatewayError::from)?;
         Ok::<_, Failure>(StatusCode::OK.into_response())
@@ -190,16 +231,12 @@ pub async fn delete(State(app): State<AppState>, Path(name): Path<String>, reque
         ex.note_failure(&f);
         f.into_response()
     });
-    app.finish(&name, ex, resp, started).await
+    app.finish(ex, resp, started).await
 }
 
 /// Completes when a long-lived stream opened with `headers` must end: the gateway shuts down,
 /// or the caller's grant token stops working (revoked, expired, principal disabled).
-pub(super) fn stream_end(
-    app: &AppState,
-    server: &std::sync::Arc<Server>,
-    headers: &HeaderMap,
-) -> BoxFuture<'static, ()> {
+pub(super) fn stream_end(app: &AppState, server: &Arc<Server>, headers: &HeaderMap) -> BoxFuture<'static, ()> {
     let shutdown = app.shutdown().clone().cancelled_owned();
     let revoked = authn::revoked(app, server, headers);
     Box::pin(async move {
@@ -214,11 +251,15 @@ pub(super) fn stream_end(
 /// rebinding), and authenticate the caller, noting who it is.
 pub(super) async fn admit(
     app: &AppState,
-    name: &str,
+    target: Target<'_>,
     headers: &HeaderMap,
     ex: &mut Exchange,
-) -> Result<(std::sync::Arc<Server>, Principal), GatewayError> {
-    let server = app.server(name)?;
+) -> Result<(Arc<Server>, Principal), GatewayError> {
+    let server = match target {
+        Target::Server(s) => s.clone(),
+        Target::Name(name) => app.server(name)?,
+    };
+    ex.server = Some(server.clone());
     app.hosts().check(headers)?;
     let principal = authn::authenticate(app, &server, headers).await?;
     ex.principal = Some(principal.clone());
@@ -232,7 +273,7 @@ fn session(
     server: &Server,
     principal: &Principal,
     headers: &HeaderMap,
-) -> Result<std::sync::Arc<SessionState>, GatewayError> {
+) -> Result<Arc<SessionState>, GatewayError> {
     if let Some(v) = headers.get(PROTOCOL_HEADER) {
         let v = v.to_str().unwrap_or_default();
         if !version::is_supported(v) {

@@ -22,7 +22,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::exchange::Exchange;
-use super::http::{admit, check_accept, check_content_type, read_body, stream_end};
+use super::http::{Target, admit, check_accept, check_content_type, read_body, stream_end};
 use super::jsonrpc::{self, Kind, Message, code, error_response};
 use super::session::{SessionState, new_session_key};
 use crate::app::{AppState, Server};
@@ -80,7 +80,7 @@ pub async fn open(State(app): State<AppState>, Path(name): Path<String>, headers
     let started = Instant::now();
     let mut ex = Exchange::new("GET");
     let result = async {
-        let (server, principal) = admit(&app, &name, &headers, &mut ex).await?;
+        let (server, principal) = admit(&app, Target::Name(&name), &headers, &mut ex).await?;
         check_accept(&headers, true)?;
         Ok::<_, Failure>(stream(&app, &name, principal, stream_end(&app, &server, &headers)))
     }
@@ -89,7 +89,7 @@ pub async fn open(State(app): State<AppState>, Path(name): Path<String>, headers
         ex.note_failure(&f);
         f.into_response()
     });
-    app.finish(&name, ex, resp, started).await
+    app.finish(ex, resp, started).await
 }
 
 fn stream(app: &AppState, name: &str, principal: Principal, end: BoxFuture<'static, ()>) -> Response {
@@ -124,7 +124,7 @@ pub async fn message(
     let started = Instant::now();
     let mut ex = Exchange::new("POST");
     let result = async {
-        let (server, principal) = admit(&app, &name, &headers, &mut ex).await?;
+        let (server, principal) = admit(&app, Target::Name(&name), &headers, &mut ex).await?;
         check_content_type(&headers)?;
         // A connection serves only the principal that opened it.
         let conn = query
@@ -152,7 +152,7 @@ pub async fn message(
         ex.note_failure(&f);
         f.into_response()
     });
-    app.finish(&name, ex, resp, started).await
+    app.finish(ex, resp, started).await
 }
 
 async fn dispatch(

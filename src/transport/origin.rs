@@ -2,7 +2,6 @@
 //! must be trusted. Both failures answer 403.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
 use std::net::SocketAddr;
 
 use http::HeaderMap;
@@ -13,11 +12,13 @@ use crate::error::GatewayError;
 
 const LOOPBACK_NAMES: &[&str] = &["localhost", "127.0.0.1", "[::1]"];
 
-/// Which `Host` and `Origin` values are accepted.
+/// Which `Host` and `Origin` values are accepted. The lists are short (the public URL, the
+/// bound address, a few configured extras), so they are searched in order: comparing a few
+/// short strings costs less than hashing the header once, and every request passes here.
 #[derive(Debug, Clone)]
 pub struct HostPolicy {
-    hosts: HashSet<String>,
-    origins: HashSet<String>,
+    hosts: Vec<String>,
+    origins: Vec<String>,
     /// On a loopback listener, loopback names are accepted on any port.
     loopback: bool,
 }
@@ -25,17 +26,19 @@ pub struct HostPolicy {
 impl HostPolicy {
     /// Accepts the public URL's authority, the bound address, and the configured extras.
     pub fn new(public_url: &Url, bound: SocketAddr, extra_hosts: &[String], extra_origins: &[String]) -> HostPolicy {
-        let mut hosts: HashSet<String> = extra_hosts.iter().cloned().collect();
-        let mut origins: HashSet<String> = extra_origins.iter().map(|o| o.trim_end_matches('/').to_owned()).collect();
+        // The bound address first: on a loopback listener, clients name it most often.
+        let mut hosts = vec![bound.to_string()];
+        let mut origins = Vec::new();
         if let Some(host) = public_url.host_str() {
             let authority = match public_url.port() {
                 Some(p) => format!("{host}:{p}"),
                 None => host.to_owned(),
             };
-            hosts.insert(authority.to_ascii_lowercase());
-            origins.insert(public_url.origin().ascii_serialization().to_ascii_lowercase());
+            hosts.push(authority.to_ascii_lowercase());
+            origins.push(public_url.origin().ascii_serialization().to_ascii_lowercase());
         }
-        hosts.insert(bound.to_string());
+        hosts.extend(extra_hosts.iter().cloned());
+        origins.extend(extra_origins.iter().map(|o| o.trim_end_matches('/').to_owned()));
         HostPolicy { hosts, origins, loopback: bound.ip().is_loopback() }
     }
 
@@ -58,14 +61,15 @@ impl HostPolicy {
             }
         });
         match host.as_deref() {
-            Some(h) if self.hosts.contains(h) || self.is_loopback_name(h) => {}
+            Some(h) if self.hosts.iter().any(|a| a == h) || self.is_loopback_name(h) => {}
             _ => return Err(GatewayError::ForbiddenHost),
         }
         let Some(origin) = headers.get(ORIGIN) else {
             return Ok(());
         };
         let origin = origin.to_str().map_err(|_| GatewayError::ForbiddenOrigin)?.to_ascii_lowercase();
-        if self.origins.contains(origin.trim_end_matches('/')) {
+        let trimmed = origin.trim_end_matches('/');
+        if self.origins.iter().any(|o| o == trimmed) {
             return Ok(());
         }
         let authority = Url::parse(&origin).ok().and_then(|u| {

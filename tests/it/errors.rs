@@ -174,6 +174,38 @@ async fn graceful_shutdown_drains_in_flight_calls() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_server_answers_at_every_spelling_of_its_path() {
+    // Configured servers have routes of their own; `/mcp/{server}` serves the rest. Both must
+    // reach the same server, with the same session, metrics and audit.
+    let (_fixture, gw) = gateway_with_fixture().await;
+    let c = reqwest::Client::new();
+    let (plain, slash, encoded) = (gw.url("fx"), format!("{}/", gw.url("fx")), gw.url("%66x"));
+    let session = raw_session(&c, &plain).await;
+    let ping = json!({"jsonrpc": "2.0", "id": 7, "method": "ping"});
+    for url in [&plain, &slash, &encoded] {
+        let msgs = messages(post(&c, url, &ping, Some(&session)).send().await.expect("sent")).await;
+        assert_eq!(msgs.last().expect("answer")["result"], json!({}), "{url}");
+    }
+    // A session of one server is still refused at another, whichever way it is spelled.
+    assert_eq!(post(&c, &gw.url("%66xs"), &ping, Some(&session)).send().await.expect("sent").status(), 404);
+    // DELETE through the path parameter ends the session opened at the server's own route.
+    let r = c
+        .delete(&encoded)
+        .header("mcp-session-id", &session)
+        .header("mcp-protocol-version", "2025-11-25")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 200);
+    assert_eq!(post(&c, &plain, &ping, Some(&session)).send().await.expect("sent").status(), 404);
+    let metrics = c.get(format!("{}/metrics", gw.base)).send().await.expect("sent").text().await.expect("text");
+    assert!(metrics.contains(r#"portcullis_requests_total{server="fx",method="ping",status="200"} 3"#), "{metrics}");
+    assert!(metrics.contains(r#"portcullis_requests_total{server="fx",method="DELETE",status="200"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"portcullis_requests_total{server="fxs",method="ping",status="404"} 1"#), "{metrics}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn health_readiness_and_metrics() {
     let (_fixture, gw) = gateway_with_fixture().await;
     let c = reqwest::Client::new();
