@@ -218,15 +218,20 @@ pub async fn ts(url: &str, scenario: &str, extra: &[&str]) -> Value {
 
 /// A raw JSON-RPC POST with the usual MCP headers.
 pub fn post(client: &reqwest::Client, url: &str, body: &Value, session: Option<&str>) -> reqwest::RequestBuilder {
-    let mut req = client
+    let req = client
         .post(url)
         .header("content-type", "application/json")
         .header("accept", "application/json, text/event-stream")
         .json(body);
-    if let Some(s) = session {
-        req = req.header("mcp-session-id", s).header("mcp-protocol-version", "2025-11-25");
+    match session {
+        Some(s) => in_session(req, s),
+        None => req,
     }
-    req
+}
+
+/// `req` within the session `session`: its id and the protocol revision it speaks.
+pub fn in_session(req: reqwest::RequestBuilder, session: &str) -> reqwest::RequestBuilder {
+    req.header("mcp-session-id", session).header("mcp-protocol-version", "2025-11-25")
 }
 
 pub fn init_body() -> Value {

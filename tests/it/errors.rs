@@ -189,13 +189,7 @@ async fn a_server_answers_at_every_spelling_of_its_path() {
     // A session of one server is still refused at another, whichever way it is spelled.
     assert_eq!(post(&c, &gw.url("%66xs"), &ping, Some(&session)).send().await.expect("sent").status(), 404);
     // DELETE through the path parameter ends the session opened at the server's own route.
-    let r = c
-        .delete(&encoded)
-        .header("mcp-session-id", &session)
-        .header("mcp-protocol-version", "2025-11-25")
-        .send()
-        .await
-        .expect("sent");
+    let r = in_session(c.delete(&encoded), &session).send().await.expect("sent");
     assert_eq!(r.status(), 200);
     assert_eq!(post(&c, &plain, &ping, Some(&session)).send().await.expect("sent").status(), 404);
     let metrics = c.get(format!("{}/metrics", gw.base)).send().await.expect("sent").text().await.expect("text");
