@@ -179,7 +179,7 @@ impl Record {
 
 /// One record exactly as stored: the columns of `audit_records`. Arguments are already
 /// redacted, so `Debug` and the JSON export may show everything.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
 pub struct Entry {
     /// Position in the chain, from 1, without gaps.
     pub seq: i64,

@@ -443,12 +443,17 @@ impl Task {
                     if stopping {
                         self.shutdown_budget = self.shutdown_budget.saturating_sub(1);
                     }
-                    if stopping && self.shutdown_budget == 0 {
+                    // An append hands its batch back on every error it can see; one that comes
+                    // back emptied went down with a cancelled task, and retrying it would count
+                    // records as written that were not.
+                    let emptied = n > 0 && entries.is_empty();
+                    if emptied || (stopping && self.shutdown_budget == 0) {
                         c.dropped.fetch_add(n, Ordering::Relaxed);
                         c.backlog.fetch_sub(n, Ordering::Relaxed);
                         metrics::counter!("portcullis_audit_dropped_total").increment(n);
                         let first = entries.first().map(|e| e.request_id.as_str()).unwrap_or_default();
-                        tracing::error!(error = %e, records = n, first_request_id = first, "audit records lost: the store failed during shutdown");
+                        let why = if emptied { "the append was cancelled" } else { "the store failed during shutdown" };
+                        tracing::error!(error = %e, records = n, first_request_id = first, "audit records lost: {why}");
                         return;
                     }
                     self.report_backlog();

@@ -285,13 +285,23 @@ impl AuditAppender {
         let (file, open) = (file.clone(), conn.take());
         let mut batch = std::mem::take(entries);
         let job = tokio::task::spawn_blocking(move || {
-            let result = match open {
-                Some(c) => Ok(c),
-                None => open_appender(&file),
-            }
-            .and_then(|mut c| append_rows(&mut c, &mut batch).map(|()| c));
+            // The batch must come back whatever happens, or the writer's retry would find it
+            // empty and count records as written that never were: a panic inside SQLite's
+            // bindings or the sealing is caught here and turned into an error, and the
+            // connection (whose state is then unknown) is dropped and reopened on the retry.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                match open {
+                    Some(c) => Ok(c),
+                    None => open_appender(&file),
+                }
+                .and_then(|mut c| append_rows(&mut c, &mut batch).map(|()| c))
+            }))
+            .unwrap_or_else(|_| Err(StoreError::Append("the append panicked; the connection is reopened".into())));
             (result, batch)
         });
+        // With the panic caught above, a join error means the runtime is shutting down and
+        // cancelled the task before it ran: the batch went with it, and the writer counts it
+        // as lost (loudly) when it sees an emptied batch come back with an error.
         let (result, batch) = job.await.map_err(|e| StoreError::Append(e.to_string()))?;
         *entries = batch;
         // After an error the connection is dropped (rolling back anything open) and reopened
@@ -314,6 +324,8 @@ fn open_appender(file: &std::path::Path) -> Result<rusqlite::Connection, StoreEr
 
 fn append_rows(conn: &mut rusqlite::Connection, entries: &mut [Entry]) -> Result<(), StoreError> {
     use rusqlite::OptionalExtension;
+    #[cfg(test)]
+    tests::maybe_panic(entries);
     // IMMEDIATE, as in `Store::audit_append`: the write lock before the head is read.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let head = tx.query_row(HEAD_SQL, [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
@@ -357,4 +369,53 @@ fn append_rows(conn: &mut rusqlite::Connection, entries: &mut [Entry]) -> Result
     }
     tx.commit()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Set by the test below: the next append of a batch whose first record has
+    /// [`PANICKING_ID`] panics, once.
+    static PANIC_ONCE: AtomicBool = AtomicBool::new(false);
+    const PANICKING_ID: &str = "append-panics-once";
+
+    pub(super) fn maybe_panic(entries: &[Entry]) {
+        if entries.first().is_some_and(|e| e.request_id == PANICKING_ID) && PANIC_ONCE.swap(false, Ordering::SeqCst) {
+            panic!("a panic inside the append, as a test asks");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_inside_an_append_keeps_the_batch_for_the_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&format!("sqlite://{}", dir.path().join("a.db").display())).await.unwrap();
+        let mut appender = store.audit_appender();
+        assert!(matches!(appender, AuditAppender::Own { .. }));
+        let mut batch: Vec<Entry> = (0..5)
+            .map(|i| Entry {
+                time_ms: 1_700_000_000_000 + i,
+                request_id: if i == 0 { PANICKING_ID.to_owned() } else { format!("r{i}") },
+                method: "tools/call".into(),
+                arguments: "{}".into(),
+                decision: "allow".into(),
+                ..Entry::default()
+            })
+            .collect();
+        let ids: Vec<String> = batch.iter().map(|e| e.request_id.clone()).collect();
+
+        PANIC_ONCE.store(true, Ordering::SeqCst);
+        let err = appender.append(&mut batch).await.unwrap_err();
+        assert!(err.to_string().contains("panicked"), "{err}");
+        assert_eq!(batch.len(), 5, "the batch comes back for the retry");
+        assert_eq!(store.audit_count().await.unwrap(), 0);
+
+        appender.append(&mut batch).await.unwrap();
+        assert_eq!(store.audit_count().await.unwrap(), 5);
+        let stored: Vec<String> = batch.iter().map(|e| e.request_id.clone()).collect();
+        assert_eq!(stored, ids);
+        let verdict = crate::audit::verify(&store).await.unwrap();
+        assert!(matches!(verdict, crate::audit::Verification::Intact { records: 5, .. }), "{verdict:?}");
+    }
 }
