@@ -365,7 +365,7 @@ impl Gateway {
             tokio::spawn(vault.run_refresher(state.0.shutdown.clone()));
             tokio::spawn(sweep_stdio(state.clone(), state.0.tokens.changes()));
         }
-        let router = router(state.clone());
+        let router = front(state.clone());
         let token = state.0.shutdown.clone();
         let task =
             tokio::spawn(
@@ -426,17 +426,59 @@ async fn sweep_stdio(app: AppState, mut changes: tokio::sync::watch::Receiver<i6
     }
 }
 
+/// The service the listener runs: `POST`, `GET` and `DELETE` on `/mcp/{name}` of a configured
+/// server go straight to their handler, everything else through axum's router. Those three
+/// carry nearly all of the traffic, refusals included, and the router spends per request on
+/// what they do not need: matching, path parameters put into the request's extensions (a map
+/// allocated per request), a boxed clone of the route's service, two boxed futures and a
+/// `Content-Length` header built on the heap (hyper writes it from the body's exact size). The
+/// router still answers every other path and method, and percent-encoded spellings of
+/// configured names (`/mcp/{server}` decodes them), with the same handlers.
+#[derive(Clone)]
+struct Front {
+    app: AppState,
+    router: Router,
+}
+
+impl tower::Service<axum::extract::Request> for Front {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::Either<
+        futures::future::BoxFuture<'static, Result<Response, std::convert::Infallible>>,
+        <Router as tower::Service<axum::extract::Request>>::Future,
+    >;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: axum::extract::Request) -> Self::Future {
+        use http::Method;
+        let direct = matches!(*request.method(), Method::POST | Method::GET | Method::DELETE);
+        let server = direct
+            .then(|| request.uri().path().strip_prefix("/mcp/"))
+            .flatten()
+            .and_then(|name| self.app.0.servers.get(name));
+        match server {
+            Some(server) => {
+                let (app, server) = (self.app.clone(), server.clone());
+                futures::future::Either::Left(Box::pin(async move {
+                    Ok(crate::transport::http::direct(&app, &server, request).await)
+                }))
+            }
+            None => futures::future::Either::Right(tower::Service::call(&mut self.router, request)),
+        }
+    }
+}
+
+fn front(state: AppState) -> axum::routing::IntoMakeService<Front> {
+    let router = router(state.clone());
+    axum::ServiceExt::<axum::extract::Request>::into_make_service(Front { app: state, router })
+}
+
 fn router(state: AppState) -> Router {
     use crate::transport::http as mcp_http;
-    let mut router = Router::new();
-    // Each configured server gets a route of its own, so a request to it is matched without
-    // path parameters (axum would extract them into the request's extensions, and every
-    // request, refusals included, would pay for it). `/mcp/{server}` serves the rest: names
-    // that are not configured, and percent-encoded spellings of those that are.
-    for server in state.0.servers.values() {
-        router = router.route(&format!("/mcp/{}", server.config.name), mcp_http::endpoint(server));
-    }
-    router
+    Router::new()
         .route("/mcp/{server}", post(mcp_http::post).get(mcp_http::get).delete(mcp_http::delete))
         .route("/mcp/{server}/", post(mcp_http::post).get(mcp_http::get).delete(mcp_http::delete))
         .route("/mcp/{server}/sse", get(crate::transport::legacy_sse::open))

@@ -10,10 +10,9 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{self, MethodRouter};
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::BodyExt;
 
 use super::exchange::Exchange;
@@ -26,8 +25,8 @@ use crate::error::{Failure, GatewayError};
 use crate::mcp::{self, version};
 use crate::upstream::http::{PROTOCOL_HEADER, SESSION_HEADER};
 
-/// Which server a request is for: one of the configured servers, matched by its own route
-/// (see `app::router`), or a name taken from the path and looked up per request.
+/// Which server a request is for: one of the configured servers, matched ahead of the router
+/// (see `app::Front`), or a name taken from the path and looked up per request.
 #[derive(Clone, Copy)]
 pub enum Target<'a> {
     /// A configured server.
@@ -36,21 +35,18 @@ pub enum Target<'a> {
     Name(&'a str),
 }
 
-/// `POST`, `GET` and `DELETE` on `/mcp/{name}` of the configured server `server`.
-pub fn endpoint(server: &Arc<Server>) -> MethodRouter<AppState> {
-    let (p, g, d) = (server.clone(), server.clone(), server.clone());
-    routing::post(move |State(app): State<AppState>, request: Request| async move {
-        post_to(&app, Target::Server(&p), request).await
-    })
-    .get(move |State(app): State<AppState>, request: Request| async move {
-        get_from(&app, Target::Server(&g), request).await
-    })
-    .delete(move |State(app): State<AppState>, request: Request| async move {
-        delete_at(&app, Target::Server(&d), request).await
-    })
+/// `POST`, `GET` or `DELETE` on `/mcp/{name}` of the configured server `server`, answered
+/// ahead of axum's router (see `app::Front`).
+pub async fn direct(app: &AppState, server: &Arc<Server>, request: Request) -> Response {
+    let target = Target::Server(server);
+    match *request.method() {
+        Method::POST => post_to(app, target, request).await,
+        Method::GET => get_from(app, target, request).await,
+        _ => delete_at(app, target, request).await,
+    }
 }
 
-/// `POST /mcp/{server}` for a name without a route of its own.
+/// `POST /mcp/{server}` for a name that is not answered ahead of the router.
 pub async fn post(State(app): State<AppState>, Path(name): Path<String>, request: Request) -> Response {
     post_to(&app, Target::Name(&name), request).await
 }
@@ -174,7 +170,7 @@ fn sse_messages(body: &[u8]) -> impl Iterator<Item = serde_json::Value> + '_ {
         .filter_map(|data| serde_json::from_slice(data.trim_ascii()).ok())
 }
 
-/// `GET /mcp/{server}` for a name without a route of its own.
+/// `GET /mcp/{server}` for a name that is not answered ahead of the router.
 pub async fn get(State(app): State<AppState>, Path(name): Path<String>, request: Request) -> Response {
     get_from(&app, Target::Name(&name), request).await
 }
@@ -205,7 +201,7 @@ async fn get_from(app: &AppState, target: Target<'_>, request: Request) -> Respo
     app.finish(ex, resp, started).await
 }
 
-/// `DELETE /mcp/{server}` for a name without a route of its own.
+/// `DELETE /mcp/{server}` for a name that is not answered ahead of the router.
 pub async fn delete(State(app): State<AppState>, Path(name): Path<String>, request: Request) -> Response {
     delete_at(&app, Target::Name(&name), request).await
 }

@@ -175,8 +175,9 @@ async fn graceful_shutdown_drains_in_flight_calls() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_answers_at_every_spelling_of_its_path() {
-    // Configured servers have routes of their own; `/mcp/{server}` serves the rest. Both must
-    // reach the same server, with the same session, metrics and audit.
+    // POST, GET and DELETE at a configured server's own path are answered ahead of the router;
+    // `/mcp/{server}` serves the rest. Both must reach the same server, with the same session,
+    // metrics and audit.
     let (_fixture, gw) = gateway_with_fixture().await;
     let c = reqwest::Client::new();
     let (plain, slash, encoded) = (gw.url("fx"), format!("{}/", gw.url("fx")), gw.url("%66x"));
@@ -196,6 +197,14 @@ async fn a_server_answers_at_every_spelling_of_its_path() {
     assert!(metrics.contains(r#"portcullis_requests_total{server="fx",method="ping",status="200"} 3"#), "{metrics}");
     assert!(metrics.contains(r#"portcullis_requests_total{server="fx",method="DELETE",status="200"} 1"#), "{metrics}");
     assert!(metrics.contains(r#"portcullis_requests_total{server="fxs",method="ping",status="404"} 1"#), "{metrics}");
+    // Other methods at a configured server's own path still go through the router: 405 with
+    // the methods it takes.
+    let r = c.put(&plain).body("{}").send().await.expect("sent");
+    assert_eq!(r.status(), 405);
+    let allow = r.headers().get("allow").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    for m in ["POST", "GET", "DELETE"] {
+        assert!(allow.contains(m), "{allow}");
+    }
     gw.stop().await;
 }
 
