@@ -330,8 +330,13 @@ fn append_rows(conn: &mut rusqlite::Connection, entries: &mut [Entry]) -> Result
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let head = tx.query_row(HEAD_SQL, [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
     seal_onto(entries, head);
-    static SQL: std::sync::LazyLock<[String; 3]> =
-        std::sync::LazyLock::new(|| SQLITE_CHUNKS.map(|rows| insert_sql(rows, Placeholders::Anonymous)));
+    // `OR ROLLBACK`: a multi-row INSERT that may fail part way otherwise opens a statement
+    // journal and copies each page it first touches into it, so that the failing statement
+    // alone could be undone. A failed append is rolled back whole anyway (the connection is
+    // dropped and the batch retried), so the transaction may as well go with it.
+    static SQL: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
+        SQLITE_CHUNKS.map(|rows| insert_sql(rows, Placeholders::Anonymous).replacen("INSERT", "INSERT OR ROLLBACK", 1))
+    });
     let mut rest = &*entries;
     while !rest.is_empty() {
         let i = SQLITE_CHUNKS.iter().position(|&n| n <= rest.len()).unwrap_or(SQLITE_CHUNKS.len() - 1);
@@ -385,6 +390,39 @@ mod tests {
         if entries.first().is_some_and(|e| e.request_id == PANICKING_ID) && PANIC_ONCE.swap(false, Ordering::SeqCst) {
             panic!("a panic inside the append, as a test asks");
         }
+    }
+
+    #[tokio::test]
+    async fn a_failed_insert_leaves_no_row_of_its_batch() {
+        // The writer's statements roll the whole transaction back on a constraint failure
+        // (`OR ROLLBACK`, no statement journal): nothing of the batch may remain, and the
+        // appender must work again on the retry.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&format!("sqlite://{}", dir.path().join("a.db").display())).await.unwrap();
+        let Store::Sqlite(pool) = &store else { unreachable!() };
+        sqlx::query("CREATE UNIQUE INDEX test_unique_request ON audit_records (request_id)").execute(pool).await.unwrap();
+        let mut appender = store.audit_appender();
+        let entry = |id: &str| Entry {
+            time_ms: 1_700_000_000_000,
+            request_id: id.to_owned(),
+            method: "ping".into(),
+            arguments: "null".into(),
+            decision: "allow".into(),
+            ..Entry::default()
+        };
+        // Seventeen rows: a 12-row statement, then a 4-row one, then one; the duplicate is in
+        // the second statement, after the first has inserted its rows.
+        let mut batch: Vec<Entry> = (0..17).map(|i| entry(&format!("r{i}"))).collect();
+        batch[14].request_id = "r3".into();
+        appender.append(&mut batch).await.unwrap_err();
+        assert_eq!(batch.len(), 17);
+        assert_eq!(store.audit_count().await.unwrap(), 0);
+
+        batch[14].request_id = "r14".into();
+        appender.append(&mut batch).await.unwrap();
+        assert_eq!(store.audit_count().await.unwrap(), 17);
+        let verdict = crate::audit::verify(&store).await.unwrap();
+        assert!(matches!(verdict, crate::audit::Verification::Intact { records: 17, .. }), "{verdict:?}");
     }
 
     #[tokio::test]
