@@ -400,7 +400,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::connect(&format!("sqlite://{}", dir.path().join("a.db").display())).await.unwrap();
         let Store::Sqlite(pool) = &store else { unreachable!() };
-        sqlx::query("CREATE UNIQUE INDEX test_unique_request ON audit_records (request_id)").execute(pool).await.unwrap();
+        sqlx::query("CREATE UNIQUE INDEX test_unique_request ON audit_records (request_id)")
+            .execute(pool)
+            .await
+            .unwrap();
         let mut appender = store.audit_appender();
         let entry = |id: &str| Entry {
             time_ms: 1_700_000_000_000,
