@@ -454,10 +454,9 @@ impl tower::Service<axum::extract::Request> for Front {
 
     fn call(&mut self, request: axum::extract::Request) -> Self::Future {
         use http::Method;
-        let direct = matches!(*request.method(), Method::POST | Method::GET | Method::DELETE);
-        let server = direct
-            .then(|| request.uri().path().strip_prefix("/mcp/"))
-            .flatten()
+        let server = Some(request.method())
+            .filter(|m| matches!(**m, Method::POST | Method::GET | Method::DELETE))
+            .and_then(|_| request.uri().path().strip_prefix("/mcp/"))
             .and_then(|name| self.app.0.servers.get(name));
         match server {
             Some(server) => {

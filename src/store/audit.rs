@@ -60,8 +60,8 @@ pub enum Bind {
     Int(i64),
 }
 
-fn insert_sql(rows: usize, style: Placeholders) -> String {
-    let mut sql = format!("INSERT INTO audit_records ({COLUMNS}) VALUES ");
+fn insert_sql(verb: &str, rows: usize, style: Placeholders) -> String {
+    let mut sql = format!("{verb} INTO audit_records ({COLUMNS}) VALUES ");
     for r in 0..rows {
         sql.push_str(if r == 0 { "(" } else { ", (" });
         for c in 0..N_COLUMNS {
@@ -87,7 +87,7 @@ macro_rules! append_in {
         let head: Option<(i64, Vec<u8>)> = sqlx::query_as(HEAD_SQL).fetch_optional(&mut *$tx).await?;
         seal_onto($entries, head);
         for chunk in $entries.chunks(ROWS_PER_INSERT) {
-            let sql = insert_sql(chunk.len(), $style);
+            let sql = insert_sql("INSERT", chunk.len(), $style);
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for e in chunk {
                 q = q
@@ -335,7 +335,7 @@ fn append_rows(conn: &mut rusqlite::Connection, entries: &mut [Entry]) -> Result
     // alone could be undone. A failed append is rolled back whole anyway (the connection is
     // dropped and the batch retried), so the transaction may as well go with it.
     static SQL: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
-        SQLITE_CHUNKS.map(|rows| insert_sql(rows, Placeholders::Anonymous).replacen("INSERT", "INSERT OR ROLLBACK", 1))
+        SQLITE_CHUNKS.map(|rows| insert_sql("INSERT OR ROLLBACK", rows, Placeholders::Anonymous))
     });
     let mut rest = &*entries;
     while !rest.is_empty() {
@@ -392,27 +392,37 @@ mod tests {
         }
     }
 
+    /// A store on a SQLite file (so the writer appends through its own connection).
+    async fn file_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&format!("sqlite://{}", dir.path().join("a.db").display())).await.unwrap();
+        (dir, store)
+    }
+
+    /// A record as the writer would hand it over, before sealing.
+    fn entry(request_id: &str) -> Entry {
+        Entry {
+            time_ms: 1_700_000_000_000,
+            request_id: request_id.to_owned(),
+            method: "ping".into(),
+            arguments: "null".into(),
+            decision: "allow".into(),
+            ..Entry::default()
+        }
+    }
+
     #[tokio::test]
     async fn a_failed_insert_leaves_no_row_of_its_batch() {
         // The writer's statements roll the whole transaction back on a constraint failure
         // (`OR ROLLBACK`, no statement journal): nothing of the batch may remain, and the
         // appender must work again on the retry.
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::connect(&format!("sqlite://{}", dir.path().join("a.db").display())).await.unwrap();
+        let (_dir, store) = file_store().await;
         let Store::Sqlite(pool) = &store else { unreachable!() };
         sqlx::query("CREATE UNIQUE INDEX test_unique_request ON audit_records (request_id)")
             .execute(pool)
             .await
             .unwrap();
         let mut appender = store.audit_appender();
-        let entry = |id: &str| Entry {
-            time_ms: 1_700_000_000_000,
-            request_id: id.to_owned(),
-            method: "ping".into(),
-            arguments: "null".into(),
-            decision: "allow".into(),
-            ..Entry::default()
-        };
         // Seventeen rows: a 12-row statement, then a 4-row one, then one; the duplicate is in
         // the second statement, after the first has inserted its rows.
         let mut batch: Vec<Entry> = (0..17).map(|i| entry(&format!("r{i}"))).collect();
@@ -430,20 +440,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_panic_inside_an_append_keeps_the_batch_for_the_retry() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::connect(&format!("sqlite://{}", dir.path().join("a.db").display())).await.unwrap();
+        let (_dir, store) = file_store().await;
         let mut appender = store.audit_appender();
         assert!(matches!(appender, AuditAppender::Own { .. }));
-        let mut batch: Vec<Entry> = (0..5)
-            .map(|i| Entry {
-                time_ms: 1_700_000_000_000 + i,
-                request_id: if i == 0 { PANICKING_ID.to_owned() } else { format!("r{i}") },
-                method: "tools/call".into(),
-                arguments: "{}".into(),
-                decision: "allow".into(),
-                ..Entry::default()
-            })
-            .collect();
+        let mut batch: Vec<Entry> =
+            (0..5).map(|i| entry(&if i == 0 { PANICKING_ID.to_owned() } else { format!("r{i}") })).collect();
         let ids: Vec<String> = batch.iter().map(|e| e.request_id.clone()).collect();
 
         PANIC_ONCE.store(true, Ordering::SeqCst);
