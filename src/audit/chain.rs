@@ -13,8 +13,8 @@ use crate::store::Store;
 /// The `prev_hash` of the first record: 32 zero bytes.
 pub const GENESIS: [u8; 32] = [0; 32];
 
-/// How many records `verify` reads per query.
-const PAGE: i64 = 1000;
+/// How many segments `verify` reads per query.
+const PAGE: i64 = 16;
 
 /// The hash of `entry` (whose `seq` and `prev_hash` are set).
 pub fn entry_hash(entry: &Entry) -> [u8; 32] {
@@ -94,27 +94,58 @@ impl fmt::Display for Break {
     }
 }
 
-/// Walks the whole chain from seq 1 and reports the first bad record. Records appended while
-/// it runs are checked too, up to the last one it reads.
+/// Walks the whole chain from seq 1, segment by segment, and reports the first bad record.
+/// Records appended while it runs are checked too, up to the last one it reads.
+///
+/// Besides the chain, each segment's own columns and search keys must describe its records
+/// exactly: a segment whose bounds, times or keys were edited (to hide records from a search)
+/// is reported as an edit of its first record.
 pub async fn verify(store: &Store) -> Result<Verification, AuditError> {
     let mut expected: i64 = 1;
     let mut running: Vec<u8> = GENESIS.to_vec();
+    let mut from = i64::MIN;
     loop {
-        let page = store.audit_after(expected - 1, PAGE).await?;
-        if page.is_empty() {
-            break;
-        }
-        for entry in &page {
-            if let Some(b) = check(store, entry, expected, &running).await? {
-                return Ok(Verification::Broken(b));
+        let page = store.audit_segments(from, PAGE).await?;
+        let Some(last) = page.last() else { break };
+        from = last.first_seq.saturating_add(1);
+        for seg in &page {
+            let entries = match &seg.entries {
+                Ok(entries) => entries,
+                Err(e) if seg.first_seq > expected => {
+                    return Ok(broken(
+                        expected,
+                        BreakKind::Deleted,
+                        format!("missing; the next segment, unreadable, starts at seq {}: {}", seg.first_seq, e.reason),
+                    ));
+                }
+                Err(e) => {
+                    return Ok(broken(
+                        expected,
+                        BreakKind::Edited,
+                        format!("the segment holding it cannot be read: {}", e.reason),
+                    ));
+                }
+            };
+            let first = expected;
+            for entry in entries {
+                if let Some(b) = check(store, entry, expected, &running).await? {
+                    return Ok(Verification::Broken(b));
+                }
+                running.clone_from(&entry.hash);
+                expected += 1;
             }
-            running.clone_from(&entry.hash);
-            expected += 1;
+            if let Some(why) = seg.mismatch(entries) {
+                return Ok(broken(first, BreakKind::Edited, format!("its segment was edited: {why}")));
+            }
         }
     }
     let records = u64::try_from(expected - 1).unwrap_or(0);
     let head = (records > 0).then(|| (expected - 1, running));
     Ok(Verification::Intact { records, head })
+}
+
+fn broken(seq: i64, kind: BreakKind, detail: String) -> Verification {
+    Verification::Broken(Break { seq, kind, detail })
 }
 
 /// Checks the record found where seq `expected` should be, given the previous record's hash.

@@ -12,6 +12,7 @@
 mod chain;
 mod record;
 mod redact;
+pub mod segment;
 pub mod time;
 mod writer;
 

@@ -1,36 +1,34 @@
-//! Audit records: append a chained batch in one transaction, read pages and searches.
+//! Audit records: append a chained batch as segments in one transaction, read them back, and
+//! search them.
 //!
 //! Appends are serialised across processes (SQLite `BEGIN IMMEDIATE`; on PostgreSQL a
 //! transaction-level advisory lock) and read the chain's head inside the transaction, so
 //! several replicas can append to one chain without forking it.
+//!
+//! Records live in segments (`crate::audit::segment`): one row of `audit_segments` per batch
+//! (or per megabyte of it), plus the keys a search finds it by in `audit_segment_keys`.
+
+use std::collections::BTreeSet;
 
 use super::{Store, StoreError};
 use crate::audit::Entry;
+use crate::audit::segment::{self, Key, Segment, Unreadable};
 use crate::on_pool;
 
 /// The PostgreSQL advisory lock key that serialises appends ("pclaudit").
 const APPEND_LOCK: i64 = 0x7063_6c61_7564_6974;
 
-/// Rows per `INSERT` statement (2,000 binds, well under both databases' limits). Measured with
-/// the relay bench's audit arm on SQLite: the writer's CPU per record fell from 10.1 µs at 20
-/// rows to 7.1 µs at 100; 250 rows gained nothing more.
-const ROWS_PER_INSERT: usize = 100;
+/// The chain's head: the newest segment's last seq and hash.
+const HEAD_SQL: &str = "SELECT last_seq, last_hash FROM audit_segments ORDER BY first_seq DESC LIMIT 1";
 
-/// How an `INSERT` names its parameters.
-#[derive(Clone, Copy)]
-enum Placeholders {
-    /// `$1, $2, …` (PostgreSQL).
-    Numbered,
-    /// `?` (SQLite). Numbered parameters cost SQLite a linear scan of the statement's parameter
-    /// names per bind (`sqlite3_bind_parameter_name`, which sqlx calls for each one): with 400
-    /// binds that scan was the largest part of the writer's CPU per record.
-    Anonymous,
-}
+const INSERT_SEGMENT: &str = "INSERT INTO audit_segments \
+     (first_seq, last_seq, min_time_ms, max_time_ms, last_hash, records) VALUES ($1, $2, $3, $4, $5, $6)";
 
-const COLUMNS: &str = "seq, time_ms, request_id, principal_id, principal_kind, principal_name, token_id, \
-     client_name, client_version, server, method, tool, arguments, decision, upstream_status, latency_us, \
-     bytes_in, bytes_out, prev_hash, hash";
-const N_COLUMNS: usize = 20;
+/// Key rows per `INSERT` (three values each).
+const KEY_ROWS: usize = 200;
+
+/// Segments read per query.
+const SEGMENTS_PER_READ: i64 = 16;
 
 /// Filters for [`Store::audit_search`]; `None` matches everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,6 +49,24 @@ pub struct AuditQuery {
     pub limit: i64,
 }
 
+impl AuditQuery {
+    /// Whether `e` matches every filter.
+    pub fn matches(&self, e: &Entry) -> bool {
+        let user = self.user.as_deref().is_none_or(|u| {
+            e.principal_name.as_deref() == Some(u) || (is_uuid(u) && e.principal_id.as_deref() == Some(u))
+        });
+        user && self.server.as_deref().is_none_or(|s| e.server.as_deref() == Some(s))
+            && self.tool.as_deref().is_none_or(|t| e.tool.as_deref() == Some(t))
+            && self.since_ms.is_none_or(|t| e.time_ms >= t)
+            && self.until_ms.is_none_or(|t| e.time_ms < t)
+            && self.after_seq.is_none_or(|s| e.seq > s)
+    }
+}
+
+fn is_uuid(s: &str) -> bool {
+    uuid::Uuid::try_parse(s).is_ok()
+}
+
 /// A value bound into [`search_sql`]'s statement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Bind {
@@ -60,66 +76,119 @@ pub enum Bind {
     Int(i64),
 }
 
-fn insert_sql(verb: &str, rows: usize, style: Placeholders) -> String {
-    let mut sql = format!("{verb} INTO audit_records ({COLUMNS}) VALUES ");
-    for r in 0..rows {
-        sql.push_str(if r == 0 { "(" } else { ", (" });
-        for c in 0..N_COLUMNS {
-            if c > 0 {
-                sql.push_str(", ");
-            }
-            match style {
-                Placeholders::Numbered => {
-                    sql.push('$');
-                    sql.push_str(itoa::Buffer::new().format(r * N_COLUMNS + c + 1));
-                }
-                Placeholders::Anonymous => sql.push('?'),
-            }
+/// A stored segment as read back: its columns, its records decoded (or why they could not
+/// be), and the keys stored for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSegment {
+    /// `first_seq`.
+    pub first_seq: i64,
+    /// `last_seq`.
+    pub last_seq: i64,
+    /// `min_time_ms`.
+    pub min_time_ms: i64,
+    /// `max_time_ms`.
+    pub max_time_ms: i64,
+    /// `last_hash`.
+    pub last_hash: Vec<u8>,
+    /// The records, or why they cannot be read.
+    pub entries: Result<Vec<Entry>, Unreadable>,
+    /// Its rows in `audit_segment_keys`.
+    pub keys: BTreeSet<(String, String)>,
+}
+
+impl StoredSegment {
+    /// What is wrong with the segment's own columns and keys, given records that decoded:
+    /// `None` when they describe those records exactly.
+    pub fn mismatch(&self, entries: &[Entry]) -> Option<&'static str> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Some("it holds no records");
+        };
+        if (self.first_seq, self.last_seq) != (first.seq, last.seq) {
+            return Some("its seq range does not match its records");
         }
-        sql.push(')');
+        if self.last_hash != last.hash {
+            return Some("its last hash does not match its last record");
+        }
+        let min = entries.iter().map(|e| e.time_ms).min().unwrap_or(0);
+        let max = entries.iter().map(|e| e.time_ms).max().unwrap_or(0);
+        if (self.min_time_ms, self.max_time_ms) != (min, max) {
+            return Some("its time range does not match its records");
+        }
+        let keys: BTreeSet<(String, String)> =
+            entries.iter().flat_map(segment::keys_of).map(|(k, v)| (k.kind().to_owned(), v.to_owned())).collect();
+        if keys != self.keys {
+            return Some("its search keys do not match its records");
+        }
+        None
+    }
+}
+
+/// `INSERT INTO audit_segment_keys` with `rows` rows of `$n` placeholders.
+fn keys_sql(rows: usize) -> String {
+    let mut sql = String::from("INSERT INTO audit_segment_keys (kind, value, first_seq) VALUES ");
+    for r in 0..rows {
+        let n = r * 3;
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!("(${}, ${}, ${})", n + 1, n + 2, n + 3));
     }
     sql
 }
 
-/// Reads the head, seals `entries` onto it and inserts them, inside the open transaction `$tx`.
-macro_rules! append_in {
-    ($tx:ident, $entries:ident, $style:expr) => {{
-        let head: Option<(i64, Vec<u8>)> = sqlx::query_as(HEAD_SQL).fetch_optional(&mut *$tx).await?;
-        seal_onto($entries, head);
-        for chunk in $entries.chunks(ROWS_PER_INSERT) {
-            let sql = insert_sql("INSERT", chunk.len(), $style);
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for e in chunk {
-                q = q
-                    .bind(e.seq)
-                    .bind(e.time_ms)
-                    .bind(&e.request_id)
-                    .bind(&e.principal_id)
-                    .bind(&e.principal_kind)
-                    .bind(&e.principal_name)
-                    .bind(&e.token_id)
-                    .bind(&e.client_name)
-                    .bind(&e.client_version)
-                    .bind(&e.server)
-                    .bind(&e.method)
-                    .bind(&e.tool)
-                    .bind(&e.arguments)
-                    .bind(&e.decision)
-                    .bind(e.upstream_status)
-                    .bind(e.latency_us)
-                    .bind(e.bytes_in)
-                    .bind(e.bytes_out)
-                    .bind(&e.prev_hash)
-                    .bind(&e.hash);
+/// Inserts segment `$s` and its keys inside the open transaction `$tx`.
+macro_rules! insert_segment {
+    ($tx:ident, $s:expr) => {{
+        let s: &Segment = $s;
+        sqlx::query(INSERT_SEGMENT)
+            .bind(s.first_seq)
+            .bind(s.last_seq)
+            .bind(s.min_time_ms)
+            .bind(s.max_time_ms)
+            .bind(&s.last_hash)
+            .bind(&s.records)
+            .execute(&mut *$tx)
+            .await?;
+        let keys: Vec<&(Key, String)> = s.keys.iter().collect();
+        for chunk in keys.chunks(KEY_ROWS) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(keys_sql(chunk.len())));
+            for (k, v) in chunk {
+                q = q.bind(k.kind()).bind(v.as_str()).bind(s.first_seq);
             }
             q.execute(&mut *$tx).await?;
+        }
+    }};
+}
+
+/// Reads the head, seals `entries` onto it and inserts them as segments, inside the open
+/// transaction `$tx`.
+macro_rules! append_in {
+    ($tx:ident, $entries:ident) => {{
+        let head: Option<(i64, Vec<u8>)> = sqlx::query_as(HEAD_SQL).fetch_optional(&mut *$tx).await?;
+        seal_onto($entries, head);
+        for s in &segment::segments($entries) {
+            insert_segment!($tx, s);
         }
         $tx.commit().await?;
     }};
 }
 
-/// The chain's head: the newest record's seq and hash.
-const HEAD_SQL: &str = "SELECT seq, hash FROM audit_records ORDER BY seq DESC LIMIT 1";
+/// Moves the oldest rows left in `audit_records` into segments inside the open transaction
+/// `$tx`, and evaluates to how many it moved.
+macro_rules! upgrade_in {
+    ($tx:ident) => {{
+        const ROWS: &str = "SELECT * FROM audit_records ORDER BY seq LIMIT 1000";
+        let rows: Vec<Entry> = sqlx::query_as(ROWS).fetch_all(&mut *$tx).await?;
+        if let Some(last) = rows.last() {
+            for s in &segment::segments(&rows) {
+                insert_segment!($tx, s);
+            }
+            sqlx::query("DELETE FROM audit_records WHERE seq <= $1").bind(last.seq).execute(&mut *$tx).await?;
+        }
+        $tx.commit().await?;
+        rows.len()
+    }};
+}
 
 /// Numbers and chains `entries` after `head` (the genesis when the log is empty).
 fn seal_onto(entries: &mut [Entry], head: Option<(i64, Vec<u8>)>) {
@@ -143,87 +212,206 @@ impl Store {
                 // IMMEDIATE takes the write lock before the head is read, so a second process
                 // waits (busy_timeout) instead of failing to upgrade a read transaction.
                 let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                append_in!(tx, entries, Placeholders::Anonymous);
+                append_in!(tx, entries);
             }
             Store::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
                 sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(APPEND_LOCK).execute(&mut *tx).await?;
-                append_in!(tx, entries, Placeholders::Numbered);
+                append_in!(tx, entries);
             }
         }
         Ok(())
     }
 
-    /// Up to `limit` records with `seq > after`, in seq order.
-    pub async fn audit_after(&self, after: i64, limit: i64) -> Result<Vec<Entry>, StoreError> {
-        const SQL: &str = "SELECT * FROM audit_records WHERE seq > $1 ORDER BY seq LIMIT $2";
-        Ok(on_pool!(self, p => sqlx::query_as(SQL).bind(after).bind(limit).fetch_all(p).await?))
+    /// Stores `segments` exactly as given, without sealing (the upgrade of older stores, and
+    /// tests that play an attacker with write access to the database).
+    pub async fn audit_put_segments(&self, segments: &[Segment]) -> Result<(), StoreError> {
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            for s in segments {
+                insert_segment!(tx, s);
+            }
+            tx.commit().await?;
+        });
+        Ok(())
     }
 
-    /// The seq of the record whose hash is `hash`, if any.
+    /// Moves the records that earlier versions kept one per row in `audit_records` into
+    /// segments, keeping their seq and hashes (so `audit verify` checks them as before), in
+    /// transactions of a thousand. Runs with the migrations, before any append; returns how
+    /// many records it moved.
+    pub async fn audit_upgrade(&self) -> Result<usize, StoreError> {
+        let mut moved = 0;
+        loop {
+            let n = match self {
+                Store::Sqlite(pool) => {
+                    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                    upgrade_in!(tx)
+                }
+                Store::Postgres(pool) => {
+                    let mut tx = pool.begin().await?;
+                    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(APPEND_LOCK).execute(&mut *tx).await?;
+                    upgrade_in!(tx)
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            moved += n;
+        }
+        if moved > 0 {
+            tracing::info!(records = moved, "audit records moved from audit_records into segments");
+        }
+        Ok(moved)
+    }
+
+    /// Up to `n` segments with `first_seq >= from`, in order, with their keys; their records
+    /// are decoded but not checked (that is `audit verify`'s job).
+    pub async fn audit_segments(&self, from: i64, n: i64) -> Result<Vec<StoredSegment>, StoreError> {
+        const SQL: &str = "SELECT first_seq, last_seq, min_time_ms, max_time_ms, last_hash, records \
+             FROM audit_segments WHERE first_seq >= $1 ORDER BY first_seq LIMIT $2";
+        const KEYS: &str = "SELECT kind, value, first_seq FROM audit_segment_keys \
+             WHERE first_seq >= $1 AND first_seq <= $2";
+        type Row = (i64, i64, i64, i64, Vec<u8>, Vec<u8>);
+        let rows: Vec<Row> = on_pool!(self, p => sqlx::query_as(SQL).bind(from).bind(n).fetch_all(p).await?);
+        let (Some(lo), Some(hi)) = (rows.first().map(|r| r.0), rows.last().map(|r| r.0)) else {
+            return Ok(Vec::new());
+        };
+        let keys: Vec<(String, String, i64)> =
+            on_pool!(self, p => sqlx::query_as(KEYS).bind(lo).bind(hi).fetch_all(p).await?);
+        Ok(rows
+            .into_iter()
+            .map(|(first_seq, last_seq, min_time_ms, max_time_ms, last_hash, records)| StoredSegment {
+                first_seq,
+                last_seq,
+                min_time_ms,
+                max_time_ms,
+                last_hash,
+                entries: segment::decode(first_seq, &records),
+                keys: keys.iter().filter(|k| k.2 == first_seq).map(|k| (k.0.clone(), k.1.clone())).collect(),
+            })
+            .collect())
+    }
+
+    /// Up to `limit` records with `seq > after`, in seq order.
+    pub async fn audit_after(&self, after: i64, limit: i64) -> Result<Vec<Entry>, StoreError> {
+        // The segment that may hold seq after + 1, then those after it.
+        const START: &str = "SELECT MAX(first_seq) FROM audit_segments WHERE first_seq <= $1";
+        let start: Option<i64> =
+            on_pool!(self, p => sqlx::query_scalar(START).bind(after.saturating_add(1)).fetch_one(p).await?);
+        let mut from = start.unwrap_or(i64::MIN);
+        let mut out = Vec::new();
+        let limit = usize::try_from(limit).unwrap_or(0);
+        while out.len() < limit {
+            let page = self.read_segments(from, SEGMENTS_PER_READ).await?;
+            let Some(&(last, _)) = page.last() else { break };
+            for (first_seq, bytes) in page {
+                out.extend(segment::decode(first_seq, &bytes)?.into_iter().filter(|e| e.seq > after));
+            }
+            from = last.saturating_add(1);
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn read_segments(&self, from: i64, n: i64) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+        const SQL: &str =
+            "SELECT first_seq, records FROM audit_segments WHERE first_seq >= $1 ORDER BY first_seq LIMIT $2";
+        Ok(on_pool!(self, p => sqlx::query_as(SQL).bind(from).bind(n).fetch_all(p).await?))
+    }
+
+    /// The seq of the record whose hash is `hash`, if any (a scan: `audit verify` asks only
+    /// after finding a broken link).
     pub async fn audit_seq_of_hash(&self, hash: &[u8]) -> Result<Option<i64>, StoreError> {
-        const SQL: &str = "SELECT seq FROM audit_records WHERE hash = $1 ORDER BY seq LIMIT 1";
-        Ok(on_pool!(self, p => sqlx::query_scalar(SQL).bind(hash).fetch_optional(p).await?))
+        let mut from = i64::MIN;
+        loop {
+            let page = self.read_segments(from, SEGMENTS_PER_READ).await?;
+            let Some(&(last, _)) = page.last() else { return Ok(None) };
+            for (first_seq, bytes) in page {
+                // Unreadable segments are `verify`'s to report, not this lookup's.
+                if let Some(e) =
+                    segment::decode(first_seq, &bytes).ok().and_then(|es| es.into_iter().find(|e| e.hash == hash))
+                {
+                    return Ok(Some(e.seq));
+                }
+            }
+            from = last.saturating_add(1);
+        }
     }
 
     /// How many records there are.
     pub async fn audit_count(&self) -> Result<i64, StoreError> {
-        Ok(on_pool!(self, p => sqlx::query_scalar("SELECT COUNT(*) FROM audit_records").fetch_one(p).await?))
+        const SQL: &str = "SELECT CAST(COALESCE(SUM(last_seq - first_seq + 1), 0) AS BIGINT) FROM audit_segments";
+        Ok(on_pool!(self, p => sqlx::query_scalar(SQL).fetch_one(p).await?))
     }
 
     /// The newest `query.limit` records matching `query`, returned oldest first.
     pub async fn audit_search(&self, query: &AuditQuery) -> Result<Vec<Entry>, StoreError> {
-        let (sql, binds) = search_sql(query);
-        let mut rows: Vec<Entry> = on_pool!(self, p => {
-            let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
-            for b in &binds {
-                q = match b {
-                    Bind::Text(s) => q.bind(s.as_str()),
-                    Bind::Int(i) => q.bind(*i),
-                };
+        let limit = usize::try_from(query.limit).unwrap_or(0);
+        let mut found = Vec::new();
+        let mut before = i64::MAX;
+        while found.len() < limit {
+            let (sql, binds) = search_sql(query, before);
+            let page: Vec<(i64, Vec<u8>)> = on_pool!(self, p => {
+                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+                for b in &binds {
+                    q = match b {
+                        Bind::Text(s) => q.bind(s.as_str()),
+                        Bind::Int(i) => q.bind(*i),
+                    };
+                }
+                q.fetch_all(p).await?
+            });
+            let Some(&(oldest, _)) = page.last() else { break };
+            for (first_seq, bytes) in page {
+                let entries = segment::decode(first_seq, &bytes)?;
+                found.extend(entries.into_iter().rev().filter(|e| query.matches(e)));
             }
-            q.fetch_all(p).await?
-        });
-        rows.reverse();
-        Ok(rows)
+            before = oldest;
+        }
+        found.truncate(limit);
+        found.reverse();
+        Ok(found)
     }
 }
 
-/// The `SELECT` of [`Store::audit_search`] and its values, in `$n` placeholders.
-pub fn search_sql(query: &AuditQuery) -> (String, Vec<Bind>) {
-    let mut sql = String::from("SELECT * FROM audit_records WHERE 1 = 1");
-    let mut binds = Vec::new();
-    let mut cond = |sql: &mut String, clause: &str, bind: Bind| {
+/// The `SELECT` of [`Store::audit_search`]'s segments older than `before` that may hold a
+/// match, newest first, and its values, in `$n` placeholders. Users, principal ids, servers
+/// and tools are looked up in `audit_segment_keys`; times by each segment's range.
+pub fn search_sql(query: &AuditQuery, before: i64) -> (String, Vec<Bind>) {
+    fn arg(binds: &mut Vec<Bind>, bind: Bind) -> String {
         binds.push(bind);
-        sql.push_str(&clause.replace('?', &format!("${}", binds.len())));
-    };
+        format!("${}", binds.len())
+    }
+    fn has_key(binds: &mut Vec<Bind>, kinds: &str, value: &str) -> String {
+        let v = arg(binds, Bind::Text(value.to_owned()));
+        format!(" AND first_seq IN (SELECT first_seq FROM audit_segment_keys WHERE kind IN ({kinds}) AND value = {v})")
+    }
+    let mut b = Vec::new();
+    let mut sql =
+        format!("SELECT first_seq, records FROM audit_segments WHERE first_seq < {}", arg(&mut b, Bind::Int(before)));
     if let Some(u) = &query.user {
-        // By name, through the name index; an argument shaped like a principal id (a UUID)
-        // also matches ids, by a scan: an OR across the two columns could use no index.
-        let clause = if uuid::Uuid::try_parse(u).is_ok() {
-            " AND (principal_name = ? OR principal_id = ?)"
-        } else {
-            " AND principal_name = ?"
-        };
-        cond(&mut sql, clause, Bind::Text(u.clone()));
+        // By name; an argument shaped like a principal id (a UUID) also matches ids.
+        let kinds = if is_uuid(u) { "'user', 'principal'" } else { "'user'" };
+        sql.push_str(&has_key(&mut b, kinds, u));
     }
     if let Some(s) = &query.server {
-        cond(&mut sql, " AND server = ?", Bind::Text(s.clone()));
+        sql.push_str(&has_key(&mut b, "'server'", s));
     }
     if let Some(t) = &query.tool {
-        cond(&mut sql, " AND tool = ?", Bind::Text(t.clone()));
+        sql.push_str(&has_key(&mut b, "'tool'", t));
     }
     if let Some(t) = query.since_ms {
-        cond(&mut sql, " AND time_ms >= ?", Bind::Int(t));
+        sql.push_str(&format!(" AND max_time_ms >= {}", arg(&mut b, Bind::Int(t))));
     }
     if let Some(t) = query.until_ms {
-        cond(&mut sql, " AND time_ms < ?", Bind::Int(t));
+        sql.push_str(&format!(" AND min_time_ms < {}", arg(&mut b, Bind::Int(t))));
     }
     if let Some(s) = query.after_seq {
-        cond(&mut sql, " AND seq > ?", Bind::Int(s));
+        sql.push_str(&format!(" AND last_seq > {}", arg(&mut b, Bind::Int(s))));
     }
-    cond(&mut sql, " ORDER BY seq DESC LIMIT ?", Bind::Int(query.limit.max(0)));
-    (sql, binds)
+    sql.push_str(&format!(" ORDER BY first_seq DESC LIMIT {}", arg(&mut b, Bind::Int(SEGMENTS_PER_READ))));
+    (sql, b)
 }
 
 /// Where the audit writer appends: [`Store::audit_append`] through the pool, or, on a SQLite
@@ -242,17 +430,6 @@ pub enum AuditAppender {
         conn: Option<rusqlite::Connection>,
     },
 }
-
-/// Rows per `INSERT` on the writer's own SQLite connection: a batch goes in as statements of
-/// these sizes, largest first, so at most three statements are prepared (and cached). Rows of
-/// one statement share SQLite's cursors: inserted one statement per row, each row's index
-/// entries were found by a full descent of the index, twice the instructions of the rest of
-/// the insert. And a statement's bound texts and blobs (seven per row, each copied by SQLite)
-/// come from the connection's lookaside memory while it lasts (about 120 small slots by
-/// default), from `malloc` after: twelve rows stay within it. Measured with callgrind on the
-/// relay bench's refusal arm, 12-row statements cost 13,900 instructions per record against
-/// 16,100 for 100-row ones.
-const SQLITE_CHUNKS: [usize; 3] = [12, 4, 1];
 
 impl Store {
     /// The audit writer's way of appending to this store.
@@ -330,47 +507,20 @@ fn append_rows(conn: &mut rusqlite::Connection, entries: &mut [Entry]) -> Result
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let head = tx.query_row(HEAD_SQL, [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
     seal_onto(entries, head);
-    // `OR ROLLBACK`: a multi-row INSERT that may fail part way otherwise opens a statement
-    // journal and copies each page it first touches into it, so that the failing statement
-    // alone could be undone. A failed append is rolled back whole anyway (the connection is
-    // dropped and the batch retried), so the transaction may as well go with it.
-    static SQL: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
-        SQLITE_CHUNKS.map(|rows| insert_sql("INSERT OR ROLLBACK", rows, Placeholders::Anonymous))
-    });
-    let mut rest = &*entries;
-    while !rest.is_empty() {
-        let i = SQLITE_CHUNKS.iter().position(|&n| n <= rest.len()).unwrap_or(SQLITE_CHUNKS.len() - 1);
-        let (chunk, tail) = rest.split_at(SQLITE_CHUNKS[i]);
-        let mut insert = tx.prepare_cached(&SQL[i])?;
-        let mut column = 0;
-        let mut bind = |value: &dyn rusqlite::ToSql| {
-            column += 1;
-            insert.raw_bind_parameter(column, value)
-        };
-        for e in chunk {
-            bind(&e.seq)?;
-            bind(&e.time_ms)?;
-            bind(&e.request_id)?;
-            bind(&e.principal_id)?;
-            bind(&e.principal_kind)?;
-            bind(&e.principal_name)?;
-            bind(&e.token_id)?;
-            bind(&e.client_name)?;
-            bind(&e.client_version)?;
-            bind(&e.server)?;
-            bind(&e.method)?;
-            bind(&e.tool)?;
-            bind(&e.arguments)?;
-            bind(&e.decision)?;
-            bind(&e.upstream_status)?;
-            bind(&e.latency_us)?;
-            bind(&e.bytes_in)?;
-            bind(&e.bytes_out)?;
-            bind(&e.prev_hash)?;
-            bind(&e.hash)?;
+    for s in segment::segments(entries) {
+        tx.prepare_cached(INSERT_SEGMENT)?.execute(rusqlite::params![
+            s.first_seq,
+            s.last_seq,
+            s.min_time_ms,
+            s.max_time_ms,
+            s.last_hash,
+            s.records
+        ])?;
+        let mut key =
+            tx.prepare_cached("INSERT INTO audit_segment_keys (kind, value, first_seq) VALUES ($1, $2, $3)")?;
+        for (k, v) in &s.keys {
+            key.execute(rusqlite::params![k.kind(), v, s.first_seq])?;
         }
-        insert.raw_execute()?;
-        rest = tail;
     }
     tx.commit()?;
     Ok(())
@@ -412,26 +562,28 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_insert_leaves_no_row_of_its_batch() {
-        // The writer's statements roll the whole transaction back on a constraint failure
-        // (`OR ROLLBACK`, no statement journal): nothing of the batch may remain, and the
-        // appender must work again on the retry.
+    async fn a_failed_append_leaves_nothing_of_its_batch() {
+        // The segment goes in first, its keys after it: a failure at the keys must take the
+        // segment with it, and the appender must work again on the retry.
         let (_dir, store) = file_store().await;
         let Store::Sqlite(pool) = &store else { unreachable!() };
-        sqlx::query("CREATE UNIQUE INDEX test_unique_request ON audit_records (request_id)")
-            .execute(pool)
-            .await
-            .unwrap();
+        sqlx::query(
+            "CREATE TRIGGER test_boom BEFORE INSERT ON audit_segment_keys WHEN NEW.value = 'boom' \
+             BEGIN SELECT RAISE(ABORT, 'boom'); END",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
         let mut appender = store.audit_appender();
-        // Seventeen rows: a 12-row statement, then a 4-row one, then one; the duplicate is in
-        // the second statement, after the first has inserted its rows.
         let mut batch: Vec<Entry> = (0..17).map(|i| entry(&format!("r{i}"))).collect();
-        batch[14].request_id = "r3".into();
+        batch[14].server = Some("boom".into());
         appender.append(&mut batch).await.unwrap_err();
         assert_eq!(batch.len(), 17);
         assert_eq!(store.audit_count().await.unwrap(), 0);
+        let segments: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_segments").fetch_one(pool).await.unwrap();
+        assert_eq!(segments, 0);
 
-        batch[14].request_id = "r14".into();
+        batch[14].server = Some("fine".into());
         appender.append(&mut batch).await.unwrap();
         assert_eq!(store.audit_count().await.unwrap(), 17);
         let verdict = crate::audit::verify(&store).await.unwrap();

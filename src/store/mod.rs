@@ -57,6 +57,9 @@ pub enum StoreError {
     /// The blocking task of an audit append did not finish.
     #[error("audit append failed: {0}")]
     Append(String),
+    /// A stored audit segment cannot be decoded (`audit verify` names the record).
+    #[error(transparent)]
+    Unreadable(#[from] crate::audit::segment::Unreadable),
 }
 
 /// The URL without its password, for messages.
@@ -99,6 +102,7 @@ impl Store {
             Store::Sqlite(p) => sqlx::migrate!("./migrations/sqlite").run(p).await?,
             Store::Postgres(p) => sqlx::migrate!("./migrations/postgres").run(p).await?,
         }
+        self.audit_upgrade().await?;
         Ok(())
     }
 

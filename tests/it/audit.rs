@@ -9,6 +9,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use portcullis::audit::Entry;
+use portcullis::audit::segment;
 use portcullis::audit::{
     Arguments, AuditConfig, AuditError, AuditWriter, BreakKind, Decision, Durability, Record, Verification, verify,
 };
@@ -111,9 +113,10 @@ on_both!(
     strict_mode_returns_after_commit,
     replicas_share_one_chain,
     search_filters_combine,
-    a_user_search_uses_the_name_index,
+    a_user_search_uses_the_key_index,
     store_outage_is_retried_and_never_silent,
     every_column_survives_batches_of_any_size,
+    rows_of_earlier_versions_move_into_segments,
 );
 
 /// Principal ids are UUIDs, as the store makes them.
@@ -156,6 +159,18 @@ async fn filled(backend: Backend, n: usize) -> TestDb {
 
 async fn exec(store: &Store, sql: &'static str) {
     portcullis::on_pool!(store, p => { sqlx::query(sql).execute(p).await.expect(sql); });
+}
+
+/// Plays an attacker with write access to the database: rewrites every stored record as `edit`
+/// leaves it, with segment bounds, times and search keys made to match, so that only the hash
+/// chain can tell.
+async fn tamper(store: &Store, edit: impl FnOnce(&mut Vec<Entry>)) {
+    let stored = store.audit_segments(i64::MIN, i64::MAX).await.expect("read");
+    let mut entries: Vec<Entry> = stored.into_iter().flat_map(|s| s.entries.expect("readable")).collect();
+    edit(&mut entries);
+    exec(store, "DELETE FROM audit_segment_keys").await;
+    exec(store, "DELETE FROM audit_segments").await;
+    store.audit_put_segments(&segment::segments(&entries)).await.expect("rewrite");
 }
 
 async fn broken_at(store: &Store) -> (i64, BreakKind) {
@@ -207,46 +222,80 @@ async fn chain_verifies_and_secrets_never_reach_the_store(backend: Backend) {
 
 async fn edited_record_is_named(backend: Backend) {
     let db = filled(backend, 6).await;
-    exec(&db.store, "UPDATE audit_records SET arguments = '{\"i\":99}' WHERE seq = 4").await;
+    tamper(&db.store, |es| es[3].arguments = "{\"i\":99}".into()).await;
     assert_eq!(broken_at(&db.store).await, (4, BreakKind::Edited));
 
     let db = filled(backend, 6).await;
-    exec(&db.store, "UPDATE audit_records SET decision = 'deny' WHERE seq = 1").await;
+    tamper(&db.store, |es| es[0].decision = "deny".into()).await;
     assert_eq!(broken_at(&db.store).await, (1, BreakKind::Edited));
 
     let db = filled(backend, 6).await;
-    exec(&db.store, "UPDATE audit_records SET arguments = 'not json' WHERE seq = 6").await;
+    tamper(&db.store, |es| es[5].arguments = "not json".into()).await;
     assert_eq!(broken_at(&db.store).await, (6, BreakKind::Edited));
+
+    // Bytes changed in place, without decoding: the record no longer matches its hash, or
+    // the segment no longer reads.
+    let db = filled(backend, 6).await;
+    exec(
+        &db.store,
+        match backend {
+            Backend::Sqlite => "UPDATE audit_segments SET records = CAST(REPLACE(records, 'tool_3', 'tool_9') AS BLOB)",
+            Backend::Postgres => {
+                "UPDATE audit_segments SET records = decode(replace(encode(records, 'hex'), \
+                 encode('tool_3'::bytea, 'hex'), encode('tool_9'::bytea, 'hex')), 'hex')"
+            }
+        },
+    )
+    .await;
+    assert_eq!(broken_at(&db.store).await, (4, BreakKind::Edited));
+
+    // A segment's own columns and keys are checked too: dropping a key would hide records
+    // from `audit search --user`.
+    let db = filled(backend, 6).await;
+    exec(&db.store, "DELETE FROM audit_segment_keys WHERE value = 'carol'").await;
+    assert_eq!(broken_at(&db.store).await, (1, BreakKind::Edited));
 }
 
 async fn deleted_record_is_named(backend: Backend) {
     let db = filled(backend, 6).await;
-    exec(&db.store, "DELETE FROM audit_records WHERE seq = 3").await;
+    tamper(&db.store, |es| drop(es.remove(2))).await;
     assert_eq!(broken_at(&db.store).await, (3, BreakKind::Deleted));
 
     let db = filled(backend, 6).await;
-    exec(&db.store, "DELETE FROM audit_records WHERE seq = 1").await;
+    tamper(&db.store, |es| drop(es.remove(0))).await;
     assert_eq!(broken_at(&db.store).await, (1, BreakKind::Deleted));
 
     // Deleting and renumbering to hide the gap is still a deletion.
     let db = filled(backend, 6).await;
-    exec(&db.store, "DELETE FROM audit_records WHERE seq = 3").await;
-    exec(&db.store, "UPDATE audit_records SET seq = seq + 100 WHERE seq > 3").await;
-    exec(&db.store, "UPDATE audit_records SET seq = seq - 101 WHERE seq > 100").await;
+    tamper(&db.store, |es| {
+        es.remove(2);
+        es[2..].iter_mut().for_each(|e| e.seq -= 1);
+    })
+    .await;
     assert_eq!(broken_at(&db.store).await, (3, BreakKind::Deleted));
+
+    // A whole segment gone: two batches, the first deleted.
+    let db = test_db(backend).await;
+    writer_with(&db, AuditConfig::default(), 3).await.shutdown().await;
+    writer_with(&db, AuditConfig::default(), 3).await.shutdown().await;
+    exec(&db.store, "DELETE FROM audit_segments WHERE first_seq = 1").await;
+    assert_eq!(broken_at(&db.store).await, (1, BreakKind::Deleted));
 }
 
 async fn reordered_records_are_named(backend: Backend) {
+    // Two records trade places (each takes the other's seq).
+    let swap = |a: usize, b: usize| {
+        move |es: &mut Vec<Entry>| {
+            es.swap(a, b);
+            (es[a].seq, es[b].seq) = (es[b].seq, es[a].seq);
+        }
+    };
     let db = filled(backend, 6).await;
-    exec(&db.store, "UPDATE audit_records SET seq = -1 WHERE seq = 3").await;
-    exec(&db.store, "UPDATE audit_records SET seq = 3 WHERE seq = 4").await;
-    exec(&db.store, "UPDATE audit_records SET seq = 4 WHERE seq = -1").await;
+    tamper(&db.store, swap(2, 3)).await;
     assert_eq!(broken_at(&db.store).await, (3, BreakKind::Reordered));
 
     let db = filled(backend, 6).await;
-    exec(&db.store, "UPDATE audit_records SET seq = -1 WHERE seq = 2").await;
-    exec(&db.store, "UPDATE audit_records SET seq = 2 WHERE seq = 5").await;
-    exec(&db.store, "UPDATE audit_records SET seq = 5 WHERE seq = -1").await;
+    tamper(&db.store, swap(1, 4)).await;
     assert_eq!(broken_at(&db.store).await, (2, BreakKind::Reordered));
 }
 
@@ -390,18 +439,19 @@ async fn search_filters_combine(backend: Backend) {
     assert_eq!(newest.iter().map(|e| e.seq).collect::<Vec<_>>(), [28, 29, 30]);
 }
 
-/// `audit search --user NAME` is served by the name index on both backends (an `OR` with the
-/// id column once made every such search a scan of the whole log), and that index, partial on
-/// `principal_name IS NOT NULL`, is one the query may use.
-async fn a_user_search_uses_the_name_index(backend: Backend) {
+/// `audit search --user NAME` finds its segments through the keys' primary key on both
+/// backends, not by decoding the whole log.
+async fn a_user_search_uses_the_key_index(backend: Backend) {
     use portcullis::store::audit::{Bind, search_sql};
     let db = filled(backend, 30).await;
-    let (sql, binds) = search_sql(&AuditQuery { user: Some("alice".into()), limit: 10, ..AuditQuery::default() });
-    let [Bind::Text(name), Bind::Int(limit)] = &binds[..] else { panic!("binds: {binds:?}") };
+    let query = AuditQuery { user: Some("alice".into()), limit: 10, ..AuditQuery::default() };
+    let (sql, binds) = search_sql(&query, i64::MAX);
+    let [Bind::Int(before), Bind::Text(name), Bind::Int(limit)] = &binds[..] else { panic!("binds: {binds:?}") };
     let plan: Vec<String> = match &db.store {
         Store::Sqlite(p) => {
             let rows: Vec<(i64, i64, i64, String)> =
                 sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+                    .bind(before)
                     .bind(name)
                     .bind(limit)
                     .fetch_all(p)
@@ -410,11 +460,12 @@ async fn a_user_search_uses_the_name_index(backend: Backend) {
             rows.into_iter().map(|r| r.3).collect()
         }
         Store::Postgres(p) => {
-            // Thirty rows are cheaper to scan than to look up: forbid the scan, so the plan
+            // A few rows are cheaper to scan than to look up: forbid the scan, so the plan
             // shows whether the index can serve the query at all.
             let mut tx = p.begin().await.expect("tx");
             sqlx::query("SET LOCAL enable_seqscan = off").execute(&mut *tx).await.expect("set");
             let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")))
+                .bind(before)
                 .bind(name)
                 .bind(limit)
                 .fetch_all(&mut *tx)
@@ -423,9 +474,16 @@ async fn a_user_search_uses_the_name_index(backend: Backend) {
             rows.into_iter().map(|r| r.0).collect()
         }
     };
-    assert!(plan.iter().any(|l| l.contains("audit_records_principal")), "plan: {plan:#?}");
-    let by_id = search_sql(&AuditQuery { user: Some(principal_id(1)), ..AuditQuery::default() });
-    assert!(by_id.0.contains("principal_id = $1"), "an id-shaped argument matches ids too: {}", by_id.0);
+    let keyed = |l: &String| match backend {
+        Backend::Sqlite => l.contains("USING PRIMARY KEY (kind=? AND value=?)"),
+        Backend::Postgres => l.contains("audit_segment_keys_pkey"),
+    };
+    assert!(plan.iter().any(keyed), "plan: {plan:#?}");
+    let by_id = search_sql(&AuditQuery { user: Some(principal_id(1)), ..AuditQuery::default() }, i64::MAX);
+    assert!(by_id.0.contains("'user', 'principal'"), "an id-shaped argument matches ids too: {}", by_id.0);
+    let found = db.store.audit_search(&query).await.expect("search");
+    assert_eq!(found.len(), 10);
+    assert!(found.iter().all(|e| e.principal_name.as_deref() == Some("alice")));
 }
 
 fn portcullis(config: &std::path::Path, args: &[&str]) -> std::process::Output {
@@ -495,20 +553,20 @@ async fn audit_cli_verify_tail_search_export() {
     let out = portcullis(&config, &["export", "--format", "jsonl"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), text, "stdout export matches the file");
 
-    exec(&db.store, "UPDATE audit_records SET latency_us = 1 WHERE seq = 2").await;
+    tamper(&db.store, |es| es[1].latency_us = 1).await;
     let out = portcullis(&config, &["verify"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "verify must fail after tampering");
     assert!(stderr.contains("seq 2") && stderr.contains("edited"), "{stderr}");
 }
 
-/// Makes every insert into `audit_records` fail (a store outage), or ends it.
+/// Makes every insert into `audit_segments` fail (a store outage), or ends it.
 async fn outage(store: &Store, on: bool) {
     match (store, on) {
         (Store::Sqlite(_), true) => {
             exec(
                 store,
-                "CREATE TRIGGER audit_off BEFORE INSERT ON audit_records BEGIN SELECT RAISE(ABORT, 'down'); END",
+                "CREATE TRIGGER audit_off BEFORE INSERT ON audit_segments BEGIN SELECT RAISE(ABORT, 'down'); END",
             )
             .await
         }
@@ -518,11 +576,11 @@ async fn outage(store: &Store, on: bool) {
                 .await;
             exec(
                 store,
-                "CREATE TRIGGER audit_off BEFORE INSERT ON audit_records FOR EACH ROW EXECUTE FUNCTION audit_off()",
+                "CREATE TRIGGER audit_off BEFORE INSERT ON audit_segments FOR EACH ROW EXECUTE FUNCTION audit_off()",
             )
             .await;
         }
-        (Store::Postgres(_), false) => exec(store, "DROP TRIGGER audit_off ON audit_records").await,
+        (Store::Postgres(_), false) => exec(store, "DROP TRIGGER audit_off ON audit_segments").await,
     }
 }
 
@@ -605,4 +663,75 @@ async fn every_column_survives_batches_of_any_size(backend: Backend) {
     }
     assert!(rows.windows(2).all(|w| w[1].prev_hash == w[0].hash), "each row names the one before");
     assert!(matches!(verify(&db.store).await.expect("verify"), Verification::Intact { records: 124, .. }));
+}
+
+/// Records that an earlier version kept one per row in `audit_records` move into segments on
+/// start, keeping their seq and hashes: the chain verifies across them and the writer
+/// continues it. Tampering with a row before the move is still found after it.
+async fn rows_of_earlier_versions_move_into_segments(backend: Backend) {
+    let db = test_db(backend).await;
+    let mut prev = portcullis::audit::GENESIS.to_vec();
+    let redactor = portcullis::audit::Redactor::new(portcullis::audit::DEFAULT_REDACT_KEYS);
+    for i in 0..1234 {
+        let mut e = record(i).into_entry(&redactor);
+        e.seq = i as i64 + 1;
+        e.prev_hash = prev.clone();
+        e.hash = portcullis::audit::entry_hash(&e).to_vec();
+        prev.clone_from(&e.hash);
+        if i == 700 {
+            e.tool = Some("edited".into());
+        }
+        insert_row(&db.store, &e).await;
+    }
+    assert_eq!(db.store.audit_upgrade().await.expect("upgrade"), 1234);
+    assert_eq!(db.store.audit_upgrade().await.expect("again"), 0, "nothing left to move");
+    assert_eq!(db.store.audit_count().await.expect("count"), 1234);
+    assert_eq!(broken_at(&db.store).await, (701, BreakKind::Edited));
+    tamper(&db.store, |es| {
+        es[700].tool = Some(format!("tool_{}", 700 % 5));
+    })
+    .await;
+    assert!(matches!(verify(&db.store).await.expect("verify"), Verification::Intact { records: 1234, .. }));
+
+    writer_with(&db, AuditConfig::default(), 10).await.shutdown().await;
+    match verify(&db.store).await.expect("verify") {
+        Verification::Intact { records: 1244, .. } => {}
+        other => panic!("{other:?}"),
+    }
+    let left: i64 = portcullis::on_pool!(&db.store, p => sqlx::query_scalar("SELECT COUNT(*) FROM audit_records").fetch_one(p).await.expect("count"));
+    assert_eq!(left, 0);
+}
+
+/// One row of the table earlier versions wrote.
+async fn insert_row(store: &Store, e: &Entry) {
+    const SQL: &str = "INSERT INTO audit_records (seq, time_ms, request_id, principal_id, principal_kind, \
+         principal_name, token_id, client_name, client_version, server, method, tool, arguments, decision, \
+         upstream_status, latency_us, bytes_in, bytes_out, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, \
+         $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)";
+    portcullis::on_pool!(store, p => {
+        sqlx::query(SQL)
+            .bind(e.seq)
+            .bind(e.time_ms)
+            .bind(&e.request_id)
+            .bind(&e.principal_id)
+            .bind(&e.principal_kind)
+            .bind(&e.principal_name)
+            .bind(&e.token_id)
+            .bind(&e.client_name)
+            .bind(&e.client_version)
+            .bind(&e.server)
+            .bind(&e.method)
+            .bind(&e.tool)
+            .bind(&e.arguments)
+            .bind(&e.decision)
+            .bind(e.upstream_status)
+            .bind(e.latency_us)
+            .bind(e.bytes_in)
+            .bind(e.bytes_out)
+            .bind(&e.prev_hash)
+            .bind(&e.hash)
+            .execute(p)
+            .await
+            .expect("insert");
+    });
 }
