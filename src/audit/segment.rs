@@ -97,8 +97,19 @@ struct Out<'a> {
     latency_us: i64,
     bytes_in: i64,
     bytes_out: i64,
-    prev_hash: &'a [u8],
-    hash: &'a [u8],
+    prev_hash: Bytes<'a>,
+    hash: Bytes<'a>,
+}
+
+/// A byte string written in one piece. postcard writes bytes and a sequence of `u8` alike (a
+/// varint length, then the bytes), so [`In`] reads them back as `Vec<u8>`; a plain `&[u8]`
+/// would be written a byte at a time.
+struct Bytes<'a>(&'a [u8]);
+
+impl Serialize for Bytes<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
 }
 
 /// The same fields as [`Out`], in the same order, owned.
@@ -147,8 +158,8 @@ fn encode_one(e: &Entry, out: &mut Vec<u8>) {
         latency_us: e.latency_us,
         bytes_in: e.bytes_in,
         bytes_out: e.bytes_out,
-        prev_hash: &e.prev_hash,
-        hash: &e.hash,
+        prev_hash: Bytes(&e.prev_hash),
+        hash: Bytes(&e.hash),
     };
     // Writing into a Vec cannot fail.
     let taken = std::mem::take(out);

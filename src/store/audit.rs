@@ -416,8 +416,8 @@ pub fn search_sql(query: &AuditQuery, before: i64) -> (String, Vec<Bind>) {
 
 /// Where the audit writer appends: [`Store::audit_append`] through the pool, or, on a SQLite
 /// file, a connection of the writer's own through `rusqlite` (see
-/// `docs/decisions/0005-sqlite-audit-appends.md`): sqlx's SQLite driver spends more per bound
-/// value than SQLite spends inserting the row, and a record has twenty.
+/// `docs/decisions/0005-sqlite-audit-appends.md`), so that appends never wait for a connection
+/// of the pool that serves requests.
 #[derive(Debug)]
 pub enum AuditAppender {
     /// PostgreSQL, or an in-memory SQLite database.
