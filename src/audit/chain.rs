@@ -103,11 +103,12 @@ impl fmt::Display for Break {
 pub async fn verify(store: &Store) -> Result<Verification, AuditError> {
     let mut expected: i64 = 1;
     let mut running: Vec<u8> = GENESIS.to_vec();
-    let mut from = i64::MIN;
-    loop {
-        let page = store.audit_segments(from, PAGE).await?;
+    let mut from = Some(i64::MIN);
+    while let Some(start) = from {
+        let page = store.audit_segments(start, PAGE).await?;
         let Some(last) = page.last() else { break };
-        from = last.first_seq.saturating_add(1);
+        // A segment keyed i64::MAX (only tampering makes one) is the last there can be.
+        from = last.first_seq.checked_add(1);
         for seg in &page {
             let entries = match &seg.entries {
                 Ok(entries) => entries,

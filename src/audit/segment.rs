@@ -161,9 +161,9 @@ fn encode_one(e: &Entry, out: &mut Vec<u8>) {
         prev_hash: Bytes(&e.prev_hash),
         hash: Bytes(&e.hash),
     };
-    // Writing into a Vec cannot fail.
+    // postcard fails only for types it cannot encode or a full buffer; neither applies here.
     let taken = std::mem::take(out);
-    *out = postcard::to_extend(&record, taken).unwrap_or_default();
+    *out = postcard::to_extend(&record, taken).expect("encoding an audit record into a Vec cannot fail");
 }
 
 /// Encodes `entries` (sealed: seq and hashes set) back to back, without segment bounds. Tests
@@ -218,6 +218,25 @@ pub fn segments(entries: &[Entry]) -> Vec<Segment> {
     out
 }
 
+/// Key values are cut to this many bytes (at a character boundary): PostgreSQL refuses index
+/// entries over about 2.7 kB, and some values come from the request (the server named in an
+/// OAuth callback's path, before any authentication), so an unbounded one could make every
+/// retry of a batch fail. A search cuts its value the same way and then compares records in
+/// full.
+pub const MAX_KEY_BYTES: usize = 256;
+
+/// `value` as stored in, and looked up from, `audit_segment_keys`.
+pub fn key_value(value: &str) -> &str {
+    if value.len() <= MAX_KEY_BYTES {
+        return value;
+    }
+    let mut end = MAX_KEY_BYTES;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    &value[..end]
+}
+
 /// The keys a search may find `e` by.
 pub fn keys_of(e: &Entry) -> impl Iterator<Item = (Key, &str)> {
     [
@@ -227,7 +246,7 @@ pub fn keys_of(e: &Entry) -> impl Iterator<Item = (Key, &str)> {
         (Key::Tool, e.tool.as_deref()),
     ]
     .into_iter()
-    .filter_map(|(k, v)| v.map(|v| (k, v)))
+    .filter_map(|(k, v)| v.map(|v| (k, key_value(v))))
 }
 
 /// Decodes a segment's records, in the order they are stored.
@@ -325,6 +344,18 @@ mod tests {
             seq = decoded.last().unwrap().seq + 1;
         }
         assert_eq!(seq, 10);
+    }
+
+    #[test]
+    fn long_key_values_are_cut_at_a_character_boundary() {
+        let long = format!("a{}", "☃".repeat(400));
+        let cut = key_value(&long);
+        assert!(cut.len() <= MAX_KEY_BYTES && long.starts_with(cut) && cut.len() > MAX_KEY_BYTES - 4);
+        assert_eq!(key_value("github"), "github");
+        let mut e = entry(1, &long, "null");
+        e.tool = Some(long.clone());
+        let segs = segments(std::slice::from_ref(&e));
+        assert!(segs[0].keys.iter().all(|(_, v)| v.len() <= MAX_KEY_BYTES), "{:?}", segs[0].keys);
     }
 
     #[test]

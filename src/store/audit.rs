@@ -173,17 +173,18 @@ macro_rules! append_in {
     }};
 }
 
-/// Moves the oldest rows left in `audit_records` into segments inside the open transaction
-/// `$tx`, and evaluates to how many it moved.
+/// Moves the oldest rows left in `audit_records_legacy` (the table earlier versions wrote,
+/// renamed by migration 0008) into segments inside the open transaction `$tx`, and evaluates
+/// to how many it moved.
 macro_rules! upgrade_in {
     ($tx:ident) => {{
-        const ROWS: &str = "SELECT * FROM audit_records ORDER BY seq LIMIT 1000";
+        const ROWS: &str = "SELECT * FROM audit_records_legacy ORDER BY seq LIMIT 1000";
         let rows: Vec<Entry> = sqlx::query_as(ROWS).fetch_all(&mut *$tx).await?;
         if let Some(last) = rows.last() {
             for s in &segment::segments(&rows) {
                 insert_segment!($tx, s);
             }
-            sqlx::query("DELETE FROM audit_records WHERE seq <= $1").bind(last.seq).execute(&mut *$tx).await?;
+            sqlx::query("DELETE FROM audit_records_legacy WHERE seq <= $1").bind(last.seq).execute(&mut *$tx).await?;
         }
         $tx.commit().await?;
         rows.len()
@@ -236,9 +237,9 @@ impl Store {
         Ok(())
     }
 
-    /// Moves the records that earlier versions kept one per row in `audit_records` into
-    /// segments, keeping their seq and hashes (so `audit verify` checks them as before), in
-    /// transactions of a thousand. Runs with the migrations, before any append; returns how
+    /// Moves the records that earlier versions kept one per row in `audit_records` (renamed
+    /// `audit_records_legacy` by migration 0008) into segments, keeping their seq and hashes
+    /// (so `audit verify` checks them as before), in transactions of a thousand. Runs with the migrations, before any append; returns how
     /// many records it moved.
     pub async fn audit_upgrade(&self) -> Result<usize, StoreError> {
         let mut moved = 0;
@@ -260,7 +261,7 @@ impl Store {
             moved += n;
         }
         if moved > 0 {
-            tracing::info!(records = moved, "audit records moved from audit_records into segments");
+            tracing::info!(records = moved, "audit records moved from audit_records_legacy into segments");
         }
         Ok(moved)
     }
@@ -308,7 +309,9 @@ impl Store {
             for (first_seq, bytes) in page {
                 out.extend(segment::decode(first_seq, &bytes)?.into_iter().filter(|e| e.seq > after));
             }
-            from = last.saturating_add(1);
+            // A segment keyed i64::MAX (only tampering makes one) is the last there can be.
+            let Some(next) = last.checked_add(1) else { break };
+            from = next;
         }
         out.truncate(limit);
         Ok(out)
@@ -335,7 +338,8 @@ impl Store {
                     return Ok(Some(e.seq));
                 }
             }
-            from = last.saturating_add(1);
+            let Some(next) = last.checked_add(1) else { return Ok(None) };
+            from = next;
         }
     }
 
@@ -384,7 +388,7 @@ pub fn search_sql(query: &AuditQuery, before: i64) -> (String, Vec<Bind>) {
         format!("${}", binds.len())
     }
     fn has_key(binds: &mut Vec<Bind>, kinds: &str, value: &str) -> String {
-        let v = arg(binds, Bind::Text(value.to_owned()));
+        let v = arg(binds, Bind::Text(segment::key_value(value).to_owned()));
         format!(" AND first_seq IN (SELECT first_seq FROM audit_segment_keys WHERE kind IN ({kinds}) AND value = {v})")
     }
     let mut b = Vec::new();

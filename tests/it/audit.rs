@@ -117,6 +117,7 @@ on_both!(
     store_outage_is_retried_and_never_silent,
     every_column_survives_batches_of_any_size,
     rows_of_earlier_versions_move_into_segments,
+    a_segment_at_the_end_of_the_key_space_ends_every_read,
 );
 
 /// Principal ids are UUIDs, as the store makes them.
@@ -698,13 +699,13 @@ async fn rows_of_earlier_versions_move_into_segments(backend: Backend) {
         Verification::Intact { records: 1244, .. } => {}
         other => panic!("{other:?}"),
     }
-    let left: i64 = portcullis::on_pool!(&db.store, p => sqlx::query_scalar("SELECT COUNT(*) FROM audit_records").fetch_one(p).await.expect("count"));
+    let left: i64 = portcullis::on_pool!(&db.store, p => sqlx::query_scalar("SELECT COUNT(*) FROM audit_records_legacy").fetch_one(p).await.expect("count"));
     assert_eq!(left, 0);
 }
 
 /// One row of the table earlier versions wrote.
 async fn insert_row(store: &Store, e: &Entry) {
-    const SQL: &str = "INSERT INTO audit_records (seq, time_ms, request_id, principal_id, principal_kind, \
+    const SQL: &str = "INSERT INTO audit_records_legacy (seq, time_ms, request_id, principal_id, principal_kind, \
          principal_name, token_id, client_name, client_version, server, method, tool, arguments, decision, \
          upstream_status, latency_us, bytes_in, bytes_out, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, \
          $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)";
@@ -734,4 +735,22 @@ async fn insert_row(store: &Store, e: &Entry) {
             .await
             .expect("insert");
     });
+}
+
+/// A segment keyed at the very end of the key space (only tampering makes one) ends every
+/// read instead of being read again forever, and `verify` reports it.
+async fn a_segment_at_the_end_of_the_key_space_ends_every_read(backend: Backend) {
+    let db = filled(backend, 6).await;
+    let mut stray = db.store.audit_after(5, 1).await.expect("read").remove(0);
+    stray.seq = i64::MAX;
+    db.store.audit_put_segments(&segment::segments(&[stray])).await.expect("put");
+    use tokio::time::timeout;
+    const T: Duration = Duration::from_secs(20);
+    let all = timeout(T, db.store.audit_after(0, 1000)).await.expect("audit_after ends").expect("read");
+    assert_eq!(all.len(), 7);
+    let last = timeout(T, db.store.audit_after(i64::MAX - 1, 10)).await.expect("ends").expect("read");
+    assert_eq!(last.len(), 1);
+    assert_eq!(timeout(T, db.store.audit_seq_of_hash(&[0; 32])).await.expect("ends").expect("scan"), None);
+    let verdict = timeout(T, verify(&db.store)).await.expect("verify ends").expect("verify");
+    assert!(matches!(verdict, Verification::Broken(ref b) if b.seq == 7), "{verdict:?}");
 }
