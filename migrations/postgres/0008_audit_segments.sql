@@ -7,11 +7,7 @@
 -- records: what `audit search` looks segments up by before decoding them.
 --
 -- Existing rows of audit_records are moved into segments by the gateway on start (they keep
--- their seq and hashes; `audit verify` checks them as before). The table is renamed first, so
--- that a replica of an earlier version still running on a shared database fails loudly on its
--- next append (and keeps its records queued) instead of starting a second chain nobody reads.
-ALTER TABLE audit_records RENAME TO audit_records_legacy;
-
+-- their seq and hashes; `audit verify` checks them as before); the table stays, empty.
 CREATE TABLE audit_segments (
     first_seq BIGINT PRIMARY KEY,
     last_seq BIGINT NOT NULL,

@@ -174,7 +174,7 @@ macro_rules! append_in {
 }
 
 /// Moves the oldest rows left in `audit_records_legacy` (the table earlier versions wrote,
-/// renamed by migration 0008) into segments inside the open transaction `$tx`, and evaluates
+/// renamed by migration 0009) into segments inside the open transaction `$tx`, and evaluates
 /// to how many it moved.
 macro_rules! upgrade_in {
     ($tx:ident) => {{
@@ -238,7 +238,7 @@ impl Store {
     }
 
     /// Moves the records that earlier versions kept one per row in `audit_records` (renamed
-    /// `audit_records_legacy` by migration 0008) into segments, keeping their seq and hashes
+    /// `audit_records_legacy` by migration 0009) into segments, keeping their seq and hashes
     /// (so `audit verify` checks them as before), in transactions of a thousand. Runs with the migrations, before any append; returns how
     /// many records it moved.
     pub async fn audit_upgrade(&self) -> Result<usize, StoreError> {
