@@ -166,17 +166,6 @@ fn encode_one(e: &Entry, out: &mut Vec<u8>) {
     *out = postcard::to_extend(&record, taken).expect("encoding an audit record into a Vec cannot fail");
 }
 
-/// Encodes `entries` (sealed: seq and hashes set) back to back, without segment bounds. Tests
-/// and the upgrade of older stores use it to write records exactly as given.
-pub fn encode(entries: &[Entry]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + entries.len() * 160);
-    out.push(VERSION);
-    for e in entries {
-        encode_one(e, &mut out);
-    }
-    out
-}
-
 /// Cuts sealed `entries` into segments of at most [`MAX_SEGMENT_BYTES`] (or one record).
 pub fn segments(entries: &[Entry]) -> Vec<Segment> {
     let mut out = Vec::new();
@@ -327,7 +316,6 @@ mod tests {
         let keys: Vec<_> = s.keys.iter().map(|(k, v)| (k.kind(), v.as_str())).collect();
         assert_eq!(keys, [("user", "alice"), ("server", "github"), ("tool", "search")]);
         assert_eq!(decode(1, &s.records).unwrap(), entries);
-        assert_eq!(encode(&entries), s.records);
     }
 
     #[test]
@@ -361,7 +349,7 @@ mod tests {
     #[test]
     fn damaged_bytes_are_reported_not_guessed() {
         let entries: Vec<Entry> = (1..=3).map(|i| entry(i, "s", "null")).collect();
-        let bytes = encode(&entries);
+        let bytes = segments(&entries).remove(0).records;
         assert!(decode(7, &[]).is_err());
         assert!(decode(7, &[9]).unwrap_err().reason.contains("unknown encoding"));
         assert_eq!(decode(7, &bytes[..bytes.len() - 3]).unwrap_err().first_seq, 7);

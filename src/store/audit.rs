@@ -224,8 +224,8 @@ impl Store {
         Ok(())
     }
 
-    /// Stores `segments` exactly as given, without sealing (the upgrade of older stores, and
-    /// tests that play an attacker with write access to the database).
+    /// Stores `segments` exactly as given, without sealing: for tests that play an attacker
+    /// with write access to the database.
     pub async fn audit_put_segments(&self, segments: &[Segment]) -> Result<(), StoreError> {
         on_pool!(self, p => {
             let mut tx = p.begin().await?;
@@ -520,8 +520,7 @@ fn append_rows(conn: &mut rusqlite::Connection, entries: &mut [Entry]) -> Result
             s.last_hash,
             s.records
         ])?;
-        let mut key =
-            tx.prepare_cached("INSERT INTO audit_segment_keys (kind, value, first_seq) VALUES ($1, $2, $3)")?;
+        let mut key = tx.prepare_cached(&keys_sql(1))?;
         for (k, v) in &s.keys {
             key.execute(rusqlite::params![k.kind(), v, s.first_seq])?;
         }
