@@ -38,6 +38,10 @@ pub struct Server {
     metrics: dashmap::DashMap<(&'static str, u16), (metrics::Counter, metrics::Histogram)>,
     /// The vault, for servers with upstream OAuth.
     vault: Option<Arc<crate::vault::Vault>>,
+    /// With upstream OAuth: the upstream sides opened behind client sessions after they began.
+    continuity: Option<crate::mcp::continuity::Continuity>,
+    /// With upstream OAuth: what the upstream last showed, for people not connected yet.
+    catalog: Option<Arc<crate::mcp::catalog::Catalog>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -49,8 +53,14 @@ impl std::fmt::Debug for Server {
 impl Server {
     fn new(config: &ServerConfig, client: reqwest::Client, credentials: Arc<Credentials>) -> Server {
         let oauth = matches!(config.auth, crate::config::UpstreamAuth::OAuth(_));
+        let vault = credentials.vault().filter(|_| oauth).cloned();
+        let (store, keys) = (credentials.store().clone(), credentials.keys().clone());
         Server {
-            vault: credentials.vault().filter(|_| oauth).cloned(),
+            continuity: vault
+                .as_ref()
+                .map(|_| crate::mcp::continuity::Continuity::new(&config.name, store.clone(), keys)),
+            catalog: vault.as_ref().map(|_| crate::mcp::catalog::Catalog::new(store, &config.name)),
+            vault,
             config: config.clone(),
             upstream: Upstream::new(config, client, credentials),
             stateless: Default::default(),
@@ -61,6 +71,16 @@ impl Server {
     /// The vault, when this server uses upstream OAuth.
     pub fn vault(&self) -> Option<&Arc<crate::vault::Vault>> {
         self.vault.as_ref()
+    }
+
+    /// With upstream OAuth: the upstream sides opened behind client sessions after they began.
+    pub fn continuity(&self) -> Option<&crate::mcp::continuity::Continuity> {
+        self.continuity.as_ref()
+    }
+
+    /// With upstream OAuth: what the upstream last showed.
+    pub fn catalog(&self) -> Option<&Arc<crate::mcp::catalog::Catalog>> {
+        self.catalog.as_ref()
     }
 
     /// Whose upstream session a stateless request of `caller` uses.

@@ -2,7 +2,10 @@
 //! It steps in for the lifecycle (`initialize`, `server/discover`) and relays everything else
 //! untouched.
 
+pub mod catalog;
+pub mod continuity;
 pub mod stateless;
+pub mod unconnected;
 pub mod version;
 
 use serde_json::Value;
@@ -12,7 +15,7 @@ use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
 use crate::transport::jsonrpc::{Message, result_response};
 use crate::transport::session::{SessionState, binding, new_session_key};
-use crate::upstream::{ClientHello, Reply};
+use crate::upstream::{ClientHello, Reply, UpstreamError};
 
 /// A client's `initialize`: open an upstream session with the client's capabilities, seal
 /// the gateway session, and answer with the upstream's server info at the client's revision.
@@ -43,16 +46,26 @@ pub async fn initialize(
         caller: principal.id.clone(),
     };
     let key = new_session_key();
-    let (opened, pending) = match server.upstream.open(&hello, &key).await {
-        Ok(opened) => (opened, false),
-        // An OAuth upstream the caller has not connected yet: open a session the gateway
-        // answers for, so the client starts and the caller gets the link on a tool call.
-        Err(crate::upstream::UpstreamError::Authorization { .. }) => (unconnected(server, protocol), true),
-        Err(e) => return Err(fail(e.into())),
+    // An OAuth upstream the caller has not connected yet: the gateway answers for it (see
+    // `unconnected`), and opens the upstream side behind this same session once they have.
+    let connected = unconnected::is_connected(server, &principal.id).await.map_err(|e| fail(e.into()))?;
+    let (opened, pending) = if connected {
+        match server.upstream.open(&hello, &key).await {
+            Ok(opened) => (opened, false),
+            Err(crate::upstream::UpstreamError::Authorization { .. }) => {
+                (unconnected::initialize_result(server, protocol).await, true)
+            }
+            Err(e) => return Err(fail(e.into())),
+        }
+    } else {
+        (unconnected::initialize_result(server, protocol).await, true)
     };
-    // A stateless upstream needs the client's capabilities in every request's `_meta`.
-    let hello_kept = (opened.upstream_protocol == version::STATELESS)
-        .then(|| serde_json::json!({"capabilities": hello.capabilities, "clientInfo": hello.client_info}));
+    if let (Some(catalog), false) = (server.catalog(), pending) {
+        catalog.observe(catalog::INITIALIZE, "", &opened.result);
+    }
+    // A stateless upstream needs the client's capabilities in every request's `_meta`; an
+    // OAuth upstream may have to be opened again behind this session (`continuity`).
+    let keep_hello = opened.upstream_protocol == version::STATELESS || server.continuity().is_some();
     let state = SessionState {
         version: 1,
         key,
@@ -60,7 +73,7 @@ pub async fn initialize(
         upstream_protocol: opened.upstream_protocol,
         upstream_session: opened.upstream_session,
         created: app.clock().unix_secs(),
-        hello: hello_kept,
+        hello: keep_hello.then(|| kept_hello(&hello)),
         features: crate::upstream::mux::features::from_capabilities(&hello.capabilities),
         client: Some(client_name_version(&hello.client_info)),
         subject: principal.id.clone(),
@@ -74,105 +87,144 @@ pub async fn initialize(
     Ok((response, state, sealed))
 }
 
-/// The `initialize` result of a session opened before the caller connected (the upstream's
-/// own arrives once they have).
-fn unconnected(server: &Server, protocol: &str) -> crate::upstream::Opened {
-    let name = &server.config.name;
-    crate::upstream::Opened {
-        upstream_session: None,
-        upstream_protocol: String::new(),
-        result: serde_json::json!({
-            "protocolVersion": protocol,
-            "capabilities": {"tools": {"listChanged": true}},
-            "serverInfo": {"name": name, "version": "unconnected"},
-            "instructions": format!("'{name}' needs you to connect your account first: call any of its tools to get the link."),
-        }),
-    }
-}
+/// Largest client `initialize` kept whole in a sealed session id.
+const HELLO_KEPT_BYTES: usize = 2048;
 
-/// Answers for a session opened before the caller connected (see
-/// [`SessionState::pending`]): empty lists, and on a tool call the connect link, as a
-/// URL-mode elicitation (JSON-RPC -32042) when the client declared it, else as a tool error
-/// carrying the link. Once the caller is connected, the session ends (404): the client
-/// initializes again and reaches the upstream.
-async fn unconnected_answer(server: &Server, session: &SessionState, message: Message) -> Result<Reply, Failure> {
-    use crate::transport::jsonrpc::Kind;
-    use crate::upstream::UpstreamError;
-    let id = message.id.clone();
-    let name = server.config.name.clone();
-    let Some(vault) = server.vault() else {
-        return Err(GatewayError::from(UpstreamError::SessionExpired).with_id(id));
-    };
-    if vault.token(&name, &session.subject).await.is_ok() {
-        return Err(GatewayError::from(UpstreamError::SessionExpired).with_id(id));
+/// The client's `{capabilities, clientInfo}` as kept in its sealed session: whole when small,
+/// else only the standard capabilities and the client's name and version (the id travels in
+/// every request's headers).
+fn kept_hello(hello: &ClientHello) -> Value {
+    let whole = serde_json::json!({"capabilities": hello.capabilities, "clientInfo": hello.client_info});
+    if serde_json::to_vec(&whole).map_or(usize::MAX, |v| v.len()) <= HELLO_KEPT_BYTES {
+        return whole;
     }
-    if message.kind != Kind::Request {
-        return Ok(Reply::Accepted);
-    }
-    let reply = |result: Value| {
-        let bytes =
-            serde_json::to_vec(&result_response(id.as_ref().unwrap_or(&Value::Null), result)).unwrap_or_default();
-        Ok(Reply::Json(bytes.into()))
-    };
-    let empty = |key: &str| serde_json::json!({ key: [] });
-    match message.method() {
-        "ping" => reply(serde_json::json!({})),
-        "tools/list" => reply(empty("tools")),
-        "prompts/list" => reply(empty("prompts")),
-        "resources/list" => reply(empty("resources")),
-        "resources/templates/list" => reply(empty("resourceTemplates")),
-        method => {
-            let subject = vault.subject_for(&name, &session.subject);
-            let shared = vault.is_shared(&name);
-            let (reason, link) = if shared {
-                (
-                    format!("'{name}' is not connected yet: ask an administrator to run `portcullis connect {name}`"),
-                    None,
-                )
-            } else {
-                let link = vault.link(&name, &subject, None, &[]).await.map_err(|e| {
-                    GatewayError::from(UpstreamError::Credential { server: name.clone(), detail: e.to_string() })
-                        .with_id(id.clone())
-                })?;
-                (format!("'{name}' needs you to connect your account first"), Some(link.url))
-            };
-            let url_mode = session.features & crate::upstream::mux::features::ELICITATION_URL != 0;
-            match link {
-                Some(link) if method == "tools/call" && !url_mode => Ok(link_tool_error(id.as_ref(), &reason, &link)),
-                link => {
-                    Err(GatewayError::from(UpstreamError::Authorization { server: name, reason, link }).with_id(id))
-                }
-            }
-        }
-    }
+    let (name, version) = client_name_version(&hello.client_info);
+    let bits = crate::upstream::mux::features::from_capabilities(&hello.capabilities);
+    serde_json::json!({
+        "capabilities": crate::upstream::mux::features::to_capabilities(bits),
+        "clientInfo": {"name": name, "version": version},
+    })
 }
 
 /// Relays one message of an established session.
 pub async fn relay(server: &Server, session: &SessionState, message: Message) -> Result<Reply, Failure> {
-    if session.pending {
-        return unconnected_answer(server, session, message).await;
-    }
     let id = message.id.clone();
     let tool_call = message.method() == "tools/call";
-    match server.upstream.send(session, message).await {
+    let sent = match server.continuity() {
+        Some(continuity) => match relay_continued(server, continuity, session, message).await? {
+            Relayed::Sent(sent) => sent,
+            Relayed::Answered(reply) => return Ok(reply),
+        },
+        None => server.upstream.send(session, message).await,
+    };
+    match sent {
         // A tool call that needs the caller to (re)connect: a URL-mode elicitation for clients
         // that declared it, a tool error carrying the link for the others.
         Err(crate::upstream::UpstreamError::Authorization { reason, link: Some(link), .. })
             if tool_call && session.features & crate::upstream::mux::features::ELICITATION_URL == 0 =>
         {
-            Ok(link_tool_error(id.as_ref(), &reason, &link))
+            Ok(unconnected::link_tool_result(id.as_ref(), &reason, &link))
         }
         other => other.map_err(|e| GatewayError::from(e).with_id(id)),
     }
 }
 
-/// A `tools/call` result that tells the caller to open `link`.
-fn link_tool_error(id: Option<&Value>, reason: &str, link: &secrecy::SecretString) -> Reply {
-    use secrecy::ExposeSecret;
-    let text = format!("{reason}. Open this link to connect, then call the tool again: {}", link.expose_secret());
-    let result = serde_json::json!({"content": [{"type": "text", "text": text}], "isError": true});
-    let bytes = serde_json::to_vec(&result_response(id.unwrap_or(&Value::Null), result)).unwrap_or_default();
-    Reply::Json(bytes.into())
+/// What [`relay_continued`] did.
+enum Relayed {
+    /// Sent upstream; the upstream's answer or why it failed.
+    Sent(Result<Reply, UpstreamError>),
+    /// Answered by the gateway (the caller is not connected).
+    Answered(Reply),
+}
+
+/// Relays within a session of an OAuth server, whose upstream side the gateway may open or
+/// re-open behind the client's session id (see `continuity`), and whose listings it keeps
+/// (see `catalog`).
+async fn relay_continued(
+    server: &Server,
+    continuity: &continuity::Continuity,
+    session: &SessionState,
+    message: Message,
+) -> Result<Relayed, Failure> {
+    let id = message.id.clone();
+    let fail = |e: UpstreamError| GatewayError::from(e).with_id(id.clone());
+    let mut side = continuity.current(session).await.map_err(fail)?;
+    if side.as_ref().is_some_and(|s| s.closed) {
+        return Ok(Relayed::Sent(Err(UpstreamError::SessionExpired)));
+    }
+    if side.is_none() && session.pending {
+        if !unconnected::is_connected(server, &session.subject).await.map_err(fail)? {
+            let reply = unconnected::answer(server, &session.subject, session.features, &message).await?;
+            return Ok(Relayed::Answered(reply));
+        }
+        side = match continuity.reopen(&server.upstream, session, None).await {
+            Ok(reopened) => Some(opened(server, reopened)),
+            Err(e) => return Ok(Relayed::Sent(Err(e))),
+        };
+    }
+    let listing = catalog::LISTS.iter().find(|m| **m == message.method()).copied();
+    let page = match listing {
+        Some(_) => message.value().map(|v| catalog::cursor_of(&v)).unwrap_or_default(),
+        None => String::new(),
+    };
+    let effective = side.as_ref().map(|s| s.apply(session));
+    let mut sent = server.upstream.send(effective.as_ref().unwrap_or(session), message.clone()).await;
+    if matches!(sent, Err(UpstreamError::SessionExpired)) {
+        // The upstream forgot the session: open it again behind the same id, and send again
+        // (a 404 means the upstream did not act on the message).
+        sent = match continuity.reopen(&server.upstream, session, side.as_deref()).await {
+            Ok(reopened) => server.upstream.send(&opened(server, reopened).apply(session), message).await,
+            Err(e) => Err(e),
+        };
+    }
+    Ok(Relayed::Sent(match (listing, server.catalog()) {
+        (Some(method), Some(catalog)) => sent.map(|reply| catalog.tee(method, page, reply)),
+        _ => sent,
+    }))
+}
+
+/// `session` with the upstream side the gateway opened behind it later, if it did
+/// (`continuity`); a session the client ended is expired.
+async fn upstream_side(server: &Server, session: &SessionState) -> Result<Option<SessionState>, UpstreamError> {
+    let Some(continuity) = server.continuity() else { return Ok(None) };
+    match continuity.current(session).await? {
+        Some(side) if side.closed => Err(UpstreamError::SessionExpired),
+        Some(side) => Ok(Some(side.apply(session))),
+        None => Ok(None),
+    }
+}
+
+/// Opens the session's server-to-client stream (HTTP GET), resumed after `last_event_id`.
+pub async fn listen(
+    server: &Server,
+    session: &SessionState,
+    last_event_id: Option<&str>,
+) -> Result<Reply, UpstreamError> {
+    let side = upstream_side(server, session).await?;
+    server.upstream.listen(side.as_ref().unwrap_or(session), last_event_id).await
+}
+
+/// Ends the session (HTTP DELETE, or the legacy SSE stream closing): its upstream side, and
+/// for an OAuth server the record that no replica may open it again.
+pub async fn close(server: &Server, session: &SessionState) -> Result<(), UpstreamError> {
+    let side = upstream_side(server, session).await?;
+    let closed = server.upstream.close(side.as_ref().unwrap_or(session)).await;
+    if let Some(continuity) = server.continuity() {
+        continuity.close(session).await?;
+    }
+    closed
+}
+
+/// The side a re-open chose; the upstream's `initialize` result, when it opened one, goes
+/// into the catalog.
+fn opened(
+    server: &Server,
+    (side, init): (std::sync::Arc<continuity::Side>, Option<Value>),
+) -> std::sync::Arc<continuity::Side> {
+    if let (Some(catalog), Some(init)) = (server.catalog(), init) {
+        catalog.observe(catalog::INITIALIZE, "", &init);
+    }
+    side
 }
 
 /// `clientInfo`'s name and version, cut to 64 characters each.

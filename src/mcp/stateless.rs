@@ -17,6 +17,7 @@ use crate::error::{Failure, GatewayError};
 use crate::mcp::version;
 use crate::transport::jsonrpc::{Kind, Message, result_response};
 use crate::upstream::http::PROTOCOL_HEADER;
+use crate::upstream::mux::features;
 use crate::upstream::{MessageStream, Reply, UpstreamError, messages_of};
 
 /// `Mcp-Method`: the JSON-RPC method, mirrored in a header by 2026-07-28 clients.
@@ -49,15 +50,42 @@ pub async fn handle(
     {
         return Err(GatewayError::InvalidHeader("Mcp-Method does not match the body's method").with_id(id));
     }
+    let fail = |e: UpstreamError| GatewayError::from(e).with_id(id.clone());
+    // A person not connected to an OAuth upstream yet: the gateway answers (see `unconnected`).
+    let connected = super::unconnected::is_connected(server, caller).await.map_err(fail)?;
     if message.kind == Kind::Request && message.method() == "server/discover" {
-        let (_, init) =
-            server.stateless_session(app, caller).await.map_err(|e| GatewayError::from(e).with_id(id.clone()))?;
+        let init = match connected {
+            true => server.stateless_session(app, caller).await.map_err(fail)?.1,
+            false => super::unconnected::initialize_result(server, version::STATELESS).await.result,
+        };
         let response = result_response(id.as_ref().unwrap_or(&Value::Null), discover_result(&init));
         return Ok(Reply::Json(serde_json::to_vec(&response).unwrap_or_default().into()));
     }
     let method = message.method.clone().unwrap_or_default();
-    let reply =
-        send_with_reopen(app, server, caller, message).await.map_err(|e| GatewayError::from(e).with_id(id.clone()))?;
+    let reply = if connected {
+        let url_mode = method == "tools/call" && client_features(&message) & features::ELICITATION_URL != 0;
+        let listing = super::catalog::LISTS.iter().find(|m| **m == method).copied();
+        let page =
+            listing.and_then(|_| message.value().ok()).map(|v| super::catalog::cursor_of(&v)).unwrap_or_default();
+        let reply = send_with_reopen(app, server, caller, message).await;
+        let reply = match reply {
+            // A tool call that needs the caller to (re)connect gets the link as a tool result
+            // unless the client declared URL-mode elicitation.
+            Err(UpstreamError::Authorization { reason, link: Some(link), .. })
+                if method == "tools/call" && !url_mode =>
+            {
+                Ok(super::unconnected::link_tool_result(id.as_ref(), &reason, &link))
+            }
+            other => other,
+        }
+        .map_err(fail)?;
+        match (listing, server.catalog()) {
+            (Some(list), Some(catalog)) => catalog.tee(list, page, reply),
+            _ => reply,
+        }
+    } else {
+        super::unconnected::answer(server, caller, client_features(&message), &message).await?
+    };
     if id.is_none() {
         return Ok(Reply::Accepted);
     }
@@ -68,6 +96,16 @@ pub async fn handle(
         })
         .boxed();
     Ok(Reply::Messages(stream as MessageStream))
+}
+
+/// The capability bits (`upstream::mux::features`) a stateless request declares in its
+/// `_meta`.
+fn client_features(message: &Message) -> u8 {
+    message
+        .value()
+        .ok()
+        .and_then(|v| v.pointer("/params/_meta/io.modelcontextprotocol~1clientCapabilities").cloned())
+        .map_or(0, |caps| features::from_capabilities(&caps))
 }
 
 /// The client's name and version from a stateless request's `_meta` (for the audit log).

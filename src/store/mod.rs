@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod identity;
 pub mod secrets;
+pub mod sessions;
 pub mod vault;
 
 use std::str::FromStr;

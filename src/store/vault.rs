@@ -89,7 +89,7 @@ pub struct ConnectionRow {
     pub last_error: Option<String>,
 }
 
-fn sealed(key_id: String, ciphertext: Vec<u8>) -> Result<Sealed, sqlx::Error> {
+pub(super) fn sealed(key_id: String, ciphertext: Vec<u8>) -> Result<Sealed, sqlx::Error> {
     let key_id = KeyId::parse(&key_id).map_err(|e| sqlx::Error::Decode(e.to_string().into()))?;
     Ok(Sealed { key_id, ciphertext })
 }
@@ -473,9 +473,64 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Across processes sharing a SQLite file, one refresh per connection at a time: takes the
+    /// refresh lease of `subject`'s connection to `server` for `owner` until `until` (unix
+    /// seconds), when nobody holds it or the holder's lease ran out. One conditional `UPDATE`,
+    /// which SQLite runs under its write lock, so exactly one process gets it. `Ok(None)` when
+    /// there is no such connection (nothing to refresh), else whether it was taken.
+    pub async fn vault_refresh_lease_take(
+        &self,
+        server: &str,
+        subject: &str,
+        owner: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<Option<bool>, StoreError> {
+        let taken = crate::on_pool!(self, p => sqlx::query(
+            "UPDATE vault_connections SET refresh_lease_owner = $1, refresh_lease_until = $2 \
+             WHERE server = $3 AND subject = $4 \
+             AND (refresh_lease_until IS NULL OR refresh_lease_until <= $5 OR refresh_lease_owner = $1)",
+        )
+        .bind(owner)
+        .bind(until)
+        .bind(server)
+        .bind(subject)
+        .bind(now)
+        .execute(p)
+        .await?
+        .rows_affected());
+        if taken == 1 {
+            return Ok(Some(true));
+        }
+        Ok(self.vault_connection(server, subject).await?.map(|_| false))
+    }
+
+    /// Gives back a lease taken with [`Store::vault_refresh_lease_take`].
+    pub async fn vault_refresh_lease_release(
+        &self,
+        server: &str,
+        subject: &str,
+        owner: &str,
+    ) -> Result<(), StoreError> {
+        crate::on_pool!(self, p => sqlx::query(
+            "UPDATE vault_connections SET refresh_lease_owner = NULL, refresh_lease_until = NULL \
+             WHERE server = $1 AND subject = $2 AND refresh_lease_owner = $3",
+        )
+        .bind(server)
+        .bind(subject)
+        .bind(owner)
+        .execute(p)
+        .await?
+        .rows_affected());
+        Ok(())
+    }
+}
+
 /// Across replicas sharing PostgreSQL, one refresh per connection at a time: a transaction on
 /// `pool` holding an advisory lock on the connection's key, released when the returned guard
-/// drops. SQLite serves one gateway process, whose own lock suffices.
+/// drops. Processes sharing a SQLite file use the connection's refresh lease instead
+/// ([`Store::vault_refresh_lease_take`]).
 pub async fn refresh_lock(
     pool: &sqlx::PgPool,
     server: &str,

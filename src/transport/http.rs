@@ -190,7 +190,7 @@ async fn get_from(app: &AppState, target: Target<'_>, request: Request) -> Respo
         let session = session(app, &server, &principal, &headers)?;
         ex.client.clone_from(&session.client);
         let last = headers.get("last-event-id").and_then(|v| v.to_str().ok());
-        let reply = server.upstream.listen(&session, last).await.map_err(GatewayError::from)?;
+        let reply = mcp::listen(&server, &session, last).await.map_err(GatewayError::from)?;
         Ok::<_, Failure>(reply::get_response(reply, stream_end(app, &server, &headers)))
     }
     .await;
@@ -219,7 +219,7 @@ async fn delete_at(app: &AppState, target: Target<'_>, request: Request) -> Resp
         let (server, principal) = admit(app, target, &headers, &mut ex).await?;
         let session = session(app, &server, &principal, &headers)?;
         ex.client.clone_from(&session.client);
-        server.upstream.close(&session).await.map_err(GatewayError::from)?;
+        mcp::close(&server, &session).await.map_err(GatewayError::from)?;
         Ok::<_, Failure>(StatusCode::OK.into_response())
     }
     .await;

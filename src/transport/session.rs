@@ -31,8 +31,10 @@ pub struct SessionState {
     /// Creation time, seconds since the Unix epoch.
     #[serde(rename = "t")]
     pub created: u64,
-    /// The client's `{capabilities, clientInfo}`, kept only when the upstream is stateless
-    /// (2026-07-28), which needs them in every request's `_meta`.
+    /// The client's `{capabilities, clientInfo}`, kept when the upstream is stateless
+    /// (2026-07-28), which needs them in every request's `_meta`, and on servers with upstream
+    /// OAuth, whose upstream side the gateway may open later behind this session
+    /// (`mcp::continuity`).
     #[serde(rename = "h", default, skip_serializing_if = "Option::is_none")]
     pub hello: Option<serde_json::Value>,
     /// The client's sampling/elicitation/roots capabilities as bits
@@ -47,8 +49,8 @@ pub struct SessionState {
     #[serde(rename = "p", default, skip_serializing_if = "String::is_empty")]
     pub subject: String,
     /// Opened while the caller had no connection to this OAuth upstream: the gateway answers
-    /// for it (empty lists, and the connect link on a tool call) until the caller connects;
-    /// then the session ends (404) and the client's next `initialize` reaches the upstream.
+    /// for it (`mcp::unconnected`) until the caller connects; then it opens the upstream side
+    /// behind this same session (`mcp::continuity`).
     #[serde(rename = "w", default, skip_serializing_if = "std::ops::Not::not")]
     pub pending: bool,
 }

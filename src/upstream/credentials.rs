@@ -52,6 +52,16 @@ impl Credentials {
         Arc::new(Credentials { store, keys, cache: DashMap::new(), vault: Some(vault) })
     }
 
+    /// The store the credentials are read from.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The key ring that decrypts them.
+    pub fn keys(&self) -> &SharedKeyRing {
+        &self.keys
+    }
+
     /// The vault, if the gateway has one.
     pub fn vault(&self) -> Option<&Arc<Vault>> {
         self.vault.as_ref()

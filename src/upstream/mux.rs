@@ -44,6 +44,21 @@ pub mod features {
         if url { bits | ELICITATION_URL } else { bits }
     }
 
+    /// A `capabilities` object declaring what `bits` say (for a session that kept only
+    /// these).
+    pub fn to_capabilities(bits: u8) -> Value {
+        let mut caps = serde_json::Map::new();
+        for (key, bit) in [("sampling", SAMPLING), ("elicitation", ELICITATION), ("roots", ROOTS)] {
+            if bits & bit != 0 {
+                caps.insert(key.to_owned(), Value::Object(Default::default()));
+            }
+        }
+        if bits & ELICITATION_URL != 0 {
+            caps.insert("elicitation".to_owned(), serde_json::json!({"form": {}, "url": {}}));
+        }
+        Value::Object(caps)
+    }
+
     /// The bit a client needs to answer an upstream request with `method` (0: any client).
     pub fn needed_for(method: &str) -> u8 {
         match method {

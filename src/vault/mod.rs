@@ -232,6 +232,8 @@ pub struct Vault {
     challenges: DashMap<String, BearerChallenge>,
     /// Step-up links handed out per connection: (count, window start).
     step_ups: DashMap<(String, String), (u32, std::time::Instant)>,
+    /// This process's name on refresh leases (SQLite).
+    owner: Arc<str>,
     /// Decrypted access tokens: (token, refresh due at, generation, cached at). An entry is
     /// trusted for [`CACHE_TTL`], so a connection revoked or replaced by another process (the
     /// CLI, another replica) stops being used within that time.
@@ -247,7 +249,41 @@ impl std::fmt::Debug for Vault {
 /// A held connection (see `Vault::lock_connection`); the replicas' lock is released first.
 struct ConnectionLock {
     _replicas: Option<sqlx::Transaction<'static, sqlx::Postgres>>,
+    _lease: Option<Lease>,
     _local: tokio::sync::OwnedMutexGuard<()>,
+}
+
+/// How long a refresh lease on SQLite lasts: longer than a refresh can take (the guarded
+/// client gives up after 10 s), so it runs out only when its holder died.
+const LEASE_SECS: i64 = 30;
+/// Longest wait for another process's lease before giving up.
+const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(45);
+
+/// A refresh lease held on a SQLite store, given back when dropped.
+struct Lease {
+    store: Store,
+    server: String,
+    subject: String,
+    owner: Arc<str>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let (store, server, subject, owner) = (
+            self.store.clone(),
+            std::mem::take(&mut self.server),
+            std::mem::take(&mut self.subject),
+            self.owner.clone(),
+        );
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = store.vault_refresh_lease_release(&server, &subject, &owner).await {
+                    // It runs out by itself after LEASE_SECS.
+                    tracing::warn!(%server, error = %e, "a refresh lease could not be given back");
+                }
+            });
+        }
+    }
 }
 
 /// A decrypted access token kept in memory.
@@ -378,6 +414,7 @@ impl Vault {
             locks: DashMap::new(),
             challenges: DashMap::new(),
             step_ups: DashMap::new(),
+            owner: Arc::from(uuid::Uuid::now_v7().to_string()),
             cache: DashMap::new(),
         })
     }
@@ -1014,11 +1051,38 @@ impl Vault {
     async fn lock_connection(&self, server: &str, subject: &str) -> Result<ConnectionLock, VaultError> {
         let lock = self.locks.entry((server.to_owned(), subject.to_owned())).or_default().clone();
         let local = lock.lock_owned().await;
-        let replicas = match &self.lock_pool {
-            Some(pool) => Some(crate::store::vault::refresh_lock(pool, server, subject).await?),
-            None => None,
+        let (replicas, lease) = match &self.lock_pool {
+            Some(pool) => (Some(crate::store::vault::refresh_lock(pool, server, subject).await?), None),
+            None => (None, self.lease(server, subject).await?),
         };
-        Ok(ConnectionLock { _replicas: replicas, _local: local })
+        Ok(ConnectionLock { _replicas: replicas, _lease: lease, _local: local })
+    }
+
+    /// On SQLite, the connection's refresh lease (other processes may share the file): waits
+    /// while another process holds it. `None` when there is no connection to lock.
+    async fn lease(&self, server: &str, subject: &str) -> Result<Option<Lease>, VaultError> {
+        let started = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(10);
+        loop {
+            let now = self.now();
+            match self.store.vault_refresh_lease_take(server, subject, &self.owner, now, now + LEASE_SECS).await? {
+                None => return Ok(None),
+                Some(true) => {
+                    let (store, owner) = (self.store.clone(), self.owner.clone());
+                    return Ok(Some(Lease { store, server: server.to_owned(), subject: subject.to_owned(), owner }));
+                }
+                Some(false) if started.elapsed() > LEASE_WAIT => {
+                    return Err(VaultError::Token {
+                        error: None,
+                        detail: format!("another gateway process has been refreshing '{server}' for too long"),
+                    });
+                }
+                Some(false) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_millis(200));
+                }
+            }
+        }
     }
 
     async fn refresh_now(&self, server: &str, subject: &str, seen: i64) -> Result<(SecretString, i64), VaultError> {
@@ -1101,10 +1165,9 @@ impl Vault {
             .vault_connection_refreshed(&row.id, row.generation, &sealed, expires_at, &new_scopes, now)
             .await?;
         if !stored {
-            return Err(VaultError::NeedsReconnect {
-                server: server.to_owned(),
-                reason: "the connection changed during the refresh".to_owned(),
-            });
+            // Another process stored first (a new authorization, or a refresh that did not
+            // take the lock): its token is the one to use.
+            return self.newer_token(server, subject, row.generation).await;
         }
         metrics::counter!("portcullis_vault_refresh_total", "server" => server.to_owned(), "outcome" => "ok")
             .increment(1);
@@ -1116,6 +1179,27 @@ impl Vault {
 
     /// The client credentials grant for a machine-to-machine server (stored as the shared
     /// connection).
+    /// The token of a connection that moved past `generation` while this process refreshed.
+    async fn newer_token(
+        &self,
+        server: &str,
+        subject: &str,
+        generation: i64,
+    ) -> Result<(SecretString, i64), VaultError> {
+        let changed = || VaultError::NeedsReconnect {
+            server: server.to_owned(),
+            reason: "the connection changed during the refresh".to_owned(),
+        };
+        let row = self.store.vault_connection(server, subject).await?.ok_or_else(changed)?;
+        if row.generation == generation || row.status != "active" {
+            return Err(changed());
+        }
+        let (access, _) = self.open_tokens(&row)?;
+        let due = refresh_at(row.expires_at, row.refreshed_at.unwrap_or(row.created_at));
+        self.cache.insert((server.to_owned(), subject.to_owned()), Cached::new(access.clone(), due, row.generation));
+        Ok((access, row.generation))
+    }
+
     async fn machine_token(&self, server: &str) -> Result<(SecretString, i64), VaultError> {
         let vs = self.server(server)?.clone();
         let pins = Pins { metadata_url: vs.oauth.metadata_url.clone() };

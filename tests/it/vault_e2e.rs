@@ -228,12 +228,16 @@ async fn two_people_connect_and_each_call_acts_as_its_own_person() {
     let mut alice = Caller::new(&store, &gw.url("acme"), "alice").await;
     let mut bob = Caller::new(&store, &gw.url("acme"), "bob").await;
 
-    // Before connecting: the session opens (the gateway answers for it), lists are empty, a
-    // tool call returns a link made for this caller.
+    // Before connecting: the session opens (the gateway answers for it); the gateway never saw
+    // the server's tools, so it lists the one that hands out the link; a tool call returns a
+    // link made for this caller.
     let init = alice.initialize().await;
     assert_eq!(init["serverInfo"]["version"], "unconnected", "{init}");
     let list = alice.send(&json!({"jsonrpc": "2.0", "id": 50, "method": "tools/list"})).await;
-    assert_eq!(messages(list).await[0]["result"]["tools"], json!([]));
+    let tools = messages(list).await[0]["result"]["tools"].clone();
+    assert_eq!(tools.as_array().map(Vec::len), Some(1), "{tools}");
+    assert_eq!(tools[0]["name"], "connect");
+    let session = alice.session.clone();
     let answer = alice.call("whoami", json!({})).await;
     let link = link_in(&answer);
     assert!(link.contains("/connect/acme?link="), "{link}");
@@ -244,7 +248,9 @@ async fn two_people_connect_and_each_call_acts_as_its_own_person() {
     let again = browser.get(&link).send().await.expect("again");
     assert_eq!(again.status(), 400, "a used link is refused");
 
+    // The session that got the link goes on: no new initialize.
     assert_eq!(alice.whoami().await, "alice");
+    assert_eq!(alice.session, session, "the same session continues after connecting");
     connect(&mut bob, "bob").await;
     assert_eq!(bob.whoami().await, "bob");
     assert_eq!(alice.whoami().await, "alice");
@@ -285,24 +291,23 @@ async fn a_long_session_survives_many_expiries_invisibly() {
     gw.stop().await;
 }
 
-/// Fifty calls at the moment of expiry, spread over two replicas sharing PostgreSQL, cause
-/// exactly one refresh (R98: a rotating refresh token is never spent twice).
-#[tokio::test(flavor = "multi_thread")]
-async fn fifty_calls_at_expiry_across_two_replicas_refresh_once() {
+/// Calls at the moment of expiry, spread over two replicas sharing the store at `store_url`,
+/// cause exactly one refresh and all succeed (R98: a rotating refresh token is never spent
+/// twice; a replica that did not refresh uses the other's token).
+async fn calls_at_expiry_over_two_replicas_refresh_once(store_url: &str, per_replica: usize) {
     let provider = Provider::start(5).await;
-    let pg = FreshPostgres::create().await;
     let key = Key::random();
-    let config = format!("[store]\nurl = \"{}\"\n{}", pg.url, provider.servers());
+    let config = format!("[store]\nurl = \"{store_url}\"\n{}", provider.servers());
     let a = TestGateway::start_keyed(&config, "", key.clone()).await;
     let b = TestGateway::start_keyed(&config, "", key).await;
-    let store = Store::connect(&pg.url).await.expect("store");
+    let store = Store::connect(store_url).await.expect("store");
     let mut first = Caller::new(&store, &a.url("acme"), "alice").await;
     first.initialize().await;
     connect(&mut first, "alice").await;
     assert_eq!(first.whoami().await, "alice");
 
     let mut callers = Vec::new();
-    for i in 0..50 {
+    for i in 0..2 * per_replica {
         let gw = if i % 2 == 0 { &a } else { &b };
         let mut c = Caller::new(&store, &gw.url("acme"), "alice").await;
         c.initialize().await;
@@ -311,13 +316,28 @@ async fn fifty_calls_at_expiry_across_two_replicas_refresh_once() {
     // Wait until the access token has expired, then call all at once.
     tokio::time::sleep(Duration::from_secs(provider.ttl + 1)).await;
     let before = provider.refreshes().await;
-    let calls = callers.into_iter().map(|mut c| tokio::spawn(async move { c.whoami().await }));
-    for who in futures::future::join_all(calls).await {
-        assert_eq!(who.expect("task"), "alice");
+    let calls = callers.into_iter().map(|mut c| tokio::spawn(async move { c.call("whoami", json!({})).await }));
+    for answer in futures::future::join_all(calls).await {
+        let answer = answer.expect("task");
+        assert_eq!(answer["result"]["content"][0]["text"], "alice", "a failed call: {answer}");
     }
     assert_eq!(provider.refreshes().await - before, 1, "exactly one refresh");
     a.stop().await;
     b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_calls_at_expiry_across_two_replicas_on_postgres_refresh_once() {
+    let pg = FreshPostgres::create().await;
+    calls_at_expiry_over_two_replicas_refresh_once(&pg.url, 25).await;
+}
+
+/// On one SQLite file the replicas agree through the connection's refresh lease.
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_calls_at_expiry_across_two_replicas_on_one_sqlite_file_refresh_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}/shared.db", dir.path().display());
+    calls_at_expiry_over_two_replicas_refresh_once(&url, 10).await;
 }
 
 /// An authorization server that lost every client and token (restarted) leads to a clean

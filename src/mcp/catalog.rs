@@ -1,0 +1,167 @@
+//! What an OAuth upstream last showed: its `initialize` result and its listings (`tools/list`
+//! and the like, page by page), as seen in any connected person's session. A person who has
+//! not connected yet is shown these, so a chat host lists the server's real tools and the model
+//! can call one, which answers with the connect link (see `mcp::unconnected`).
+//!
+//! Kept in the store (`server_catalog`), so every replica and a restarted gateway know them;
+//! written only when a page changed. Pages are those of the chain a client walks: the first
+//! page, and a page whose cursor an earlier stored page named as its `nextCursor`.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use serde_json::Value;
+
+use crate::clock::Clock;
+use crate::store::Store;
+use crate::upstream::{Reply, messages_of};
+
+/// The listings kept.
+pub const LISTS: &[&str] = &["tools/list", "prompts/list", "resources/list", "resources/templates/list"];
+/// The `initialize` result is kept under this method name.
+pub const INITIALIZE: &str = "initialize";
+/// Largest page kept.
+const MAX_PAGE_BYTES: usize = 1024 * 1024;
+/// Longest cursor kept.
+const MAX_CURSOR_CHARS: usize = 512;
+/// Most pages kept per listing.
+const MAX_PAGES: usize = 20;
+
+/// One server's catalog.
+pub struct Catalog {
+    store: Store,
+    server: String,
+    clock: Clock,
+    /// Per method: the hash of each page this process stored or read, and the cursors that
+    /// stored pages name as their next page.
+    known: Mutex<HashMap<String, Known>>,
+}
+
+#[derive(Default)]
+struct Known {
+    pages: HashMap<String, u64>,
+    next: HashSet<String>,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Catalog").field("server", &self.server).finish_non_exhaustive()
+    }
+}
+
+/// The cursor of a listing request (`""` for the first page).
+pub fn cursor_of(request: &Value) -> String {
+    request.pointer("/params/cursor").and_then(Value::as_str).unwrap_or_default().to_owned()
+}
+
+fn hash_of(text: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+impl Catalog {
+    /// The catalog of `server`.
+    pub fn new(store: Store, server: &str) -> Arc<Catalog> {
+        Arc::new(Catalog { store, server: server.to_owned(), clock: Clock::system(), known: Mutex::default() })
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<String, Known>> {
+        self.known.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The stored result of `method` at `page`, if the gateway saw one.
+    pub async fn page(&self, method: &str, page: &str) -> Option<Value> {
+        let body = match self.store.catalog_page(&self.server, method, page).await {
+            Ok(body) => body?,
+            Err(e) => {
+                tracing::warn!(server = %self.server, error = %e, "the server's catalog could not be read");
+                return None;
+            }
+        };
+        let value: Value = serde_json::from_str(&body).ok()?;
+        self.remember(method, page, &body, &value);
+        Some(value)
+    }
+
+    fn remember(&self, method: &str, page: &str, body: &str, result: &Value) {
+        let mut known = self.known();
+        let k = known.entry(method.to_owned()).or_default();
+        k.pages.insert(page.to_owned(), hash_of(body));
+        if let Some(next) = result.get("nextCursor").and_then(Value::as_str) {
+            k.next.insert(next.to_owned());
+        }
+    }
+
+    /// Keeps `result` (of `method` at `page`) when it is a page worth keeping and changed.
+    /// The store write runs in the background; a failed one is logged, never the caller's
+    /// problem.
+    pub fn observe(self: &Arc<Self>, method: &str, page: &str, result: &Value) {
+        let kept = if method == INITIALIZE {
+            let mut kept = serde_json::Map::new();
+            for key in ["capabilities", "serverInfo", "instructions"] {
+                if let Some(v) = result.get(key) {
+                    kept.insert(key.to_owned(), v.clone());
+                }
+            }
+            Value::Object(kept)
+        } else {
+            result.clone()
+        };
+        let Ok(body) = serde_json::to_string(&kept) else { return };
+        if body.len() > MAX_PAGE_BYTES || page.chars().count() > MAX_CURSOR_CHARS {
+            return;
+        }
+        {
+            let known = self.known();
+            let k = known.get(method);
+            let reachable = page.is_empty() || k.is_some_and(|k| k.next.contains(page));
+            let full = k.is_some_and(|k| k.pages.len() >= MAX_PAGES && !k.pages.contains_key(page));
+            let same = k.and_then(|k| k.pages.get(page)).is_some_and(|h| *h == hash_of(&body));
+            if !reachable || full || same {
+                return;
+            }
+        }
+        self.remember(method, page, &body, &kept);
+        let (this, method, page) = (self.clone(), method.to_owned(), page.to_owned());
+        tokio::spawn(async move {
+            let now = i64::try_from(this.clock.unix_secs()).unwrap_or(i64::MAX);
+            if let Err(e) = this.store.catalog_put(&this.server, &method, &page, &body, now).await {
+                tracing::warn!(server = %this.server, %method, error = %e, "the server's catalog could not be stored");
+                // Try again on the next sighting.
+                if let Some(k) = this.known().get_mut(&method) {
+                    k.pages.remove(&page);
+                }
+            }
+        });
+    }
+
+    /// Passes `reply` (the answer to a `method` request at `page`) on, keeping its result.
+    pub fn tee(self: &Arc<Self>, method: &'static str, page: String, reply: Reply) -> Reply {
+        match reply {
+            Reply::Json(bytes) => {
+                if let Ok(msg) = serde_json::from_slice::<Value>(&bytes)
+                    && let Some(result) = msg.get("result")
+                {
+                    self.observe(method, &page, result);
+                }
+                Reply::Json(bytes)
+            }
+            Reply::JsonBody(resp) if resp.content_length().is_none_or(|n| n > MAX_PAGE_BYTES as u64) => {
+                Reply::JsonBody(resp)
+            }
+            reply @ (Reply::JsonBody(_) | Reply::Sse(_) | Reply::Messages(_)) => {
+                let this = self.clone();
+                let stream = messages_of(reply).inspect(move |msg| {
+                    if let Some(result) = msg.get("result") {
+                        this.observe(method, &page, result);
+                    }
+                });
+                Reply::Messages(Box::pin(stream))
+            }
+            other @ (Reply::Accepted | Reply::Status(_)) => other,
+        }
+    }
+}

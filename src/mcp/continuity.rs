@@ -1,0 +1,246 @@
+//! A client's session outlives the upstream side behind it. On a server with upstream OAuth
+//! the gateway owns the client's session id and opens the upstream side itself when the
+//! person connects during the session (the session was opened while they had no connection,
+//! `SessionState::pending`), and opens it again when the upstream forgot it (HTTP 404, for
+//! example an upstream that ties sessions to the token of a connection that was renewed). The
+//! client keeps its `Mcp-Session-Id` and never has to initialize again: the official SDKs do
+//! not re-initialize on their own.
+//!
+//! The sealed session id cannot change, so the upstream side chosen later is kept beside it:
+//! in this process's memory, and in the store (`mcp_session_upstreams`, encrypted) for the
+//! other replicas. A replica that meets such a session first sends with the upstream session
+//! named in the sealed id, gets the upstream's 404, and then finds the newer side in the store
+//! instead of opening yet another. Re-opening is single-flight per session: one task at a
+//! time in a process, and one winner across replicas (a conditional write; the loser closes
+//! the upstream session it opened and uses the winner's).
+//!
+//! A session the client ended (`DELETE`) is remembered as closed, so a later request with its
+//! id gets the 404 it always got and is never re-opened.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::clock::Clock;
+use crate::crypto::row_aad;
+use crate::keys::SharedKeyRing;
+use crate::store::Store;
+use crate::store::sessions::{SESSION_UPSTREAMS_TABLE, SessionUpstreamRow};
+use crate::transport::session::SessionState;
+use crate::upstream::{ClientHello, Opened, Upstream, UpstreamError};
+
+/// Sessions remembered in memory before the map starts over (the store still has them).
+const MEMORY_CAP: usize = 100_000;
+
+/// The upstream side of a session, as chosen after the session began.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Side {
+    /// The upstream's session id.
+    #[serde(rename = "s", default, skip_serializing_if = "Option::is_none")]
+    pub upstream_session: Option<String>,
+    /// The revision the upstream answered with.
+    #[serde(rename = "u", default)]
+    pub upstream_protocol: String,
+    /// The client ended the session: it is never opened again.
+    #[serde(rename = "x", default, skip_serializing_if = "std::ops::Not::not")]
+    pub closed: bool,
+    /// The store row's generation.
+    #[serde(skip)]
+    pub generation: i64,
+}
+
+impl Side {
+    /// `session` with this upstream side.
+    pub fn apply(&self, session: &SessionState) -> SessionState {
+        SessionState {
+            upstream_session: self.upstream_session.clone(),
+            upstream_protocol: self.upstream_protocol.clone(),
+            pending: false,
+            ..session.clone()
+        }
+    }
+}
+
+/// One server's re-opened sessions.
+pub struct Continuity {
+    server: String,
+    store: Store,
+    keys: SharedKeyRing,
+    clock: Clock,
+    sides: DashMap<String, Arc<Side>>,
+    locks: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl std::fmt::Debug for Continuity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Continuity").field("server", &self.server).finish_non_exhaustive()
+    }
+}
+
+/// Why a session's upstream side could not be found or opened.
+fn store_failed(server: &str, e: impl std::fmt::Display) -> UpstreamError {
+    tracing::error!(server, error = %e, "a session's upstream side could not be read or stored");
+    UpstreamError::Credential { server: server.to_owned(), detail: "the session could not be continued".to_owned() }
+}
+
+/// What the gateway tells the upstream about the client when it opens the upstream side
+/// later: the client's own `initialize` (kept in the sealed session), or for sessions sealed
+/// without it, what the session still knows.
+pub fn hello_of(session: &SessionState) -> ClientHello {
+    let kept = session.hello.as_ref();
+    let capabilities = kept
+        .and_then(|h| h.get("capabilities").cloned())
+        .unwrap_or_else(|| crate::upstream::mux::features::to_capabilities(session.features));
+    let client_info = kept.and_then(|h| h.get("clientInfo").cloned()).unwrap_or_else(|| {
+        let (name, version) = session.client.clone().unwrap_or_default();
+        serde_json::json!({"name": name, "version": version})
+    });
+    ClientHello {
+        protocol: session.client_protocol.clone(),
+        capabilities,
+        client_info,
+        caller: session.subject.clone(),
+    }
+}
+
+impl Continuity {
+    /// Re-opened sessions of `server`.
+    pub fn new(server: &str, store: Store, keys: SharedKeyRing) -> Continuity {
+        Continuity {
+            server: server.to_owned(),
+            store,
+            keys,
+            clock: Clock::system(),
+            sides: DashMap::new(),
+            locks: DashMap::new(),
+        }
+    }
+
+    /// The side this process knows for `session`; for a session opened before its person
+    /// connected, also the one another replica may have stored.
+    pub async fn current(&self, session: &SessionState) -> Result<Option<Arc<Side>>, UpstreamError> {
+        if let Some(side) = self.sides.get(&session.key) {
+            return Ok(Some(side.clone()));
+        }
+        if !session.pending {
+            return Ok(None);
+        }
+        self.stored(&session.key).await
+    }
+
+    async fn stored(&self, key: &str) -> Result<Option<Arc<Side>>, UpstreamError> {
+        let Some(row) = self.store.session_upstream(key).await.map_err(|e| store_failed(&self.server, e))? else {
+            return Ok(None);
+        };
+        if row.server != self.server {
+            return Ok(None);
+        }
+        // Unreadable (a retired key, or tampering): as if absent, so the session opens anew.
+        let Ok(plain) = self.keys.decrypt(&row_aad(SESSION_UPSTREAMS_TABLE, key), &row.sealed) else {
+            return Ok(None);
+        };
+        let Ok(mut side) = serde_json::from_slice::<Side>(plain.expose_secret()) else { return Ok(None) };
+        side.generation = row.generation;
+        let side = Arc::new(side);
+        self.remember(key, side.clone());
+        Ok(Some(side))
+    }
+
+    fn remember(&self, key: &str, side: Arc<Side>) {
+        if self.sides.len() >= MEMORY_CAP {
+            self.sides.clear();
+        }
+        self.sides.insert(key.to_owned(), side);
+    }
+
+    /// Opens the upstream side of `session` (again), unless someone did since `used` (the side
+    /// the caller sent with, `None` for the one in the sealed id). Returns the side to use, and
+    /// the upstream's `initialize` result when this call opened it.
+    pub async fn reopen(
+        &self,
+        upstream: &Upstream,
+        session: &SessionState,
+        used: Option<&Side>,
+    ) -> Result<(Arc<Side>, Option<Value>), UpstreamError> {
+        let lock = self.locks.entry(session.key.clone()).or_default().clone();
+        let _held = lock.lock().await;
+        let result = self.reopen_locked(upstream, session, used).await;
+        drop(_held);
+        self.locks.remove_if(&session.key, |_, l| Arc::strong_count(l) <= 2);
+        result
+    }
+
+    async fn reopen_locked(
+        &self,
+        upstream: &Upstream,
+        session: &SessionState,
+        used: Option<&Side>,
+    ) -> Result<(Arc<Side>, Option<Value>), UpstreamError> {
+        let newer = |side: &Side| used.is_none_or(|u| side.generation > u.generation);
+        let latest = self.stored(&session.key).await?;
+        if let Some(side) = &latest {
+            if side.closed {
+                return Err(UpstreamError::SessionExpired);
+            }
+            if newer(side) {
+                return Ok((side.clone(), None));
+            }
+        }
+        let opened: Opened = upstream.open(&hello_of(session), &session.key).await?;
+        let generation = latest.as_ref().map_or(0, |s| s.generation);
+        let side = Side {
+            upstream_session: opened.upstream_session.clone(),
+            upstream_protocol: opened.upstream_protocol.clone(),
+            closed: false,
+            generation: generation + 1,
+        };
+        if self.put(&session.key, &side, latest.as_ref().map(|s| s.generation)).await? {
+            tracing::info!(server = %self.server, "a session's upstream side was opened again");
+            metrics::counter!("portcullis_sessions_reopened_total", "server" => self.server.clone()).increment(1);
+            let side = Arc::new(side);
+            self.remember(&session.key, side.clone());
+            return Ok((side, Some(opened.result)));
+        }
+        // Another replica stored its side first: use that one, and end ours.
+        let _ = upstream.close(&side.apply(session)).await;
+        match self.stored(&session.key).await? {
+            Some(side) if !side.closed => Ok((side, None)),
+            _ => Err(UpstreamError::SessionExpired),
+        }
+    }
+
+    async fn put(&self, key: &str, side: &Side, previous: Option<i64>) -> Result<bool, UpstreamError> {
+        let plain = serde_json::to_vec(side).map_err(|e| store_failed(&self.server, e))?;
+        let sealed = self
+            .keys
+            .encrypt(&row_aad(SESSION_UPSTREAMS_TABLE, key), &plain)
+            .map_err(|e| store_failed(&self.server, e))?;
+        let row = SessionUpstreamRow {
+            session_key: key.to_owned(),
+            server: self.server.clone(),
+            sealed,
+            generation: side.generation,
+            updated_at: i64::try_from(self.clock.unix_secs()).unwrap_or(i64::MAX),
+        };
+        self.store.session_upstream_put(&row, previous).await.map_err(|e| store_failed(&self.server, e))
+    }
+
+    /// The client ended `session`: it is remembered as closed (here and in the store), so no
+    /// replica opens it again.
+    pub async fn close(&self, session: &SessionState) -> Result<(), UpstreamError> {
+        let latest = self.stored(&session.key).await?;
+        let generation = latest.as_ref().map_or(0, |s| s.generation);
+        let mut side = Side { closed: true, generation: generation + 1, ..Side::default() };
+        // A lost race means someone re-opened or closed it meanwhile; closing again wins.
+        if !self.put(&session.key, &side, latest.as_ref().map(|s| s.generation)).await? {
+            let again = self.stored(&session.key).await?;
+            side.generation = again.as_ref().map_or(0, |s| s.generation) + 1;
+            self.put(&session.key, &side, again.as_ref().map(|s| s.generation)).await?;
+        }
+        self.remember(&session.key, Arc::new(side));
+        Ok(())
+    }
+}
