@@ -165,3 +165,56 @@ impl Catalog {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    async fn catalog() -> (Arc<Catalog>, Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::connect(&format!("sqlite://{}/c.db", dir.path().display())).await.expect("store");
+        (Catalog::new(store.clone(), "gh"), store, dir)
+    }
+
+    /// Waits for the background write of `page`.
+    async fn stored(store: &Store, method: &str, page: &str) -> Option<Value> {
+        for _ in 0..200 {
+            if let Some(body) = store.catalog_page("gh", method, page).await.expect("read") {
+                return serde_json::from_str(&body).ok();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        None
+    }
+
+    #[tokio::test]
+    async fn pages_of_the_chain_are_kept_and_others_are_not() {
+        let (catalog, store, _dir) = catalog().await;
+        catalog.observe("tools/list", "made-up", &json!({"tools": [{"name": "x"}]}));
+        catalog.observe("tools/list", "", &json!({"tools": [{"name": "a"}], "nextCursor": "p2"}));
+        catalog.observe("tools/list", "p2", &json!({"tools": [{"name": "b"}]}));
+        assert_eq!(stored(&store, "tools/list", "").await, Some(json!({"tools": [{"name": "a"}], "nextCursor": "p2"})));
+        assert_eq!(stored(&store, "tools/list", "p2").await, Some(json!({"tools": [{"name": "b"}]})));
+        assert_eq!(store.catalog_page("gh", "tools/list", "made-up").await.expect("read"), None, "not announced");
+        // Another process's catalog reads them back.
+        let other = Catalog::new(store.clone(), "gh");
+        assert_eq!(other.page("tools/list", "p2").await, Some(json!({"tools": [{"name": "b"}]})));
+        assert_eq!(Catalog::new(store, "jira").page("tools/list", "").await, None, "per server");
+    }
+
+    #[tokio::test]
+    async fn initialize_keeps_what_describes_the_server_and_large_pages_are_skipped() {
+        let (catalog, store, _dir) = catalog().await;
+        let init = json!({"protocolVersion": "2025-11-25", "capabilities": {"tools": {}},
+            "serverInfo": {"name": "gh", "version": "1"}, "_meta": {"x": 1}});
+        catalog.observe(INITIALIZE, "", &init);
+        let kept = stored(&store, INITIALIZE, "").await.expect("kept");
+        assert_eq!(kept, json!({"capabilities": {"tools": {}}, "serverInfo": {"name": "gh", "version": "1"}}));
+        let big = json!({"prompts": [{"name": "p", "description": "x".repeat(MAX_PAGE_BYTES)}]});
+        catalog.observe("prompts/list", "", &big);
+        catalog.observe("resources/list", "", &json!({"resources": []}));
+        assert!(stored(&store, "resources/list", "").await.is_some());
+        assert_eq!(store.catalog_page("gh", "prompts/list", "").await.expect("read"), None, "too large");
+    }
+}

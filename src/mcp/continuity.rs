@@ -244,3 +244,52 @@ impl Continuity {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::mux::features;
+
+    fn session() -> SessionState {
+        SessionState {
+            version: 1,
+            key: "k".into(),
+            client_protocol: "2025-11-25".into(),
+            upstream_protocol: String::new(),
+            pending: true,
+            subject: "u1".into(),
+            features: features::SAMPLING | features::ELICITATION | features::ELICITATION_URL,
+            client: Some(("inspector".into(), "2".into())),
+            ..SessionState::default()
+        }
+    }
+
+    #[test]
+    fn the_client_is_introduced_with_its_own_initialize_or_what_the_session_kept() {
+        let mut s = session();
+        let hello = hello_of(&s);
+        assert_eq!(hello.protocol, "2025-11-25");
+        assert_eq!(hello.caller, "u1");
+        assert_eq!(hello.client_info, serde_json::json!({"name": "inspector", "version": "2"}));
+        assert_eq!(features::from_capabilities(&hello.capabilities), s.features, "the same capabilities");
+        s.hello =
+            Some(serde_json::json!({"capabilities": {"roots": {"listChanged": true}}, "clientInfo": {"name": "c"}}));
+        let hello = hello_of(&s);
+        assert_eq!(hello.capabilities, serde_json::json!({"roots": {"listChanged": true}}));
+        assert_eq!(hello.client_info, serde_json::json!({"name": "c"}));
+    }
+
+    #[test]
+    fn a_side_replaces_the_upstream_fields_only() {
+        let side =
+            Side { upstream_session: Some("up".into()), upstream_protocol: "2025-06-18".into(), ..Side::default() };
+        let s = side.apply(&session());
+        assert_eq!(
+            (s.upstream_session.as_deref(), s.upstream_protocol.as_str(), s.pending),
+            (Some("up"), "2025-06-18", false)
+        );
+        assert_eq!((s.key.as_str(), s.subject.as_str(), s.client_protocol.as_str()), ("k", "u1", "2025-11-25"));
+        let text = serde_json::to_string(&side).expect("json");
+        assert!(!text.contains("generation"), "the generation is the row's, not the ciphertext's: {text}");
+    }
+}

@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod identity;
+pub mod placement;
 pub mod secrets;
 pub mod sessions;
 pub mod vault;
@@ -89,6 +90,9 @@ impl Store {
                 .busy_timeout(std::time::Duration::from_secs(5));
             if let Some(dir) = opts.get_filename().parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(|e| connect_err(sqlx::Error::Io(e)))?;
+            }
+            if let Some(dir) = opts.get_filename().parent() {
+                placement::check_sqlite_dir(dir).map_err(|why| connect_err(sqlx::Error::Configuration(why.into())))?;
             }
             let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await.map_err(connect_err)?;
             Store::Sqlite(pool)

@@ -67,7 +67,76 @@ macro_rules! on_both {
     };
 }
 
-on_both!(flows_and_links_work_once, connections_keep_one_writer_per_generation, registrations_are_per_issuer);
+on_both!(
+    flows_and_links_work_once,
+    connections_keep_one_writer_per_generation,
+    registrations_are_per_issuer,
+    refresh_leases_have_one_holder,
+    session_upstreams_keep_one_writer_per_generation,
+    catalog_pages_are_replaced,
+);
+
+/// One process at a time holds a connection's refresh lease; it runs out, and only its holder
+/// gives it back.
+async fn refresh_leases_have_one_holder(store: Store) {
+    store.vault_connection_put(&connection("c1", "u1")).await.expect("put");
+    let take = |owner: &'static str, now: i64| {
+        let store = store.clone();
+        async move { store.vault_refresh_lease_take("gh", "u1", owner, now, now + 30).await.expect("take") }
+    };
+    assert_eq!(take("a", NOW).await, Some(true));
+    assert_eq!(take("b", NOW + 1).await, Some(false), "held by a");
+    store.vault_refresh_lease_release("gh", "u1", "b").await.expect("release");
+    assert_eq!(take("b", NOW + 2).await, Some(false), "only its holder gives it back");
+    assert_eq!(take("b", NOW + 30).await, Some(true), "a's lease ran out");
+    store.vault_refresh_lease_release("gh", "u1", "b").await.expect("release");
+    assert_eq!(take("a", NOW + 31).await, Some(true), "given back");
+    assert_eq!(
+        store.vault_refresh_lease_take("gh", "nobody", "a", NOW, NOW + 30).await.expect("take"),
+        None,
+        "no connection, nothing to lock"
+    );
+}
+
+/// The upstream side of a re-opened session: one writer per generation, so two replicas
+/// re-opening at once agree on one.
+async fn session_upstreams_keep_one_writer_per_generation(store: Store) {
+    use portcullis::store::sessions::SessionUpstreamRow;
+    let row = |generation: i64, byte: u8| SessionUpstreamRow {
+        session_key: "k1".into(),
+        server: "gh".into(),
+        sealed: sealed(byte),
+        generation,
+        updated_at: NOW,
+    };
+    assert!(store.session_upstream_put(&row(1, 1), None).await.expect("put"), "the first side");
+    assert!(!store.session_upstream_put(&row(1, 2), None).await.expect("put"), "a second first side loses");
+    assert!(store.session_upstream_put(&row(2, 3), Some(1)).await.expect("put"), "re-opened");
+    assert!(!store.session_upstream_put(&row(2, 4), Some(1)).await.expect("put"), "a stale re-open loses");
+    let stored = store.session_upstream("k1").await.expect("get").expect("there");
+    assert_eq!((stored.generation, stored.sealed.ciphertext[0]), (2, 3));
+    // Rows untouched for longer than their time to live go with the next write.
+    let later = SessionUpstreamRow {
+        session_key: "k2".into(),
+        updated_at: NOW + portcullis::store::sessions::SESSION_UPSTREAM_TTL_SECS + 1,
+        ..row(1, 5)
+    };
+    assert!(store.session_upstream_put(&later, None).await.expect("put"));
+    assert!(store.session_upstream("k1").await.expect("get").is_none(), "expired");
+    store.session_upstream_delete("k2").await.expect("delete");
+    assert!(store.session_upstream("k2").await.expect("get").is_none());
+}
+
+/// A catalog page is replaced, not duplicated.
+async fn catalog_pages_are_replaced(store: Store) {
+    store.catalog_put("gh", "tools/list", "", r#"{"tools":[]}"#, NOW).await.expect("put");
+    store.catalog_put("gh", "tools/list", "", r#"{"tools":[{"name":"a"}]}"#, NOW + 1).await.expect("put");
+    store.catalog_put("gh", "tools/list", "p2", r#"{"tools":[{"name":"b"}]}"#, NOW).await.expect("put");
+    let page = store.catalog_page("gh", "tools/list", "").await.expect("get");
+    assert_eq!(page.as_deref(), Some(r#"{"tools":[{"name":"a"}]}"#));
+    assert!(store.catalog_page("gh", "prompts/list", "").await.expect("get").is_none());
+    assert!(store.catalog_page("jira", "tools/list", "").await.expect("get").is_none());
+}
 
 async fn flows_and_links_work_once(store: Store) {
     let flow = FlowRow {
