@@ -13,4 +13,5 @@ mod relay;
 mod secrets;
 mod upstream_auth;
 mod vault_e2e;
+mod vault_sessions;
 mod vault_store;

@@ -17,11 +17,11 @@ use tokio::process::Command;
 use crate::common::*;
 
 /// The authorization server and the protected MCP server.
-struct Provider {
-    issuer: String,
+pub(crate) struct Provider {
+    pub(crate) issuer: String,
     mcp: String,
     port: u16,
-    ttl: u64,
+    pub(crate) ttl: u64,
     _as: Proc,
     _mcp: Proc,
 }
@@ -48,7 +48,7 @@ async fn spawn_line(script: &str, args: &[String]) -> (Proc, String) {
 }
 
 impl Provider {
-    async fn start(ttl: u64) -> Provider {
+    pub(crate) async fn start(ttl: u64) -> Provider {
         let (as_proc, issuer) = spawn_line("oauth-as.mjs", &["--access-ttl".into(), ttl.to_string()]).await;
         let port: u16 = issuer.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
         let (mcp_proc, mcp) = spawn_line("protected-mcp-server.mjs", &["--issuer".into(), issuer.clone()]).await;
@@ -80,7 +80,7 @@ impl Provider {
     }
 
     /// Gateway configuration: the protected server as `acme`, per-user OAuth.
-    fn servers(&self) -> String {
+    pub(crate) fn servers(&self) -> String {
         format!(
             "[outbound]\nallow_http_loopback = true\n\n[[servers]]\nname = \"acme\"\nurl = \"{}\"\nauth = {{ type = \"oauth\" }}\n",
             self.mcp
@@ -89,16 +89,16 @@ impl Provider {
 }
 
 /// A caller: one grant token, one MCP session at a time, raw HTTP.
-struct Caller {
+pub(crate) struct Caller {
     http: reqwest::Client,
     url: String,
-    token: String,
+    pub(crate) token: String,
     session: Option<String>,
     next_id: u64,
 }
 
 impl Caller {
-    async fn new(store: &Store, gw_url: &str, name: &str) -> Caller {
+    pub(crate) async fn new(store: &Store, gw_url: &str, name: &str) -> Caller {
         let now = i64::try_from(portcullis::clock::Clock::system().unix_secs()).expect("fits");
         if store.principal_add(name, false, &[], now).await.expect("store").is_err() {
             // Already there (a second replica's caller).
@@ -114,7 +114,7 @@ impl Caller {
         }
     }
 
-    async fn send(&mut self, body: &Value) -> reqwest::Response {
+    pub(crate) async fn send(&mut self, body: &Value) -> reqwest::Response {
         post(&self.http, &self.url, body, self.session.as_deref())
             .header("authorization", format!("Bearer {}", self.token))
             .send()
@@ -153,7 +153,7 @@ impl Caller {
         panic!("the session ended twice in a row")
     }
 
-    async fn whoami(&mut self) -> String {
+    pub(crate) async fn whoami(&mut self) -> String {
         let answer = self.call("whoami", json!({})).await;
         assert_eq!(answer["result"]["isError"], Value::Null, "whoami failed: {answer}");
         answer["result"]["content"][0]["text"].as_str().expect("text").to_owned()
@@ -161,7 +161,7 @@ impl Caller {
 }
 
 /// The connect link in a tool error (or a -32042 error).
-fn link_in(answer: &Value) -> String {
+pub(crate) fn link_in(answer: &Value) -> String {
     let text = answer["result"]["content"][0]["text"]
         .as_str()
         .or_else(|| answer["error"]["message"].as_str())
@@ -174,7 +174,7 @@ fn link_in(answer: &Value) -> String {
 /// that page, which sets the flow's browser cookie), the authorization server and its login
 /// (completed as `account`), then the gateway's callback with the cookie. Returns the
 /// callback page.
-async fn open_link(link: &str, account: &str) -> (u16, String) {
+pub(crate) async fn open_link(link: &str, account: &str) -> (u16, String) {
     let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
     let location =
         |resp: &reqwest::Response| resp.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -207,7 +207,7 @@ async fn open_link(link: &str, account: &str) -> (u16, String) {
 }
 
 /// Connects `caller` as `account` from a tool call that asked for it.
-async fn connect(caller: &mut Caller, account: &str) {
+pub(crate) async fn connect(caller: &mut Caller, account: &str) {
     let answer = caller.call("whoami", json!({})).await;
     assert_eq!(answer["result"]["isError"], true, "an unconnected call is a tool error: {answer}");
     let (status, page) = open_link(&link_in(&answer), account).await;
@@ -215,7 +215,7 @@ async fn connect(caller: &mut Caller, account: &str) {
     assert!(page.contains("Connected"), "{page}");
 }
 
-async fn store_of(gw: &TestGateway) -> Store {
+pub(crate) async fn store_of(gw: &TestGateway) -> Store {
     Store::connect(&format!("sqlite://{}/portcullis.db", gw.dir.path().display())).await.expect("store")
 }
 

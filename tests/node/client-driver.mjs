@@ -3,14 +3,15 @@
 //
 // Usage:
 //     client-driver.mjs URL SCENARIO [--header 'Name: value']... [--protocol VERSION] [--timeout SECONDS]
-//                       [--debug-url URL] [--transport streamable-http|sse]
+//                       [--debug-url URL] [--transport streamable-http|sse] [--url-elicitation]
 //
 // The TypeScript twin of tests/python/client_driver.py: same command line, same output, same exit
 // codes, so the Rust integration tests can drive both SDKs the same way.
 //
 // SCENARIO is one of: basic, everything, progress, logging, sampling, elicitation, stateless,
 // unauthorized (as in the Python driver), and roots, cancel, list-changed, resume, session,
-// concurrent, big, passthrough, legacy-sse (TypeScript only; see the scenario functions below).
+// concurrent, big, passthrough, legacy-sse (TypeScript only; see the scenario functions below), and
+// connect (as in the Python driver: interactive, commands on stdin, see scenarioConnect).
 //
 // --protocol selects how the SDK client connects:
 //     legacy (default)  the initialize handshake (the SDK offers its newest revision, 2025-11-25)
@@ -21,6 +22,10 @@
 //
 // --debug-url points at the fixture server's /debug/requests (a loopback URL); the passthrough
 // scenario then also checks what reached the fixture (through the gateway, the Rust tests know it).
+//
+// --url-elicitation: the connect scenario declares URL-mode elicitation (capabilities.elicitation.url);
+// without it, it declares form mode only. Every other scenario always declares both.
+// For the connect scenario, --timeout bounds connecting and each command, not the whole run.
 //
 // Output: exactly one JSON object, on the last line of stdout, in every case. On success it carries
 // "ok": true and the scenario's results; on failure "ok": false and "error", and the error is also
@@ -33,6 +38,7 @@
 // ::1 or localhost); Node's fetch does not use environment proxy settings.
 
 import { readFileSync } from 'node:fs';
+import { createInterface } from 'node:readline';
 import { isDeepStrictEqual } from 'node:util';
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
@@ -54,6 +60,7 @@ const STATELESS_VERSION = '2026-07-28';
 const SCENARIOS = [
   'basic', 'everything', 'progress', 'logging', 'sampling', 'elicitation', 'stateless', 'unauthorized',
   'roots', 'cancel', 'list-changed', 'resume', 'session', 'concurrent', 'big', 'passthrough', 'legacy-sse',
+  'connect',
 ];
 
 const EXIT_OK = 0;
@@ -251,11 +258,12 @@ const isStateless = (protocol) => protocol !== 'legacy' && protocol !== 'auto' &
 
 /** An SDK `Client` connected over Streamable HTTP (or legacy SSE), negotiated as `protocol` asks. */
 class Connection {
-  constructor(opts, recorder, { protocol, roots = false, sse = false } = {}) {
+  constructor(opts, recorder, { protocol, roots = false, sse = false, urlElicitation = true } = {}) {
     this.opts = opts;
     this.protocol = protocol ?? opts.protocol;
     this.recorder = recorder;
     this.roots = roots;
+    this.urlElicitation = urlElicitation;
     // --transport sse runs any scenario over the legacy HTTP+SSE transport.
     this.sse = sse || opts.transport === 'sse';
     this.wire = new WireLog();
@@ -272,7 +280,8 @@ class Connection {
           `(its revisions: ${JSON.stringify(SUPPORTED_PROTOCOL_VERSIONS)})`,
       );
     }
-    const capabilities = { sampling: {}, elicitation: { form: {}, url: {} } };
+    const elicitation = this.urlElicitation ? { form: {}, url: {} } : { form: {} };
+    const capabilities = { sampling: {}, elicitation };
     if (this.roots) capabilities.roots = { listChanged: true };
     const client = new Client(CLIENT_INFO, { capabilities });
     client.setRequestHandler(CreateMessageRequestSchema, this.recorder.onSampling);
@@ -835,6 +844,99 @@ async function scenarioLegacySse(opts) {
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The interactive connect scenario
+// ---------------------------------------------------------------------------------------------
+
+/** The first http(s) URL in `text`, without trailing punctuation. */
+function firstUrl(text) {
+  const match = /https?:\/\/[^\s"'<>]+/.exec(text ?? '');
+  return match ? match[0].replace(/[.,;:)\]]+$/, '') : null;
+}
+
+/** The session id the last `rpcMethod` request since exchange `from` carried. */
+function sentSession(wire, from, rpcMethod) {
+  const sent = wire.exchanges.slice(from).filter((e) => e.rpc_method === rpcMethod);
+  return sent.length ? sent[sent.length - 1].sent_session_id ?? null : null;
+}
+
+/** An SDK exception as event fields: its message, its JSON-RPC code, and a -32042 error's link. */
+function failure(err) {
+  const rpc = err instanceof McpError;
+  return {
+    isError: false,
+    error: describeError(err),
+    code: rpc ? err.code : null,
+    link: rpc ? err.data?.elicitations?.[0]?.url ?? null : null,
+  };
+}
+
+/** `list`: the tool names, or what went wrong. */
+async function connectList(conn) {
+  const from = conn.wire.exchanges.length;
+  const event = { event: 'list', tools: null, error: null, code: null };
+  try {
+    event.tools = (await conn.client.listTools(undefined, conn.reqOpts)).tools.map((t) => t.name);
+  } catch (err) {
+    const { error, code } = failure(err);
+    Object.assign(event, { error, code });
+  }
+  event.session = sentSession(conn.wire, from, 'tools/list');
+  return event;
+}
+
+/** `call NAME`: calls NAME with `{}`; the first text, and the link in it or in a -32042 error. */
+async function connectCall(conn, name) {
+  const from = conn.wire.exchanges.length;
+  const event = { event: 'call', isError: false, text: null, link: null, error: null, code: null };
+  try {
+    const result = await callTool(conn, name, {});
+    const first = (result.content ?? []).find((b) => b?.type === 'text');
+    event.isError = Boolean(result.isError);
+    event.text = first?.text ?? null;
+    event.link = firstUrl(event.text);
+  } catch (err) {
+    Object.assign(event, failure(err));
+  }
+  event.session = sentSession(conn.wire, from, 'tools/call');
+  return event;
+}
+
+/**
+ * Interactive: connect, then one command per stdin line (`list`, `call NAME`, `end`), one JSON
+ * event per stdout line; the report counts the initialize requests and the session ids seen.
+ */
+async function scenarioConnect(opts) {
+  const conn = new Connection(opts, new Recorder(), { urlElicitation: opts.urlElicitation });
+  try {
+    await withDeadline(conn.open(), opts.timeout);
+    let commands = 0;
+    for await (const line of createInterface({ input: process.stdin, crlfDelay: Infinity })) {
+      const [command, ...rest] = line.trim().split(/\s+/);
+      if (command === 'end') break;
+      if (!command) continue;
+      let act;
+      if (command === 'list' && !rest.length) act = connectList(conn);
+      else if (command === 'call' && rest.length === 1) act = connectCall(conn, rest[0]);
+      else throw new ScenarioError(`unknown command ${JSON.stringify(line)} (list, call NAME, end)`);
+      await emit(await withDeadline(act, opts.timeout));
+      commands += 1;
+    }
+    const wire = conn.wire.summary();
+    const seen = conn.wire.exchanges.flatMap((e) => [e.sent_session_id, e.session_id]).filter(Boolean);
+    return {
+      ...conn.describe(),
+      url_elicitation: opts.urlElicitation,
+      commands,
+      initialize_requests: wire.rpc_methods.filter((m) => m === 'initialize').length,
+      session_ids: [...new Set(seen)].sort(),
+      wire,
+    };
+  } finally {
+    await conn.close();
+  }
+}
+
 const SCENARIO_FUNCS = {
   basic: scenarioBasic,
   everything: scenarioEverything,
@@ -853,6 +955,7 @@ const SCENARIO_FUNCS = {
   big: scenarioBig,
   passthrough: scenarioPassthrough,
   'legacy-sse': scenarioLegacySse,
+  connect: scenarioConnect,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -901,11 +1004,13 @@ function checkLoopback(url) {
 class UsageError extends Error {}
 
 const USAGE =
-  "usage: client-driver.mjs URL SCENARIO [--header 'Name: value']... [--protocol VERSION] [--timeout SECONDS] [--debug-url URL] [--transport streamable-http|sse]";
+  "usage: client-driver.mjs URL SCENARIO [--header 'Name: value']... [--protocol VERSION] [--timeout SECONDS] [--debug-url URL] [--transport streamable-http|sse] [--url-elicitation]";
 
 function parseArgs(argv) {
   const positional = [];
-  const opts = { headers: [], protocol: 'legacy', timeout: 30, debugUrl: null, transport: 'streamable-http' };
+  const opts = {
+    headers: [], protocol: 'legacy', timeout: 30, debugUrl: null, transport: 'streamable-http', urlElicitation: false,
+  };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     const value = () => {
@@ -923,7 +1028,8 @@ function parseArgs(argv) {
     } else if (arg === '--transport') {
       opts.transport = value();
       if (!['streamable-http', 'sse'].includes(opts.transport)) throw new UsageError(`--transport must be streamable-http or sse`);
-    } else if (arg === '--debug-url') opts.debugUrl = value();
+    } else if (arg === '--url-elicitation') opts.urlElicitation = true;
+    else if (arg === '--debug-url') opts.debugUrl = value();
     else if (arg.startsWith('--debug-url=')) opts.debugUrl = arg.slice(12);
     else if (arg === '-h' || arg === '--help') {
       process.stdout.write(`${USAGE}\n`);
@@ -966,6 +1072,15 @@ function emit(obj) {
 
 const pySeconds = (s) => (Number.isInteger(s) ? `${s}.0` : String(s));
 
+/** `promise`, or a Timeout after `seconds`. */
+function withDeadline(promise, seconds) {
+  let timer;
+  const deadline = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Timeout(`timed out after ${pySeconds(seconds)}s`)), seconds * 1000);
+  });
+  return Promise.race([promise, deadline]).finally(() => clearTimeout(timer));
+}
+
 async function main(argv) {
   let opts;
   try {
@@ -978,12 +1093,10 @@ async function main(argv) {
   }
   const requested = opts.scenario === 'stateless' ? STATELESS_VERSION : opts.protocol;
   const base = { scenario: opts.scenario, url: opts.url, sdk: `@modelcontextprotocol/sdk ${SDK_VERSION}`, requested_protocol: requested };
-  let timer;
   try {
-    const deadline = new Promise((_, reject) => {
-      timer = setTimeout(() => reject(new Timeout(`timed out after ${pySeconds(opts.timeout)}s`)), opts.timeout * 1000);
-    });
-    const result = await Promise.race([SCENARIO_FUNCS[opts.scenario](opts), deadline]);
+    const run = SCENARIO_FUNCS[opts.scenario](opts);
+    // The connect scenario waits for its commands as long as they take; it bounds each one itself.
+    const result = opts.scenario === 'connect' ? await run : await withDeadline(run, opts.timeout);
     await emit({ ...base, ok: true, ...result });
     return EXIT_OK;
   } catch (err) {
@@ -995,8 +1108,6 @@ async function main(argv) {
     }
     await emit({ ...base, ok: false, error: message, exit_code: code });
     return code;
-  } finally {
-    clearTimeout(timer);
   }
 }
 

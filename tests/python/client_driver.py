@@ -3,8 +3,11 @@
 
 Usage:
     client_driver.py URL SCENARIO [--header 'Name: value']... [--protocol VERSION] [--timeout SECONDS]
+                     [--url-elicitation]
 
-SCENARIO is one of: basic, progress, logging, sampling, elicitation, stateless, unauthorized.
+SCENARIO is one of: basic, everything, progress, logging, sampling, elicitation, stateless, unauthorized,
+connect (interactive: one command per stdin line, `list`, `call NAME` or `end`, one JSON event per stdout
+line; see scenario_connect).
 
 --protocol selects how the SDK client connects:
     legacy (default)  the initialize handshake (the SDK offers its newest handshake revision, 2025-11-25)
@@ -14,6 +17,10 @@ SCENARIO is one of: basic, progress, logging, sampling, elicitation, stateless, 
                       and the MCP-Protocol-Version / Mcp-Method headers; no initialize, no session
     auto              the SDK's own choice: server/discover first, falling back to initialize
 The `stateless` scenario always uses 2026-07-28.
+
+--url-elicitation: the connect scenario declares elicitation (this SDK declares form and URL mode
+together, never URL mode alone); without it, it declares none. Every other scenario always declares both.
+For the connect scenario, --timeout bounds each request and each command, not the whole run.
 
 Output: exactly one JSON object, on the last line of stdout, in every case. On success it carries
 "ok": true and the scenario's results; on failure "ok": false and "error", and the error is also
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import re
 import sys
 import traceback
 import warnings
@@ -52,7 +60,17 @@ from mcp.types import version as mcp_versions
 warnings.simplefilter("ignore", MCPDeprecationWarning)
 
 STATELESS_VERSION = "2026-07-28"
-SCENARIOS = ("basic", "everything", "progress", "logging", "sampling", "elicitation", "stateless", "unauthorized")
+SCENARIOS = (
+    "basic",
+    "everything",
+    "progress",
+    "logging",
+    "sampling",
+    "elicitation",
+    "stateless",
+    "unauthorized",
+    "connect",
+)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -261,6 +279,7 @@ class Options:
     headers: list[tuple[str, str]]
     protocol: str
     timeout: float
+    url_elicitation: bool = False
 
 
 def is_stateless(protocol: str) -> bool:
@@ -270,8 +289,17 @@ def is_stateless(protocol: str) -> bool:
 class Connection:
     """An entered SDK `Client` on the Streamable HTTP transport, negotiated as `protocol` asks."""
 
-    def __init__(self, opts: Options, recorder: Recorder, *, protocol: str | None = None, log_level: str | None = None):
+    def __init__(
+        self,
+        opts: Options,
+        recorder: Recorder,
+        *,
+        protocol: str | None = None,
+        log_level: str | None = None,
+        elicitation: bool = True,
+    ):
         self.opts = opts
+        self.elicitation = elicitation
         self.protocol = protocol or opts.protocol
         self.recorder = recorder
         self.wire = WireLog()
@@ -315,7 +343,8 @@ class Connection:
                 read_timeout_seconds=self.opts.timeout,
                 client_info=types.Implementation(name="portcullis-python-driver", version=mcp_version()),
                 sampling_callback=self.recorder.on_sampling,
-                elicitation_callback=self.recorder.on_elicitation,
+                # The SDK declares the elicitation capability (form and URL) only with a callback.
+                elicitation_callback=self.recorder.on_elicitation if self.elicitation else None,
                 logging_callback=self.recorder.on_log,
                 log_level=self.log_level,  # only used on 2026-07-28 connections (per-request opt-in)
                 cache=None,  # every call must reach the server under test
@@ -601,6 +630,101 @@ def resource_metadata_param(header: str | None) -> str | None:
     return match.group(1) if match else None
 
 
+# --------------------------------------------------------------------------------------------
+# The interactive connect scenario
+# --------------------------------------------------------------------------------------------
+
+URL_PATTERN = re.compile(r"https?://[^\s\"'<>]+")
+
+
+def first_url(text: str | None) -> str | None:
+    """The first http(s) URL in `text`, without trailing punctuation."""
+    match = URL_PATTERN.search(text or "")
+    return match.group(0).rstrip(".,;:)]") if match else None
+
+
+def sent_session(wire: WireLog, start: int, rpc_method: str) -> str | None:
+    """The session id the last `rpc_method` request since exchange `start` carried."""
+    sent = [e for e in wire.exchanges[start:] if e["rpc_method"] == rpc_method]
+    return sent[-1]["sent_session_id"] if sent else None
+
+
+def failure(exc: BaseException) -> dict[str, Any]:
+    """An SDK exception as event fields: its message, its JSON-RPC code, and a -32042 error's link."""
+    leaf = find_leaf(exc, MCPError)
+    link = None
+    data = leaf.data if isinstance(leaf, MCPError) else None
+    elicitations = data.get("elicitations") if isinstance(data, dict) else None
+    if isinstance(elicitations, list) and elicitations and isinstance(elicitations[0], dict):
+        link = elicitations[0].get("url")
+    code = leaf.code if isinstance(leaf, MCPError) else None
+    return {"isError": False, "error": describe_exception(exc), "code": code, "link": link}
+
+
+async def connect_list(conn: Connection, client: Client) -> dict[str, Any]:
+    """`list`: the tool names, or what went wrong."""
+    start = len(conn.wire.exchanges)
+    event: dict[str, Any] = {"event": "list", "tools": None, "error": None, "code": None}
+    try:
+        event["tools"] = [t.name for t in (await client.list_tools()).tools]
+    except Exception as exc:  # noqa: BLE001 - reported in the event, not fatal
+        fields = failure(exc)
+        event["error"], event["code"] = fields["error"], fields["code"]
+    event["session"] = sent_session(conn.wire, start, "tools/list")
+    return event
+
+
+async def connect_call(conn: Connection, client: Client, name: str) -> dict[str, Any]:
+    """`call NAME`: calls NAME with `{}`; the first text, and the link in it or in a -32042 error."""
+    start = len(conn.wire.exchanges)
+    event: dict[str, Any] = {"event": "call", "isError": False, "text": None, "link": None, "error": None, "code": None}
+    try:
+        result = await client.call_tool(name, {})
+        first = next((b for b in result.content if getattr(b, "type", None) == "text"), None)
+        event["isError"] = bool(result.is_error)
+        event["text"] = first.text if first is not None else None
+        event["link"] = first_url(event["text"])
+    except Exception as exc:  # noqa: BLE001 - reported in the event, not fatal
+        event.update(failure(exc))
+    event["session"] = sent_session(conn.wire, start, "tools/call")
+    return event
+
+
+async def scenario_connect(opts: Options) -> dict[str, Any]:
+    """Interactive: connect, then one command per stdin line (`list`, `call NAME`, `end`), one JSON
+    event per stdout line; the report counts the initialize requests and the session ids seen."""
+    conn = Connection(opts, Recorder(), elicitation=opts.url_elicitation)
+    commands = 0
+    async with conn as client:
+        while True:
+            line = await anyio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+            command, *rest = line.split() or [""]
+            if not line or command == "end":  # end of input, or `end`
+                break
+            if not command:
+                continue
+            with anyio.fail_after(opts.timeout):
+                if command == "list" and not rest:
+                    event = await connect_list(conn, client)
+                elif command == "call" and len(rest) == 1:
+                    event = await connect_call(conn, client, rest[0])
+                else:
+                    raise ScenarioError(f"unknown command {line.strip()!r} (list, call NAME, end)")
+            emit(event)
+            commands += 1
+        out = conn.describe(client)
+    wire = conn.wire.summary()
+    seen = {s for e in conn.wire.exchanges for s in (e.get("sent_session_id"), e.get("session_id")) if s}
+    out.update(
+        url_elicitation=opts.url_elicitation,
+        commands=commands,
+        initialize_requests=wire["rpc_methods"].count("initialize"),
+        session_ids=sorted(seen),
+        wire=wire,
+    )
+    return out
+
+
 SCENARIO_FUNCS = {
     "basic": scenario_basic,
     "everything": scenario_everything,
@@ -610,6 +734,7 @@ SCENARIO_FUNCS = {
     "elicitation": scenario_elicitation,
     "stateless": scenario_stateless,
     "unauthorized": scenario_unauthorized,
+    "connect": scenario_connect,
 }
 
 
@@ -691,6 +816,7 @@ def parse_args(argv: list[str]) -> Options:
     parser.add_argument("--header", action="append", type=parse_header, default=[], metavar="'Name: value'")
     parser.add_argument("--protocol", default="legacy", help="legacy (default), auto, a handshake revision, or 2026-07-28")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds for the whole scenario (default 30)")
+    parser.add_argument("--url-elicitation", action="store_true", help="connect: declare URL-mode elicitation")
     args = parser.parse_args(argv)
     known = ("legacy", "auto", *getattr(mcp_versions, "KNOWN_PROTOCOL_VERSIONS", ()), STATELESS_VERSION)
     if args.protocol not in known:
@@ -699,7 +825,14 @@ def parse_args(argv: list[str]) -> Options:
         check_loopback(args.url)
     except ValueError as exc:
         parser.error(str(exc))
-    return Options(url=args.url, scenario=args.scenario, headers=args.header, protocol=args.protocol, timeout=args.timeout)
+    return Options(
+        url=args.url,
+        scenario=args.scenario,
+        headers=args.header,
+        protocol=args.protocol,
+        timeout=args.timeout,
+        url_elicitation=args.url_elicitation,
+    )
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -708,6 +841,9 @@ def emit(obj: dict[str, Any]) -> None:
 
 
 async def run(opts: Options) -> dict[str, Any]:
+    if opts.scenario == "connect":
+        # It waits for its commands as long as they take; it bounds each one itself.
+        return await scenario_connect(opts)
     with anyio.fail_after(opts.timeout):
         return await SCENARIO_FUNCS[opts.scenario](opts)
 
