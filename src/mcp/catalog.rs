@@ -28,6 +28,8 @@ const MAX_PAGE_BYTES: usize = 1024 * 1024;
 const MAX_CURSOR_CHARS: usize = 512;
 /// Most pages kept per listing.
 const MAX_PAGES: usize = 20;
+/// A page that keeps changing is written at most this often (per process).
+const MIN_REWRITE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One server's catalog.
 pub struct Catalog {
@@ -41,7 +43,8 @@ pub struct Catalog {
 
 #[derive(Default)]
 struct Known {
-    pages: HashMap<String, u64>,
+    /// Per page: the hash of its body and when this process last wrote it.
+    pages: HashMap<String, (u64, Option<std::time::Instant>)>,
     next: HashSet<String>,
 }
 
@@ -82,14 +85,14 @@ impl Catalog {
             }
         };
         let value: Value = serde_json::from_str(&body).ok()?;
-        self.remember(method, page, &body, &value);
+        self.remember(method, page, &body, &value, None);
         Some(value)
     }
 
-    fn remember(&self, method: &str, page: &str, body: &str, result: &Value) {
+    fn remember(&self, method: &str, page: &str, body: &str, result: &Value, written: Option<std::time::Instant>) {
         let mut known = self.known();
         let k = known.entry(method.to_owned()).or_default();
-        k.pages.insert(page.to_owned(), hash_of(body));
+        k.pages.insert(page.to_owned(), (hash_of(body), written));
         if let Some(next) = result.get("nextCursor").and_then(Value::as_str) {
             k.next.insert(next.to_owned());
         }
@@ -119,12 +122,14 @@ impl Catalog {
             let k = known.get(method);
             let reachable = page.is_empty() || k.is_some_and(|k| k.next.contains(page));
             let full = k.is_some_and(|k| k.pages.len() >= MAX_PAGES && !k.pages.contains_key(page));
-            let same = k.and_then(|k| k.pages.get(page)).is_some_and(|h| *h == hash_of(&body));
-            if !reachable || full || same {
+            let seen = k.and_then(|k| k.pages.get(page));
+            let same = seen.is_some_and(|(h, _)| *h == hash_of(&body));
+            let recent = seen.and_then(|(_, at)| *at).is_some_and(|at| at.elapsed() < MIN_REWRITE);
+            if !reachable || full || same || recent {
                 return;
             }
         }
-        self.remember(method, page, &body, &kept);
+        self.remember(method, page, &body, &kept, Some(std::time::Instant::now()));
         let (this, method, page) = (self.clone(), method.to_owned(), page.to_owned());
         tokio::spawn(async move {
             let now = i64::try_from(this.clock.unix_secs()).unwrap_or(i64::MAX);

@@ -88,7 +88,7 @@ pub async fn initialize(
 }
 
 /// Largest client `initialize` kept whole in a sealed session id.
-const HELLO_KEPT_BYTES: usize = 2048;
+const HELLO_KEPT_BYTES: usize = 1024;
 
 /// The client's `{capabilities, clientInfo}` as kept in its sealed session: whole when small,
 /// else only the standard capabilities and the client's name and version (the id travels in
