@@ -4,8 +4,9 @@
 //! per connection at a time) and revokes them. Clients never see upstream tokens.
 //!
 //! Flow of a connection: an upstream answers 401 → [`Vault::link`] makes a single-use connect
-//! link for the caller → the person opens it → [`Vault::begin`] discovers, registers and
-//! returns the authorization URL → the provider redirects to the server's own callback →
+//! link for the caller → the person opens it → [`Vault::begin`] discovers, registers (again,
+//! when the server forgot the registration) and returns the authorization URL → the provider
+//! redirects to the server's own callback →
 //! [`Vault::complete`] checks `state` and `iss`, exchanges the code and stores the tokens →
 //! [`Vault::token`] hands the access token to upstream calls, refreshing it when due.
 
@@ -586,7 +587,9 @@ impl Vault {
     }
 
     /// Discovers, registers and records a flow for `subject` at `server`; returns the
-    /// authorization URL (validated against the egress policy, R102).
+    /// authorization URL (validated against the egress policy, R102). The request is pushed
+    /// where the server offers it (RFC 9126), and a dynamic registration the server no longer
+    /// knows is made again first (see `authorize`).
     pub async fn begin(
         &self,
         server: &str,

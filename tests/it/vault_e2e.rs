@@ -450,6 +450,41 @@ async fn links_after_the_provider_forgot_the_gateway(as_args: &[String]) -> Valu
     stats
 }
 
+/// A pre-registered client the authorization server does not know is the operator's to fix:
+/// the pushed request's `invalid_client` stops the flow at the gateway's own page with an
+/// error that says so, before any browser reaches the provider, and nothing is registered.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_preregistered_client_is_reported_to_the_operator() {
+    let provider = Provider::start(30).await;
+    let servers = provider
+        .servers()
+        .replace("auth = { type = \"oauth\" }", "auth = { type = \"oauth\", client_id = \"never-registered\" }");
+    let gw = TestGateway::start(&servers).await;
+    let store = store_of(&gw).await;
+    let mut alice = Caller::new(&store, &gw.url("acme"), "alice").await;
+    let link = link_in(&alice.call("whoami", json!({})).await);
+    let url = url::Url::parse(&link).expect("link");
+    let secret = url.query_pairs().find(|(k, _)| k == "link").map(|(_, v)| v.into_owned()).expect("secret");
+    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+    let resp = browser
+        .post(format!("{}{}", gw.base, url.path()))
+        .header("origin", &gw.base)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("link={secret}"))
+        .send()
+        .await
+        .expect("confirm");
+    assert_eq!(resp.status(), 502, "no redirect to the provider");
+    let page = resp.text().await.expect("page");
+    assert!(
+        page.contains("invalid_client") && page.contains("never-registered") && page.contains("client_id"),
+        "{page}"
+    );
+    let stats = provider.as_stats().await;
+    assert_eq!((stats["registrations"].as_u64(), stats["authorizations"].as_u64()), (Some(0), Some(0)), "{stats}");
+    gw.stop().await;
+}
+
 /// `portcullis user disable` revokes the person's upstream tokens at the provider (RFC 7009),
 /// deletes them, and leaves one audit record with the report.
 #[tokio::test(flavor = "multi_thread")]
