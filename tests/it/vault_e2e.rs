@@ -450,6 +450,54 @@ async fn links_after_the_provider_forgot_the_gateway(as_args: &[String]) -> Valu
     stats
 }
 
+/// A provider that forgets the gateway between the start of a flow and its callback: the code
+/// exchange answers `invalid_client`, the callback says so, and the dynamic registration is
+/// dropped, so the next link registers again and completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_code_exchange_refused_with_invalid_client_drops_the_registration() {
+    let mut provider = Provider::start(30).await;
+    let gw = TestGateway::start(&provider.servers()).await;
+    let store = store_of(&gw).await;
+    let mut alice = Caller::new(&store, &gw.url("acme"), "alice").await;
+    let link = link_in(&alice.call("whoami", json!({})).await);
+    let url = url::Url::parse(&link).expect("link");
+    let secret = url.query_pairs().find(|(k, _)| k == "link").map(|(_, v)| v.into_owned()).expect("secret");
+    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+    let location =
+        |resp: &reqwest::Response| resp.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let resp = browser
+        .post(format!("{}{}", gw.base, url.path()))
+        .header("origin", &gw.base)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("link={secret}"))
+        .send()
+        .await
+        .expect("confirm");
+    assert_eq!(resp.status(), 303);
+    let cookie = resp.headers()["set-cookie"].to_str().expect("cookie").split(';').next().expect("pair").to_owned();
+    let authorize = location(&resp).expect("location");
+    assert!(authorize.contains("request_uri="), "the request was pushed: {authorize}");
+    let resp = browser.get(&authorize).send().await.expect("authorize");
+    let interaction = location(&resp).unwrap_or_else(|| panic!("authorize answered {}", resp.status()));
+    let resp = browser.get(format!("{interaction}/auto?account=alice")).send().await.expect("login");
+    let callback = location(&resp).expect("callback");
+
+    provider.restart_authorization_server().await;
+    let redirect = format!("{}/oauth/callback/acme", gw.base);
+    assert!(store.vault_client("acme", &provider.issuer, &redirect).await.expect("store").is_some());
+    let resp = browser.get(&callback).header("cookie", cookie).send().await.expect("callback");
+    assert_eq!(resp.status(), 502);
+    let page = resp.text().await.expect("page");
+    assert!(page.contains("invalid_client"), "{page}");
+    assert!(store.vault_client("acme", &provider.issuer, &redirect).await.expect("store").is_none(), "dropped");
+
+    let (status, page) = open_link(&link_in(&alice.call("whoami", json!({})).await), "alice").await;
+    assert_eq!((status, page.contains("Connected")), (200, true), "{page}");
+    assert_eq!(alice.whoami().await, "alice");
+    assert_eq!(provider.as_stats().await["registrations"].as_u64(), Some(1));
+    gw.stop().await;
+}
+
 /// A pre-registered client the authorization server does not know is the operator's to fix:
 /// the pushed request's `invalid_client` stops the flow at the gateway's own page with an
 /// error that says so, before any browser reaches the provider, and nothing is registered.
