@@ -40,6 +40,12 @@ pub struct ServerMetadata {
     /// RFC 7009 token revocation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revocation_endpoint: Option<String>,
+    /// RFC 9126 pushed authorization requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pushed_authorization_request_endpoint: Option<String>,
+    /// RFC 9126 §5: the server accepts authorization requests only when pushed.
+    #[serde(default)]
+    pub require_pushed_authorization_requests: bool,
     /// Scopes the server knows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scopes_supported: Option<Vec<String>>,
@@ -250,6 +256,8 @@ async fn legacy(egress: &Egress, upstream: &Url) -> Result<Discovered, VaultErro
             token_endpoint: format!("{origin}/token"),
             registration_endpoint: Some(format!("{origin}/register")),
             revocation_endpoint: None,
+            pushed_authorization_request_endpoint: None,
+            require_pushed_authorization_requests: false,
             scopes_supported: None,
             code_challenge_methods_supported: Some(vec!["S256".to_owned()]),
             token_endpoint_auth_methods_supported: None,
@@ -274,11 +282,21 @@ fn checked(d: Discovered, egress: &Egress) -> Result<Discovered, VaultError> {
             ),
         });
     }
+    if d.server.require_pushed_authorization_requests && d.server.pushed_authorization_request_endpoint.is_none() {
+        return Err(VaultError::Discovery {
+            detail: format!(
+                "the authorization server {} requires pushed authorization requests but names no \
+                 pushed_authorization_request_endpoint",
+                d.server.issuer
+            ),
+        });
+    }
     let endpoints = [
         ("authorization_endpoint", Some(&d.server.authorization_endpoint)),
         ("token_endpoint", Some(&d.server.token_endpoint)),
         ("registration_endpoint", d.server.registration_endpoint.as_ref()),
         ("revocation_endpoint", d.server.revocation_endpoint.as_ref()),
+        ("pushed_authorization_request_endpoint", d.server.pushed_authorization_request_endpoint.as_ref()),
     ];
     for (name, url) in endpoints {
         let Some(url) = url else { continue };

@@ -331,20 +331,14 @@ pub async fn client_credentials(
     req.request_async(&http).await.map(tokens).map_err(token_error)
 }
 
-/// Revokes a token at the provider (RFC 7009). Sent directly through the guard rather than
-/// through `oauth2`, which refuses any non-https revocation URL even where the operator allowed
-/// loopback http for development; the guard alone decides which URLs may be used.
-pub async fn revoke(
-    egress: &Egress,
-    auth: &ClientAuth,
-    revocation_endpoint: &str,
-    token: &SecretString,
-    refresh: bool,
+/// Adds the client's authentication to a form POST, as at the token endpoint (RFC 6749
+/// §2.3.1): a `Basic` header (marked sensitive), or `client_id` (and `client_secret`) in the
+/// form. With `Basic`, `client_id` is not added to the form.
+fn authenticate<'a>(
+    auth: &'a ClientAuth,
+    headers: &mut http::HeaderMap,
+    form: &mut Vec<(&'a str, &'a str)>,
 ) -> Result<(), VaultError> {
-    let url = parse(revocation_endpoint, "revocation_endpoint")?;
-    let hint = if refresh { "refresh_token" } else { "access_token" };
-    let mut headers = json_accept();
-    let mut form: Vec<(&str, &str)> = vec![("token", token.expose_secret()), ("token_type_hint", hint)];
     let secret = auth.secret.as_ref().map(|s| s.expose_secret()).unwrap_or_default();
     match auth.method {
         AuthMethod::ClientSecretBasic => {
@@ -365,6 +359,101 @@ pub async fn revoke(
         }
         AuthMethod::None => form.push(("client_id", &auth.client_id)),
     }
+    Ok(())
+}
+
+/// The longest `request_uri` accepted from a pushed authorization request: it ends up in the
+/// browser's URL, and RFC 9126 request URIs are short references.
+pub const MAX_REQUEST_URI_LEN: usize = 2048;
+
+/// A pushed authorization request's answer (RFC 9126 §2.2).
+pub struct Pushed {
+    /// The reference to the pushed request, for the browser's authorization URL.
+    pub request_uri: String,
+    /// How long the reference stays usable, in seconds.
+    pub expires_in: u64,
+}
+
+impl std::fmt::Debug for Pushed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pushed").field("expires_in", &self.expires_in).finish_non_exhaustive()
+    }
+}
+
+/// Pushes an authorization request (RFC 9126 §2.1): `params` are the authorization request's
+/// parameters without `client_id`, sent with the client's authentication as at the token
+/// endpoint (R97), through the guard.
+pub async fn push_authorization(
+    egress: &Egress,
+    auth: &ClientAuth,
+    endpoint: &str,
+    params: &[(String, String)],
+) -> Result<Pushed, VaultError> {
+    let url = parse(endpoint, "pushed_authorization_request_endpoint")?;
+    let mut headers = json_accept();
+    let mut form: Vec<(&str, &str)> = params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    authenticate(auth, &mut headers, &mut form)?;
+    if auth.method == AuthMethod::ClientSecretBasic {
+        // RFC 9126 §2.1: the request carries `client_id` like any authorization request.
+        form.push(("client_id", &auth.client_id));
+    }
+    let fetched = egress.post_form(&url, headers, &form).await?;
+    pushed(fetched.status, &fetched.body, &fetched.url)
+}
+
+/// Reads a pushed authorization response: on success a bounded `request_uri` and a positive
+/// `expires_in` (RFC 9126 §2.2); on an error answer (§2.3) the OAuth `error` code, kept only
+/// for 400 and 401 (the statuses RFC 6749 §5.2 gives client and request errors).
+pub fn pushed(status: http::StatusCode, body: &[u8], url: &str) -> Result<Pushed, VaultError> {
+    if !status.is_success() {
+        let err: OAuthErrorBody = serde_json::from_slice(body).unwrap_or_default();
+        let oauth = matches!(status.as_u16(), 400 | 401);
+        return Err(VaultError::Pushed {
+            error: err.error.clone().filter(|_| oauth).map(|e| e.chars().take(64).collect()),
+            detail: format!("{url} answered HTTP {}{}", status.as_u16(), err.describe()),
+        });
+    }
+    let invalid = |why: &str| VaultError::Pushed { error: None, detail: format!("{url} answered {why}") };
+    #[derive(Deserialize)]
+    struct Answer {
+        request_uri: serde_json::Value,
+        expires_in: serde_json::Value,
+    }
+    let answer: Answer =
+        serde_json::from_slice(body).map_err(|_| invalid("without a JSON request_uri and expires_in"))?;
+    let request_uri = match answer.request_uri {
+        serde_json::Value::String(s) if !s.is_empty() && s.len() <= MAX_REQUEST_URI_LEN => s,
+        serde_json::Value::String(s) if !s.is_empty() => {
+            return Err(invalid(&format!("a request_uri longer than {MAX_REQUEST_URI_LEN} bytes")));
+        }
+        _ => return Err(invalid("a request_uri that is not a non-empty string")),
+    };
+    if request_uri.chars().any(char::is_control) {
+        return Err(invalid("a request_uri with control characters"));
+    }
+    let expires_in = answer
+        .expires_in
+        .as_u64()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| invalid("an expires_in that is not a positive integer"))?;
+    Ok(Pushed { request_uri, expires_in })
+}
+
+/// Revokes a token at the provider (RFC 7009). Sent directly through the guard rather than
+/// through `oauth2`, which refuses any non-https revocation URL even where the operator allowed
+/// loopback http for development; the guard alone decides which URLs may be used.
+pub async fn revoke(
+    egress: &Egress,
+    auth: &ClientAuth,
+    revocation_endpoint: &str,
+    token: &SecretString,
+    refresh: bool,
+) -> Result<(), VaultError> {
+    let url = parse(revocation_endpoint, "revocation_endpoint")?;
+    let hint = if refresh { "refresh_token" } else { "access_token" };
+    let mut headers = json_accept();
+    let mut form: Vec<(&str, &str)> = vec![("token", token.expose_secret()), ("token_type_hint", hint)];
+    authenticate(auth, &mut headers, &mut form)?;
     let fetched = egress.post_form(&url, headers, &form).await?;
     if fetched.status.is_success() {
         return Ok(());
@@ -400,5 +489,89 @@ mod tests {
             method: AuthMethod::ClientSecretBasic,
         };
         assert!(!format!("{a:?}").contains("hunter2"));
+    }
+
+    const PAR: &str = "https://as.example.com/par";
+
+    fn answer(status: u16, body: &str) -> Result<Pushed, VaultError> {
+        pushed(http::StatusCode::from_u16(status).expect("status"), body.as_bytes(), PAR)
+    }
+
+    #[test]
+    fn a_pushed_request_answers_a_bounded_reference_and_a_lifetime() {
+        let ok = answer(
+            201,
+            r#"{"request_uri":"urn:ietf:params:oauth:request_uri:6esc_11ACC5bwc014ltc14eY22c","expires_in":60}"#,
+        )
+        .expect("accepted");
+        assert_eq!(
+            (ok.request_uri.as_str(), ok.expires_in),
+            ("urn:ietf:params:oauth:request_uri:6esc_11ACC5bwc014ltc14eY22c", 60)
+        );
+        assert!(!format!("{ok:?}").contains("6esc"), "Debug leaves the reference out");
+        assert!(answer(200, r#"{"request_uri":"urn:x","expires_in":90}"#).is_ok(), "200 is taken like 201");
+        let longest = "u".repeat(MAX_REQUEST_URI_LEN);
+        assert!(answer(201, &format!(r#"{{"request_uri":"{longest}","expires_in":5}}"#)).is_ok());
+        for bad in [
+            format!(r#"{{"request_uri":"{longest}u","expires_in":5}}"#),
+            r#"{"request_uri":"","expires_in":60}"#.to_owned(),
+            r#"{"request_uri":42,"expires_in":60}"#.to_owned(),
+            r#"{"request_uri":null,"expires_in":60}"#.to_owned(),
+            r#"{"request_uri":"urn:x\n","expires_in":60}"#.to_owned(),
+            r#"{"request_uri":"urn:x"}"#.to_owned(),
+            r#"{"request_uri":"urn:x","expires_in":0}"#.to_owned(),
+            r#"{"request_uri":"urn:x","expires_in":-5}"#.to_owned(),
+            r#"{"request_uri":"urn:x","expires_in":"60"}"#.to_owned(),
+            r#"{"request_uri":"urn:x","expires_in":1.5}"#.to_owned(),
+            "not json".to_owned(),
+        ] {
+            match answer(201, &bad) {
+                Err(VaultError::Pushed { error: None, detail }) => assert!(detail.starts_with(PAR), "{detail}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_refused_push_keeps_the_oauth_error_code_of_a_400_or_401_only() {
+        let code = |status: u16, body: &str| match answer(status, body) {
+            Err(VaultError::Pushed { error, detail }) => {
+                assert!(detail.contains(&format!("HTTP {status}")), "{detail}");
+                error
+            }
+            other => panic!("{status} {body}: {other:?}"),
+        };
+        let invalid_client = r#"{"error":"invalid_client","error_description":"client is invalid"}"#;
+        assert_eq!(code(401, invalid_client).as_deref(), Some("invalid_client"));
+        assert_eq!(code(400, invalid_client).as_deref(), Some("invalid_client"));
+        assert_eq!(code(400, r#"{"error":"invalid_request"}"#).as_deref(), Some("invalid_request"));
+        assert_eq!(code(500, invalid_client), None, "a server error says nothing about the client");
+        assert_eq!(code(429, invalid_client), None);
+        assert_eq!(code(401, "<html>no</html>"), None);
+    }
+
+    #[test]
+    fn client_authentication_goes_in_a_sensitive_header_or_the_form() {
+        let basic = ClientAuth {
+            client_id: "c 1".into(),
+            secret: Some(SecretString::from("s:3")),
+            method: AuthMethod::ClientSecretBasic,
+        };
+        let (mut headers, mut form) = (http::HeaderMap::new(), Vec::new());
+        authenticate(&basic, &mut headers, &mut form).expect("basic");
+        let value = &headers[http::header::AUTHORIZATION];
+        assert!(value.is_sensitive());
+        let expected = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, "c+1:s%3A3");
+        assert_eq!(value.to_str().expect("ascii"), format!("Basic {expected}"));
+        assert!(form.is_empty());
+        let post = ClientAuth { method: AuthMethod::ClientSecretPost, ..basic.clone() };
+        let (mut headers, mut form) = (http::HeaderMap::new(), Vec::new());
+        authenticate(&post, &mut headers, &mut form).expect("post");
+        assert_eq!(form, vec![("client_id", "c 1"), ("client_secret", "s:3")]);
+        assert!(headers.is_empty());
+        let public = ClientAuth { client_id: "p".into(), secret: None, method: AuthMethod::None };
+        let (mut headers, mut form) = (http::HeaderMap::new(), Vec::new());
+        authenticate(&public, &mut headers, &mut form).expect("none");
+        assert_eq!(form, vec![("client_id", "p")]);
     }
 }

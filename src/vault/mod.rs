@@ -4,11 +4,13 @@
 //! per connection at a time) and revokes them. Clients never see upstream tokens.
 //!
 //! Flow of a connection: an upstream answers 401 → [`Vault::link`] makes a single-use connect
-//! link for the caller → the person opens it → [`Vault::begin`] discovers, registers and
-//! returns the authorization URL → the provider redirects to the server's own callback →
+//! link for the caller → the person opens it → [`Vault::begin`] discovers, registers (again,
+//! when the server forgot the registration) and returns the authorization URL → the provider
+//! redirects to the server's own callback →
 //! [`Vault::complete`] checks `state` and `iss`, exchanges the code and stores the tokens →
 //! [`Vault::token`] hands the access token to upstream calls, refreshing it when due.
 
+mod authorize;
 pub mod challenge;
 pub mod discovery;
 pub mod endpoint;
@@ -141,6 +143,15 @@ pub enum VaultError {
     #[error("the token endpoint refused: {detail}")]
     Token {
         /// The OAuth `error` code, if any (`invalid_grant`, …).
+        error: Option<String>,
+        /// What.
+        detail: String,
+    },
+    /// The authorization server refused a pushed authorization request (RFC 9126), or
+    /// answered it badly.
+    #[error("the pushed authorization request was refused: {detail}")]
+    Pushed {
+        /// The OAuth `error` code of a 400 or 401 answer (`invalid_client`, …).
         error: Option<String>,
         /// What.
         detail: String,
@@ -338,6 +349,21 @@ enum ClientKind {
     Metadata,
     /// Registered dynamically (RFC 7591).
     Dynamic,
+}
+
+/// The client identity chosen for a flow.
+#[derive(Debug)]
+struct Chosen {
+    auth: ClientAuth,
+    kind: ClientKind,
+    /// Registered just now, by this flow: the authorization server knew it a moment ago.
+    fresh: bool,
+}
+
+impl Chosen {
+    fn stored(auth: ClientAuth, kind: ClientKind) -> Chosen {
+        Chosen { auth, kind, fresh: false }
+    }
 }
 
 /// What a link asks for.
@@ -598,7 +624,9 @@ impl Vault {
     }
 
     /// Discovers, registers and records a flow for `subject` at `server`; returns the
-    /// authorization URL (validated against the egress policy, R102).
+    /// authorization URL (validated against the egress policy, R102). The request is pushed
+    /// where the server offers it (RFC 9126), and a dynamic registration the server no longer
+    /// knows is made again first (see `authorize`).
     pub async fn begin(
         &self,
         server: &str,
@@ -611,7 +639,7 @@ impl Vault {
         let pins = Pins { metadata_url: vs.oauth.metadata_url.clone() };
         let found = discovery::discover(&self.egress, vs.url.as_ref(), challenge, &pins).await?;
         let redirect_uri = self.redirect_uri(server);
-        let (client, kind) = self.client_for(&vs, &found, &redirect_uri).await?;
+        let client = self.choose_client(&vs, &found, &redirect_uri).await?;
         let previous = self.store.vault_connection(server, subject).await?.map(|c| challenge::split_scopes(&c.scopes));
         let scopes = self.scopes_for(&vs, &found, challenge, previous.as_deref());
         let pkce_verifier = random_b64(32);
@@ -619,26 +647,18 @@ impl Vault {
         let state = random_b64(32);
         let resource =
             found.resource.clone().or_else(|| vs.oauth.resource.clone()).filter(|_| vs.oauth.resource_parameter);
-        let mut url = Url::parse(&found.server.authorization_endpoint)
-            .map_err(|_| VaultError::Discovery { detail: "the authorization_endpoint is not a URL".to_owned() })?;
-        {
-            let mut q = url.query_pairs_mut();
-            q.append_pair("response_type", "code")
-                .append_pair("client_id", &client.client_id)
-                .append_pair("redirect_uri", &redirect_uri)
-                .append_pair("state", &state)
-                .append_pair("code_challenge", &pkce_challenge)
-                .append_pair("code_challenge_method", "S256");
-            if !scopes.is_empty() {
-                q.append_pair("scope", &scopes.join(" "));
-            }
-            if let Some(r) = &resource {
-                q.append_pair("resource", r);
-            }
-            for (k, v) in &vs.oauth.authorization_params {
-                q.append_pair(k, v);
-            }
-        }
+        let request = authorize::Request {
+            redirect_uri: &redirect_uri,
+            state: &state,
+            code_challenge: &pkce_challenge,
+            scopes: &scopes,
+            resource: resource.as_deref(),
+            extra: &vs.oauth.authorization_params,
+        };
+        // Pushed (RFC 9126) where offered; either way the gateway makes sure the authorization
+        // server still knows its client before the browser goes there.
+        let (url, client) = self.authorization_url(&vs, &found, &redirect_uri, client, &request).await?;
+        let Chosen { auth: client, kind, .. } = client;
         self.egress.policy().check_url(&url)?;
         let now = self.now();
         let id = sha256_hex(&state);
@@ -705,14 +725,25 @@ impl Vault {
         scopes
     }
 
-    /// The client identity at the discovered server, in the order of R83: pre-registered, the
-    /// gateway's metadata document, dynamic registration (kept per issuer, R86).
+    /// The client identity at the discovered server (see [`Vault::choose_client`]).
     async fn client_for(
         &self,
         vs: &VaultServer,
         found: &Discovered,
         redirect_uri: &str,
     ) -> Result<(ClientAuth, ClientKind), VaultError> {
+        let chosen = self.choose_client(vs, found, redirect_uri).await?;
+        Ok((chosen.auth, chosen.kind))
+    }
+
+    /// The client identity at the discovered server, in the order of R83: pre-registered, the
+    /// gateway's metadata document, dynamic registration (kept per issuer, R86).
+    async fn choose_client(
+        &self,
+        vs: &VaultServer,
+        found: &Discovered,
+        redirect_uri: &str,
+    ) -> Result<Chosen, VaultError> {
         let supported = found.server.token_endpoint_auth_methods_supported.as_deref();
         if let Some(id) = &vs.oauth.client_id {
             // The pre-registered client belongs to one authorization server: an upstream that
@@ -730,19 +761,19 @@ impl Vault {
             let secret = self.preregistered_secret(vs).await?;
             let method =
                 vs.oauth.token_endpoint_auth_method.unwrap_or_else(|| AuthMethod::choose(secret.is_some(), supported));
-            return Ok((ClientAuth { client_id: id.clone(), secret, method }, ClientKind::Preregistered));
+            return Ok(Chosen::stored(ClientAuth { client_id: id.clone(), secret, method }, ClientKind::Preregistered));
         }
         if found.server.client_id_metadata_document_supported
             && let Some(id) = &self.cimd_url
         {
-            return Ok((
+            return Ok(Chosen::stored(
                 ClientAuth { client_id: id.clone(), secret: None, method: AuthMethod::None },
                 ClientKind::Metadata,
             ));
         }
         let issuer = &found.server.issuer;
         if let Some(row) = self.store.vault_client(&vs.name, issuer, redirect_uri).await? {
-            return Ok((self.client_of(&row)?, ClientKind::Dynamic));
+            return Ok(Chosen::stored(self.client_of(&row)?, ClientKind::Dynamic));
         }
         let Some(endpoint) = &found.server.registration_endpoint else {
             return Err(VaultError::Registration {
@@ -772,10 +803,10 @@ impl Vault {
         // A concurrent registration may have been stored first: everybody uses the stored one.
         let stored = self.store.vault_client(&vs.name, issuer, redirect_uri).await?;
         if let Some(row) = stored.filter(|r| r.client_id != ours) {
-            return Ok((self.client_of(&row)?, ClientKind::Dynamic));
+            return Ok(Chosen::stored(self.client_of(&row)?, ClientKind::Dynamic));
         }
         tracing::info!(server = %vs.name, %issuer, "registered with the upstream's authorization server");
-        Ok((client, ClientKind::Dynamic))
+        Ok(Chosen { auth: client, kind: ClientKind::Dynamic, fresh: true })
     }
 
     fn client_of(&self, row: &ClientRow) -> Result<ClientAuth, VaultError> {
@@ -897,7 +928,7 @@ impl Vault {
         let gone = || VaultError::Flow { detail: "the registration used for this flow is gone".to_owned() };
         let issuer = &d.metadata.issuer;
         let client = self.stored_client(server, issuer, &d.client_id, d.client_kind, d.auth_method, gone).await?;
-        let tokens = endpoint::exchange_code(
+        let exchanged = endpoint::exchange_code(
             &self.egress,
             &client,
             &d.metadata.token_endpoint,
@@ -906,7 +937,23 @@ impl Vault {
             &d.redirect_uri,
             d.resource.as_deref(),
         )
-        .await?;
+        .await;
+        let tokens = match exchanged {
+            Ok(t) => t,
+            Err(VaultError::Token { error: Some(code), detail })
+                if code == "invalid_client" && d.client_kind == ClientKind::Dynamic =>
+            {
+                // The server forgot the registration between the start and the end of the flow:
+                // the next link registers again instead of failing the same way.
+                self.store.vault_client_delete(server, issuer, &d.client_id).await?;
+                tracing::warn!(server, %issuer, "the authorization server no longer knows the gateway's registration");
+                return Err(VaultError::Token {
+                    error: Some(code),
+                    detail: format!("{detail} (the registration was dropped; a new connect link registers again)"),
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let details = ConnectionDetails {
             token_endpoint: d.metadata.token_endpoint.clone(),
             revocation_endpoint: d.metadata.revocation_endpoint.clone(),

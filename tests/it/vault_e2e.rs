@@ -372,6 +372,187 @@ async fn a_restarted_authorization_server_leads_to_a_clean_reconnection() {
     gw.stop().await;
 }
 
+/// An authorization server that restarted (and forgot the gateway's dynamic registration) does
+/// not stop the next links at its error page: before sending a browser there, the gateway
+/// pushes the authorization request (RFC 9126), sees `invalid_client`, registers again once (R86)
+/// and pushes again. Both a new person's link (from a tool call) and an administrator's link
+/// (`portcullis connect`) complete, with no refresh having to fail first.
+#[tokio::test(flavor = "multi_thread")]
+async fn links_register_again_when_the_provider_forgot_the_gateway() {
+    let stats = links_after_the_provider_forgot_the_gateway(&[]).await;
+    assert_eq!(stats["token_requests"]["refresh_token"].as_u64(), Some(0), "no refresh had to fail first: {stats}");
+}
+
+/// The same without pushed authorization requests: each link's flow asks the token endpoint
+/// about the stored registration first (a made-up refresh token with the client's
+/// authentication): `invalid_client` for bob's link (registered again), `invalid_grant` for
+/// alice's (the new registration is known).
+#[tokio::test(flavor = "multi_thread")]
+async fn links_register_again_without_pushed_requests_too() {
+    let stats = links_after_the_provider_forgot_the_gateway(&["--no-par".to_owned()]).await;
+    assert_eq!(stats["token_requests"]["refresh_token"].as_u64(), Some(2), "one check per link: {stats}");
+}
+
+/// Alice connects, the authorization server (started with `as_args`) restarts, then bob's link
+/// from a tool call and alice's link from `portcullis connect` both complete and each call acts
+/// as its person, with exactly one new registration. Returns the new server's counters.
+async fn links_after_the_provider_forgot_the_gateway(as_args: &[String]) -> Value {
+    let ttl = 30;
+    let args = |port: Option<u16>| {
+        let mut a = vec!["--access-ttl".to_owned(), ttl.to_string()];
+        a.extend(port.map(|p| ["--port".to_owned(), p.to_string()]).into_iter().flatten());
+        a.extend(as_args.iter().cloned());
+        a
+    };
+    let (as_proc, issuer) = spawn_line("oauth-as.mjs", &args(None)).await;
+    let port: u16 = issuer.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+    let (mcp_proc, mcp) = spawn_line("protected-mcp-server.mjs", &["--issuer".into(), issuer.clone()]).await;
+    let mut provider = Provider { issuer, mcp, port, ttl, _as: as_proc, _mcp: mcp_proc };
+    let key = Key::random();
+    let gw = TestGateway::start_keyed(&provider.servers(), "", key.clone()).await;
+    let store = store_of(&gw).await;
+    let mut alice = Caller::new(&store, &gw.url("acme"), "alice").await;
+    let mut bob = Caller::new(&store, &gw.url("acme"), "bob").await;
+    connect(&mut alice, "alice").await;
+    assert_eq!(alice.whoami().await, "alice");
+    let redirect = format!("{}/oauth/callback/acme", gw.base);
+    let before = store.vault_client("acme", &provider.issuer, &redirect).await.expect("store").expect("registered");
+
+    // The provider restarts on the same port: every client, grant and token is gone (its
+    // counters too).
+    let _ = provider._as.child.start_kill();
+    let _ = provider._as.child.wait().await;
+    let (as_proc, issuer) = spawn_line("oauth-as.mjs", &args(Some(provider.port))).await;
+    assert_eq!(issuer, provider.issuer);
+    provider._as = as_proc;
+
+    // Two links are handed out while the gateway still holds the stale registration: bob's,
+    // from his first tool call, and alice's, from an administrator.
+    let answer = bob.call("whoami", json!({})).await;
+    assert_eq!(answer["result"]["isError"], true, "an unconnected call is a tool error: {answer}");
+    let bobs_link = link_in(&answer);
+    let config = gw.dir.path().join("cli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\ndata_dir = {:?}\npublic_url = {:?}\n{}",
+            gw.dir.path().display().to_string(),
+            gw.base,
+            provider.servers()
+        ),
+    )
+    .expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("--config")
+        .arg(&config)
+        .args(["connect", "acme", "--user", "alice"])
+        .env("PORTCULLIS_MASTER_KEY", base64::engine::general_purpose::STANDARD.encode(key.bytes()))
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let alices_link = String::from_utf8_lossy(&out.stdout).lines().last().expect("a link").to_owned();
+
+    let (status, page) = open_link(&bobs_link, "bob").await;
+    assert_eq!((status, page.contains("Connected")), (200, true), "{page}");
+    let (status, page) = open_link(&alices_link, "alice").await;
+    assert_eq!((status, page.contains("Connected")), (200, true), "{page}");
+    assert_eq!(bob.whoami().await, "bob");
+    assert_eq!(alice.whoami().await, "alice");
+
+    let stats = provider.as_stats().await;
+    assert_eq!(stats["registrations"].as_u64(), Some(1), "exactly one new registration: {stats}");
+    let after = store.vault_client("acme", &provider.issuer, &redirect).await.expect("store").expect("registered");
+    assert_ne!(after.client_id, before.client_id, "the stale registration was replaced");
+    let rows = store.vault_connections(None).await.expect("rows");
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r.client_id == after.client_id && r.status == "active"), "both use the new client");
+    gw.stop().await;
+    stats
+}
+
+/// A provider that forgets the gateway between the start of a flow and its callback: the code
+/// exchange answers `invalid_client`, the callback says so, and the dynamic registration is
+/// dropped, so the next link registers again and completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_code_exchange_refused_with_invalid_client_drops_the_registration() {
+    let mut provider = Provider::start(30).await;
+    let gw = TestGateway::start(&provider.servers()).await;
+    let store = store_of(&gw).await;
+    let mut alice = Caller::new(&store, &gw.url("acme"), "alice").await;
+    let link = link_in(&alice.call("whoami", json!({})).await);
+    let url = url::Url::parse(&link).expect("link");
+    let secret = url.query_pairs().find(|(k, _)| k == "link").map(|(_, v)| v.into_owned()).expect("secret");
+    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+    let location =
+        |resp: &reqwest::Response| resp.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let resp = browser
+        .post(format!("{}{}", gw.base, url.path()))
+        .header("origin", &gw.base)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("link={secret}"))
+        .send()
+        .await
+        .expect("confirm");
+    assert_eq!(resp.status(), 303);
+    let cookie = resp.headers()["set-cookie"].to_str().expect("cookie").split(';').next().expect("pair").to_owned();
+    let authorize = location(&resp).expect("location");
+    assert!(authorize.contains("request_uri="), "the request was pushed: {authorize}");
+    let resp = browser.get(&authorize).send().await.expect("authorize");
+    let interaction = location(&resp).unwrap_or_else(|| panic!("authorize answered {}", resp.status()));
+    let resp = browser.get(format!("{interaction}/auto?account=alice")).send().await.expect("login");
+    let callback = location(&resp).expect("callback");
+
+    provider.restart_authorization_server().await;
+    let redirect = format!("{}/oauth/callback/acme", gw.base);
+    assert!(store.vault_client("acme", &provider.issuer, &redirect).await.expect("store").is_some());
+    let resp = browser.get(&callback).header("cookie", cookie).send().await.expect("callback");
+    assert_eq!(resp.status(), 502);
+    let page = resp.text().await.expect("page");
+    assert!(page.contains("invalid_client"), "{page}");
+    assert!(store.vault_client("acme", &provider.issuer, &redirect).await.expect("store").is_none(), "dropped");
+
+    let (status, page) = open_link(&link_in(&alice.call("whoami", json!({})).await), "alice").await;
+    assert_eq!((status, page.contains("Connected")), (200, true), "{page}");
+    assert_eq!(alice.whoami().await, "alice");
+    assert_eq!(provider.as_stats().await["registrations"].as_u64(), Some(1));
+    gw.stop().await;
+}
+
+/// A pre-registered client the authorization server does not know is the operator's to fix:
+/// the pushed request's `invalid_client` stops the flow at the gateway's own page with an
+/// error that says so, before any browser reaches the provider, and nothing is registered.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_preregistered_client_is_reported_to_the_operator() {
+    let provider = Provider::start(30).await;
+    let servers = provider
+        .servers()
+        .replace("auth = { type = \"oauth\" }", "auth = { type = \"oauth\", client_id = \"never-registered\" }");
+    let gw = TestGateway::start(&servers).await;
+    let store = store_of(&gw).await;
+    let mut alice = Caller::new(&store, &gw.url("acme"), "alice").await;
+    let link = link_in(&alice.call("whoami", json!({})).await);
+    let url = url::Url::parse(&link).expect("link");
+    let secret = url.query_pairs().find(|(k, _)| k == "link").map(|(_, v)| v.into_owned()).expect("secret");
+    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+    let resp = browser
+        .post(format!("{}{}", gw.base, url.path()))
+        .header("origin", &gw.base)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("link={secret}"))
+        .send()
+        .await
+        .expect("confirm");
+    assert_eq!(resp.status(), 502, "no redirect to the provider");
+    let page = resp.text().await.expect("page");
+    assert!(
+        page.contains("invalid_client") && page.contains("never-registered") && page.contains("client_id"),
+        "{page}"
+    );
+    let stats = provider.as_stats().await;
+    assert_eq!((stats["registrations"].as_u64(), stats["authorizations"].as_u64()), (Some(0), Some(0)), "{stats}");
+    gw.stop().await;
+}
+
 /// `portcullis user disable` revokes the person's upstream tokens at the provider (RFC 7009),
 /// deletes them, and leaves one audit record with the report.
 #[tokio::test(flavor = "multi_thread")]

@@ -3,7 +3,7 @@
 // client (the vault). The protocol work is done by oidc-provider (a certified OpenID/OAuth
 // implementation); this file only configures it and adds a few test-only routes.
 //
-//   node oauth-as.mjs [--port N] [--access-ttl SECONDS] [--scopes "mcp:tools ..."]
+//   node oauth-as.mjs [--port N] [--access-ttl SECONDS] [--scopes "mcp:tools ..."] [--no-par]
 //
 // oidc-provider 9 supports Node 22 LTS and later (tests/node/node_modules/.bin/node); under the
 // machine's Node 20 it works too but prints an "Unsupported runtime" warning on stderr.
@@ -16,7 +16,8 @@
 // What it serves:
 //   /.well-known/openid-configuration and /.well-known/oauth-authorization-server (same document)
 //   /auth (authorization, code flow only, PKCE S256 required), /token, /token/revocation (RFC 7009),
-//   /reg (open dynamic client registration, RFC 7591), /jwks, /request (PAR), /me (userinfo).
+//   /reg (open dynamic client registration, RFC 7591), /jwks, /request (PAR, RFC 9126; not with
+//   --no-par, which also leaves it out of the metadata), /me (userinfo).
 //   Access tokens are RFC 9068 JWTs (typ at+jwt, RS256) whenever a `resource` (RFC 8707) is
 //   involved: aud = the resource, sub = the account, scope, client_id, exp = iat + --access-ttl.
 //   Any http loopback URL (127.0.0.1, localhost, [::1], any port) is accepted as a resource.
@@ -70,13 +71,14 @@ console.info = console.error;
 
 function usage(message) {
   if (message) console.error(`oauth-as: ${message}`);
-  console.error('usage: node oauth-as.mjs [--port N] [--access-ttl SECONDS] [--scopes "mcp:tools ..."]');
+  console.error('usage: node oauth-as.mjs [--port N] [--access-ttl SECONDS] [--scopes "mcp:tools ..."] [--no-par]');
   process.exit(2);
 }
 
 let port = 0;
 let accessTtl = 10;
 let resourceScopes = ['mcp:tools'];
+let pushedRequests = true;
 {
   const argv = process.argv.slice(2);
   for (let i = 0; i < argv.length; i++) {
@@ -90,6 +92,8 @@ let resourceScopes = ['mcp:tools'];
     } else if (arg === '--scopes') {
       resourceScopes = (argv[++i] ?? '').split(/[\s,]+/).filter(Boolean);
       if (resourceScopes.length === 0) usage('--scopes needs at least one scope');
+    } else if (arg === '--no-par') {
+      pushedRequests = false;
     } else if (arg === '--help' || arg === '-h') {
       usage();
     } else {
@@ -160,6 +164,7 @@ const provider = new Provider(issuer, {
   // authorization on the client's behalf without a cookie jar.
   cookies: { keys: [] },
   features: {
+    pushedAuthorizationRequests: { enabled: pushedRequests },
     devInteractions: { enabled: false },
     dPoP: { enabled: false },
     clientCredentials: { enabled: true },
