@@ -4,10 +4,13 @@
 
 pub mod audit;
 pub mod identity;
+mod lock;
 pub mod secrets;
 pub mod vault;
 
 use std::str::FromStr;
+
+pub use lock::{WAIT as MIGRATION_LOCK_WAIT, path_for as migration_lock_path};
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
@@ -45,6 +48,22 @@ pub enum StoreError {
         /// The cause.
         source: sqlx::Error,
     },
+    /// The migration lock could not be taken.
+    #[error("cannot use the migration lock {path}: {why}")]
+    Lock {
+        /// The lock file.
+        path: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// Another process held the migration lock for too long.
+    #[error("waited for {what}: another process held it; gave up after {}s", waited.as_secs_f32())]
+    LockTimeout {
+        /// The lock.
+        what: String,
+        /// How long this process waited.
+        waited: std::time::Duration,
+    },
     /// A migration failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -76,6 +95,13 @@ pub fn redact_url(url: &str) -> String {
 impl Store {
     /// Opens (creating a SQLite file and its directory if needed) and migrates.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        let store = Store::open(url).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Opens (creating a SQLite file and its directory if needed) without migrating.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
         let connect_err = |source| StoreError::Connect { url: redact_url(url), source };
         let store = if url.starts_with("postgres") {
             let pool = PgPoolOptions::new().max_connections(16).connect(url).await.map_err(connect_err)?;
@@ -92,18 +118,29 @@ impl Store {
             let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await.map_err(connect_err)?;
             Store::Sqlite(pool)
         };
-        store.migrate().await?;
         Ok(store)
     }
 
-    /// Applies pending migrations.
+    /// Applies pending migrations and moves legacy audit rows, holding the migration lock
+    /// throughout: processes that start together migrate one after the other (the later ones
+    /// find nothing to do) instead of racing to create the same tables.
     pub async fn migrate(&self) -> Result<(), StoreError> {
+        let lock = match self {
+            Store::Sqlite(p) => {
+                // SQLite names the main database's file; an empty name means in memory.
+                let file: String = sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+                    .fetch_one(p)
+                    .await?;
+                lock::MigrationLock::sqlite(std::path::Path::new(&file), lock::WAIT).await?
+            }
+            Store::Postgres(p) => lock::MigrationLock::postgres(p, lock::WAIT).await?,
+        };
         match self {
             Store::Sqlite(p) => sqlx::migrate!("./migrations/sqlite").run(p).await?,
             Store::Postgres(p) => sqlx::migrate!("./migrations/postgres").run(p).await?,
         }
         self.audit_upgrade().await?;
-        Ok(())
+        lock.release().await
     }
 
     /// A round trip to the database (for `/readyz`).
