@@ -114,7 +114,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("{}: warning: {warning}", path.display());
             }
             if strict && !warnings.is_empty() {
-                anyhow::bail!("{} warnings (--strict)", warnings.len());
+                let n = warnings.len();
+                anyhow::bail!("--strict: {n} warning{} above", if n == 1 { "" } else { "s" });
             }
             println!("{}: ok ({} servers)", path.display(), config.servers.len());
             Ok(())

@@ -58,6 +58,12 @@ async fn serve(config: &Path) -> Served {
     Served { addr, key_id, _child: child }
 }
 
+/// A client that gives up on a request after 5 s: a listener that accepted but does not
+/// answer must fail the test, not hang it.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client")
+}
+
 /// Polls `/readyz` until it answers 200; panics with the last answer after 60 s.
 async fn ready(client: &reqwest::Client, addr: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -106,7 +112,7 @@ async fn many_start_together(store_url: &str) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let client = reqwest::Client::new();
+    let client = client();
     futures::future::join_all(gateways.iter().map(|g| ready(&client, &g.addr))).await;
 
     let on_disk = portcullis::keys::load_key_ring_from(&data, None, None).expect("the key file");
@@ -144,7 +150,7 @@ async fn a_gateway_waiting_for_migrations_answers_503_until_ready() {
     let text = format!("[gateway]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n", data.display().to_string());
     let config = Config::parse(&text, "test.toml", Vec::new()).expect("config");
     let starting = tokio::spawn(Gateway::start_with_key(config, Key::random()));
-    let (c, base) = (reqwest::Client::new(), format!("http://127.0.0.1:{port}"));
+    let (c, base) = (client(), format!("http://127.0.0.1:{port}"));
 
     let deadline = Instant::now() + Duration::from_secs(30);
     let report = loop {
