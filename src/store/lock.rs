@@ -33,28 +33,17 @@ pub fn path_for(db: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Held while migrating; released when dropped.
+/// The lock of a SQLite database, held while migrating; released when dropped (the file
+/// closes).
 #[derive(Debug)]
-pub enum MigrationLock {
-    /// An in-memory SQLite database: no other process can see it.
-    None,
-    /// The locked file (closing it releases the lock).
-    File {
-        /// The open, locked file.
-        file: File,
-        /// Its name, for messages.
-        path: PathBuf,
-    },
-    /// The connection holding the advisory lock.
-    Postgres(PgConnection),
-}
+pub struct SqliteLock(Option<(File, PathBuf)>);
 
-impl MigrationLock {
+impl SqliteLock {
     /// Locks the SQLite database whose file is `db` (empty: in memory, nothing to lock),
     /// waiting at most `limit` for another process to release it.
-    pub async fn sqlite(db: &Path, limit: Duration) -> Result<MigrationLock, StoreError> {
+    pub async fn take(db: &Path, limit: Duration) -> Result<SqliteLock, StoreError> {
         if db.as_os_str().is_empty() {
-            return Ok(MigrationLock::None);
+            return Ok(SqliteLock(None));
         }
         let path = path_for(db);
         let err = |e: std::io::Error| StoreError::Lock { path: path.display().to_string(), why: e.to_string() };
@@ -68,11 +57,24 @@ impl MigrationLock {
                 Err(TryLockError::Error(e)) => return Err(err(e)),
             }
         }
-        Ok(MigrationLock::File { file, path })
+        Ok(SqliteLock(Some((file, path))))
     }
 
-    /// Takes the advisory lock on a connection of its own, waiting at most `limit`.
-    pub async fn postgres(pool: &PgPool, limit: Duration) -> Result<MigrationLock, StoreError> {
+    /// Releases the lock, reporting a failure (dropping releases it too).
+    pub fn release(self) -> Result<(), StoreError> {
+        let Some((file, path)) = self.0 else { return Ok(()) };
+        file.unlock().map_err(|e| StoreError::Lock { path: path.display().to_string(), why: e.to_string() })
+    }
+}
+
+/// The advisory lock of a PostgreSQL database, held on a connection of its own while
+/// migrating; released when dropped (the connection closes).
+#[derive(Debug)]
+pub struct PostgresLock(PgConnection);
+
+impl PostgresLock {
+    /// Takes the lock, waiting at most `limit` for another process to release it.
+    pub async fn take(pool: &PgPool, limit: Duration) -> Result<PostgresLock, StoreError> {
         let mut conn = pool.acquire().await?.detach();
         let mut patience = Patience::new(format!("the PostgreSQL advisory lock {PG_KEY}"), limit);
         while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
@@ -82,23 +84,21 @@ impl MigrationLock {
         {
             patience.wait().await?;
         }
-        Ok(MigrationLock::Postgres(conn))
+        Ok(PostgresLock(conn))
     }
 
-    /// Releases the lock. Dropping it releases it too (the file or the connection closes);
-    /// this also reports a failed release and closes the PostgreSQL connection politely.
-    pub async fn release(self) -> Result<(), StoreError> {
-        match self {
-            MigrationLock::None => Ok(()),
-            MigrationLock::File { file, path } => {
-                file.unlock().map_err(|e| StoreError::Lock { path: path.display().to_string(), why: e.to_string() })
-            }
-            MigrationLock::Postgres(mut conn) => {
-                sqlx::query("SELECT pg_advisory_unlock($1)").bind(PG_KEY).execute(&mut conn).await?;
-                conn.close().await?;
-                Ok(())
-            }
-        }
+    /// The connection holding the lock. Migrations run on it: sqlx leaves its own advisory
+    /// lock held when a migration fails, and on this connection that lock goes away with it
+    /// instead of going back into the pool.
+    pub fn connection(&mut self) -> &mut PgConnection {
+        &mut self.0
+    }
+
+    /// Releases the lock and closes the connection.
+    pub async fn release(mut self) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_advisory_unlock($1)").bind(PG_KEY).execute(&mut self.0).await?;
+        self.0.close().await?;
+        Ok(())
     }
 }
 
@@ -138,17 +138,17 @@ mod tests {
     async fn a_held_lock_file_makes_a_second_taker_wait_then_give_up_naming_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("p.db");
-        let held = MigrationLock::sqlite(&db, Duration::from_secs(1)).await.expect("first taker");
-        let err = MigrationLock::sqlite(&db, Duration::from_millis(100)).await.expect_err("held elsewhere");
+        let held = SqliteLock::take(&db, Duration::from_secs(1)).await.expect("first taker");
+        let err = SqliteLock::take(&db, Duration::from_millis(100)).await.expect_err("held elsewhere");
         let text = err.to_string();
         assert!(text.contains(&path_for(&db).display().to_string()) && text.contains("gave up after"), "{text}");
-        held.release().await.expect("released");
-        MigrationLock::sqlite(&db, Duration::from_millis(100)).await.expect("free again");
+        held.release().expect("released");
+        SqliteLock::take(&db, Duration::from_millis(100)).await.expect("free again");
     }
 
     #[tokio::test]
     async fn an_in_memory_database_needs_no_lock() {
-        let lock = MigrationLock::sqlite(Path::new(""), Duration::ZERO).await.expect("nothing to lock");
-        assert!(matches!(lock, MigrationLock::None));
+        let lock = SqliteLock::take(Path::new(""), Duration::ZERO).await.expect("nothing to lock");
+        assert!(lock.0.is_none());
     }
 }

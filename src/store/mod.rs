@@ -92,6 +92,13 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Runs the PostgreSQL migrations on `conn`. `Migrator::run` takes an `Acquire`, whose bound
+/// on `&mut PgConnection` keeps the caller's future from being provably `Send`; `run_direct`
+/// (public, hidden from sqlx's docs for this reason) takes the connection itself.
+async fn migrate_postgres(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::migrate::MigrateError> {
+    sqlx::migrate!("./migrations/postgres").run_direct(None, conn, false).await
+}
+
 impl Store {
     /// Opens (creating a SQLite file and its directory if needed) and migrates.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
@@ -125,22 +132,24 @@ impl Store {
     /// throughout: processes that start together migrate one after the other (the later ones
     /// find nothing to do) instead of racing to create the same tables.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let lock = match self {
+        match self {
             Store::Sqlite(p) => {
                 // SQLite names the main database's file; an empty name means in memory.
                 let file: String = sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
                     .fetch_one(p)
                     .await?;
-                lock::MigrationLock::sqlite(std::path::Path::new(&file), lock::WAIT).await?
+                let lock = lock::SqliteLock::take(std::path::Path::new(&file), lock::WAIT).await?;
+                sqlx::migrate!("./migrations/sqlite").run(p).await?;
+                self.audit_upgrade().await?;
+                lock.release()
             }
-            Store::Postgres(p) => lock::MigrationLock::postgres(p, lock::WAIT).await?,
-        };
-        match self {
-            Store::Sqlite(p) => sqlx::migrate!("./migrations/sqlite").run(p).await?,
-            Store::Postgres(p) => sqlx::migrate!("./migrations/postgres").run(p).await?,
+            Store::Postgres(p) => {
+                let mut lock = lock::PostgresLock::take(p, lock::WAIT).await?;
+                migrate_postgres(lock.connection()).await?;
+                self.audit_upgrade().await?;
+                lock.release().await
+            }
         }
-        self.audit_upgrade().await?;
-        lock.release().await
     }
 
     /// A round trip to the database (for `/readyz`).
