@@ -23,7 +23,7 @@ pub const WAIT: Duration = Duration::from_secs(600);
 
 /// The advisory lock key of migrations on PostgreSQL ("pclmigr" in ASCII); distinct from sqlx's
 /// own key and from the audit writer's.
-const PG_KEY: i64 = 0x0070_636c_6d69_6772;
+pub const PG_KEY: i64 = 0x0070_636c_6d69_6772;
 
 /// The lock file of the SQLite database at `db`: `{db}.migrate-lock`. Kept after use (removing
 /// it would let a late process lock a different file than a waiting one).

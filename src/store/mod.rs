@@ -10,7 +10,7 @@ pub mod vault;
 
 use std::str::FromStr;
 
-pub use lock::{WAIT as MIGRATION_LOCK_WAIT, path_for as migration_lock_path};
+pub use lock::{PG_KEY as MIGRATION_LOCK_PG_KEY, WAIT as MIGRATION_LOCK_WAIT, path_for as migration_lock_path};
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};

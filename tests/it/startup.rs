@@ -135,19 +135,27 @@ async fn ten_gateways_and_cli_commands_start_together_on_a_fresh_postgres_databa
     many_start_together(&pg.url).await;
 }
 
+/// The migration lock, held by the test as another process would hold it.
+enum Held {
+    File(std::fs::File),
+    Postgres(sqlx::PgConnection),
+}
+
+impl Held {
+    async fn release(self) {
+        match self {
+            Held::File(file) => file.unlock().expect("unlocked"),
+            Held::Postgres(conn) => sqlx::Connection::close(conn).await.expect("closed"),
+        }
+    }
+}
+
 /// While another process holds the migration lock, the gateway is bound but not ready: it
 /// says so on `/readyz` and asks MCP clients to come back; once the lock is free it starts.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_gateway_waiting_for_migrations_answers_503_until_ready() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    // SQLite names its file by its real path, and the lock file sits beside that.
-    let data = dir.path().canonicalize().expect("real path");
-    let lock_path = portcullis::store::migration_lock_path(&data.join("portcullis.db"));
-    let held = std::fs::File::create(&lock_path).expect("lock file");
-    held.lock().expect("locked");
-
+async fn waits_for_the_migration_lock(data: &Path, store: &str, held: Held) {
     let port = free_port();
-    let text = format!("[gateway]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n", data.display().to_string());
+    let text =
+        format!("[gateway]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n{store}", data.display().to_string());
     let config = Config::parse(&text, "test.toml", Vec::new()).expect("config");
     let starting = tokio::spawn(Gateway::start_with_key(config, Key::random()));
     let (c, base) = (client(), format!("http://127.0.0.1:{port}"));
@@ -177,7 +185,7 @@ async fn a_gateway_waiting_for_migrations_answers_503_until_ready() {
     assert_eq!((r.status().as_u16(), r.headers()["retry-after"].to_str().expect("ascii")), (503, "1"));
     assert!(!starting.is_finished(), "the gateway started although the migration lock is held");
 
-    held.unlock().expect("unlocked");
+    held.release().await;
     let gateway = tokio::time::timeout(Duration::from_secs(30), starting)
         .await
         .expect("started once the lock was free")
@@ -189,6 +197,31 @@ async fn a_gateway_waiting_for_migrations_answers_503_until_ready() {
     let r = post(&c, &format!("{base}/mcp/anything"), &init_body(), None).send().await.expect("sent");
     assert_eq!(r.status(), 404, "served by the gateway now: an unknown server");
     gateway.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gateway_waiting_for_sqlite_migrations_answers_503_until_ready() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // SQLite names its file by its real path, and the lock file sits beside that.
+    let data = dir.path().canonicalize().expect("real path");
+    let lock_path = portcullis::store::migration_lock_path(&data.join("portcullis.db"));
+    let file = std::fs::File::create(&lock_path).expect("lock file");
+    file.lock().expect("locked");
+    waits_for_the_migration_lock(&data, "", Held::File(file)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gateway_waiting_for_postgres_migrations_answers_503_until_ready() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pg = FreshPostgres::create().await;
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&pg.url).await.expect("connects");
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(portcullis::store::MIGRATION_LOCK_PG_KEY)
+        .execute(&mut conn)
+        .await
+        .expect("locked");
+    let store = format!("\n[store]\nurl = {:?}\n", pg.url);
+    waits_for_the_migration_lock(dir.path(), &store, Held::Postgres(conn)).await;
 }
 
 /// A store that cannot be opened fails the start as before, and the port is let go.
