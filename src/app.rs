@@ -9,6 +9,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::future::Either;
 use http::StatusCode;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
@@ -333,64 +334,45 @@ impl Gateway {
     }
 
     /// Like [`Gateway::start`] with a given master key or key ring.
+    ///
+    /// Binds first, so the port is known and `/readyz` answers while the store opens and
+    /// migrates (which can wait for another process's migrations); until then every other path
+    /// answers 503 with `Retry-After`. Returns once the gateway serves everything.
     pub async fn start_with_key(config: Config, keys: impl Into<KeyRing>) -> Result<Gateway, StartError> {
         let keys: KeyRing = keys.into();
         let listen = config.gateway.listen;
         let listener =
             tokio::net::TcpListener::bind(listen).await.map_err(|source| StartError::Bind { addr: listen, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: listen, source })?;
-        let store = Store::connect(&config.store.url).await?;
-        let audit = crate::audit::AuditWriter::start(store.clone(), &config.audit);
-        if !config.audit.enabled {
-            tracing::warn!("the audit log is off ([audit] enabled = false): MCP exchanges leave no record");
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
         }
-        let shared_keys = crate::keys::SharedKeyRing::new(keys.clone(), Some(config.gateway.data_dir.clone()));
-        let public_url = config
-            .gateway
-            .public_url
-            .clone()
-            .unwrap_or_else(|| Url::parse(&format!("http://{addr}")).expect("a socket address makes a valid URL"));
-        let hosts = HostPolicy::new(&public_url, addr, &config.gateway.allowed_hosts, &config.gateway.allowed_origins);
-        let client = upstream_client();
-        let vault = crate::vault::Vault::from_config(&config, store.clone(), shared_keys.clone(), &public_url);
-        let credentials = match &vault {
-            Some(v) => Credentials::with_vault(store.clone(), shared_keys.clone(), v.clone()),
-            None => Credentials::new(store.clone(), shared_keys.clone()),
+        let shutdown = CancellationToken::new();
+        let gate = Gate::default();
+        let task = {
+            let (gate, token) = (gate.clone(), shutdown.clone());
+            let service = axum::ServiceExt::<axum::extract::Request>::into_make_service(gate);
+            tokio::spawn(
+                async move { axum::serve(listener, service).with_graceful_shutdown(token.cancelled_owned()).await },
+            )
         };
-        let tokens = Arc::new(crate::authn::cache::TokenCache::default());
-        let servers = config
-            .servers
-            .iter()
-            .map(|s| (s.name.clone(), Arc::new(Server::new(s, client.clone(), credentials.clone()))))
-            .collect();
-        let state = AppState(Arc::new(Inner {
-            sealer: Sealer::from_ring(&keys.derive("session")),
-            config,
-            public_url,
-            servers,
-            hosts,
-            store,
-            clock: Clock::system(),
-            metrics: metrics_handle(),
-            shutdown: CancellationToken::new(),
-            legacy: Default::default(),
-            audit,
-            keys: shared_keys,
-            tokens: tokens.clone(),
-            touched: Default::default(),
-            vault,
-        }));
-        tokio::spawn(tokens.watch(state.0.store.clone(), state.0.shutdown.clone()));
+        tracing::info!(%addr, key_id = %keys.active_id(), "listening; opening the store");
+        let store = match open_store(&config.store.url, &gate).await {
+            Ok(store) => store,
+            Err(e) => {
+                shutdown.cancel();
+                task.abort();
+                let _ = task.await;
+                return Err(e.into());
+            }
+        };
+        let state = build_state(config, keys, store, addr, shutdown);
+        tokio::spawn(state.0.tokens.clone().watch(state.0.store.clone(), state.0.shutdown.clone()));
         if let Some(vault) = state.0.vault.clone() {
             tokio::spawn(vault.run_refresher(state.0.shutdown.clone()));
             tokio::spawn(sweep_stdio(state.clone(), state.0.tokens.changes()));
         }
-        let router = front(state.clone());
-        let token = state.0.shutdown.clone();
-        let task =
-            tokio::spawn(
-                async move { axum::serve(listener, router).with_graceful_shutdown(token.cancelled_owned()).await },
-            );
+        gate.open(Front { router: router(state.clone()), app: state.clone() });
         tracing::info!(%addr, public_url = %state.public_url(), "portcullis is serving");
         Ok(Gateway { addr, state, task })
     }
@@ -413,6 +395,58 @@ impl Gateway {
         self.state.0.store.close().await;
         tracing::info!("portcullis stopped");
     }
+}
+
+/// Opens and migrates the store, telling `/readyz` which of the two it is doing.
+async fn open_store(url: &str, gate: &Gate) -> Result<Store, crate::store::StoreError> {
+    gate.phase(Phase::OpeningStore);
+    let store = Store::open(url).await?;
+    gate.phase(Phase::Migrating);
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// The gateway's state over an open store, for a listener bound at `addr`.
+fn build_state(config: Config, keys: KeyRing, store: Store, addr: SocketAddr, shutdown: CancellationToken) -> AppState {
+    let audit = crate::audit::AuditWriter::start(store.clone(), &config.audit);
+    if !config.audit.enabled {
+        tracing::warn!("the audit log is off ([audit] enabled = false): MCP exchanges leave no record");
+    }
+    let shared_keys = crate::keys::SharedKeyRing::new(keys.clone(), Some(config.gateway.data_dir.clone()));
+    let public_url = config
+        .gateway
+        .public_url
+        .clone()
+        .unwrap_or_else(|| Url::parse(&format!("http://{addr}")).expect("a socket address makes a valid URL"));
+    let hosts = HostPolicy::new(&public_url, addr, &config.gateway.allowed_hosts, &config.gateway.allowed_origins);
+    let client = upstream_client();
+    let vault = crate::vault::Vault::from_config(&config, store.clone(), shared_keys.clone(), &public_url);
+    let credentials = match &vault {
+        Some(v) => Credentials::with_vault(store.clone(), shared_keys.clone(), v.clone()),
+        None => Credentials::new(store.clone(), shared_keys.clone()),
+    };
+    let servers = config
+        .servers
+        .iter()
+        .map(|s| (s.name.clone(), Arc::new(Server::new(s, client.clone(), credentials.clone()))))
+        .collect();
+    AppState(Arc::new(Inner {
+        sealer: Sealer::from_ring(&keys.derive("session")),
+        config,
+        public_url,
+        servers,
+        hosts,
+        store,
+        clock: Clock::system(),
+        metrics: metrics_handle(),
+        shutdown,
+        legacy: Default::default(),
+        audit,
+        keys: shared_keys,
+        tokens: Arc::new(crate::authn::cache::TokenCache::default()),
+        touched: Default::default(),
+        vault,
+    }))
 }
 
 /// The HTTP client for configured upstreams (operator-chosen URLs, so no SSRF guard here;
@@ -446,33 +480,22 @@ async fn sweep_stdio(app: AppState, mut changes: tokio::sync::watch::Receiver<i6
     }
 }
 
-/// The service the listener runs: `POST`, `GET` and `DELETE` on `/mcp/{name}` of a configured
-/// server go straight to their handler, everything else through axum's router. Those three
+/// What the listener runs once the gateway is ready (see [`Gate`]): `POST`, `GET` and `DELETE`
+/// on `/mcp/{name}` of a configured server go straight to their handler, everything else
+/// through axum's router. Those three
 /// carry nearly all of the traffic, refusals included, and the router spends per request on
 /// what they do not need: matching, path parameters put into the request's extensions (a map
 /// allocated per request), a boxed clone of the route's service, two boxed futures and a
 /// `Content-Length` header built on the heap (hyper writes it from the body's exact size). The
 /// router still answers every other path and method, and percent-encoded spellings of
 /// configured names (`/mcp/{server}` decodes them), with the same handlers.
-#[derive(Clone)]
 struct Front {
     app: AppState,
     router: Router,
 }
 
-impl tower::Service<axum::extract::Request> for Front {
-    type Response = Response;
-    type Error = std::convert::Infallible;
-    type Future = futures::future::Either<
-        futures::future::BoxFuture<'static, Result<Response, std::convert::Infallible>>,
-        <Router as tower::Service<axum::extract::Request>>::Future,
-    >;
-
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: axum::extract::Request) -> Self::Future {
+impl Front {
+    fn call(&self, request: axum::extract::Request) -> GateFuture {
         use http::Method;
         let server = Some(request.method())
             .filter(|m| matches!(**m, Method::POST | Method::GET | Method::DELETE))
@@ -481,18 +504,101 @@ impl tower::Service<axum::extract::Request> for Front {
         match server {
             Some(server) => {
                 let (app, server) = (self.app.clone(), server.clone());
-                futures::future::Either::Left(Box::pin(async move {
-                    Ok(crate::transport::http::direct(&app, &server, request).await)
-                }))
+                Either::Left(Box::pin(async move { Ok(crate::transport::http::direct(&app, &server, request).await) }))
             }
-            None => futures::future::Either::Right(tower::Service::call(&mut self.router, request)),
+            None => Either::Right(Either::Left(tower::Service::call(&mut self.router.clone(), request))),
         }
     }
 }
 
-fn front(state: AppState) -> axum::routing::IntoMakeService<Front> {
-    let router = router(state.clone());
-    axum::ServiceExt::<axum::extract::Request>::into_make_service(Front { app: state, router })
+/// What a starting gateway is doing, as `/readyz` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Phase {
+    /// Connecting to the database (creating a SQLite file).
+    #[default]
+    OpeningStore,
+    /// Applying migrations, or waiting for another process that is.
+    Migrating,
+}
+
+impl Phase {
+    fn text(self) -> &'static str {
+        match self {
+            Phase::OpeningStore => "opening the store",
+            Phase::Migrating => "applying migrations",
+        }
+    }
+}
+
+/// The service the listener runs from the moment it is bound: the starting answers until the
+/// gateway is ready, [`Front`] from then on. Hyper clones the service for every request, so
+/// the gate is one `Arc`; once open it costs one atomic load per request.
+#[derive(Clone, Default)]
+struct Gate(Arc<GateInner>);
+
+#[derive(Default)]
+struct GateInner {
+    front: OnceLock<Front>,
+    phase: std::sync::Mutex<Phase>,
+}
+
+type GateFuture = Either<
+    futures::future::BoxFuture<'static, Result<Response, std::convert::Infallible>>,
+    Either<
+        <Router as tower::Service<axum::extract::Request>>::Future,
+        std::future::Ready<Result<Response, std::convert::Infallible>>,
+    >,
+>;
+
+impl Gate {
+    fn phase(&self, phase: Phase) {
+        *self.0.phase.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = phase;
+    }
+
+    fn open(&self, front: Front) {
+        // Only `start_with_key` opens its own gate, once.
+        let _ = self.0.front.set(front);
+    }
+
+    /// The answer of a gateway that is not ready yet: alive, not ready, come back in a second.
+    fn starting(&self, request: &axum::extract::Request) -> Response {
+        let phase = self.0.phase.lock().unwrap_or_else(std::sync::PoisonError::into_inner).text();
+        let read = matches!(*request.method(), http::Method::GET | http::Method::HEAD);
+        let path = request.uri().path();
+        let mut response = match path {
+            "/healthz" if read => return "ok".into_response(),
+            "/readyz" if read => {
+                let report = serde_json::json!({ "store": format!("starting: {phase}") });
+                (StatusCode::SERVICE_UNAVAILABLE, axum::Json(report)).into_response()
+            }
+            _ if path.starts_with("/mcp/") => {
+                crate::error::Failure::from(GatewayError::Starting(phase)).into_response()
+            }
+            _ => {
+                let report = serde_json::json!({ "error": GatewayError::Starting(phase).to_string() });
+                (StatusCode::SERVICE_UNAVAILABLE, axum::Json(report)).into_response()
+            }
+        };
+        response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        response
+    }
+}
+
+impl tower::Service<axum::extract::Request> for Gate {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = GateFuture;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: axum::extract::Request) -> Self::Future {
+        match self.0.front.get() {
+            Some(front) => front.call(request),
+            None => Either::Right(Either::Right(std::future::ready(Ok(self.starting(&request))))),
+        }
+    }
 }
 
 fn router(state: AppState) -> Router {

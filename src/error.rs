@@ -62,6 +62,10 @@ pub enum GatewayError {
     /// The gateway is shutting down.
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    /// The gateway is still starting (opening or migrating the store); answered with
+    /// `Retry-After`.
+    #[error("the gateway is starting: {0}")]
+    Starting(&'static str),
 }
 
 /// A [`GatewayError`] with what is needed to answer it: the request id, if any.
@@ -106,7 +110,9 @@ impl GatewayError {
             GatewayError::InvalidParams(_) => (StatusCode::OK, code::INVALID_PARAMS),
             GatewayError::InvalidHeader(_) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
             GatewayError::BodyRead => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
-            GatewayError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, code::INTERNAL_ERROR),
+            GatewayError::ShuttingDown | GatewayError::Starting(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, code::INTERNAL_ERROR)
+            }
             GatewayError::Upstream(e) => match e {
                 UpstreamError::SessionExpired => (StatusCode::NOT_FOUND, code::INVALID_REQUEST),
                 UpstreamError::Timeout { .. } if has_id => (StatusCode::OK, code::UPSTREAM_TIMEOUT),
@@ -145,6 +151,7 @@ impl GatewayError {
             GatewayError::InvalidHeader(_) => "invalid_header",
             GatewayError::BodyRead => "body_read",
             GatewayError::ShuttingDown => "shutting_down",
+            GatewayError::Starting(_) => "starting",
             GatewayError::Upstream(UpstreamError::SessionExpired) => "session_expired",
             GatewayError::Upstream(UpstreamError::Timeout { .. }) => "upstream_timeout",
             GatewayError::Upstream(_) => "upstream_error",
@@ -205,6 +212,9 @@ impl Failure {
         let mut resp = (status, [(header::CONTENT_TYPE, JSON)], body).into_response();
         if let GatewayError::Unauthenticated(why) = self.error {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, challenge(why));
+        }
+        if let GatewayError::Starting(_) = self.error {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }

@@ -35,6 +35,9 @@ enum Command {
     CheckConfig {
         /// The file to check (default: --config).
         file: Option<PathBuf>,
+        /// Fail on warnings too (settings that are valid but will not work as written).
+        #[arg(long)]
+        strict: bool,
     },
     /// Apply pending store migrations and exit.
     Migrate,
@@ -103,9 +106,17 @@ pub fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => serve::run(load(&cli.config)?),
-        Command::CheckConfig { file } => {
+        Command::CheckConfig { file, strict } => {
             let path = file.unwrap_or(cli.config);
             let config = load(&path)?;
+            let warnings = config.warnings();
+            for warning in &warnings {
+                eprintln!("{}: warning: {warning}", path.display());
+            }
+            if strict && !warnings.is_empty() {
+                let n = warnings.len();
+                anyhow::bail!("--strict: {n} warning{} above", if n == 1 { "" } else { "s" });
+            }
             println!("{}: ok ({} servers)", path.display(), config.servers.len());
             Ok(())
         }

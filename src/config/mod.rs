@@ -3,6 +3,7 @@
 
 mod env;
 pub mod raw;
+mod warnings;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;

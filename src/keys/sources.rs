@@ -126,18 +126,23 @@ fn load_or_create_key_file(data_dir: &Path) -> Result<KeyRing, KeyError> {
     if path.exists() {
         return read(&path);
     }
-    std::fs::create_dir_all(data_dir).map_err(|e| file_err(data_dir, e))?;
     let key = Key::random();
     let mut text = key.to_base64();
     text.push('\n');
-    match create_private(&path).and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all())) {
+    // Processes that start together on a fresh data directory race here: each writes its key
+    // whole to a file of its own, then links it into place, which fails if the name exists.
+    // One key wins, and no reader ever sees a half-written file.
+    let tmp = write_temp(&path, text.as_bytes())?;
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
         Ok(()) => {
             tracing::info!(path = %path.display(), key_id = %key.fingerprint(), "created a new master key file");
             Ok(KeyRing { source: RingSource::KeyFile(path), ..KeyRing::single(key) })
         }
         // Another process created it first: use theirs.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read(&path),
-        Err(e) => Err(file_err(&path, e)),
+        Err(e) => Err(file_err(&path, format!("cannot link {} into place: {e}", tmp.display()))),
     }
 }
 
@@ -152,17 +157,27 @@ fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
 /// Writes `bytes` to a fresh 0600 file beside `path`, then renames it over `path`, so readers
 /// see the old ring or the new one, never half of one.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
-    let mut suffix = [0u8; 8];
-    getrandom::fill(&mut suffix).map_err(|e| file_err(path, e))?;
-    let tmp = dir.join(format!(".{RING_FILE}.{}", suffix.iter().map(|b| format!("{b:02x}")).collect::<String>()));
-    let written = create_private(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = written {
+    let tmp = write_temp(path, bytes)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
         let _ = std::fs::remove_file(&tmp);
         return Err(file_err(path, e));
     }
     Ok(())
+}
+
+/// Writes `bytes` to a fresh 0600 file with a random name beside `path` (creating the
+/// directory), synced to disk, and returns its name.
+fn write_temp(path: &Path, bytes: &[u8]) -> Result<std::path::PathBuf, KeyError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
+    let mut suffix = [0u8; 8];
+    getrandom::fill(&mut suffix).map_err(|e| file_err(path, e))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}", suffix.iter().map(|b| format!("{b:02x}")).collect::<String>()));
+    let written = create_private(&tmp).and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(file_err(path, e));
+    }
+    Ok(tmp)
 }

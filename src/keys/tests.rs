@@ -19,6 +19,33 @@ fn key_file_is_created_private_and_reused() {
     assert_ne!(a.active_key().derive("x").bytes(), a.active_key().derive("y").bytes());
 }
 
+/// Processes starting together on a fresh data directory end up with one key: every loader
+/// gets the same one, none sees a half-written file, and no temporary file is left behind.
+#[test]
+fn key_file_created_by_many_at_once_is_one_key() {
+    for _ in 0..20 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let start = std::sync::Barrier::new(12);
+        let ids: Vec<Result<KeyId, String>> = std::thread::scope(|s| {
+            let loaders: Vec<_> = (0..12)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        load_key_ring_from(&data, None, None).map(|r| r.active_id().clone()).map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            loaders.into_iter().map(|l| l.join().expect("no panic")).collect()
+        });
+        let first = ids[0].clone().expect("loaded");
+        assert!(ids.iter().all(|id| id.as_ref() == Ok(&first)), "{ids:?}");
+        let names: Vec<_> = std::fs::read_dir(&data).expect("dir").map(|e| e.expect("entry").file_name()).collect();
+        assert_eq!(names, [std::ffi::OsString::from(KEY_FILE)]);
+        assert_eq!(load_key_ring_from(&data, None, None).expect("reloaded").active_id(), &first);
+    }
+}
+
 #[test]
 fn ring_file_wins_over_key_file_and_keeps_the_old_key() {
     let dir = tempfile::tempdir().expect("tempdir");

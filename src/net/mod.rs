@@ -168,6 +168,51 @@ impl Policy {
     }
 }
 
+/// What `[outbound]` would have to say before the guard fetches some URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Needed {
+    /// Plain `http://` to a host that is not loopback: no switch allows it.
+    Https,
+    /// A loopback host (or `http://` to one): `allow_http_loopback = true`.
+    AllowHttpLoopback,
+    /// An address that is not public: a network containing it in `allow_networks`.
+    Network(IpAddr, Class),
+}
+
+impl std::fmt::Display for Needed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Needed::Https => f.write_str("use https (plain http is allowed only to loopback hosts)"),
+            Needed::AllowHttpLoopback => f.write_str("set outbound.allow_http_loopback = true (development only)"),
+            Needed::Network(addr, class) => {
+                write!(f, "add a network containing {addr} ({class}) to outbound.allow_networks")
+            }
+        }
+    }
+}
+
+impl Policy {
+    /// What this policy lacks to let the guard fetch `url`, as far as the URL itself shows
+    /// (IP literals and `localhost`; other names are judged when they resolve). For
+    /// `check-config`'s warnings; fetches still go through [`Policy::check_url`].
+    pub fn needs(&self, url: &Url) -> Option<Needed> {
+        let (literal, loopback) = match url.host()? {
+            url::Host::Ipv4(a) => (Some(IpAddr::V4(a)), classify(IpAddr::V4(a)) == Class::Loopback),
+            url::Host::Ipv6(a) => (Some(IpAddr::V6(a)), classify(IpAddr::V6(a)) == Class::Loopback),
+            url::Host::Domain(d) => (None, d.eq_ignore_ascii_case("localhost")),
+        };
+        let http = url.scheme() == "http";
+        if http && !loopback {
+            return Some(Needed::Https);
+        }
+        if loopback && !self.allow_http_loopback && (http || literal.is_none_or(|a| self.refuses(a).is_some())) {
+            return Some(Needed::AllowHttpLoopback);
+        }
+        let addr = literal?;
+        self.refuses(addr).map(|class| Needed::Network(addr, class))
+    }
+}
+
 /// Why a guarded fetch failed. Messages name the URL (without query or credentials) and the
 /// rule, never a token.
 #[derive(Debug, thiserror::Error)]

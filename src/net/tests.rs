@@ -65,3 +65,35 @@ fn errors_never_show_queries_or_credentials() {
     let e = strict.check_url(&url("https://user:hunter2@auth.example.com/")).expect_err("credentials");
     assert!(!e.to_string().contains("hunter2"), "{e}");
 }
+
+#[test]
+fn what_a_url_needs_agrees_with_the_guard() {
+    let private = Policy { allow_networks: vec!["10.20.0.0/16".parse().expect("net")], ..Policy::default() };
+    let literals = [
+        "https://93.184.216.34/",
+        "http://93.184.216.34/",
+        "https://127.0.0.1/",
+        "http://127.0.0.1:9000/",
+        "http://[::1]/",
+        "https://10.20.1.1/",
+        "https://10.30.1.1/",
+        "http://10.20.1.1/",
+        "https://169.254.169.254/",
+        "https://[fe80::1]/",
+    ];
+    for policy in [Policy::default(), dev(), private] {
+        for u in literals {
+            let needs = policy.needs(&url(u));
+            assert_eq!(needs.is_none(), policy.check_url(&url(u)).is_ok(), "{u} {policy:?}: {needs:?}");
+        }
+    }
+    let strict = Policy::default();
+    assert_eq!(strict.needs(&url("http://localhost:8080/")), Some(Needed::AllowHttpLoopback));
+    assert_eq!(strict.needs(&url("https://localhost/")), Some(Needed::AllowHttpLoopback));
+    assert_eq!(dev().needs(&url("http://localhost:8080/")), None);
+    assert_eq!(strict.needs(&url("http://auth.example.com/")), Some(Needed::Https));
+    assert_eq!(dev().needs(&url("http://auth.example.com/")), Some(Needed::Https));
+    assert_eq!(strict.needs(&url("https://auth.example.com/")), None);
+    let link_local = "169.254.169.254".parse().expect("addr");
+    assert_eq!(strict.needs(&url("https://169.254.169.254/")), Some(Needed::Network(link_local, Class::LinkLocal)));
+}

@@ -4,12 +4,15 @@
 
 pub mod audit;
 pub mod identity;
+mod lock;
 pub mod placement;
 pub mod secrets;
 pub mod sessions;
 pub mod vault;
 
 use std::str::FromStr;
+
+pub use lock::{PG_KEY as MIGRATION_LOCK_PG_KEY, WAIT as MIGRATION_LOCK_WAIT, path_for as migration_lock_path};
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
@@ -47,6 +50,22 @@ pub enum StoreError {
         /// The cause.
         source: sqlx::Error,
     },
+    /// The migration lock could not be taken.
+    #[error("cannot use the migration lock {path}: {why}")]
+    Lock {
+        /// The lock file.
+        path: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// Another process held the migration lock for too long.
+    #[error("waited for {what}: another process held it; gave up after {}s", waited.as_secs_f32())]
+    LockTimeout {
+        /// The lock.
+        what: String,
+        /// How long this process waited.
+        waited: std::time::Duration,
+    },
     /// A migration failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -75,9 +94,23 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Runs the PostgreSQL migrations on `conn`. `Migrator::run` takes an `Acquire`, whose bound
+/// on `&mut PgConnection` keeps the caller's future from being provably `Send`; `run_direct`
+/// (public, hidden from sqlx's docs for this reason) takes the connection itself.
+async fn migrate_postgres(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::migrate::MigrateError> {
+    sqlx::migrate!("./migrations/postgres").run_direct(None, conn, false).await
+}
+
 impl Store {
     /// Opens (creating a SQLite file and its directory if needed) and migrates.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        let store = Store::open(url).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Opens (creating a SQLite file and its directory if needed) without migrating.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
         let connect_err = |source| StoreError::Connect { url: redact_url(url), source };
         let store = if url.starts_with("postgres") {
             let pool = PgPoolOptions::new().max_connections(16).connect(url).await.map_err(connect_err)?;
@@ -97,18 +130,31 @@ impl Store {
             let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await.map_err(connect_err)?;
             Store::Sqlite(pool)
         };
-        store.migrate().await?;
         Ok(store)
     }
 
-    /// Applies pending migrations.
+    /// Applies pending migrations and moves legacy audit rows, holding the migration lock
+    /// throughout: processes that start together migrate one after the other (the later ones
+    /// find nothing to do) instead of racing to create the same tables.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         match self {
-            Store::Sqlite(p) => sqlx::migrate!("./migrations/sqlite").run(p).await?,
-            Store::Postgres(p) => sqlx::migrate!("./migrations/postgres").run(p).await?,
+            Store::Sqlite(p) => {
+                // SQLite names the main database's file; an empty name means in memory.
+                let file: String = sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+                    .fetch_one(p)
+                    .await?;
+                let lock = lock::SqliteLock::take(std::path::Path::new(&file), lock::WAIT).await?;
+                sqlx::migrate!("./migrations/sqlite").run(p).await?;
+                self.audit_upgrade().await?;
+                lock.release()
+            }
+            Store::Postgres(p) => {
+                let mut lock = lock::PostgresLock::take(p, lock::WAIT).await?;
+                migrate_postgres(lock.connection()).await?;
+                self.audit_upgrade().await?;
+                lock.release().await
+            }
         }
-        self.audit_upgrade().await?;
-        Ok(())
     }
 
     /// A round trip to the database (for `/readyz`).

@@ -284,6 +284,33 @@ async fn check_config_reports_every_problem_and_honours_the_environment() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+#[test]
+fn check_config_warns_about_oauth_providers_the_outbound_guard_refuses() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("p.toml");
+    let text = "[[servers]]\nname = \"local\"\nurl = \"http://127.0.0.1:9/mcp\"\nauth = { type = \"oauth\" }\n";
+    std::fs::write(&file, text).expect("written");
+    let check = |strict: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        cmd.arg("check-config").arg(&file).env_remove("PORTCULLIS_CONFIG");
+        if strict {
+            cmd.arg("--strict");
+        }
+        cmd.output().expect("runs")
+    };
+    let out = check(false);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("p.toml: warning: server \"local\": url http://127.0.0.1:9/mcp ")
+            && err.contains("set outbound.allow_http_loopback = true"),
+        "{err}"
+    );
+    let out = check(true);
+    assert!(!out.status.success(), "--strict fails on warnings");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--strict: 1 warning above"));
+}
+
 /// Live child processes of this test process that run the stdio fixture.
 fn stdio_children() -> usize {
     let me = std::process::id().to_string();

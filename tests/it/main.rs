@@ -11,6 +11,7 @@ mod identity;
 mod protocol;
 mod relay;
 mod secrets;
+mod startup;
 mod upstream_auth;
 mod vault_e2e;
 mod vault_sessions;
