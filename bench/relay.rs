@@ -256,20 +256,22 @@ async fn start_gateway(dir: &std::path::Path, stub: SocketAddr, full: bool) -> G
         if let Ok(Some(status)) = gw.child.try_wait() {
             panic!("the gateway exited during startup: {status}");
         }
-        if healthz(addr).await {
+        if ready(addr).await {
             return Gateway { proc: gw, addr, token };
         }
-        assert!(Instant::now() < deadline, "the gateway did not answer /healthz within 60s");
+        assert!(Instant::now() < deadline, "the gateway was not ready (/readyz) within 60s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-async fn healthz(addr: SocketAddr) -> bool {
+/// Whether the gateway serves (it answers `/healthz` while it opens its store, `/readyz` only
+/// once it serves everything).
+async fn ready(addr: SocketAddr) -> bool {
     let Ok(mut tx) = connect(addr).await else {
         return false;
     };
     let req =
-        Request::get("/healthz").header(HOST, addr.to_string()).body(Full::new(Bytes::new())).expect("a valid request");
+        Request::get("/readyz").header(HOST, addr.to_string()).body(Full::new(Bytes::new())).expect("a valid request");
     match tx.send_request(req).await {
         Ok(resp) => resp.status() == StatusCode::OK,
         Err(_) => false,

@@ -116,12 +116,7 @@ async fn a_sigterm_under_load_loses_no_record() {
         .expect("gateway runs");
     let base = format!("http://127.0.0.1:{port}");
     let c = reqwest::Client::new();
-    for _ in 0..100 {
-        if c.get(format!("{base}/healthz")).send().await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    ready(&c, &format!("127.0.0.1:{port}")).await;
     let url = format!("{base}/mcp/fx");
     let session = raw_session(&c, &url).await;
     let answered = Arc::new(AtomicU64::new(2)); // initialize and initialized

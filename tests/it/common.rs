@@ -342,3 +342,19 @@ pub async fn outside_netns(test: &str) -> bool {
     assert!(text.contains("1 passed"), "the test did not run inside its network namespace:\n{text}");
     true
 }
+
+/// Polls `http://{addr}/readyz` until it answers 200 (a gateway process has opened its store
+/// and its upstreams answer); panics with the last answer after 60 s.
+pub async fn ready(client: &reqwest::Client, addr: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    while std::time::Instant::now() < deadline {
+        match client.get(format!("http://{addr}/readyz")).send().await {
+            Ok(r) if r.status() == 200 => return,
+            Ok(r) => last = format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{addr} never became ready; last answer: {last}");
+}

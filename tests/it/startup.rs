@@ -64,21 +64,6 @@ fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client")
 }
 
-/// Polls `/readyz` until it answers 200; panics with the last answer after 60 s.
-async fn ready(client: &reqwest::Client, addr: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        match client.get(format!("http://{addr}/readyz")).send().await {
-            Ok(r) if r.status() == 200 => return,
-            Ok(r) => last = format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
-            Err(e) => last = e.to_string(),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{addr} never became ready; last answer: {last}");
-}
-
 /// Starts `GATEWAYS` gateways and two `user add` commands at once on the store `store_url`
 /// (empty: the default SQLite file in the data directory) and checks that all of them succeed
 /// and that every gateway uses the one master key in the data directory.

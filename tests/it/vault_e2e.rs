@@ -772,12 +772,7 @@ async fn no_secret_of_the_flow_reaches_the_logs() {
         .spawn()
         .expect("serve starts");
     let http = reqwest::Client::new();
-    for _ in 0..100 {
-        if http.get(format!("{base}/healthz")).send().await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    ready(&http, &format!("127.0.0.1:{port}")).await;
     let mut alice =
         Caller { http: http.clone(), url: format!("{base}/mcp/acme"), token: grant, session: None, next_id: 1 };
     alice.initialize().await;
