@@ -142,7 +142,19 @@ fn load_or_create_key_file(data_dir: &Path) -> Result<KeyRing, KeyError> {
         }
         // Another process created it first: use theirs.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read(&path),
-        Err(e) => Err(file_err(&path, format!("cannot link {} into place: {e}", tmp.display()))),
+        // A filesystem without hard links (some network and FUSE mounts): create the file
+        // itself exclusively instead. A process starting at the very same moment could then
+        // read it before its one short write lands; it fails with a clear error and a restart
+        // reads the whole key.
+        Err(_) => {
+            let created =
+                create_private(&path).and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()));
+            match created {
+                Ok(()) => Ok(KeyRing { source: RingSource::KeyFile(path.clone()), ..KeyRing::single(key) }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read(&path),
+                Err(e) => Err(file_err(&path, e)),
+            }
+        }
     }
 }
 

@@ -1,5 +1,5 @@
-//! What an OAuth upstream last showed: its `initialize` result and its listings (`tools/list`
-//! and the like, page by page), as seen in any connected person's session. A person who has
+//! What an OAuth upstream last showed: its `initialize` result (capabilities and server info)
+//! and its tool and prompt listings, page by page, as seen in any connected person's session. A person who has
 //! not connected yet is shown these, so a chat host lists the server's real tools and the model
 //! can call one, which answers with the connect link (see `mcp::unconnected`).
 //!
@@ -18,8 +18,9 @@ use crate::clock::Clock;
 use crate::store::Store;
 use crate::upstream::{Reply, messages_of};
 
-/// The listings kept.
-pub const LISTS: &[&str] = &["tools/list", "prompts/list", "resources/list", "resources/templates/list"];
+/// The listings kept: those that describe the server rather than the person's data. Resource
+/// listings (file names, records) are the person's own and are never kept.
+pub const LISTS: &[&str] = &["tools/list", "prompts/list"];
 /// The `initialize` result is kept under this method name.
 pub const INITIALIZE: &str = "initialize";
 /// Largest page kept.
@@ -94,6 +95,10 @@ impl Catalog {
         let k = known.entry(method.to_owned()).or_default();
         k.pages.insert(page.to_owned(), (hash_of(body), written));
         if let Some(next) = result.get("nextCursor").and_then(Value::as_str) {
+            // An upstream whose cursors change with every listing would grow this forever.
+            if k.next.len() >= 4 * MAX_PAGES {
+                k.next.clear();
+            }
             k.next.insert(next.to_owned());
         }
     }
@@ -104,7 +109,8 @@ impl Catalog {
     pub fn observe(self: &Arc<Self>, method: &str, page: &str, result: &Value) {
         let kept = if method == INITIALIZE {
             let mut kept = serde_json::Map::new();
-            for key in ["capabilities", "serverInfo", "instructions"] {
+            // Not `instructions`: an upstream may write them for the person it answers.
+            for key in ["capabilities", "serverInfo"] {
                 if let Some(v) = result.get(key) {
                     kept.insert(key.to_owned(), v.clone());
                 }
@@ -212,14 +218,14 @@ mod tests {
     async fn initialize_keeps_what_describes_the_server_and_large_pages_are_skipped() {
         let (catalog, store, _dir) = catalog().await;
         let init = json!({"protocolVersion": "2025-11-25", "capabilities": {"tools": {}},
-            "serverInfo": {"name": "gh", "version": "1"}, "_meta": {"x": 1}});
+            "serverInfo": {"name": "gh", "version": "1"}, "instructions": "Hello alice", "_meta": {"x": 1}});
         catalog.observe(INITIALIZE, "", &init);
         let kept = stored(&store, INITIALIZE, "").await.expect("kept");
         assert_eq!(kept, json!({"capabilities": {"tools": {}}, "serverInfo": {"name": "gh", "version": "1"}}));
         let big = json!({"prompts": [{"name": "p", "description": "x".repeat(MAX_PAGE_BYTES)}]});
         catalog.observe("prompts/list", "", &big);
-        catalog.observe("resources/list", "", &json!({"resources": []}));
-        assert!(stored(&store, "resources/list", "").await.is_some());
+        catalog.observe("tools/list", "", &json!({"tools": []}));
+        assert!(stored(&store, "tools/list", "").await.is_some());
         assert_eq!(store.catalog_page("gh", "prompts/list", "").await.expect("read"), None, "too large");
     }
 }

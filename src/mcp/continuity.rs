@@ -28,15 +28,16 @@ use crate::clock::Clock;
 use crate::crypto::row_aad;
 use crate::keys::SharedKeyRing;
 use crate::store::Store;
-use crate::store::sessions::{SESSION_UPSTREAMS_TABLE, SessionUpstreamRow};
+use crate::store::sessions::{SESSION_UPSTREAM_TTL_SECS, SESSION_UPSTREAMS_TABLE, SessionUpstreamRow};
 use crate::transport::session::SessionState;
 use crate::upstream::{ClientHello, Opened, Upstream, UpstreamError};
 
 /// Sessions remembered in memory before the map starts over (the store still has them).
 const MEMORY_CAP: usize = 100_000;
 
-/// The upstream side of a session, as chosen after the session began.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The upstream side of a session, as chosen after the session began. `Debug` leaves out the
+/// upstream's session id.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Side {
     /// The upstream's session id.
     #[serde(rename = "s", default, skip_serializing_if = "Option::is_none")]
@@ -52,6 +53,17 @@ pub struct Side {
     pub generation: i64,
 }
 
+impl std::fmt::Debug for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Side")
+            .field("upstream_session", &self.upstream_session.as_ref().map(|_| "redacted"))
+            .field("upstream_protocol", &self.upstream_protocol)
+            .field("closed", &self.closed)
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
 impl Side {
     /// `session` with this upstream side.
     pub fn apply(&self, session: &SessionState) -> SessionState {
@@ -61,6 +73,19 @@ impl Side {
             pending: false,
             ..session.clone()
         }
+    }
+}
+
+/// Drops a session's re-open lock from the map once nobody else holds or waits for it.
+struct ForgetLock<'a> {
+    locks: &'a DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    key: &'a str,
+}
+
+impl Drop for ForgetLock<'_> {
+    fn drop(&mut self) {
+        // The map's own handle and the dropping caller's are the last two.
+        self.locks.remove_if(self.key, |_, l| Arc::strong_count(l) <= 2);
     }
 }
 
@@ -122,6 +147,7 @@ impl Continuity {
     /// The side this process knows for `session`; for a session opened before its person
     /// connected, also the one another replica may have stored.
     pub async fn current(&self, session: &SessionState) -> Result<Option<Arc<Side>>, UpstreamError> {
+        self.check_age(session)?;
         if let Some(side) = self.sides.get(&session.key) {
             return Ok(Some(side.clone()));
         }
@@ -129,6 +155,24 @@ impl Continuity {
             return Ok(None);
         }
         self.stored(&session.key).await
+    }
+
+    /// The side in the store (another replica may have re-opened or ended the session since
+    /// this one last looked), else the one this process knows.
+    pub async fn latest(&self, session: &SessionState) -> Result<Option<Arc<Side>>, UpstreamError> {
+        self.check_age(session)?;
+        match self.stored(&session.key).await? {
+            Some(side) => Ok(Some(side)),
+            None => Ok(self.sides.get(&session.key).map(|s| s.clone())),
+        }
+    }
+
+    /// A session older than the store keeps its rows is over: its row (an ended session's
+    /// among them) may be gone, and it must not be opened again.
+    fn check_age(&self, session: &SessionState) -> Result<(), UpstreamError> {
+        let age = self.clock.unix_secs().saturating_sub(session.created);
+        let limit = u64::try_from(SESSION_UPSTREAM_TTL_SECS).unwrap_or(u64::MAX);
+        if age > limit { Err(UpstreamError::SessionExpired) } else { Ok(()) }
     }
 
     async fn stored(&self, key: &str) -> Result<Option<Arc<Side>>, UpstreamError> {
@@ -165,12 +209,13 @@ impl Continuity {
         session: &SessionState,
         used: Option<&Side>,
     ) -> Result<(Arc<Side>, Option<Value>), UpstreamError> {
+        self.check_age(session)?;
         let lock = self.locks.entry(session.key.clone()).or_default().clone();
+        // Forgets the lock when the last waiter is done, also when the client went away and
+        // this future was dropped.
+        let _forget = ForgetLock { locks: &self.locks, key: &session.key };
         let _held = lock.lock().await;
-        let result = self.reopen_locked(upstream, session, used).await;
-        drop(_held);
-        self.locks.remove_if(&session.key, |_, l| Arc::strong_count(l) <= 2);
-        result
+        self.reopen_locked(upstream, session, used).await
     }
 
     async fn reopen_locked(

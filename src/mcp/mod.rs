@@ -152,6 +152,9 @@ async fn relay_continued(
     if side.as_ref().is_some_and(|s| s.closed) {
         return Ok(Relayed::Sent(Err(UpstreamError::SessionExpired)));
     }
+    // The first answer after the upstream side was opened behind a session that showed the
+    // stand-in listings tells the client its lists changed.
+    let mut announce = false;
     if side.is_none() && session.pending {
         if !unconnected::is_connected(server, &session.subject).await.map_err(fail)? {
             let reply = unconnected::answer(server, &session.subject, session.features, &message).await?;
@@ -161,6 +164,12 @@ async fn relay_continued(
             Ok(reopened) => Some(opened(server, reopened)),
             Err(e) => return Ok(Relayed::Sent(Err(e))),
         };
+        announce = message.kind == crate::transport::jsonrpc::Kind::Request;
+    }
+    if session.pending
+        && let Some(reply) = unconnected::connected_answer(server, &message).await
+    {
+        return Ok(Relayed::Answered(if announce { unconnected::with_list_changed(reply) } else { reply }));
     }
     let listing = catalog::LISTS.iter().find(|m| **m == message.method()).copied();
     let page = match listing {
@@ -177,10 +186,11 @@ async fn relay_continued(
             Err(e) => Err(e),
         };
     }
-    Ok(Relayed::Sent(match (listing, server.catalog()) {
+    let sent = match (listing, server.catalog()) {
         (Some(method), Some(catalog)) => sent.map(|reply| catalog.tee(method, page, reply)),
         _ => sent,
-    }))
+    };
+    Ok(Relayed::Sent(if announce { sent.map(unconnected::with_list_changed) } else { sent }))
 }
 
 /// `session` with the upstream side the gateway opened behind it later, if it did
@@ -204,15 +214,28 @@ pub async fn listen(
     server.upstream.listen(side.as_ref().unwrap_or(session), last_event_id).await
 }
 
-/// Ends the session (HTTP DELETE, or the legacy SSE stream closing): its upstream side, and
-/// for an OAuth server the record that no replica may open it again.
+/// Ends the session (HTTP DELETE): its upstream side, and for an OAuth server the record that
+/// no replica may open it again.
 pub async fn close(server: &Server, session: &SessionState) -> Result<(), UpstreamError> {
-    let side = upstream_side(server, session).await?;
-    let closed = server.upstream.close(side.as_ref().unwrap_or(session)).await;
+    let closed = close_upstream(server, session).await;
     if let Some(continuity) = server.continuity() {
         continuity.close(session).await?;
     }
     closed
+}
+
+/// Ends the session's upstream side only (a legacy SSE stream closing: its id lives in the
+/// stream, so nobody can present it again).
+pub async fn close_upstream(server: &Server, session: &SessionState) -> Result<(), UpstreamError> {
+    // The side in the store: another replica may have re-opened the session behind this id.
+    let side = match server.continuity() {
+        Some(continuity) => match continuity.latest(session).await? {
+            Some(side) if side.closed => return Err(UpstreamError::SessionExpired),
+            side => side.map(|s| s.apply(session)),
+        },
+        None => None,
+    };
+    server.upstream.close(side.as_ref().unwrap_or(session)).await
 }
 
 /// The side a re-open chose; the upstream's `initialize` result, when it opened one, goes

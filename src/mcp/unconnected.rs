@@ -1,7 +1,7 @@
 //! Answers for a person who has not connected their account at an OAuth upstream yet (or must
-//! connect again). The gateway answers for the upstream: `initialize` and the listings from
-//! what the upstream last showed (`mcp::catalog`), so a chat host lists the server's real
-//! tools; any call returns the connect link, as a URL-mode elicitation (JSON-RPC -32042) when
+//! connect again). The gateway answers for the upstream: `initialize` and the tool and prompt
+//! listings from what the upstream last showed (`mcp::catalog`; resource listings are empty),
+//! so a chat host lists the server's real tools; any call returns the connect link, as a URL-mode elicitation (JSON-RPC -32042) when
 //! the client declared it, else as a tool result carrying the link, which a model can relay.
 //! When the gateway never saw the server's tools, one tool, [`CONNECT_TOOL`], is listed.
 //! Once the person connected, `mcp::continuity` opens the upstream behind the same session.
@@ -14,6 +14,9 @@ use crate::error::{Failure, GatewayError};
 use crate::transport::jsonrpc::{Kind, Message, result_response};
 use crate::upstream::mux::features;
 use crate::upstream::{Opened, Reply, UpstreamError};
+
+/// The listings answered for an unconnected person (those not in the catalog are empty).
+const LISTINGS: &[&str] = &["tools/list", "prompts/list", "resources/list", "resources/templates/list"];
 
 /// The tool listed for an unconnected person when the server's own tools are not known yet.
 pub const CONNECT_TOOL: &str = "connect";
@@ -75,7 +78,7 @@ pub async fn answer(server: &Server, caller: &str, client_features: u8, message:
     if method == "ping" {
         return reply(json!({}));
     }
-    if let Some(list) = catalog::LISTS.iter().find(|m| **m == method) {
+    if let Some(list) = LISTINGS.iter().find(|m| **m == method) {
         let page = message.value().map(|v| catalog::cursor_of(&v)).unwrap_or_default();
         return reply(listing(server.catalog(), &server.config.name, list, &page).await);
     }
@@ -94,7 +97,8 @@ pub async fn answer(server: &Server, caller: &str, client_features: u8, message:
 /// The listing an unconnected person sees: the page the upstream last showed, else (first
 /// page of tools) the connect tool, else an empty page.
 async fn listing(catalog: Option<&std::sync::Arc<Catalog>>, name: &str, method: &str, page: &str) -> Value {
-    if let Some(seen) = match catalog {
+    let kept = catalog.filter(|_| catalog::LISTS.contains(&method));
+    if let Some(seen) = match kept {
         Some(c) => c.page(method, page).await,
         None => None,
     } {
@@ -123,7 +127,8 @@ async fn listing(catalog: Option<&std::sync::Arc<Catalog>>, name: &str, method: 
 async fn connect_link(server: &Server, caller: &str) -> Result<(String, Option<secrecy::SecretString>), UpstreamError> {
     let name = server.config.name.clone();
     let Some(vault) = server.vault() else {
-        return Err(UpstreamError::SessionExpired);
+        let detail = "the server has no upstream OAuth".to_owned();
+        return Err(UpstreamError::Credential { server: name, detail });
     };
     if vault.is_shared(&name) {
         let reason = format!("'{name}' is not connected yet: ask an administrator to run `portcullis connect {name}`");
@@ -144,4 +149,46 @@ pub fn link_tool_result(id: Option<&Value>, reason: &str, link: &secrecy::Secret
     let result = json!({"content": [{"type": "text", "text": text}], "isError": true});
     let bytes = serde_json::to_vec(&result_response(id.unwrap_or(&Value::Null), result)).unwrap_or_default();
     Reply::Json(bytes.into())
+}
+
+/// For a session that was opened unconnected and whose person has connected since: the
+/// answer to a call of the stand-in [`CONNECT_TOOL`], unless the upstream's own listing (as
+/// last seen) has a tool of that name. `None` for every other message.
+pub async fn connected_answer(server: &Server, message: &Message) -> Option<Reply> {
+    if message.kind != Kind::Request || message.method() != "tools/call" {
+        return None;
+    }
+    let request = message.value().ok()?;
+    if request.pointer("/params/name").and_then(Value::as_str) != Some(CONNECT_TOOL) {
+        return None;
+    }
+    let seen = match server.catalog() {
+        Some(c) => c.page("tools/list", "").await,
+        None => None,
+    };
+    let theirs = seen
+        .as_ref()
+        .and_then(|s| s.get("tools"))
+        .and_then(Value::as_array)
+        .is_some_and(|tools| tools.iter().any(|t| t.get("name").and_then(Value::as_str) == Some(CONNECT_TOOL)));
+    if theirs {
+        return None;
+    }
+    let text =
+        format!("Your account at '{}' is connected. List the tools again to see the server's own.", server.config.name);
+    let result = json!({"content": [{"type": "text", "text": text}]});
+    let bytes = serde_json::to_vec(&result_response(message.id.as_ref().unwrap_or(&Value::Null), result)).ok()?;
+    Some(Reply::Json(bytes.into()))
+}
+
+/// `reply` preceded by `notifications/tools/list_changed`, so a client that was shown the
+/// stand-in listing fetches the upstream's own. The answer then goes back as a short SSE
+/// stream.
+pub fn with_list_changed(reply: Reply) -> Reply {
+    use futures::StreamExt;
+    if matches!(reply, Reply::Accepted | Reply::Status(_)) {
+        return reply;
+    }
+    let note = json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"});
+    Reply::Messages(Box::pin(futures::stream::once(async move { note }).chain(crate::upstream::messages_of(reply))))
 }

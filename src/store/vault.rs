@@ -359,16 +359,26 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Records a failure; with `reconnect`, the connection needs a new authorization.
-    pub async fn vault_connection_failed(&self, id: &str, reconnect: bool, error: &str) -> Result<(), StoreError> {
+    /// Records a failure of the connection's tokens at `generation`; with `reconnect`, the
+    /// connection needs a new authorization. Nothing changes when the connection moved on
+    /// meanwhile (another process refreshed it, or the person connected again): the failure
+    /// was about tokens that are no longer in use.
+    pub async fn vault_connection_failed(
+        &self,
+        id: &str,
+        generation: i64,
+        reconnect: bool,
+        error: &str,
+    ) -> Result<(), StoreError> {
         let status = if reconnect { "reconnect" } else { "active" };
         crate::on_pool!(self, p => sqlx::query(
             "UPDATE vault_connections SET status = CASE WHEN $1 = 'reconnect' THEN $1 ELSE status END, \
-             last_error = $2 WHERE id = $3",
+             last_error = $2 WHERE id = $3 AND generation = $4",
         )
         .bind(status)
         .bind(error)
         .bind(id)
+        .bind(generation)
         .execute(p)
         .await?
         .rows_affected());

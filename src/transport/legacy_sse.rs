@@ -69,7 +69,7 @@ impl Drop for Closer {
         conn.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..).for_each(|t| t.abort());
         if let (Some(session), Ok(server)) = (conn.session(), self.app.server(&conn.server)) {
             tokio::spawn(async move {
-                let _ = crate::mcp::close(&server, &session).await;
+                let _ = crate::mcp::close_upstream(&server, &session).await;
             });
         }
     }

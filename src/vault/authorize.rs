@@ -7,7 +7,9 @@
 //! before answering with the authorization URL:
 //!
 //! - Where the metadata offers pushed authorization requests (RFC 9126), the request is pushed
-//!   with the client's authentication; the push itself is the check.
+//!   with the client's authentication; the push itself is the check. A push that fails for
+//!   another reason leaves the request in the browser's URL as before, unless the server
+//!   requires pushed requests (`require_pushed_authorization_requests`).
 //! - Otherwise, for a stored dynamic registration only, the token endpoint is asked to refresh
 //!   a refresh token that was never issued, with the client's authentication. The client is
 //!   authenticated before the grant is looked at (RFC 6749 §5.2): `invalid_client` means the
@@ -158,10 +160,21 @@ impl Vault {
                         let url = with_query(&server.authorization_endpoint, &client.auth.client_id, &reference)?;
                         return Ok((url, client));
                     }
-                    Err(VaultError::Pushed { error, detail }) => match ClientStatus::from_error(error.as_deref()) {
-                        ClientStatus::Gone => ClientStatus::Gone,
-                        _ => return Err(VaultError::Pushed { error, detail }),
-                    },
+                    Err(VaultError::Pushed { error, .. })
+                        if ClientStatus::from_error(error.as_deref()) == ClientStatus::Gone =>
+                    {
+                        ClientStatus::Gone
+                    }
+                    // Pushing is optional unless the server requires it: a push that failed for
+                    // another reason (a parameter it refuses there, an outage of that endpoint)
+                    // leaves the request in the browser's URL, as without pushed requests.
+                    Err(e) if !server.require_pushed_authorization_requests => {
+                        tracing::warn!(
+                            server = %vs.name, issuer = %server.issuer, error = %e,
+                            "the pushed authorization request failed; the browser carries the request instead"
+                        );
+                        ClientStatus::Unclear
+                    }
                     Err(e) => return Err(e),
                 },
                 None if client.kind == ClientKind::Dynamic && !client.fresh => {

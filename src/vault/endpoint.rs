@@ -168,19 +168,28 @@ pub async fn register(
     Ok(ClientAuth { client_id: reg.client_id, secret, method })
 }
 
-/// An OAuth error body (RFC 6749 §5.2), for messages.
+/// An OAuth error body (RFC 6749 §5.2), for messages. Both fields come from the server: they
+/// are cut short and stripped of control characters before anything logs or shows them.
 #[derive(Debug, Default, Deserialize)]
 struct OAuthErrorBody {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "short_text")]
     error: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "short_text")]
     error_description: Option<String>,
+}
+
+/// Longest error code or description kept from a server's answer.
+const ERROR_TEXT_CHARS: usize = 200;
+
+fn short_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let text = Option::<String>::deserialize(d)?;
+    Ok(text.map(|t| t.chars().filter(|c| !c.is_control()).take(ERROR_TEXT_CHARS).collect()))
 }
 
 impl OAuthErrorBody {
     fn describe(&self) -> String {
         match (&self.error, &self.error_description) {
-            (Some(e), Some(d)) => format!(": {e}: {}", d.chars().take(200).collect::<String>()),
+            (Some(e), Some(d)) => format!(": {e}: {d}"),
             (Some(e), None) => format!(": {e}"),
             _ => String::new(),
         }

@@ -264,8 +264,9 @@ struct ConnectionLock {
     _local: tokio::sync::OwnedMutexGuard<()>,
 }
 
-/// How long a refresh lease on SQLite lasts: longer than a refresh can take (the guarded
-/// client gives up after 10 s), so it runs out only when its holder died.
+/// How long a refresh lease on SQLite lasts at least; with a longer `[outbound] timeout`, three
+/// times that (a refresh is one guarded request, a machine token a few), so the lease runs out
+/// only when its holder died.
 const LEASE_SECS: i64 = 30;
 /// Longest wait for another process's lease before giving up.
 const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(45);
@@ -1112,7 +1113,9 @@ impl Vault {
         let mut pause = std::time::Duration::from_millis(10);
         loop {
             let now = self.now();
-            match self.store.vault_refresh_lease_take(server, subject, &self.owner, now, now + LEASE_SECS).await? {
+            let timeout = i64::try_from(self.egress.policy().timeout.as_secs()).unwrap_or(i64::MAX / 4);
+            let until = now.saturating_add(LEASE_SECS.max(timeout.saturating_mul(3)));
+            match self.store.vault_refresh_lease_take(server, subject, &self.owner, now, until).await? {
                 None => return Ok(None),
                 Some(true) => {
                     let (store, owner) = (self.store.clone(), self.owner.clone());
@@ -1164,7 +1167,7 @@ impl Vault {
                 return self.machine_token(server).await;
             }
             let reason = "the access token expired and the authorization server gave no refresh token";
-            self.store.vault_connection_failed(&row.id, true, reason).await?;
+            self.store.vault_connection_failed(&row.id, row.generation, true, reason).await?;
             return Err(VaultError::NeedsReconnect { server: server.to_owned(), reason: reason.to_owned() });
         };
         let client = self.client_of_connection(&row, &d).await?;
@@ -1183,10 +1186,15 @@ impl Vault {
             Err(VaultError::Token { error: Some(code), detail })
                 if code == "invalid_grant" || code == "invalid_client" =>
             {
+                // Another process may have refreshed meanwhile (a lease that ran out): the
+                // refusal is about the token it replaced, and its token is the one to use.
+                if let Ok(newer) = self.newer_token(server, subject, row.generation).await {
+                    return Ok(newer);
+                }
                 // The grant is gone (revoked, expired, or the server forgot us): ask the person
                 // to reconnect instead of retrying in a loop.
                 let reason = format!("the authorization server refused the refresh ({detail})");
-                self.store.vault_connection_failed(&row.id, true, &reason).await?;
+                self.store.vault_connection_failed(&row.id, row.generation, true, &reason).await?;
                 if code == "invalid_client" && d.client_kind == ClientKind::Dynamic {
                     self.store.vault_client_delete(server, &row.issuer, &row.client_id).await?;
                 }
@@ -1195,7 +1203,7 @@ impl Vault {
                 return Err(VaultError::NeedsReconnect { server: server.to_owned(), reason });
             }
             Err(e) => {
-                self.store.vault_connection_failed(&row.id, false, &e.to_string()).await?;
+                self.store.vault_connection_failed(&row.id, row.generation, false, &e.to_string()).await?;
                 metrics::counter!("portcullis_vault_refresh_total", "server" => server.to_owned(), "outcome" => "error")
                     .increment(1);
                 return Err(e);
@@ -1224,8 +1232,6 @@ impl Vault {
         Ok((tokens.access, generation))
     }
 
-    /// The client credentials grant for a machine-to-machine server (stored as the shared
-    /// connection).
     /// The token of a connection that moved past `generation` while this process refreshed.
     async fn newer_token(
         &self,
@@ -1238,7 +1244,8 @@ impl Vault {
             reason: "the connection changed during the refresh".to_owned(),
         };
         let row = self.store.vault_connection(server, subject).await?.ok_or_else(changed)?;
-        if row.generation == generation || row.status != "active" {
+        let expired = row.expires_at.is_some_and(|e| e <= self.now());
+        if row.generation == generation || row.status != "active" || expired {
             return Err(changed());
         }
         let (access, _) = self.open_tokens(&row)?;
@@ -1247,6 +1254,8 @@ impl Vault {
         Ok((access, row.generation))
     }
 
+    /// The client credentials grant for a machine-to-machine server (stored as the shared
+    /// connection).
     async fn machine_token(&self, server: &str) -> Result<(SecretString, i64), VaultError> {
         let vs = self.server(server)?.clone();
         let pins = Pins { metadata_url: vs.oauth.metadata_url.clone() };

@@ -248,7 +248,17 @@ async fn two_people_connect_and_each_call_acts_as_its_own_person() {
     let again = browser.get(&link).send().await.expect("again");
     assert_eq!(again.status(), 400, "a used link is refused");
 
-    // The session that got the link goes on: no new initialize.
+    // The session that got the link goes on: no new initialize. Its first answer tells the
+    // client that the tool list changed, and the stand-in tool now says the account is connected.
+    let first = alice
+        .send(&json!({"jsonrpc": "2.0", "id": 51, "method": "tools/call",
+        "params": {"name": "connect", "arguments": {}}}))
+        .await;
+    assert_eq!(first.status(), 200);
+    let first = messages(first).await;
+    assert_eq!(first[0]["method"], "notifications/tools/list_changed", "{first:?}");
+    let text = first[1]["result"]["content"][0]["text"].as_str().unwrap_or_default().to_owned();
+    assert!(text.contains("is connected"), "{first:?}");
     assert_eq!(alice.whoami().await, "alice");
     assert_eq!(alice.session, session, "the same session continues after connecting");
     connect(&mut bob, "bob").await;

@@ -181,7 +181,11 @@ async fn connections_keep_one_writer_per_generation(store: Store) {
     let a = store.vault_connection("gh", "u1").await.expect("get").expect("present");
     assert_eq!((a.generation, a.sealed, a.refreshed_at), (1, sealed(3), Some(NOW)));
 
-    store.vault_connection_failed("a", true, "invalid_grant").await.expect("fail");
+    // A failure of tokens that were replaced meanwhile changes nothing.
+    store.vault_connection_failed("a", 0, true, "invalid_grant").await.expect("fail");
+    let a = store.vault_connection("gh", "u1").await.expect("get").expect("present");
+    assert_eq!((a.status.as_str(), a.last_error.as_deref()), ("active", None), "the row moved on to generation 1");
+    store.vault_connection_failed("a", 1, true, "invalid_grant").await.expect("fail");
     let a = store.vault_connection("gh", "u1").await.expect("get").expect("present");
     assert_eq!((a.status.as_str(), a.last_error.as_deref()), ("reconnect", Some("invalid_grant")));
 
