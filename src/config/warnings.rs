@@ -41,13 +41,8 @@ impl Config {
 mod tests {
     use super::*;
 
-    fn warnings(text: &str) -> Vec<String> {
-        Config::parse(text, "test.toml", Vec::new()).unwrap_or_else(|e| panic!("{e}")).warnings()
-    }
-
-    #[test]
-    fn oauth_providers_the_guard_refuses_are_named_with_the_switch_to_set() {
-        let text = r#"
+    /// A loopback OAuth upstream and a provider on a private address.
+    const LOCAL_AND_ONPREM: &str = r#"
 [[servers]]
 name = "local"
 url = "http://127.0.0.1:9000/mcp"
@@ -57,7 +52,16 @@ auth = { type = "oauth" }
 name = "onprem"
 url = "https://mcp.example.com/mcp"
 auth = { type = "client_credentials", client_id = "c", issuer = "https://10.1.2.3/realms/x" }
+"#;
 
+    fn warnings(text: &str) -> Vec<String> {
+        Config::parse(text, "test.toml", Vec::new()).unwrap_or_else(|e| panic!("{e}")).warnings()
+    }
+
+    #[test]
+    fn oauth_providers_the_guard_refuses_are_named_with_the_switch_to_set() {
+        let text = LOCAL_AND_ONPREM.to_owned()
+            + r#"
 [[servers]]
 name = "plain"
 url = "https://mcp.example.com/mcp"
@@ -72,7 +76,7 @@ auth = { type = "oauth", metadata_url = "https://idp.example.com/.well-known/oau
 name = "static"
 url = "http://127.0.0.1:9001/mcp"
 "#;
-        let all = warnings(text);
+        let all = warnings(&text);
         assert_eq!(all.len(), 3, "{all:#?}");
         assert!(all[0].starts_with("server \"local\": url http://127.0.0.1:9000/mcp "), "{}", all[0]);
         assert!(all[0].ends_with("set outbound.allow_http_loopback = true (development only)"), "{}", all[0]);
@@ -92,17 +96,9 @@ url = "http://127.0.0.1:9001/mcp"
 [outbound]
 allow_http_loopback = true
 allow_networks = ["10.1.0.0/16"]
-
-[[servers]]
-name = "local"
-url = "http://127.0.0.1:9000/mcp"
-auth = { type = "oauth" }
-
-[[servers]]
-name = "onprem"
-url = "https://mcp.example.com/mcp"
-auth = { type = "client_credentials", client_id = "c", issuer = "https://10.1.2.3/realms/x" }
-"#;
-        assert_eq!(warnings(text), Vec::<String>::new());
+"#
+        .to_owned()
+            + LOCAL_AND_ONPREM;
+        assert_eq!(warnings(&text), Vec::<String>::new());
     }
 }

@@ -215,6 +215,19 @@ pub(crate) async fn connect(caller: &mut Caller, account: &str) {
     assert!(page.contains("Connected"), "{page}");
 }
 
+/// A configuration file for CLI commands against `gw`'s data directory and `provider`'s server.
+fn cli_config(gw: &TestGateway, provider: &Provider) -> std::path::PathBuf {
+    let config = gw.dir.path().join("cli.toml");
+    let text = format!(
+        "[gateway]\ndata_dir = {:?}\npublic_url = {:?}\n{}",
+        gw.dir.path().display().to_string(),
+        gw.base,
+        provider.servers()
+    );
+    std::fs::write(&config, text).expect("config");
+    config
+}
+
 pub(crate) async fn store_of(gw: &TestGateway) -> Store {
     Store::connect(&format!("sqlite://{}/portcullis.db", gw.dir.path().display())).await.expect("store")
 }
@@ -441,17 +454,7 @@ async fn links_after_the_provider_forgot_the_gateway(as_args: &[String]) -> Valu
     let answer = bob.call("whoami", json!({})).await;
     assert_eq!(answer["result"]["isError"], true, "an unconnected call is a tool error: {answer}");
     let bobs_link = link_in(&answer);
-    let config = gw.dir.path().join("cli.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[gateway]\ndata_dir = {:?}\npublic_url = {:?}\n{}",
-            gw.dir.path().display().to_string(),
-            gw.base,
-            provider.servers()
-        ),
-    )
-    .expect("config");
+    let config = cli_config(&gw, &provider);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .arg("--config")
         .arg(&config)
@@ -576,17 +579,7 @@ async fn offboarding_revokes_upstream_tokens_at_the_provider() {
     connect(&mut alice, "alice").await;
     assert_eq!(alice.whoami().await, "alice");
 
-    let config = gw.dir.path().join("cli.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[gateway]\ndata_dir = {:?}\npublic_url = {:?}\n{}",
-            gw.dir.path().display().to_string(),
-            gw.base,
-            provider.servers()
-        ),
-    )
-    .expect("config");
+    let config = cli_config(&gw, &provider);
     let master = base64::engine::general_purpose::STANDARD.encode(key.bytes());
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
