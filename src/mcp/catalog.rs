@@ -60,6 +60,15 @@ pub fn cursor_of(request: &Value) -> String {
     request.pointer("/params/cursor").and_then(Value::as_str).unwrap_or_default().to_owned()
 }
 
+/// The listing `message` asks for and its page, when it is a kept listing whose page the
+/// gateway could read: a request the gateway cannot parse (too deep, say) is relayed but its
+/// answer is not kept, lest it be filed under the wrong page.
+pub fn listing_of(message: &crate::transport::jsonrpc::Message) -> Option<(&'static str, String)> {
+    let method = LISTS.iter().find(|m| **m == message.method()).copied()?;
+    let request = message.value().ok()?;
+    Some((method, cursor_of(&request)))
+}
+
 fn hash_of(text: &str) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     text.hash(&mut h);
@@ -149,8 +158,9 @@ impl Catalog {
         });
     }
 
-    /// Passes `reply` (the answer to a `method` request at `page`) on, keeping its result.
-    pub fn tee(self: &Arc<Self>, method: &'static str, page: String, reply: Reply) -> Reply {
+    /// Passes `reply` (the answer to a `method` request at `page`, see [`listing_of`]) on,
+    /// keeping its result.
+    pub fn tee(self: &Arc<Self>, (method, page): (&'static str, String), reply: Reply) -> Reply {
         match reply {
             Reply::Json(bytes) => {
                 if let Ok(msg) = serde_json::from_slice::<Value>(&bytes)

@@ -171,11 +171,7 @@ async fn relay_continued(
     {
         return Ok(Relayed::Answered(if announce { unconnected::with_list_changed(reply) } else { reply }));
     }
-    let listing = catalog::LISTS.iter().find(|m| **m == message.method()).copied();
-    let page = match listing {
-        Some(_) => message.value().map(|v| catalog::cursor_of(&v)).unwrap_or_default(),
-        None => String::new(),
-    };
+    let listing = catalog::listing_of(&message);
     let effective = side.as_ref().map(|s| s.apply(session));
     let mut sent = server.upstream.send(effective.as_ref().unwrap_or(session), message.clone()).await;
     if matches!(sent, Err(UpstreamError::SessionExpired)) {
@@ -187,7 +183,7 @@ async fn relay_continued(
         };
     }
     let sent = match (listing, server.catalog()) {
-        (Some(method), Some(catalog)) => sent.map(|reply| catalog.tee(method, page, reply)),
+        (Some(listing), Some(catalog)) => sent.map(|reply| catalog.tee(listing, reply)),
         _ => sent,
     };
     Ok(Relayed::Sent(if announce { sent.map(unconnected::with_list_changed) } else { sent }))

@@ -64,9 +64,7 @@ pub async fn handle(
     let method = message.method.clone().unwrap_or_default();
     let reply = if connected {
         let url_mode = method == "tools/call" && client_features(&message) & features::ELICITATION_URL != 0;
-        let listing = super::catalog::LISTS.iter().find(|m| **m == method).copied();
-        let page =
-            listing.and_then(|_| message.value().ok()).map(|v| super::catalog::cursor_of(&v)).unwrap_or_default();
+        let listing = super::catalog::listing_of(&message);
         let reply = send_with_reopen(app, server, caller, message).await;
         let reply = match reply {
             // A tool call that needs the caller to (re)connect gets the link as a tool result
@@ -80,7 +78,7 @@ pub async fn handle(
         }
         .map_err(fail)?;
         match (listing, server.catalog()) {
-            (Some(list), Some(catalog)) => catalog.tee(list, page, reply),
+            (Some(listing), Some(catalog)) => catalog.tee(listing, reply),
             _ => reply,
         }
     } else {

@@ -155,7 +155,9 @@ pub fn link_tool_result(id: Option<&Value>, reason: &str, link: &secrecy::Secret
 /// answer to a call of the stand-in [`CONNECT_TOOL`], unless the upstream's own listing (as
 /// last seen) has a tool of that name. `None` for every other message.
 pub async fn connected_answer(server: &Server, message: &Message) -> Option<Reply> {
-    if message.kind != Kind::Request || message.method() != "tools/call" {
+    // Every tool call of such a session comes here: look for the name before parsing.
+    let named = std::str::from_utf8(&message.raw).is_ok_and(|text| text.contains(CONNECT_TOOL));
+    if message.kind != Kind::Request || message.method() != "tools/call" || !named {
         return None;
     }
     let request = message.value().ok()?;

@@ -74,6 +74,35 @@ impl Provider {
         self.as_stats().await["token_requests"]["refresh_token"].as_u64().unwrap_or(0)
     }
 
+    /// Revokes `person`'s refresh token at the authorization server, as its admin would
+    /// (RFC 7009, with the gateway's own client credentials): the next refresh gets
+    /// `invalid_grant`.
+    pub(crate) async fn revoke_refresh_token(&self, gw: &TestGateway, key: &Key, store: &Store, person: &str) {
+        use secrecy::ExposeSecret;
+        let ring = portcullis::keys::KeyRing::single(key.clone());
+        let unseal = |table: &str, id: &str, sealed: &portcullis::crypto::Sealed| {
+            let plain = ring.decrypt(&portcullis::crypto::row_aad(table, id), sealed).expect("decrypts");
+            plain.expose_secret().to_vec()
+        };
+        let principals = store.principal_list(false).await.expect("store");
+        let subject = &principals.iter().find(|p| p.name == person).expect("a principal").id;
+        let row = store.vault_connections(Some(subject)).await.expect("rows").remove(0);
+        let tokens: Value = serde_json::from_slice(&unseal("vault_connections", &row.id, &row.sealed)).expect("json");
+        let callback = format!("{}/oauth/callback/acme", gw.base);
+        let client = store.vault_client("acme", &self.issuer, &callback).await.expect("store").expect("registered");
+        let client_secret = String::from_utf8(unseal("vault_clients", &client.id, &client.sealed)).expect("utf8");
+        let refresh = tokens["r"].as_str().expect("a refresh token");
+        let answer = reqwest::Client::new()
+            .post(format!("{}/token/revocation", self.issuer))
+            .basic_auth(&client.client_id, Some(&client_secret))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("token={refresh}&token_type_hint=refresh_token"))
+            .send()
+            .await
+            .expect("the provider answers");
+        assert_eq!(answer.status(), 200, "revocation");
+    }
+
     async fn mcp_stats(&self) -> Value {
         let url = self.mcp.replace("/mcp", "/test/stats");
         reqwest::get(url).await.expect("stats").json().await.expect("json")
@@ -170,30 +199,44 @@ pub(crate) fn link_in(answer: &Value) -> String {
     text[start..].split_whitespace().next().expect("a link").to_owned()
 }
 
-/// Plays the person who opens `link`: the gateway's page, their confirmation (a POST from
-/// that page, which sets the flow's browser cookie), the authorization server and its login
-/// (completed as `account`), then the gateway's callback with the cookie. Returns the
-/// callback page.
-pub(crate) async fn open_link(link: &str, account: &str) -> (u16, String) {
-    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
-    let location =
-        |resp: &reqwest::Response| resp.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let page = browser.get(link).send().await.expect("connect page");
-    assert_eq!(page.status(), 200, "the connect link shows a page first");
-    assert_eq!(page.headers()["referrer-policy"], "no-referrer");
-    let text = page.text().await.expect("page");
-    assert!(text.contains("method=\"post\""), "{text}");
+/// A browser that follows no redirect by itself.
+fn browser() -> reqwest::Client {
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client")
+}
+
+/// Where a redirect points.
+fn location(resp: &reqwest::Response) -> Option<String> {
+    resp.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+/// The person's confirmation on the page of `link`: its form, posted back from the gateway's
+/// own origin.
+async fn confirm(browser: &reqwest::Client, link: &str) -> reqwest::Response {
     let url = url::Url::parse(link).expect("link");
     let origin = url.origin().ascii_serialization();
     let secret = url.query_pairs().find(|(k, _)| k == "link").map(|(_, v)| v.into_owned()).expect("secret");
-    let resp = browser
+    browser
         .post(format!("{origin}{}", url.path()))
         .header("origin", &origin)
         .header("content-type", "application/x-www-form-urlencoded")
         .body(format!("link={secret}"))
         .send()
         .await
-        .expect("confirm");
+        .expect("confirm")
+}
+
+/// Plays the person who opens `link`: the gateway's page, their confirmation (a POST from
+/// that page, which sets the flow's browser cookie), the authorization server and its login
+/// (completed as `account`), then the gateway's callback with the cookie. Returns the
+/// callback page.
+pub(crate) async fn open_link(link: &str, account: &str) -> (u16, String) {
+    let browser = browser();
+    let page = browser.get(link).send().await.expect("connect page");
+    assert_eq!(page.status(), 200, "the connect link shows a page first");
+    assert_eq!(page.headers()["referrer-policy"], "no-referrer");
+    let text = page.text().await.expect("page");
+    assert!(text.contains("method=\"post\""), "{text}");
+    let resp = confirm(&browser, link).await;
     assert_eq!(resp.status(), 303, "the confirmation redirects to the provider");
     let cookie = resp.headers()["set-cookie"].to_str().expect("cookie").split(';').next().expect("pair").to_owned();
     let authorize = location(&resp).expect("location");
@@ -257,7 +300,7 @@ async fn two_people_connect_and_each_call_acts_as_its_own_person() {
     // Someone else's grant cannot use a link twice: it is single-use.
     let (status, page) = open_link(&link, "alice").await;
     assert_eq!((status, page.contains("Connected")), (200, true), "{page}");
-    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+    let browser = browser();
     let again = browser.get(&link).send().await.expect("again");
     assert_eq!(again.status(), 400, "a used link is refused");
 
@@ -493,19 +536,8 @@ async fn a_code_exchange_refused_with_invalid_client_drops_the_registration() {
     let store = store_of(&gw).await;
     let mut alice = Caller::new(&store, &gw.url("acme"), "alice").await;
     let link = link_in(&alice.call("whoami", json!({})).await);
-    let url = url::Url::parse(&link).expect("link");
-    let secret = url.query_pairs().find(|(k, _)| k == "link").map(|(_, v)| v.into_owned()).expect("secret");
-    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
-    let location =
-        |resp: &reqwest::Response| resp.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let resp = browser
-        .post(format!("{}{}", gw.base, url.path()))
-        .header("origin", &gw.base)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("link={secret}"))
-        .send()
-        .await
-        .expect("confirm");
+    let browser = browser();
+    let resp = confirm(&browser, &link).await;
     assert_eq!(resp.status(), 303);
     let cookie = resp.headers()["set-cookie"].to_str().expect("cookie").split(';').next().expect("pair").to_owned();
     let authorize = location(&resp).expect("location");
@@ -544,17 +576,7 @@ async fn an_unknown_preregistered_client_is_reported_to_the_operator() {
     let store = store_of(&gw).await;
     let mut alice = Caller::new(&store, &gw.url("acme"), "alice").await;
     let link = link_in(&alice.call("whoami", json!({})).await);
-    let url = url::Url::parse(&link).expect("link");
-    let secret = url.query_pairs().find(|(k, _)| k == "link").map(|(_, v)| v.into_owned()).expect("secret");
-    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
-    let resp = browser
-        .post(format!("{}{}", gw.base, url.path()))
-        .header("origin", &gw.base)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("link={secret}"))
-        .send()
-        .await
-        .expect("confirm");
+    let resp = confirm(&browser(), &link).await;
     assert_eq!(resp.status(), 502, "no redirect to the provider");
     let page = resp.text().await.expect("page");
     assert!(
@@ -855,7 +877,7 @@ async fn connect_links_name_their_person_and_bind_the_browser() {
     let mut mallory = Caller::new(&store, &gw.url("acme"), "mallory").await;
     let answer = mallory.call("whoami", json!({})).await;
     let link = link_in(&answer);
-    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+    let browser = browser();
     let page = browser.get(&link).send().await.expect("page");
     assert_eq!(page.headers()["x-frame-options"], "DENY");
     let text = page.text().await.expect("text");
@@ -922,7 +944,6 @@ async fn clients_with_url_elicitation_get_the_link_as_an_elicitation() {
 /// without retrying in a loop.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_grant_revoked_at_the_provider_asks_for_reconnection() {
-    use secrecy::ExposeSecret;
     let provider = Provider::start(5).await;
     let key = Key::random();
     let gw = TestGateway::start_keyed(&provider.servers(), "", key.clone()).await;
@@ -931,26 +952,8 @@ async fn a_grant_revoked_at_the_provider_asks_for_reconnection() {
     connect(&mut alice, "alice").await;
     assert_eq!(alice.whoami().await, "alice");
 
-    // Revoke alice's refresh token at the provider, as its admin would, with the gateway's
-    // own client credentials.
-    let ring = portcullis::keys::KeyRing::single(key);
-    let row = store.vault_connections(None).await.expect("rows").remove(0);
-    let open = |table: &str, id: &str, sealed: &portcullis::crypto::Sealed| {
-        ring.decrypt(&portcullis::crypto::row_aad(table, id), sealed).expect("decrypts").expose_secret().to_vec()
-    };
-    let tokens: Value = serde_json::from_slice(&open("vault_connections", &row.id, &row.sealed)).expect("json");
-    let redirect = format!("{}/oauth/callback/acme", gw.base);
-    let client = store.vault_client("acme", &provider.issuer, &redirect).await.expect("store").expect("registered");
-    let secret = String::from_utf8(open("vault_clients", &client.id, &client.sealed)).expect("utf8");
-    let revoked = reqwest::Client::new()
-        .post(format!("{}/token/revocation", provider.issuer))
-        .basic_auth(&client.client_id, Some(&secret))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("token={}&token_type_hint=refresh_token", tokens["r"].as_str().expect("refresh")))
-        .send()
-        .await
-        .expect("revocation");
-    assert_eq!(revoked.status(), 200);
+    // Revoke alice's refresh token at the provider, as its admin would.
+    provider.revoke_refresh_token(&gw, &key, &store, "alice").await;
 
     tokio::time::sleep(Duration::from_secs(provider.ttl + 1)).await;
     let answer = alice.call("whoami", json!({})).await;

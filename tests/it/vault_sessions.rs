@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use portcullis::keys::Key;
-use portcullis::store::Store;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
@@ -148,37 +147,6 @@ impl Driver {
         let exited = tokio::time::timeout(READ, self.child.wait()).await;
         assert!(matches!(exited, Ok(Ok(s)) if s.success()), "{:?}: the driver exited with {exited:?}", self.sdk);
         report
-    }
-}
-
-impl Provider {
-    /// Revokes `person`'s refresh token at the authorization server, as its admin would
-    /// (RFC 7009, with the gateway's own client credentials): the next refresh gets
-    /// `invalid_grant`.
-    async fn revoke_refresh_token(&self, gw: &TestGateway, key: &Key, store: &Store, person: &str) {
-        use secrecy::ExposeSecret;
-        let ring = portcullis::keys::KeyRing::single(key.clone());
-        let unseal = |table: &str, id: &str, sealed: &portcullis::crypto::Sealed| {
-            let plain = ring.decrypt(&portcullis::crypto::row_aad(table, id), sealed).expect("decrypts");
-            plain.expose_secret().to_vec()
-        };
-        let principals = store.principal_list(false).await.expect("store");
-        let subject = &principals.iter().find(|p| p.name == person).expect("a principal").id;
-        let row = store.vault_connections(Some(subject)).await.expect("rows").remove(0);
-        let tokens: Value = serde_json::from_slice(&unseal("vault_connections", &row.id, &row.sealed)).expect("json");
-        let callback = format!("{}/oauth/callback/acme", gw.base);
-        let client = store.vault_client("acme", &self.issuer, &callback).await.expect("store").expect("registered");
-        let client_secret = String::from_utf8(unseal("vault_clients", &client.id, &client.sealed)).expect("utf8");
-        let refresh = tokens["r"].as_str().expect("a refresh token");
-        let answer = reqwest::Client::new()
-            .post(format!("{}/token/revocation", self.issuer))
-            .basic_auth(&client.client_id, Some(&client_secret))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(format!("token={refresh}&token_type_hint=refresh_token"))
-            .send()
-            .await
-            .expect("the provider answers");
-        assert_eq!(answer.status(), 200, "revocation");
     }
 }
 
