@@ -154,6 +154,28 @@ struct Inner {
     tokens: Arc<crate::authn::cache::TokenCache>,
     touched: dashmap::DashMap<String, i64>,
     vault: Option<Arc<crate::vault::Vault>>,
+    /// The last readiness probe, reused for [`PROBE_TTL`].
+    probe: tokio::sync::Mutex<Option<(Instant, Probe)>>,
+}
+
+/// How long a readiness probe's result is reused: however often `/readyz` is asked, the
+/// store and the upstreams are probed at most once per this interval.
+const PROBE_TTL: Duration = Duration::from_secs(2);
+/// How often the metrics recorder drains histogram samples and drops idle series, so its
+/// memory stays bounded whether or not anyone scrapes `/metrics`.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
+/// One readiness probe: the store, and each server by name (with its error, if any).
+#[derive(Clone)]
+struct Probe {
+    store: Result<(), String>,
+    servers: Vec<(String, Result<(), String>)>,
+}
+
+impl Probe {
+    fn ready(&self) -> bool {
+        self.store.is_ok() && self.servers.iter().all(|(_, r)| r.is_ok())
+    }
 }
 
 /// Shared state: a cheap handle, passed to every handler.
@@ -302,9 +324,12 @@ fn metrics_handle() -> PrometheusHandle {
 pub struct Gateway {
     /// The bound address.
     pub addr: SocketAddr,
+    /// The bound address of the admin listener (`gateway.admin_listen`), if any.
+    pub admin_addr: Option<SocketAddr>,
     /// The state, for inspection.
     pub state: AppState,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    task: tokio::task::JoinHandle<()>,
+    admin: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Why a gateway could not start.
@@ -349,12 +374,12 @@ impl Gateway {
         }
         let shutdown = CancellationToken::new();
         let gate = Gate::default();
+        let admission = crate::layers::Admission::new(&config);
+        let settings = crate::listener::Settings::from(&config.limits);
         let task = {
-            let (gate, token) = (gate.clone(), shutdown.clone());
-            let service = axum::ServiceExt::<axum::extract::Request>::into_make_service(gate);
-            tokio::spawn(
-                async move { axum::serve(listener, service).with_graceful_shutdown(token.cancelled_owned()).await },
-            )
+            let (gate, admission) = (gate.clone(), admission.clone());
+            let service = move |peer| crate::layers::stack(admission.clone(), peer, gate.clone());
+            tokio::spawn(crate::listener::serve(listener, settings, service, shutdown.clone()))
         };
         tracing::info!(%addr, key_id = %keys.active_id(), "listening; opening the store");
         let store = match open_store(&config.store.url, &gate).await {
@@ -366,7 +391,26 @@ impl Gateway {
                 return Err(e.into());
             }
         };
+        let admin_listen = config.gateway.admin_listen;
         let state = build_state(config, keys, store, addr, shutdown);
+        let (admin_addr, admin) = match admin_listen {
+            Some(at) => match tokio::net::TcpListener::bind(at).await.and_then(|l| Ok((l.local_addr()?, l))) {
+                Ok((bound, listener)) => {
+                    let router = admin_router(state.clone());
+                    let service = move |peer| crate::layers::stack(admission.clone(), peer, router.clone());
+                    let served = crate::listener::serve(listener, settings, service, state.0.shutdown.clone());
+                    tracing::info!(addr = %bound, "admin listener for /metrics and /readyz");
+                    (Some(bound), Some(tokio::spawn(served)))
+                }
+                Err(source) => {
+                    state.0.shutdown.cancel();
+                    let _ = task.await;
+                    return Err(StartError::Bind { addr: at, source });
+                }
+            },
+            None => (None, None),
+        };
+        tokio::spawn(metrics_upkeep(state.0.metrics.clone(), state.0.shutdown.clone()));
         tokio::spawn(state.0.tokens.clone().watch(state.0.store.clone(), state.0.shutdown.clone()));
         if let Some(vault) = state.0.vault.clone() {
             tokio::spawn(vault.run_refresher(state.0.shutdown.clone()));
@@ -374,7 +418,7 @@ impl Gateway {
         }
         gate.open(Front { router: router(state.clone()), app: state.clone() });
         tracing::info!(%addr, public_url = %state.public_url(), "portcullis is serving");
-        Ok(Gateway { addr, state, task })
+        Ok(Gateway { addr, admin_addr, state, task, admin })
     }
 
     /// Stops accepting, lets in-flight calls finish within `shutdown_grace`, ends streams,
@@ -386,6 +430,12 @@ impl Gateway {
         if tokio::time::timeout(grace, &mut task).await.is_err() {
             tracing::warn!(grace_secs = grace.as_secs(), "in-flight requests did not finish in time");
             task.abort();
+        }
+        if let Some(admin) = self.admin {
+            // Its probes are short; it ends with the main listener.
+            if tokio::time::timeout(Duration::from_secs(1), admin).await.is_err() {
+                tracing::warn!("the admin listener did not stop in time");
+            }
         }
         for server in self.state.0.servers.values() {
             server.upstream.shutdown().await;
@@ -446,6 +496,7 @@ fn build_state(config: Config, keys: KeyRing, store: Store, addr: SocketAddr, sh
         tokens: Arc::new(crate::authn::cache::TokenCache::default()),
         touched: Default::default(),
         vault,
+        probe: Default::default(),
     }))
 }
 
@@ -460,6 +511,16 @@ fn upstream_client() -> reqwest::Client {
         .user_agent(concat!("portcullis/", env!("CARGO_PKG_VERSION")))
         .build()
         .expect("the TLS backend initialises")
+}
+
+/// Runs the metrics recorder's upkeep until shutdown (see [`METRICS_UPKEEP`]).
+async fn metrics_upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(METRICS_UPKEEP) => handle.run_upkeep(),
+        }
+    }
 }
 
 /// Stops the per-user stdio processes of people whose connection ended: when access changes
@@ -603,7 +664,8 @@ impl tower::Service<axum::extract::Request> for Gate {
 
 fn router(state: AppState) -> Router {
     use crate::transport::http as mcp_http;
-    Router::new()
+    let admin = state.config().gateway.admin_listen.is_some();
+    let router = Router::new()
         .route("/mcp/{server}", post(mcp_http::post).get(mcp_http::get).delete(mcp_http::delete))
         .route("/mcp/{server}/", post(mcp_http::post).get(mcp_http::get).delete(mcp_http::delete))
         .route("/mcp/{server}/sse", get(crate::transport::legacy_sse::open))
@@ -612,43 +674,72 @@ fn router(state: AppState) -> Router {
         .route("/oauth/callback/{server}", get(crate::transport::connect::callback))
         .route("/oauth/client-metadata.json", get(crate::transport::connect::client_metadata))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz_summary));
+    // With an admin listener, `/metrics` (which names every server) is served only there.
+    let router = if admin { router } else { router.route("/metrics", get(metrics)) };
+    router.with_state(state)
+}
+
+/// The admin listener's routes: `/metrics`, the detailed `/readyz` and `/healthz`.
+fn admin_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
 
-async fn readyz(State(app): State<AppState>) -> Response {
-    let mut report = serde_json::Map::new();
-    let mut ok = true;
-    match app.0.store.ping().await {
-        Ok(()) => report.insert("store".into(), "ok".into()),
-        Err(e) => {
-            ok = false;
-            report.insert("store".into(), e.to_string().into())
-        }
-    };
+/// The last readiness probe, or a new one if it is older than [`PROBE_TTL`]. Concurrent
+/// callers wait for one probe rather than each making their own.
+async fn probe(app: &AppState) -> Probe {
+    let mut cached = app.0.probe.lock().await;
+    if let Some((at, probe)) = cached.as_ref()
+        && at.elapsed() < PROBE_TTL
+    {
+        return probe.clone();
+    }
+    let store = app.0.store.ping().await.map_err(|e| e.to_string());
     let checks = app.0.servers.values().map(|s| async move {
         let r = tokio::time::timeout(Duration::from_secs(10), s.upstream.ready()).await;
+        let r = match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer within 10s".to_owned()),
+        };
         (s.config.name.clone(), r)
     });
-    let mut servers = serde_json::Map::new();
-    for (name, r) in futures::future::join_all(checks).await {
-        let text = match r {
-            Ok(Ok(())) => "ok".to_owned(),
-            Ok(Err(e)) => {
-                ok = false;
-                e.to_string()
-            }
-            Err(_) => {
-                ok = false;
-                "no answer within 10s".to_owned()
-            }
-        };
-        servers.insert(name, text.into());
-    }
-    report.insert("servers".into(), servers.into());
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, axum::Json(serde_json::Value::Object(report))).into_response()
+    let mut servers = futures::future::join_all(checks).await;
+    servers.sort_by(|a, b| a.0.cmp(&b.0));
+    let probe = Probe { store, servers };
+    *cached = Some((Instant::now(), probe.clone()));
+    probe
+}
+
+/// `/readyz` on the main listener, for anyone: ready or not, and how many servers are ready,
+/// with no server names (those are on the admin listener's `/readyz`).
+async fn readyz_summary(State(app): State<AppState>) -> Response {
+    let probe = probe(&app).await;
+    let ready = probe.servers.iter().filter(|(_, r)| r.is_ok()).count();
+    let report = serde_json::json!({
+        "store": if probe.store.is_ok() { "ok" } else { "unavailable" },
+        "servers": { "ready": ready, "total": probe.servers.len() },
+    });
+    let status = if probe.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(report)).into_response()
+}
+
+/// `/readyz` on the admin listener: the store and each server by name, with its error.
+async fn readyz(State(app): State<AppState>) -> Response {
+    let probe = probe(&app).await;
+    let text = |r: &Result<(), String>| match r {
+        Ok(()) => serde_json::Value::from("ok"),
+        Err(e) => serde_json::Value::from(e.as_str()),
+    };
+    let servers: serde_json::Map<String, serde_json::Value> =
+        probe.servers.iter().map(|(name, r)| (name.clone(), text(r))).collect();
+    let report = serde_json::json!({ "store": text(&probe.store), "servers": servers });
+    let status = if probe.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(report)).into_response()
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {

@@ -62,10 +62,54 @@ pub enum GatewayError {
     /// The gateway is shutting down.
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    /// A limit on what one principal or client address may do at once (429).
+    #[error("{}", .limit.message())]
+    Limited {
+        /// Which limit.
+        limit: Limit,
+        /// Seconds to wait, for `Retry-After`.
+        retry_after: u64,
+    },
+    /// The gateway is at its limit of requests in progress (503).
+    #[error("the gateway is busy; retry shortly")]
+    Overloaded,
+    /// A handler panicked; the request was abandoned (500).
+    #[error("internal error")]
+    Panicked,
     /// The gateway is still starting (opening or migrating the store); answered with
     /// `Retry-After`.
     #[error("the gateway is starting: {0}")]
     Starting(&'static str),
+}
+
+/// The limits that answer 429.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// Requests in progress per principal.
+    Requests,
+    /// Long-lived streams per principal.
+    Streams,
+    /// Failed authentications per client address.
+    FailedAuthentication,
+}
+
+impl Limit {
+    /// The label in `portcullis_refusals_total{reason}`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::Requests => "principal_in_flight",
+            Limit::Streams => "principal_streams",
+            Limit::FailedAuthentication => "failed_authentication",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Limit::Requests => "too many requests in progress for this caller",
+            Limit::Streams => "too many open streams for this caller",
+            Limit::FailedAuthentication => "too many failed authentications from this address",
+        }
+    }
 }
 
 /// A [`GatewayError`] with what is needed to answer it: the request id, if any.
@@ -110,9 +154,11 @@ impl GatewayError {
             GatewayError::InvalidParams(_) => (StatusCode::OK, code::INVALID_PARAMS),
             GatewayError::InvalidHeader(_) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
             GatewayError::BodyRead => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
-            GatewayError::ShuttingDown | GatewayError::Starting(_) => {
+            GatewayError::ShuttingDown | GatewayError::Starting(_) | GatewayError::Overloaded => {
                 (StatusCode::SERVICE_UNAVAILABLE, code::INTERNAL_ERROR)
             }
+            GatewayError::Limited { .. } => (StatusCode::TOO_MANY_REQUESTS, code::INVALID_REQUEST),
+            GatewayError::Panicked => (StatusCode::INTERNAL_SERVER_ERROR, code::INTERNAL_ERROR),
             GatewayError::Upstream(e) => match e {
                 UpstreamError::SessionExpired => (StatusCode::NOT_FOUND, code::INVALID_REQUEST),
                 UpstreamError::Timeout { .. } if has_id => (StatusCode::OK, code::UPSTREAM_TIMEOUT),
@@ -152,6 +198,9 @@ impl GatewayError {
             GatewayError::BodyRead => "body_read",
             GatewayError::ShuttingDown => "shutting_down",
             GatewayError::Starting(_) => "starting",
+            GatewayError::Limited { limit, .. } => limit.label(),
+            GatewayError::Overloaded => "overloaded",
+            GatewayError::Panicked => "panicked",
             GatewayError::Upstream(UpstreamError::SessionExpired) => "session_expired",
             GatewayError::Upstream(UpstreamError::Timeout { .. }) => "upstream_timeout",
             GatewayError::Upstream(_) => "upstream_error",
@@ -213,8 +262,11 @@ impl Failure {
         if let GatewayError::Unauthenticated(why) = self.error {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, challenge(why));
         }
-        if let GatewayError::Starting(_) = self.error {
+        if let GatewayError::Starting(_) | GatewayError::Overloaded = self.error {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let GatewayError::Limited { retry_after, .. } = self.error {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
         }
         resp
     }

@@ -11,6 +11,8 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod keys;
+pub mod layers;
+pub mod listener;
 pub mod mcp;
 pub mod net;
 pub mod store;

@@ -75,12 +75,43 @@ pub enum Rejection {
     Invalid,
 }
 
-/// Authenticates one HTTP request for `server`.
+/// Authenticates one HTTP request for `server`, then applies the per-principal limits
+/// (`layers::admitted`). A refused credential counts against the client address's
+/// failed-authentication limit, which once exhausted answers 429 without a store lookup.
 pub async fn authenticate(app: &AppState, server: &Server, headers: &HeaderMap) -> Result<Principal, GatewayError> {
-    if server.config.public {
-        return Ok(Principal::anonymous());
+    let principal = if server.config.public {
+        Principal::anonymous()
+    } else {
+        let found = match bearer_hash(headers) {
+            Ok(hash) => check(app, server, &hash).await,
+            Err(e) => Err(e),
+        };
+        match found {
+            Err(e @ GatewayError::Unauthenticated(Rejection::Invalid)) => {
+                return Err(crate::layers::authentication_failed(e));
+            }
+            other => other?,
+        }
+    };
+    crate::layers::admitted(&principal)?;
+    Ok(principal)
+}
+
+/// The answer to a request for a server name that is not configured: to a caller without a
+/// valid grant token, the same 401 challenge a configured server's refusal carries (so names
+/// cannot be probed); to an authenticated caller, `unknown` (404).
+pub async fn unknown_server(app: &AppState, headers: &HeaderMap, unknown: GatewayError) -> GatewayError {
+    let hash = match bearer_hash(headers) {
+        Ok(hash) => hash,
+        Err(e @ GatewayError::Unauthenticated(Rejection::Invalid)) => return crate::layers::authentication_failed(e),
+        Err(e) => return e,
+    };
+    let now = app.clock().unix_secs();
+    match lookup(app, &hash).await {
+        Ok(Some(auth)) if auth.usable_at(now) => unknown,
+        Ok(_) => crate::layers::authentication_failed(GatewayError::Unauthenticated(Rejection::Invalid)),
+        Err(e) => e,
     }
-    check(app, server, &bearer_hash(headers)?).await
 }
 
 /// The hash of the request's grant token, if it carries a well-formed one.
@@ -100,22 +131,28 @@ fn bearer_hash(headers: &HeaderMap) -> Result<[u8; 32], GatewayError> {
 /// The principal of the grant token whose hash is `hash`, if it may call `server` now.
 async fn check(app: &AppState, server: &Server, hash: &[u8; 32]) -> Result<Principal, GatewayError> {
     let now = app.clock().unix_secs();
-    let found = match app.tokens().get(hash) {
-        Some(remembered) => remembered,
-        None => {
-            let epoch = app.tokens().epoch();
-            let found = app.store().token_lookup(hash).await.map_err(|e| {
-                tracing::error!(error = %e, "token lookup failed");
-                GatewayError::StoreUnavailable
-            })?;
-            app.tokens().put(*hash, found.clone(), epoch);
-            found
-        }
-    };
-    let auth = found.filter(|t| t.usable_for(&server.config.name, now));
+    let auth = lookup(app, hash).await?.filter(|t| t.usable_for(&server.config.name, now));
     let Some(auth) = auth else { return Err(GatewayError::Unauthenticated(Rejection::Invalid)) };
     app.touch_token(&auth.token_id, auth.last_used_at, now);
     Ok(principal_of(auth))
+}
+
+/// The token whose hash is `hash`: remembered, or looked up in the store unless the client's
+/// address is limited for failing authentication (`portcullis_token_lookups_total` counts
+/// the lookups).
+async fn lookup(app: &AppState, hash: &[u8; 32]) -> Result<Option<TokenAuth>, GatewayError> {
+    if let Some(remembered) = app.tokens().get(hash) {
+        return Ok(remembered);
+    }
+    crate::layers::authentication_limited()?;
+    let epoch = app.tokens().epoch();
+    metrics::counter!("portcullis_token_lookups_total").increment(1);
+    let found = app.store().token_lookup(hash).await.map_err(|e| {
+        tracing::error!(error = %e, "token lookup failed");
+        GatewayError::StoreUnavailable
+    })?;
+    app.tokens().put(*hash, found.clone(), epoch);
+    Ok(found)
 }
 
 /// Completes once the grant token of a request that authenticated with `headers` stops

@@ -2,6 +2,7 @@
 //! [`Config`] and reports every problem at once, each with its location.
 
 mod env;
+pub mod limits;
 pub mod raw;
 mod warnings;
 
@@ -34,6 +35,8 @@ pub struct Config {
     pub audit: crate::audit::AuditConfig,
     /// The guard on URLs that come from upstreams and clients.
     pub outbound: crate::net::OutboundConfig,
+    /// Connection, concurrency and failed-authentication limits.
+    pub limits: limits::Limits,
 }
 
 /// Validated `[gateway]`.
@@ -57,6 +60,12 @@ pub struct GatewayConfig {
     pub data_dir: PathBuf,
     /// Allow `public = true` servers on a non-loopback listener.
     pub force_public_on_non_loopback: bool,
+    /// The listener for `/metrics` and the detailed `/readyz`, if any.
+    pub admin_listen: Option<SocketAddr>,
+    /// Reverse proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Keep a client's own `X-Request-Id`.
+    pub trust_request_id: bool,
 }
 
 /// Validated `[store]`.
@@ -208,6 +217,7 @@ impl Spans {
             log: Option<toml::Spanned<toml::Value>>,
             audit: Option<toml::Spanned<toml::Value>>,
             outbound: Option<toml::Spanned<toml::Value>>,
+            limits: Option<toml::Spanned<toml::Value>>,
             servers: Option<Vec<toml::Spanned<toml::Value>>>,
         }
         let Ok(top) = toml::from_str::<Top>(text) else {
@@ -220,6 +230,7 @@ impl Spans {
             ("log", top.log),
             ("audit", top.audit),
             ("outbound", top.outbound),
+            ("limits", top.limits),
         ] {
             if let Some(s) = s {
                 spans.sections.insert(name.to_owned(), s.span().start);
@@ -272,6 +283,13 @@ impl Validator<'_> {
         for problem in outbound.problems() {
             self.at(spans.sections.get("outbound").copied(), "[outbound]", problem);
         }
+        let raw_limits: limits::RawLimits = self.section(&mut table, "limits", spans);
+        let limits = raw_limits.validate().unwrap_or_else(|problems| {
+            for problem in problems {
+                self.at(spans.sections.get("limits").copied(), "[limits]", problem);
+            }
+            limits::Limits::default()
+        });
         let servers = match table.remove("servers") {
             None => Vec::new(),
             Some(toml::Value::Array(items)) => items,
@@ -281,7 +299,7 @@ impl Validator<'_> {
             }
         };
         for key in table.keys() {
-            self.at(None, key, "unknown top-level key (expected gateway, store, log, audit, outbound, servers)");
+            self.at(None, key, "unknown top-level key (expected gateway, store, log, audit, outbound, limits, servers)");
         }
         let gateway = self.gateway(gateway, spans.sections.get("gateway").copied());
         let store = StoreConfig {
@@ -312,7 +330,7 @@ impl Validator<'_> {
                 parsed.push(s);
             }
         }
-        Some(Config { gateway: gateway?, store, log, servers: parsed, audit, outbound })
+        Some(Config { gateway: gateway?, store, log, servers: parsed, audit, outbound, limits })
     }
 
     fn gateway(&mut self, raw: RawGateway, at: Option<usize>) -> Option<GatewayConfig> {
@@ -337,11 +355,34 @@ impl Validator<'_> {
         if max_body < 1024 {
             self.at(at, "gateway.max_body_bytes", "must be at least 1024");
         }
+        let admin_listen = match raw.admin_listen.as_deref().map(|t| (t, t.parse::<SocketAddr>())) {
+            None => Some(None),
+            Some((_, Ok(a))) => Some(Some(a)),
+            Some((text, Err(_))) => {
+                self.at(at, "gateway.admin_listen", format!("{text:?} is not an address like 127.0.0.1:9090"));
+                None
+            }
+        };
+        let mut trusted_proxies = Vec::new();
+        for text in raw.trusted_proxies.unwrap_or_default() {
+            let net = text.parse::<ipnet::IpNet>().or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match net {
+                Ok(n) => trusted_proxies.push(n),
+                Err(_) => self.at(
+                    at,
+                    "gateway.trusted_proxies",
+                    format!("{text:?} is not an address or network like \"10.0.0.0/8\""),
+                ),
+            }
+        }
         let lower =
             |v: Option<Vec<String>>| v.unwrap_or_default().into_iter().map(|s| s.to_ascii_lowercase()).collect();
         Some(GatewayConfig {
             listen: listen?,
             force_public_on_non_loopback: raw.force_public_on_non_loopback.unwrap_or(false),
+            admin_listen: admin_listen?,
+            trusted_proxies,
+            trust_request_id: raw.trust_request_id.unwrap_or(false),
             public_url: public_url?,
             allowed_hosts: lower(raw.allowed_hosts),
             allowed_origins: lower(raw.allowed_origins),

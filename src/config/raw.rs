@@ -30,6 +30,16 @@ pub struct RawGateway {
     pub data_dir: Option<String>,
     /// Allow `public = true` servers on a non-loopback listener. Default `false`.
     pub force_public_on_non_loopback: Option<bool>,
+    /// A second listener for `/metrics`, `/readyz` (with each server's state) and `/healthz`,
+    /// e.g. `"127.0.0.1:9090"`; when set, the main listener no longer serves `/metrics`.
+    /// Default none.
+    pub admin_listen: Option<String>,
+    /// Addresses or networks of reverse proxies whose `X-Forwarded-For` is believed for the
+    /// client address (failed-authentication limits). Default none: the peer address is used.
+    pub trusted_proxies: Option<Vec<String>>,
+    /// Keep a client's own `X-Request-Id` (visible ASCII, at most 128 bytes) instead of making
+    /// one. Default `false`.
+    pub trust_request_id: Option<bool>,
 }
 
 /// `[store]`: where state lives.

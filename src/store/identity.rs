@@ -73,11 +73,13 @@ pub struct TokenAuth {
 impl TokenAuth {
     /// Whether this token may call `server` at `now`.
     pub fn usable_for(&self, server: &str, now: u64) -> bool {
+        self.usable_at(now) && self.servers.as_ref().is_none_or(|s| s.iter().any(|n| n == server))
+    }
+
+    /// Whether this token may call some server at `now`.
+    pub fn usable_at(&self, now: u64) -> bool {
         let now = i64::try_from(now).unwrap_or(i64::MAX);
-        !self.disabled
-            && self.revoked_at.is_none()
-            && self.expires_at.is_none_or(|e| e > now)
-            && self.servers.as_ref().is_none_or(|s| s.iter().any(|n| n == server))
+        !self.disabled && self.revoked_at.is_none() && self.expires_at.is_none_or(|e| e > now)
     }
 }
 

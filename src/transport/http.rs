@@ -253,7 +253,11 @@ pub(super) async fn admit(
 ) -> Result<(Arc<Server>, Principal), GatewayError> {
     let server = match target {
         Target::Server(s) => s.clone(),
-        Target::Name(name) => app.server(name)?,
+        Target::Name(name) => match app.server(name) {
+            Ok(server) => server,
+            // Unauthenticated callers get the challenge a configured server gives.
+            Err(unknown) => return Err(authn::unknown_server(app, headers, unknown).await),
+        },
     };
     ex.server = Some(server.clone());
     app.hosts().check(headers)?;

@@ -1,0 +1,434 @@
+//! The layers every request passes through, whatever it is for (the MCP fast path of
+//! `app::Front` included), built by one function, [`stack`]:
+//!
+//! 1. a request id: made (UUID v7) or, with `gateway.trust_request_id`, kept from the client's
+//!    `X-Request-Id`; put in the request's extensions, the request's tracing span, the
+//!    `X-Request-Id` response header and (through [`RequestId::current`]) the audit record;
+//! 2. exactly one `Authorization` header, else 400;
+//! 3. the gateway-wide limit on requests in progress (503 with `Retry-After`);
+//! 4. a task-local [`Scope`] in which authentication adds the per-principal limits (429 with
+//!    `Retry-After`): requests in progress, and long-lived streams;
+//! 5. panics caught into a 500 with a JSON-RPC error body (tower-http `CatchPanic`).
+//!
+//! Permits are held until the response body ends, so a streamed answer counts for as long as
+//! it streams. The connection-level limits (open connections, header-read and idle timeouts)
+//! are in `listener`.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use dashmap::DashMap;
+use futures::future::BoxFuture;
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use http_body::Frame;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower_http::catch_panic::CatchPanic;
+use tracing::Instrument;
+
+use crate::authn::{Principal, PrincipalKind};
+use crate::config::Config;
+use crate::error::{Failure, GatewayError, Limit};
+
+/// The request id header.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Client addresses remembered by the failed-authentication limit at most; past it, those
+/// whose bucket is full again are forgotten (and if none is, all are).
+const ADDRESSES_CAP: usize = 100_000;
+
+/// The id of one request, as sent back in `X-Request-Id` and written in its audit record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    /// The id of the request being handled by the current task, if it came through [`stack`].
+    pub fn current() -> Option<RequestId> {
+        SCOPE.try_with(|s| s.request_id.clone()).ok()
+    }
+
+    /// A fresh id: a UUID v7 (time-ordered, so records sort by it).
+    pub fn generate() -> RequestId {
+        let text = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).to_owned();
+        RequestId(HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("invalid")))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What one request holds while it is handled, reachable from the handlers' task.
+struct Scope {
+    admission: Arc<Admission>,
+    request_id: RequestId,
+    /// The client's address (the peer, or the first untrusted hop of `X-Forwarded-For`).
+    client: IpAddr,
+    /// A long-lived stream (GET under `/mcp/`): counted against the stream limit, not the
+    /// request limits.
+    stream: bool,
+    /// Permits taken after authentication, handed to the response body at the end.
+    held: Mutex<Vec<Held>>,
+}
+
+tokio::task_local! {
+    static SCOPE: Arc<Scope>;
+}
+
+/// The limits' shared state, one per gateway.
+pub struct Admission {
+    max_in_flight: usize,
+    in_flight: Arc<Semaphore>,
+    per_principal: usize,
+    principals: Counts,
+    per_principal_streams: usize,
+    streams: Counts,
+    failed: Option<Buckets>,
+    trusted_proxies: Vec<ipnet::IpNet>,
+    trust_request_id: bool,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission").finish_non_exhaustive()
+    }
+}
+
+impl Admission {
+    /// The limits of `config`.
+    pub fn new(config: &Config) -> Arc<Admission> {
+        let limits = &config.limits;
+        let failed = (limits.failed_auth_per_minute > 0).then(|| Buckets {
+            burst: f64::from(limits.failed_auth_burst),
+            per_sec: f64::from(limits.failed_auth_per_minute) / 60.0,
+            map: DashMap::new(),
+        });
+        Arc::new(Admission {
+            max_in_flight: limits.max_in_flight,
+            in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+            per_principal: limits.max_in_flight_per_principal,
+            principals: Counts::default(),
+            per_principal_streams: limits.max_streams_per_principal,
+            streams: Counts::default(),
+            failed,
+            trusted_proxies: config.gateway.trusted_proxies.clone(),
+            trust_request_id: config.gateway.trust_request_id,
+        })
+    }
+
+    /// Requests in progress now, gateway-wide (streams and probes not counted).
+    pub fn in_flight(&self) -> usize {
+        self.max_in_flight - self.in_flight.available_permits()
+    }
+
+    /// The request's id: the client's own if trusted and well formed, else a new one.
+    fn request_id(&self, headers: &HeaderMap) -> RequestId {
+        let given = headers
+            .get(X_REQUEST_ID)
+            .filter(|_| self.trust_request_id)
+            .filter(|v| !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic()));
+        match given {
+            Some(v) => RequestId(v.clone()),
+            None => RequestId::generate(),
+        }
+    }
+
+    /// The client's address: `peer`, unless `peer` is a trusted proxy and the request carries
+    /// `X-Forwarded-For`, in which case the nearest hop that is not a trusted proxy (reading
+    /// from the right, as each proxy appends the address it saw).
+    pub fn client_address(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let trusted = |ip: &IpAddr| self.trusted_proxies.iter().any(|n| n.contains(ip));
+        if !trusted(&peer) {
+            return peer;
+        }
+        let mut hops = Vec::new();
+        for value in headers.get_all("x-forwarded-for") {
+            let Ok(text) = value.to_str() else { return peer };
+            for hop in text.split(',') {
+                match hop.trim().parse::<IpAddr>() {
+                    Ok(ip) => hops.push(ip),
+                    Err(_) => return peer,
+                }
+            }
+        }
+        hops.iter().rev().find(|ip| !trusted(ip)).or(hops.first()).copied().unwrap_or(peer)
+    }
+}
+
+/// Open counts per key (a principal), each entry removed when its count falls to zero.
+#[derive(Default, Clone)]
+struct Counts(Arc<DashMap<String, usize>>);
+
+impl Counts {
+    fn try_enter(&self, key: &str, max: usize) -> Option<Held> {
+        let mut entry = self.0.entry(key.to_owned()).or_insert(0);
+        if *entry >= max {
+            return None;
+        }
+        *entry += 1;
+        drop(entry);
+        Some(Held::Count(self.clone(), key.to_owned()))
+    }
+}
+
+/// Something a request holds until its response body ends.
+enum Held {
+    /// A gateway-wide permit.
+    Permit(#[allow(dead_code)] OwnedSemaphorePermit),
+    /// One unit of a per-key count.
+    Count(Counts, String),
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Held::Count(counts, key) = self {
+            counts.0.remove_if_mut(key.as_str(), |_, n| {
+                *n = n.saturating_sub(1);
+                *n == 0
+            });
+        }
+    }
+}
+
+/// Token buckets of failed authentications per client address: each failure takes a token,
+/// tokens come back at a steady rate up to the burst, and an address without a token is
+/// answered 429 without its token being looked up.
+struct Buckets {
+    burst: f64,
+    per_sec: f64,
+    map: DashMap<IpAddr, (f64, Instant)>,
+}
+
+impl Buckets {
+    fn level(&self, (tokens, at): (f64, Instant), now: Instant) -> f64 {
+        (tokens + now.saturating_duration_since(at).as_secs_f64() * self.per_sec).min(self.burst)
+    }
+
+    fn wait(&self, tokens: f64) -> u64 {
+        ((1.0 - tokens) / self.per_sec).ceil().max(1.0) as u64
+    }
+
+    /// How long `addr` must wait, if it has no token left.
+    fn limited(&self, addr: IpAddr) -> Option<u64> {
+        let bucket = *self.map.get(&addr)?;
+        let tokens = self.level(bucket, Instant::now());
+        (tokens < 1.0).then(|| self.wait(tokens))
+    }
+
+    /// Takes a token from `addr`; how long it must wait if there was none.
+    fn take(&self, addr: IpAddr) -> Option<u64> {
+        let now = Instant::now();
+        if self.map.len() >= ADDRESSES_CAP && !self.map.contains_key(&addr) {
+            self.map.retain(|_, b| self.level(*b, now) < self.burst);
+            if self.map.len() >= ADDRESSES_CAP {
+                self.map.clear();
+            }
+        }
+        let mut bucket = self.map.entry(addr).or_insert((self.burst, now));
+        let tokens = self.level(*bucket, now);
+        if tokens < 1.0 {
+            *bucket = (tokens, now);
+            return Some(self.wait(tokens));
+        }
+        *bucket = (tokens - 1.0, now);
+        None
+    }
+}
+
+/// After authentication: the per-principal limits. Outside a request scope (unit tests, or a
+/// check made by a stream's background task), nothing is limited.
+pub fn admitted(principal: &Principal) -> Result<(), GatewayError> {
+    let Ok(scope) = SCOPE.try_with(Arc::clone) else { return Ok(()) };
+    let key = match principal.kind {
+        PrincipalKind::Anonymous => format!("address {}", scope.client),
+        PrincipalKind::User | PrincipalKind::Service => principal.id.clone(),
+    };
+    let a = &scope.admission;
+    let (held, limit) = if scope.stream {
+        (a.streams.try_enter(&key, a.per_principal_streams), Limit::Streams)
+    } else {
+        (a.principals.try_enter(&key, a.per_principal), Limit::Requests)
+    };
+    match held {
+        Some(held) => {
+            scope.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(held);
+            Ok(())
+        }
+        None => Err(refused(limit, 1)),
+    }
+}
+
+/// Before a token is looked up in the store: refused if the client's address has failed
+/// authentication too often.
+pub fn authentication_limited() -> Result<(), GatewayError> {
+    let Ok(scope) = SCOPE.try_with(Arc::clone) else { return Ok(()) };
+    match scope.admission.failed.as_ref().and_then(|b| b.limited(scope.client)) {
+        Some(wait) => Err(refused(Limit::FailedAuthentication, wait)),
+        None => Ok(()),
+    }
+}
+
+/// After a refused credential: counts the failure against the client's address. Returns the
+/// error to answer: `refusal` itself, or 429 once the address has no failure left.
+pub fn authentication_failed(refusal: GatewayError) -> GatewayError {
+    let Ok(scope) = SCOPE.try_with(Arc::clone) else { return refusal };
+    match scope.admission.failed.as_ref().and_then(|b| b.take(scope.client)) {
+        Some(wait) => refused(Limit::FailedAuthentication, wait),
+        None => refusal,
+    }
+}
+
+fn refused(limit: Limit, retry_after: u64) -> GatewayError {
+    metrics::counter!("portcullis_refusals_total", "reason" => limit.label()).increment(1);
+    GatewayError::Limited { limit, retry_after }
+}
+
+/// The production layer stack around `inner`, for one connection from `peer`.
+pub fn stack<S>(admission: Arc<Admission>, peer: SocketAddr, inner: S) -> Admit<CatchPanic<S, PanicAnswer>>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    Admit { admission, peer: peer.ip(), inner: CatchPanic::custom(inner, PanicAnswer) }
+}
+
+/// The answer to a request whose handler panicked: 500 with a JSON-RPC error (valid JSON on
+/// every path), counted in `portcullis_panics_total`. The connection and the process go on.
+#[derive(Debug, Clone, Copy)]
+pub struct PanicAnswer;
+
+impl tower_http::catch_panic::ResponseForPanic for PanicAnswer {
+    type ResponseBody = Body;
+
+    fn response_for_panic(&mut self, _: Box<dyn std::any::Any + Send + 'static>) -> http::Response<Body> {
+        // The payload may quote request data, so it is not logged; the request's span is.
+        tracing::error!("a request handler panicked; answered 500");
+        metrics::counter!("portcullis_panics_total").increment(1);
+        Failure::from(GatewayError::Panicked).into_response()
+    }
+}
+
+/// The outermost layer (see the module documentation).
+#[derive(Clone)]
+pub struct Admit<S> {
+    admission: Arc<Admission>,
+    peer: IpAddr,
+    inner: S,
+}
+
+impl<S, B> tower::Service<Request> for Admit<S>
+where
+    S: tower::Service<Request, Response = http::Response<B>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        let a = &self.admission;
+        let id = a.request_id(request.headers());
+        request.headers_mut().insert(X_REQUEST_ID, id.0.clone());
+        request.extensions_mut().insert(id.clone());
+        let span = tracing::info_span!("request", id = id.as_str(), method = %request.method(), path = request.uri().path());
+        let path = request.uri().path();
+        let stream = request.method() == Method::GET && path.starts_with("/mcp/");
+        let probe = matches!(path, "/healthz" | "/readyz" | "/metrics");
+        let mut held = Vec::new();
+        let refusal = if request.headers().get_all(http::header::AUTHORIZATION).iter().nth(1).is_some() {
+            metrics::counter!("portcullis_refusals_total", "reason" => "authorization_headers").increment(1);
+            Some(GatewayError::InvalidHeader("a request must carry at most one Authorization header"))
+        } else if stream || probe {
+            None
+        } else {
+            match a.in_flight.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    held.push(Held::Permit(permit));
+                    None
+                }
+                Err(_) => {
+                    metrics::counter!("portcullis_refusals_total", "reason" => "in_flight").increment(1);
+                    Some(GatewayError::Overloaded)
+                }
+            }
+        };
+        if let Some(error) = refusal {
+            let mut resp = Failure::from(error).into_response();
+            resp.headers_mut().insert(X_REQUEST_ID, id.0);
+            return Box::pin(std::future::ready(Ok(resp)));
+        }
+        let scope = Arc::new(Scope {
+            admission: a.clone(),
+            request_id: id.clone(),
+            client: a.client_address(self.peer, request.headers()),
+            stream,
+            held: Mutex::new(held),
+        });
+        let inner = self.inner.call(request);
+        let handled = SCOPE.scope(scope.clone(), inner);
+        Box::pin(
+            async move {
+                let Ok(resp) = handled.await;
+                let (mut parts, body) = resp.into_parts();
+                parts.headers.insert(X_REQUEST_ID, id.0);
+                let held = std::mem::take(&mut *scope.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+                let body = if held.is_empty() { Body::new(body) } else { Body::new(Holding { inner: body, held }) };
+                Ok(Response::from_parts(parts, body))
+            }
+            .instrument(span),
+        )
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request's permits until it ends or is dropped.
+    struct Holding<B> {
+        #[pin]
+        inner: B,
+        held: Vec<Held>,
+    }
+}
+
+impl<B> http_body::Body for Holding<B>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            this.held.clear();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

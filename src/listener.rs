@@ -1,0 +1,371 @@
+//! The accept loop and each connection: HTTP/1.1 and HTTP/2 (hyper-util's `auto` builder),
+//! with the limits that belong to connections rather than requests:
+//!
+//! - at most `limits.max_connections` open at once; one more is closed as it is accepted;
+//! - `limits.header_read_timeout`: a request's headers must arrive within it, counted from
+//!   the connection's opening for its first request and from the first byte of each later
+//!   one;
+//! - `limits.idle_timeout`: a connection with no request in progress and no byte sent either
+//!   way for that long is closed.
+//!
+//! Both timeouts are kept by one watcher per connection rather than by hyper's own
+//! `header_read_timeout`, which also runs while a kept-alive connection waits for its next
+//! request (so it cannot tell a slow client from an idle one), and which does not cover the
+//! first bytes the `auto` builder reads to tell HTTP/1.1 from HTTP/2. A connection closed by
+//! the watcher has no request in progress.
+//!
+//! On shutdown the loop stops accepting, asks every connection to finish gracefully (HTTP/1.1:
+//! after its current response; HTTP/2: GOAWAY) and returns once all have closed.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::Response;
+use bytes::Bytes;
+use http_body::Frame;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::limits::Limits;
+
+/// What the listener enforces on each connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Open connections at most.
+    pub max_connections: usize,
+    /// Longest wait for a request's headers.
+    pub header_read_timeout: Duration,
+    /// Longest idle time.
+    pub idle_timeout: Duration,
+}
+
+impl From<&Limits> for Settings {
+    fn from(l: &Limits) -> Settings {
+        Settings {
+            max_connections: l.max_connections,
+            header_read_timeout: l.header_read_timeout,
+            idle_timeout: l.idle_timeout,
+        }
+    }
+}
+
+/// Serves `listener` until `shutdown` is cancelled and every connection has closed. `service`
+/// makes the service of one connection from its peer's address (see `layers::stack`).
+pub async fn serve<M, S>(listener: TcpListener, settings: Settings, service: M, shutdown: CancellationToken)
+where
+    M: Fn(SocketAddr) -> S,
+    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let open = Arc::new(AtomicUsize::new(0));
+    let gauge = metrics::gauge!("portcullis_connections_open");
+    // Connection tasks are aborted if this future is dropped (a shutdown past its grace).
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a little rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if open.load(Ordering::Relaxed) >= settings.max_connections {
+            metrics::counter!("portcullis_connections_closed_total", "reason" => "limit").increment(1);
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let slot = Slot::new(&open, &gauge);
+        connections.spawn(connection(stream, settings, service(peer), shutdown.clone(), slot));
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+/// One open connection, counted until dropped.
+struct Slot {
+    open: Arc<AtomicUsize>,
+    gauge: metrics::Gauge,
+}
+
+impl Slot {
+    fn new(open: &Arc<AtomicUsize>, gauge: &metrics::Gauge) -> Slot {
+        open.fetch_add(1, Ordering::Relaxed);
+        gauge.increment(1.0);
+        Slot { open: open.clone(), gauge: gauge.clone() }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.decrement(1.0);
+    }
+}
+
+async fn connection<S>(stream: TcpStream, settings: Settings, service: S, shutdown: CancellationToken, _slot: Slot)
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(Watched { inner: stream, activity: activity.clone() });
+    let service = Tracked { inner: service, activity: activity.clone() };
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().header_read_timeout(None);
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let closed = tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            return;
+        }
+        reason = activity.expired(settings) => reason,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            return;
+        }
+    };
+    metrics::counter!("portcullis_connections_closed_total", "reason" => closed).increment(1);
+}
+
+/// What a connection is doing, shared by its socket, its service and its watcher. Times are
+/// milliseconds since `start`, plus one (zero means "none").
+struct Activity {
+    start: Instant,
+    /// Requests in progress (until their response body ends).
+    in_flight: AtomicUsize,
+    /// When the headers now awaited began: the connection's opening, or the first byte read
+    /// while no request was in progress.
+    head_since: AtomicU64,
+    /// The last byte read or written.
+    last_io: AtomicU64,
+    /// Wakes the watcher when the state changes in a way that moves its deadline.
+    changed: Notify,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            head_since: AtomicU64::new(1),
+            last_io: AtomicU64::new(1),
+            changed: Notify::new(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.start + Duration::from_millis(ms.saturating_sub(1))
+    }
+
+    fn read(&self) {
+        let now = self.now();
+        self.last_io.store(now, Ordering::Relaxed);
+        if self.in_flight.load(Ordering::Acquire) == 0
+            && self.head_since.compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+        {
+            self.changed.notify_one();
+        }
+    }
+
+    fn wrote(&self) {
+        self.last_io.store(self.now(), Ordering::Relaxed);
+    }
+
+    fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.head_since.store(0, Ordering::Release);
+    }
+
+    fn request_ended(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.last_io.store(self.now(), Ordering::Relaxed);
+            self.changed.notify_one();
+        }
+    }
+
+    /// Completes when the connection has broken a timeout, with the reason.
+    async fn expired(&self, settings: Settings) -> &'static str {
+        loop {
+            let changed = self.changed.notified();
+            let (deadline, reason) = if self.in_flight.load(Ordering::Acquire) > 0 {
+                changed.await;
+                continue;
+            } else {
+                match self.head_since.load(Ordering::Acquire) {
+                    0 => (self.at(self.last_io.load(Ordering::Relaxed)) + settings.idle_timeout, "idle_timeout"),
+                    since => (self.at(since) + settings.header_read_timeout, "header_timeout"),
+                }
+            };
+            if deadline <= Instant::now() {
+                return reason;
+            }
+            tokio::select! {
+                () = changed => {}
+                () = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+}
+
+/// The socket, noting each byte's time in the connection's [`Activity`].
+struct Watched {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.read();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled
+            && n > 0
+        {
+            self.activity.wrote();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled
+            && n > 0
+        {
+            self.activity.wrote();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The connection's service: a request is in progress from its call until its response body
+/// ends or is dropped.
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> hyper::service::Service<http::Request<Incoming>> for Tracked<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Ended>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, request: http::Request<Incoming>) -> Self::Future {
+        self.activity.request_started();
+        let ended = Ended { inner: None, activity: Some(self.activity.clone()) };
+        // The layers' services are always ready (they refuse rather than wait).
+        let answer = tower::Service::call(&mut self.inner.clone(), request.map(Body::new));
+        Box::pin(async move {
+            let mut ended = ended;
+            let Ok(resp) = answer.await;
+            Ok(resp.map(|body| {
+                ended.inner = Some(body);
+                ended
+            }))
+        })
+    }
+}
+
+/// A response body that tells the connection's [`Activity`] when it ends (or, if the answer
+/// never came, when the request is dropped).
+struct Ended {
+    inner: Option<Body>,
+    activity: Option<Arc<Activity>>,
+}
+
+impl Ended {
+    fn end(&mut self) {
+        if let Some(a) = self.activity.take() {
+            a.request_ended();
+        }
+    }
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+impl http_body::Body for Ended {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let Some(inner) = self.inner.as_mut() else { return Poll::Ready(None) };
+        let polled = Pin::new(inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.end();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(http_body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.as_ref().map(http_body::Body::size_hint).unwrap_or_default()
+    }
+}
