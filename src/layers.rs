@@ -17,6 +17,7 @@
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -82,6 +83,9 @@ struct Scope {
     stream: bool,
     /// Permits taken after authentication, handed to the response body at the end.
     held: Mutex<Vec<Held>>,
+    /// A failed-authentication token was taken ahead of a store lookup (and is given back if
+    /// the token turns out valid).
+    charged: std::sync::atomic::AtomicBool,
 }
 
 tokio::task_local! {
@@ -221,11 +225,12 @@ impl Buckets {
         ((1.0 - tokens) / self.per_sec).ceil().max(1.0) as u64
     }
 
-    /// How long `addr` must wait, if it has no token left.
-    fn limited(&self, addr: IpAddr) -> Option<u64> {
-        let bucket = *self.map.get(&addr)?;
-        let tokens = self.level(bucket, Instant::now());
-        (tokens < 1.0).then(|| self.wait(tokens))
+    /// Returns a token taken from `addr`.
+    fn give_back(&self, addr: IpAddr) {
+        if let Some(mut bucket) = self.map.get_mut(&addr) {
+            let now = Instant::now();
+            *bucket = ((self.level(*bucket, now) + 1.0).min(self.burst), now);
+        }
     }
 
     /// Takes a token from `addr`; how long it must wait if there was none.
@@ -252,6 +257,7 @@ impl Buckets {
 /// check made by a stream's background task), nothing is limited.
 pub fn admitted(principal: &Principal) -> Result<(), GatewayError> {
     let Ok(scope) = SCOPE.try_with(Arc::clone) else { return Ok(()) };
+    scope.refund();
     let key = match principal.kind {
         PrincipalKind::Anonymous => format!("address {}", scope.client),
         PrincipalKind::User | PrincipalKind::Service => principal.id.clone(),
@@ -271,23 +277,52 @@ pub fn admitted(principal: &Principal) -> Result<(), GatewayError> {
     }
 }
 
-/// Before a token is looked up in the store: refused if the client's address has failed
-/// authentication too often.
-pub fn authentication_limited() -> Result<(), GatewayError> {
+/// Before a token is looked up in the store: takes one failure from the client address's
+/// bucket ahead of time (so concurrent lookups cannot overrun it), or refuses with 429 if
+/// there is none. The failure is given back when the token proves valid.
+pub fn before_lookup() -> Result<(), GatewayError> {
     let Ok(scope) = SCOPE.try_with(Arc::clone) else { return Ok(()) };
-    match scope.admission.failed.as_ref().and_then(|b| b.limited(scope.client)) {
+    let Some(buckets) = scope.admission.failed.as_ref() else { return Ok(()) };
+    if scope.charged.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    match buckets.take(scope.client) {
         Some(wait) => Err(refused(Limit::FailedAuthentication, wait)),
-        None => Ok(()),
+        None => {
+            scope.charged.store(true, Ordering::Release);
+            Ok(())
+        }
     }
 }
 
-/// After a refused credential: counts the failure against the client's address. Returns the
-/// error to answer: `refusal` itself, or 429 once the address has no failure left.
+/// A credential proved valid: the failure taken ahead of its lookup is given back.
+pub fn authentication_succeeded() {
+    if let Ok(scope) = SCOPE.try_with(Arc::clone) {
+        scope.refund();
+    }
+}
+
+/// After a refused credential: counts the failure against the client's address (unless it was
+/// counted before its lookup). Returns the error to answer: `refusal` itself, or 429 once the
+/// address has no failure left.
 pub fn authentication_failed(refusal: GatewayError) -> GatewayError {
     let Ok(scope) = SCOPE.try_with(Arc::clone) else { return refusal };
+    if scope.charged.swap(false, Ordering::AcqRel) {
+        return refusal;
+    }
     match scope.admission.failed.as_ref().and_then(|b| b.take(scope.client)) {
         Some(wait) => refused(Limit::FailedAuthentication, wait),
         None => refusal,
+    }
+}
+
+impl Scope {
+    fn refund(&self) {
+        if self.charged.swap(false, Ordering::AcqRel)
+            && let Some(b) = self.admission.failed.as_ref()
+        {
+            b.give_back(self.client);
+        }
     }
 }
 
@@ -382,6 +417,7 @@ where
             client: a.client_address(self.peer, request.headers()),
             stream,
             held: Mutex::new(held),
+            charged: std::sync::atomic::AtomicBool::new(false),
         });
         let inner = self.inner.call(request);
         let handled = SCOPE.scope(scope.clone(), inner);

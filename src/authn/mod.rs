@@ -108,7 +108,10 @@ pub async fn unknown_server(app: &AppState, headers: &HeaderMap, unknown: Gatewa
     };
     let now = app.clock().unix_secs();
     match lookup(app, &hash).await {
-        Ok(Some(auth)) if auth.usable_at(now) => unknown,
+        Ok(Some(auth)) if auth.usable_at(now) => {
+            crate::layers::authentication_succeeded();
+            unknown
+        }
         Ok(_) => crate::layers::authentication_failed(GatewayError::Unauthenticated(Rejection::Invalid)),
         Err(e) => e,
     }
@@ -144,7 +147,7 @@ async fn lookup(app: &AppState, hash: &[u8; 32]) -> Result<Option<TokenAuth>, Ga
     if let Some(remembered) = app.tokens().get(hash) {
         return Ok(remembered);
     }
-    crate::layers::authentication_limited()?;
+    crate::layers::before_lookup()?;
     let epoch = app.tokens().epoch();
     metrics::counter!("portcullis_token_lookups_total").increment(1);
     let found = app.store().token_lookup(hash).await.map_err(|e| {
