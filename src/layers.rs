@@ -384,7 +384,8 @@ where
         let id = a.request_id(request.headers());
         request.headers_mut().insert(X_REQUEST_ID, id.0.clone());
         request.extensions_mut().insert(id.clone());
-        let span = tracing::info_span!("request", id = id.as_str(), method = %request.method(), path = request.uri().path());
+        let span =
+            tracing::info_span!("request", id = id.as_str(), method = %request.method(), path = request.uri().path());
         let path = request.uri().path();
         let stream = request.method() == Method::GET && path.starts_with("/mcp/");
         let probe = matches!(path, "/healthz" | "/readyz" | "/metrics");

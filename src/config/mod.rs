@@ -299,7 +299,11 @@ impl Validator<'_> {
             }
         };
         for key in table.keys() {
-            self.at(None, key, "unknown top-level key (expected gateway, store, log, audit, outbound, limits, servers)");
+            self.at(
+                None,
+                key,
+                "unknown top-level key (expected gateway, store, log, audit, outbound, limits, servers)",
+            );
         }
         let gateway = self.gateway(gateway, spans.sections.get("gateway").copied());
         let store = StoreConfig {
@@ -365,7 +369,8 @@ impl Validator<'_> {
         };
         let mut trusted_proxies = Vec::new();
         for text in raw.trusted_proxies.unwrap_or_default() {
-            let net = text.parse::<ipnet::IpNet>().or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            let net =
+                text.parse::<ipnet::IpNet>().or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
             match net {
                 Ok(n) => trusted_proxies.push(n),
                 Err(_) => self.at(

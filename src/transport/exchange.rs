@@ -111,7 +111,8 @@ impl AppState {
         let known = http_body::Body::size_hint(resp.body()).exact().or_else(|| {
             resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
         });
-        let request_id = crate::layers::RequestId::current().unwrap_or_else(crate::layers::RequestId::generate).to_string();
+        let request_id =
+            crate::layers::RequestId::current().unwrap_or_else(crate::layers::RequestId::generate).to_string();
         let principal = ex.principal;
         let record = Record {
             principal_id: principal.as_ref().map(|p| p.id.clone()),

@@ -62,7 +62,8 @@ fn is_v7(id: &str) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_answer_has_a_request_id_and_the_audit_record_has_the_same() {
     let fixture = Fixture::start(&[]).await;
-    let gw = TestGateway::start(&format!("[[servers]]\nname = \"fx\"\nurl = \"{}\"\npublic = true\n", fixture.url)).await;
+    let gw =
+        TestGateway::start(&format!("[[servers]]\nname = \"fx\"\nurl = \"{}\"\npublic = true\n", fixture.url)).await;
     let c = reqwest::Client::new();
     // The fast path, the router, and a refusal made by the layers themselves.
     let r = post(&c, &gw.url("fx"), &init_body(), None).header("x-request-id", "chosen-by-client").send().await;
@@ -73,7 +74,12 @@ async fn every_answer_has_a_request_id_and_the_audit_record_has_the_same() {
     for resp in [
         c.get(format!("{}/healthz", gw.base)).send().await.expect("sent"),
         c.get(format!("{}/nowhere", gw.base)).send().await.expect("sent"),
-        post(&c, &gw.url("fx"), &init_body(), None).header("authorization", "a").header("authorization", "b").send().await.expect("sent"),
+        post(&c, &gw.url("fx"), &init_body(), None)
+            .header("authorization", "a")
+            .header("authorization", "b")
+            .send()
+            .await
+            .expect("sent"),
     ] {
         assert!(is_v7(resp.headers()["x-request-id"].to_str().expect("ascii")), "{resp:?}");
     }
@@ -481,4 +487,105 @@ async fn requests_and_streams_are_limited_per_principal_and_in_total() {
     assert_eq!(running.await.expect("joined").expect("sent").status(), 200);
     assert_eq!(post(&c, &url, &ping, Some(&s)).send().await.expect("sent").status(), 200);
     gw.stop().await;
+}
+
+/// VmRSS of `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process runs");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Sends `count` `tools/call`s over `connections` kept-alive HTTP/1.1 connections to `url`
+/// (a Streamable HTTP endpoint) within `session`, each expecting 200.
+async fn relay_many(addr: &str, path: &str, session: &str, connections: usize, count: usize) {
+    use http_body_util::{BodyExt, Full};
+    let left = Arc::new(AtomicUsize::new(count));
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| {
+            let (addr, path, session, left) = (addr.to_owned(), path.to_owned(), session.to_owned(), left.clone());
+            tokio::spawn(async move {
+                let io = hyper_util::rt::TokioIo::new(TcpStream::connect(&addr).await.expect("connect"));
+                let (mut tx, conn) = hyper::client::conn::http1::handshake(io).await.expect("handshake");
+                tokio::spawn(conn);
+                let mut id = 0u64;
+                while left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok() {
+                    id += 1;
+                    let body = format!(
+                        r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"small","arguments":{{}}}}}}"#
+                    );
+                    let req = http::Request::post(&path)
+                        .header("host", &addr)
+                        .header("content-type", "application/json")
+                        .header("accept", "application/json, text/event-stream")
+                        .header("mcp-session-id", &session)
+                        .header("mcp-protocol-version", "2025-11-25")
+                        .body(Full::new(bytes::Bytes::from(body)))
+                        .expect("request");
+                    let resp = tx.send_request(req).await.expect("answered");
+                    assert_eq!(resp.status(), 200);
+                    resp.into_body().collect().await.expect("body");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("joined");
+    }
+}
+
+/// Metrics memory is bounded whether or not anyone scrapes: a `portcullis serve` process
+/// relays 200,000 requests with nobody reading `/metrics`, and its RSS after the first 40,000
+/// (allocator and connection pools warm) grows by less than 1.5 MiB over the remaining
+/// 160,000 (measured: about 0.2 MiB). With the recorder's upkeep off, each request left about
+/// 20 bytes of histogram samples until a scrape: 3.1 MiB over those 160,000.
+#[tokio::test(flavor = "multi_thread")]
+async fn rss_stays_flat_over_200k_relayed_requests_with_nobody_scraping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut stub = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis-bench-stub"))
+        .args(["0", "--exit-on-stdin-eof"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the stub runs");
+    let mut lines = tokio::io::BufReader::new(stub.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut line).await.expect("the stub's address");
+    let stub_url = line.trim().strip_prefix("listening ").expect("listening line").to_owned();
+    let port = free_port();
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n\n[log]\nlevel = \"warn\"\n\n[audit]\nenabled = false\n\n[[servers]]\nname = \"stub\"\nurl = \"{stub_url}\"\npublic = true\n",
+            dir.path().join("data").display().to_string()
+        ),
+    )
+    .expect("config");
+    let gateway = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the gateway runs");
+    let pid = gateway.id().expect("pid");
+    let addr = format!("127.0.0.1:{port}");
+    let c = reqwest::Client::new();
+    ready(&c, &addr).await;
+    let session = raw_session(&c, &format!("http://{addr}/mcp/stub")).await;
+    relay_many(&addr, "/mcp/stub", &session, 8, 40_000).await;
+    let warm = rss_kib(pid);
+    relay_many(&addr, "/mcp/stub", &session, 8, 160_000).await;
+    let end = rss_kib(pid);
+    eprintln!("RSS after 40,000 requests: {warm} KiB; after 200,000: {end} KiB");
+    assert!(end <= warm + 1536, "RSS grew from {warm} KiB to {end} KiB over 160,000 requests");
+    drop(gateway);
+    drop(stub);
 }

@@ -180,7 +180,9 @@ async fn waits_for_the_migration_lock(data: &Path, store: &str, held: Held) {
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.expect("json")["store"], "ok");
     let r = post(&c, &format!("{base}/mcp/anything"), &init_body(), None).send().await.expect("sent");
-    assert_eq!(r.status(), 404, "served by the gateway now: an unknown server");
+    // Served by the gateway now: an unknown server answers an unauthenticated caller with
+    // the challenge a configured one gives.
+    assert_eq!(r.status(), 401, "served by the gateway now");
     gateway.shutdown().await;
 }
 
