@@ -225,8 +225,11 @@ async fn start_gateway(dir: &std::path::Path, stub: SocketAddr, full: bool) -> G
     let data = data.display().to_string();
     let toml = if full {
         // No [audit] section: enabled, async durability. No `public`: a grant token is required.
+        // The invalid-token arms send a flood of refused tokens from one address, which the
+        // failed-authentication limit would answer 429: it is off here.
         format!(
             "[gateway]\nlisten = \"{addr}\"\ndata_dir = {data:?}\n\n[log]\nlevel = \"warn\"\n\n\
+             [limits]\nfailed_auth_per_minute = 0\n\n\
              [[servers]]\nname = \"stub\"\nurl = \"http://{stub}/mcp\"\n\
              auth = {{ type = \"static\", secret = \"stub-key\" }}\n"
         )

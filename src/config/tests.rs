@@ -208,3 +208,35 @@ auth = { type = "client_credentials" }
         assert!(err.contains(needle), "{needle:?} missing from:\n{err}");
     }
 }
+
+#[test]
+fn limits_have_production_defaults_and_are_validated() {
+    let c = parse("").expect("valid");
+    assert_eq!(c.limits.max_connections, 10_000);
+    assert_eq!(c.limits.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(c.limits.idle_timeout, Duration::from_secs(60));
+    assert_eq!((c.limits.failed_auth_burst, c.limits.failed_auth_per_minute), (20, 60));
+    assert!(c.gateway.admin_listen.is_none() && c.gateway.trusted_proxies.is_empty() && !c.gateway.trust_request_id);
+    let text = r#"
+[gateway]
+admin_listen = "127.0.0.1:9090"
+trusted_proxies = ["10.0.0.0/8", "192.0.2.7"]
+
+[limits]
+max_in_flight = 8
+failed_auth_per_minute = 0
+"#;
+    let c = parse(text).expect("valid");
+    assert_eq!(c.gateway.admin_listen.map(|a| a.port()), Some(9090));
+    assert_eq!(c.gateway.trusted_proxies.len(), 2);
+    assert_eq!((c.limits.max_in_flight, c.limits.failed_auth_per_minute), (8, 0));
+    let bad = "[gateway]\nadmin_listen = \"x\"\ntrusted_proxies = [\"proxy\"]\n\n[limits]\nmax_connections = 0\nidle_timeout = \"soon\"\nbogus = 1\n";
+    let all = parse(bad).expect_err("invalid").to_string();
+    assert!(all.contains("gateway.admin_listen"), "{all}");
+    assert!(all.contains("gateway.trusted_proxies"), "{all}");
+    assert!(all.contains("unknown field `bogus`"), "{all}");
+    let bad = "[limits]\nmax_connections = 0\nidle_timeout = \"soon\"\n";
+    let all = parse(bad).expect_err("invalid").to_string();
+    assert!(all.contains("limits.max_connections must be at least 1"), "{all}");
+    assert!(all.contains("limits.idle_timeout"), "{all}");
+}
