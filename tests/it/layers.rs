@@ -439,8 +439,13 @@ async fn requests_and_streams_are_limited_per_principal_and_in_total() {
     };
     let (sa, sb) = (session(alice.clone()).await, session(bob.clone()).await);
     let slow = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "slow", "arguments": {"ms": 1500}}});
-    let running: Vec<_> =
-        (0..2).map(|_| tokio::spawn(post(&c, &url, &slow, Some(&sa)).bearer_auth(&alice).send())).collect();
+    let running: Vec<_> = (0..2)
+        .map(|i| {
+            let mut slow = slow.clone();
+            slow["id"] = json!(10 + i);
+            tokio::spawn(post(&c, &url, &slow, Some(&sa)).bearer_auth(&alice).send())
+        })
+        .collect();
     tokio::time::sleep(Duration::from_millis(400)).await;
     let ping = json!({"jsonrpc": "2.0", "id": 2, "method": "ping"});
     let r = post(&c, &url, &ping, Some(&sa)).bearer_auth(&alice).send().await.expect("sent");
@@ -449,10 +454,14 @@ async fn requests_and_streams_are_limited_per_principal_and_in_total() {
     let r = post(&c, &url, &ping, Some(&sb)).bearer_auth(&bob).send().await.expect("sent");
     assert_eq!(r.status(), 200, "bob is not limited by alice's calls");
     for call in running {
-        assert_eq!(call.await.expect("joined").expect("sent").status(), 200);
+        let r = call.await.expect("joined").expect("sent");
+        assert_eq!(r.status(), 200);
+        r.bytes().await.expect("body");
     }
-    let r = post(&c, &url, &ping, Some(&sa)).bearer_auth(&alice).send().await.expect("sent");
-    assert_eq!(r.status(), 200, "alice's permits were given back");
+    // A permit is given back once the gateway has sent the whole answer, which may be a moment
+    // after the client has read it.
+    let again = || post(&c, &url, &ping, Some(&sa)).bearer_auth(&alice).send();
+    assert_eq!(soon_200(again).await, 200, "alice's permits were given back");
 
     // One stream per principal: a second GET stream waits for the first to close.
     let stream = |token: &str, session: &str| {
@@ -464,8 +473,7 @@ async fn requests_and_streams_are_limited_per_principal_and_in_total() {
     assert_eq!(second.status(), 429);
     assert_eq!(stream(&bob, &sb).await.expect("sent").status(), 200);
     drop(first);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(stream(&alice, &sa).await.expect("sent").status(), 200);
+    assert_eq!(soon_200(|| stream(&alice, &sa)).await, 200, "the closed stream's place is free");
     let text = metrics_text(&c, &gw.base).await;
     assert!(metric(&text, r#"portcullis_refusals_total{reason="principal_in_flight"}"#) >= 1.0, "{text}");
     assert!(metric(&text, r#"portcullis_refusals_total{reason="principal_streams"}"#) >= 1.0, "{text}");
@@ -484,9 +492,28 @@ async fn requests_and_streams_are_limited_per_principal_and_in_total() {
     let r = post(&c, &url, &ping, Some(&s)).send().await.expect("sent");
     assert_eq!((r.status().as_u16(), r.headers()["retry-after"].to_str().ok()), (503, Some("1")));
     assert_eq!(c.get(format!("{}/readyz", gw.base)).send().await.expect("sent").status(), 200, "probes pass");
-    assert_eq!(running.await.expect("joined").expect("sent").status(), 200);
-    assert_eq!(post(&c, &url, &ping, Some(&s)).send().await.expect("sent").status(), 200);
+    let r = running.await.expect("joined").expect("sent");
+    assert_eq!(r.status(), 200);
+    r.bytes().await.expect("body");
+    assert_eq!(soon_200(|| post(&c, &url, &ping, Some(&s)).send()).await, 200);
     gw.stop().await;
+}
+
+/// The status of `send()`, retried for up to 2 s while it is not 200.
+async fn soon_200<F, Fut>(send: F) -> u16
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+{
+    let mut status = 0;
+    for _ in 0..40 {
+        status = send().await.expect("sent").status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    status
 }
 
 /// VmRSS of `pid`, in KiB.
