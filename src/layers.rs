@@ -469,3 +469,60 @@ where
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admission(extra: &str) -> Arc<Admission> {
+        let config = Config::parse(&format!("[gateway]\n{extra}\n"), "t", Vec::new()).expect("config");
+        Admission::new(&config)
+    }
+
+    fn forwarded(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append("x-forwarded-for", HeaderValue::from_str(v).expect("ascii"));
+        }
+        h
+    }
+
+    #[test]
+    fn the_client_is_the_nearest_untrusted_hop_behind_trusted_proxies_only() {
+        let a = admission("trusted_proxies = [\"10.0.0.0/8\"]");
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let proxy = ip("10.1.2.3");
+        // Everything left of the first untrusted hop may be forged by the client.
+        let h = forwarded(&["6.6.6.6, 198.51.100.7", "10.9.9.9"]);
+        assert_eq!(a.client_address(proxy, &h), ip("198.51.100.7"));
+        assert_eq!(a.client_address(ip("192.0.2.1"), &h), ip("192.0.2.1"), "an untrusted peer's header is ignored");
+        assert_eq!(a.client_address(proxy, &forwarded(&["not an address"])), proxy);
+        assert_eq!(a.client_address(proxy, &HeaderMap::new()), proxy);
+        assert_eq!(a.client_address(proxy, &forwarded(&["10.0.0.1, 10.0.0.2"])), ip("10.0.0.1"));
+    }
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_refuses_until_it_refills() {
+        let b = Buckets { burst: 3.0, per_sec: 1.0 / 60.0, map: DashMap::new() };
+        let addr: IpAddr = "192.0.2.1".parse().expect("ip");
+        for _ in 0..3 {
+            assert_eq!(b.take(addr), None);
+        }
+        let wait = b.take(addr).expect("limited");
+        assert!((59..=60).contains(&wait), "{wait}");
+        b.give_back(addr);
+        assert_eq!(b.take(addr), None, "a token given back can be taken again");
+        assert!(b.take("192.0.2.2".parse().expect("ip")).is_none(), "other addresses are apart");
+    }
+
+    #[test]
+    fn a_client_request_id_is_kept_only_when_trusted_and_well_formed() {
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_ne!(admission("").request_id(&h).as_str(), "abc-123");
+        let trusting = admission("trust_request_id = true");
+        assert_eq!(trusting.request_id(&h).as_str(), "abc-123");
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
+        assert_ne!(trusting.request_id(&h).as_str(), "has space");
+    }
+}
