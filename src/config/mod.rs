@@ -49,6 +49,8 @@ pub struct GatewayConfig {
     pub allowed_origins: Vec<String>,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Most messages in one JSON-RPC batch.
+    pub max_batch: usize,
     /// Longest wait for one upstream answer.
     pub request_timeout: Duration,
     /// How long shutdown waits for in-flight calls.
@@ -337,6 +339,10 @@ impl Validator<'_> {
         if max_body < 1024 {
             self.at(at, "gateway.max_body_bytes", "must be at least 1024");
         }
+        let max_batch = raw.max_batch.unwrap_or(crate::transport::jsonrpc::MAX_BATCH as u64);
+        if !(1..=1000).contains(&max_batch) {
+            self.at(at, "gateway.max_batch", "must be between 1 and 1000");
+        }
         let lower =
             |v: Option<Vec<String>>| v.unwrap_or_default().into_iter().map(|s| s.to_ascii_lowercase()).collect();
         Some(GatewayConfig {
@@ -346,6 +352,7 @@ impl Validator<'_> {
             allowed_hosts: lower(raw.allowed_hosts),
             allowed_origins: lower(raw.allowed_origins),
             max_body_bytes: usize::try_from(max_body).unwrap_or(usize::MAX),
+            max_batch: usize::try_from(max_batch).unwrap_or(usize::MAX),
             request_timeout,
             shutdown_grace,
             data_dir: PathBuf::from(raw.data_dir.unwrap_or_else(|| "portcullis-data".to_owned())),
