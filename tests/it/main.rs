@@ -8,6 +8,7 @@ mod conformance;
 mod egress;
 mod errors;
 mod identity;
+mod pipeline;
 mod protocol;
 mod relay;
 mod secrets;
