@@ -19,9 +19,9 @@ use crate::clock::Clock;
 use crate::config::{Config, ServerConfig};
 use crate::error::GatewayError;
 use crate::keys::KeyRing;
+use crate::protocol::session::{Sealer, SessionState};
 use crate::store::Store;
 use crate::transport::origin::HostPolicy;
-use crate::transport::session::{Sealer, SessionState};
 use crate::upstream::Upstream;
 use crate::upstream::credentials::Credentials;
 
@@ -113,18 +113,18 @@ impl Server {
         caller: &str,
     ) -> Result<(SessionState, serde_json::Value), crate::upstream::UpstreamError> {
         let hello = crate::upstream::ClientHello {
-            protocol: crate::mcp::version::LATEST_STATEFUL.to_owned(),
+            protocol: crate::protocol::version::LATEST_STATEFUL.to_owned(),
             capabilities: serde_json::json!({}),
             client_info: serde_json::json!({"name": "portcullis", "version": env!("CARGO_PKG_VERSION")}),
             caller: caller.to_owned(),
         };
-        let session_key = format!("stateless-{}", crate::transport::session::new_session_key());
+        let session_key = format!("stateless-{}", crate::protocol::session::new_session_key());
         let opened = self.upstream.open(&hello, &session_key).await?;
-        let stateless_upstream = opened.upstream_protocol == crate::mcp::version::STATELESS;
+        let stateless_upstream = opened.upstream_protocol == crate::protocol::version::STATELESS;
         let state = SessionState {
             version: 1,
             key: session_key,
-            client_protocol: crate::mcp::version::STATELESS.to_owned(),
+            client_protocol: crate::protocol::version::STATELESS.to_owned(),
             upstream_protocol: opened.upstream_protocol,
             upstream_session: opened.upstream_session,
             created: app.clock().unix_secs(),

@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use serde_json::Value;
 
-use crate::transport::jsonrpc::{EnvelopeError, code};
+use crate::protocol::jsonrpc::{EnvelopeError, code};
 use crate::upstream::UpstreamError;
 
 /// Why the gateway refused or could not complete an MCP request.

@@ -339,7 +339,7 @@ impl Validator<'_> {
         if max_body < 1024 {
             self.at(at, "gateway.max_body_bytes", "must be at least 1024");
         }
-        let max_batch = raw.max_batch.unwrap_or(crate::transport::jsonrpc::MAX_BATCH as u64);
+        let max_batch = raw.max_batch.unwrap_or(crate::protocol::jsonrpc::MAX_BATCH as u64);
         if !(1..=1000).contains(&max_batch) {
             self.at(at, "gateway.max_batch", "must be between 1 and 1000");
         }

@@ -32,9 +32,9 @@ use super::{catalog, continuity, stateless, unconnected};
 use crate::app::{AppState, Server};
 use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
+use crate::protocol::jsonrpc::{Kind, Message, ToolCall};
+use crate::protocol::session::SessionState;
 use crate::transport::exchange::Exchange;
-use crate::transport::jsonrpc::{Kind, Message, ToolCall};
-use crate::transport::session::SessionState;
 use crate::upstream::{Reply, UpstreamError};
 
 /// Who sends a message, to which server, and within which session.

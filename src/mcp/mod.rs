@@ -7,15 +7,14 @@ pub mod continuity;
 pub mod dispatch;
 pub mod stateless;
 pub mod unconnected;
-pub mod version;
 
 use serde_json::Value;
 
 use crate::app::{AppState, Server};
 use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
-use crate::transport::jsonrpc::{Message, result_response};
-use crate::transport::session::{SessionState, binding, new_session_key};
+use crate::protocol::jsonrpc::{Message, result_response};
+use crate::protocol::session::{SessionState, binding, new_session_key};
 use crate::upstream::ClientHello;
 
 /// A client's `initialize`: open an upstream session with the client's capabilities, seal
@@ -112,3 +111,5 @@ pub fn client_name_version(info: &Value) -> (String, String) {
     let field = |k: &str| info.get(k).and_then(Value::as_str).unwrap_or("").chars().take(64).collect::<String>();
     (field("name"), field("version"))
 }
+
+pub use crate::protocol::version;

@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 
 use crate::app::{AppState, Server};
 use crate::error::{Failure, GatewayError};
-use crate::mcp::version;
-use crate::transport::jsonrpc::{Kind, Message, result_response};
+use crate::protocol::jsonrpc::{Kind, Message, result_response};
+use crate::protocol::version;
 use crate::upstream::http::PROTOCOL_HEADER;
 use crate::upstream::mux::features;
 use crate::upstream::{MessageStream, Reply, UpstreamError, messages_of};

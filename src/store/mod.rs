@@ -6,6 +6,7 @@ pub mod audit;
 pub mod identity;
 mod lock;
 pub mod placement;
+pub mod rotate;
 pub mod secrets;
 pub mod sessions;
 pub mod vault;

@@ -15,11 +15,11 @@ use http::{StatusCode, header};
 use http_body::Frame;
 use serde_json::Value;
 
-use super::jsonrpc::{Message, ToolCall, code, error_response};
 use crate::app::{AppState, Server};
 use crate::audit::{Arguments, AuditWriter, Decision, Durability, Record};
 use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
+use crate::protocol::jsonrpc::{Message, ToolCall, code, error_response};
 
 /// `X-Request-Id`: the gateway's id for a request, in its answer, its logs and its audit
 /// record.

@@ -15,14 +15,15 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::BodyExt;
 
 use super::exchange::Exchange;
-use super::jsonrpc::{self, Kind, Message};
 use super::reply;
-use super::session::{SessionState, binding};
 use crate::app::{AppState, Server};
 use crate::authn::{self, Principal};
 use crate::error::{Failure, GatewayError};
+use crate::mcp;
 use crate::mcp::dispatch::{self, Call, Outcome, Via, dispatch};
-use crate::mcp::{self, version};
+use crate::protocol::jsonrpc::{self, Kind, Message};
+use crate::protocol::session::{SessionState, binding};
+use crate::protocol::version;
 use crate::upstream::http::{PROTOCOL_HEADER, SESSION_HEADER};
 
 /// Which server a request is for: one of the configured servers, matched ahead of the router
@@ -166,10 +167,10 @@ async fn batch(
     // Refused whole, before anything is forwarded: batches of later revisions, and
     // `initialize` in a batch.
     let protocol = match mcp::stateless::is_stateless(headers) {
-        true => mcp::version::STATELESS.to_owned(),
+        true => version::STATELESS.to_owned(),
         false => session(app, server, principal, headers)?.client_protocol.clone(),
     };
-    if !mcp::version::has_batches(&protocol) {
+    if !version::has_batches(&protocol) {
         let text = format!("JSON-RPC batches are not part of protocol revision {protocol}");
         return Err(GatewayError::InvalidRequest(text).into());
     }

@@ -23,15 +23,12 @@ use tokio::sync::mpsc;
 
 use super::exchange::Exchange;
 use super::http::{Target, admit, check_accept, check_content_type, read_body, stream_end};
-use super::jsonrpc::{self, Kind, Message, error_response};
-use super::session::{SessionState, new_session_key};
 use crate::app::{AppState, Server};
 use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
-use crate::mcp::{
-    self,
-    dispatch::{self, Call, Outcome, Via, dispatch},
-};
+use crate::mcp::dispatch::{self, Call, Outcome, Via, dispatch};
+use crate::protocol::jsonrpc::{self, Kind, Message, error_response};
+use crate::protocol::session::{SessionState, new_session_key};
 use crate::upstream::messages_of;
 
 /// Open legacy connections by id.
@@ -142,7 +139,7 @@ pub async fn message(
             jsonrpc::Body::Single(m) => vec![m],
             jsonrpc::Body::Batch(ms) => {
                 let protocol = conn.session().map(|s| s.client_protocol);
-                if protocol.as_deref().is_some_and(|p| !mcp::version::has_batches(p)) {
+                if protocol.as_deref().is_some_and(|p| !crate::protocol::version::has_batches(p)) {
                     let text =
                         format!("JSON-RPC batches are not part of protocol revision {}", protocol.unwrap_or_default());
                     return Err(GatewayError::InvalidRequest(text).into());

@@ -14,9 +14,9 @@ use url::Url;
 
 use super::credentials::Renewed;
 use super::{ClientHello, Opened, Reply, UpstreamError, initialize_request, opened_from_response};
-use crate::mcp::version;
-use crate::transport::jsonrpc::{Kind, Message, code, error_response, result_response};
-use crate::transport::session::SessionState;
+use crate::protocol::jsonrpc::{Kind, Message, code, error_response, result_response};
+use crate::protocol::session::SessionState;
+use crate::protocol::version;
 use crate::vault::challenge::BearerChallenge;
 
 /// `Mcp-Session-Id`.

@@ -186,7 +186,7 @@ fn well_known(base: &Url, name: &str, path: &str) -> Url {
 
 fn protocol_header() -> HeaderMap {
     let mut h = HeaderMap::new();
-    h.insert("mcp-protocol-version", HeaderValue::from_static(crate::mcp::version::LATEST_STATEFUL));
+    h.insert("mcp-protocol-version", HeaderValue::from_static(crate::protocol::version::LATEST_STATEFUL));
     h
 }
 
