@@ -21,9 +21,9 @@ use portcullis::clock::Clock;
 use portcullis::config::{ServerConfig, ServerTransport, UpstreamAuth};
 use portcullis::keys::{Key, KeyRing, SharedKeyRing};
 use portcullis::net::{Egress, OutboundConfig};
-use portcullis::store::Store;
 use portcullis::protocol::jsonrpc::Message;
 use portcullis::protocol::session::SessionState;
+use portcullis::store::Store;
 use portcullis::upstream::credentials::Credentials;
 use portcullis::upstream::{ClientHello, Upstream, UpstreamError};
 use portcullis::vault::{OAuthConfig, Vault, VaultServer};
@@ -71,7 +71,8 @@ async fn run() -> anyhow::Result<()> {
             // An operator pins the issuer a pre-registered client belongs to; here it is
             // whatever the suite's server names, looked up once.
             let egress = Egress::new(outbound.policy());
-            let found = portcullis::vault::discovery::discover(&egress, Some(&url), None, &Default::default()).await?;
+            let found =
+                portcullis::oauth::client::discovery::discover(&egress, Some(&url), None, &Default::default()).await?;
             oauth.issuer = Some(found.server.issuer);
         }
     }

@@ -13,6 +13,7 @@ pub mod error;
 pub mod keys;
 pub mod mcp;
 pub mod net;
+pub mod oauth;
 pub mod protocol;
 pub mod store;
 pub mod telemetry;

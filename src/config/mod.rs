@@ -617,7 +617,7 @@ impl Validator<'_> {
         let method = match raw.token_endpoint_auth_method.as_deref() {
             None => None,
             Some(m) => {
-                match crate::vault::endpoint::AuthMethod::parse(m) {
+                match crate::oauth::client::endpoint::AuthMethod::parse(m) {
                     Some(m) => Some(m),
                     None => {
                         self.at(

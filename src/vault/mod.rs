@@ -11,9 +11,6 @@
 //! [`Vault::token`] hands the access token to upstream calls, refreshing it when due.
 
 mod authorize;
-pub mod challenge;
-pub mod discovery;
-pub mod endpoint;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -29,12 +26,13 @@ use url::Url;
 use crate::clock::Clock;
 use crate::crypto::row_aad;
 use crate::keys::SharedKeyRing;
-use crate::net::{Egress, EgressError};
+use crate::net::Egress;
+use crate::oauth::client::OAuthError;
+use crate::oauth::client::challenge::{self, BearerChallenge};
+use crate::oauth::client::discovery::{self, Discovered, Pins, ServerMetadata};
+use crate::oauth::client::endpoint::{self, AuthMethod, ClientAuth, Tokens};
 use crate::store::vault::{ClientRow, ConnectionRow, FlowRow, LinkRow};
 use crate::store::{Store, StoreError};
-use challenge::BearerChallenge;
-use discovery::{Discovered, Pins, ServerMetadata};
-use endpoint::{AuthMethod, ClientAuth, Tokens};
 
 /// How long an authorization flow (its `state`) stays valid (R89, R114: about 10 minutes).
 pub const FLOW_TTL_SECS: i64 = 600;
@@ -110,49 +108,13 @@ pub type AuthMethodName = AuthMethod;
 /// client secret.
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
-    /// Discovery failed or found something unacceptable.
-    #[error("discovery failed: {detail}")]
-    Discovery {
-        /// What.
-        detail: String,
-    },
-    /// A guarded fetch was refused or failed.
+    /// A step of the OAuth protocol failed (discovery, registration, an endpoint).
     #[error(transparent)]
-    Egress(#[from] EgressError),
-    /// The gateway could not register with the authorization server.
-    #[error("client registration failed: {detail}")]
-    Registration {
-        /// What.
-        detail: String,
-    },
-    /// An authorization response that cannot be accepted (unknown state, wrong issuer, …).
+    OAuth(#[from] OAuthError),
+    /// An authorization response or connect link that cannot be accepted (unknown state,
+    /// expired link, …).
     #[error("the authorization response was refused: {detail}")]
     Flow {
-        /// What.
-        detail: String,
-    },
-    /// The authorization server (or the person) declined.
-    #[error("the authorization server answered {error}{}", .description.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
-    Denied {
-        /// The `error` code.
-        error: String,
-        /// The `error_description`, shortened.
-        description: Option<String>,
-    },
-    /// The token endpoint refused or answered badly.
-    #[error("the token endpoint refused: {detail}")]
-    Token {
-        /// The OAuth `error` code, if any (`invalid_grant`, …).
-        error: Option<String>,
-        /// What.
-        detail: String,
-    },
-    /// The authorization server refused a pushed authorization request (RFC 9126), or
-    /// answered it badly.
-    #[error("the pushed authorization request was refused: {detail}")]
-    Pushed {
-        /// The OAuth `error` code of a 400 or 401 answer (`invalid_client`, …).
-        error: Option<String>,
         /// What.
         detail: String,
     },
@@ -660,7 +622,7 @@ impl Vault {
         // server still knows its client before the browser goes there.
         let (url, client) = self.authorization_url(&vs, &found, &redirect_uri, client, &request).await?;
         let Chosen { auth: client, kind, .. } = client;
-        self.egress.policy().check_url(&url)?;
+        self.egress.policy().check_url(&url).map_err(OAuthError::from)?;
         let now = self.now();
         let id = sha256_hex(&state);
         let details = FlowDetails {
@@ -752,12 +714,12 @@ impl Vault {
             if let Some(pinned) = &vs.oauth.issuer
                 && *pinned != found.server.issuer
             {
-                return Err(VaultError::Discovery {
+                return Err(VaultError::OAuth(OAuthError::Discovery {
                     detail: format!(
                         "the upstream names the authorization server {}, but this server's client is registered at {pinned}",
                         found.server.issuer
                     ),
-                });
+                }));
             }
             let secret = self.preregistered_secret(vs).await?;
             let method =
@@ -777,12 +739,12 @@ impl Vault {
             return Ok(Chosen::stored(self.client_of(&row)?, ClientKind::Dynamic));
         }
         let Some(endpoint) = &found.server.registration_endpoint else {
-            return Err(VaultError::Registration {
+            return Err(VaultError::OAuth(OAuthError::Registration {
                 detail: format!(
                     "{issuer} offers no dynamic registration and no client metadata documents; register a client there \
                      and set client_id (and client_secret) in this server's auth"
                 ),
-            });
+            }));
         };
         let client = endpoint::register(&self.egress, endpoint, redirect_uri, supported).await?;
         let id = uuid::Uuid::now_v7().to_string();
@@ -918,10 +880,10 @@ impl Vault {
             _ => {}
         }
         if let Some(error) = params.get("error") {
-            return Err(VaultError::Denied {
+            return Err(VaultError::OAuth(OAuthError::Denied {
                 error: error.chars().take(64).collect(),
                 description: params.get("error_description").map(|d| d.chars().take(200).collect()),
-            });
+            }));
         }
         let code = params.get("code").ok_or_else(|| VaultError::Flow { detail: "no code".to_owned() })?;
         let verifier = self.open(crate::store::vault::FLOWS_TABLE.table, &flow.id, &flow.sealed)?;
@@ -938,20 +900,21 @@ impl Vault {
             &d.redirect_uri,
             d.resource.as_deref(),
         )
-        .await;
+        .await
+        .map_err(VaultError::from);
         let tokens = match exchanged {
             Ok(t) => t,
-            Err(VaultError::Token { error: Some(code), detail })
+            Err(VaultError::OAuth(OAuthError::Token { error: Some(code), detail }))
                 if code == "invalid_client" && d.client_kind == ClientKind::Dynamic =>
             {
                 // The server forgot the registration between the start and the end of the flow:
                 // the next link registers again instead of failing the same way.
                 self.store.vault_client_delete(server, issuer, &d.client_id).await?;
                 tracing::warn!(server, %issuer, "the authorization server no longer knows the gateway's registration");
-                return Err(VaultError::Token {
+                return Err(VaultError::OAuth(OAuthError::Token {
                     error: Some(code),
                     detail: format!("{detail} (the registration was dropped; a new connect link registers again)"),
-                });
+                }));
             }
             Err(e) => return Err(e),
         };
@@ -1122,10 +1085,10 @@ impl Vault {
                     return Ok(Some(Lease { store, server: server.to_owned(), subject: subject.to_owned(), owner }));
                 }
                 Some(false) if started.elapsed() > LEASE_WAIT => {
-                    return Err(VaultError::Token {
+                    return Err(VaultError::OAuth(OAuthError::Token {
                         error: None,
                         detail: format!("another gateway process has been refreshing '{server}' for too long"),
-                    });
+                    }));
                 }
                 Some(false) => {
                     tokio::time::sleep(pause).await;
@@ -1180,10 +1143,11 @@ impl Vault {
             vs.oauth.scope_on_refresh.then_some(scopes.as_slice()),
             d.resource.as_deref(),
         )
-        .await;
+        .await
+        .map_err(VaultError::from);
         let tokens = match result {
             Ok(t) => t,
-            Err(VaultError::Token { error: Some(code), detail })
+            Err(VaultError::OAuth(OAuthError::Token { error: Some(code), detail }))
                 if code == "invalid_grant" || code == "invalid_client" =>
             {
                 // Another process may have refreshed meanwhile (a lease that ran out): the
