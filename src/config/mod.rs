@@ -2,8 +2,9 @@
 //! [`Config`] and reports every problem at once, each with its location.
 
 mod env;
+mod oauth;
+mod outbound;
 pub mod raw;
-mod warnings;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -13,6 +14,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
+pub use oauth::{AuthMethod, OAuthConfig};
+pub use outbound::OutboundConfig;
 use raw::{RawAuth, RawGateway, RawLog, RawServer, RawStore};
 
 /// Default `start_timeout` of a stdio server: long enough for `npx` to fetch a package on a
@@ -33,7 +36,7 @@ pub struct Config {
     /// The audit log.
     pub audit: crate::audit::AuditConfig,
     /// The guard on URLs that come from upstreams and clients.
-    pub outbound: crate::net::OutboundConfig,
+    pub outbound: OutboundConfig,
 }
 
 /// Validated `[gateway]`.
@@ -123,7 +126,7 @@ pub enum UpstreamAuth {
         env: String,
     },
     /// Upstream OAuth through the vault (`oauth` or `client_credentials`).
-    OAuth(Box<crate::vault::OAuthConfig>),
+    OAuth(Box<OAuthConfig>),
 }
 
 /// How an upstream is reached.
@@ -270,7 +273,7 @@ impl Validator<'_> {
         for problem in audit.problems() {
             self.at(spans.sections.get("audit").copied(), "[audit]", problem);
         }
-        let outbound: crate::net::OutboundConfig = self.section(&mut table, "outbound", spans);
+        let outbound: OutboundConfig = self.section(&mut table, "outbound", spans);
         for problem in outbound.problems() {
             self.at(spans.sections.get("outbound").copied(), "[outbound]", problem);
         }
@@ -617,7 +620,7 @@ impl Validator<'_> {
         let method = match raw.token_endpoint_auth_method.as_deref() {
             None => None,
             Some(m) => {
-                match crate::oauth::client::endpoint::AuthMethod::parse(m) {
+                match AuthMethod::parse(m) {
                     Some(m) => Some(m),
                     None => {
                         self.at(
@@ -665,7 +668,7 @@ impl Validator<'_> {
             self.at(at, what, "each scope must be one non-empty word");
             ok = false;
         }
-        let config = crate::vault::OAuthConfig {
+        let config = OAuthConfig {
             per_user: !machine && raw.per_user.unwrap_or(true),
             client_credentials: machine,
             scopes,

@@ -96,7 +96,7 @@ impl StdioUpstream {
         UpstreamError::Process { server: self.name.to_string(), detail: detail.into() }
     }
 
-    fn oauth(&self) -> Option<&crate::vault::OAuthConfig> {
+    fn oauth(&self) -> Option<&crate::config::OAuthConfig> {
         match &self.auth {
             crate::config::UpstreamAuth::OAuth(o) => Some(o),
             _ => None,

@@ -16,7 +16,7 @@ mod connections;
 mod links;
 mod refresh;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -28,13 +28,14 @@ use sha2::{Digest, Sha256};
 use url::Url;
 
 use crate::clock::Clock;
+use crate::config::{AuthMethod, OAuthConfig};
 use crate::crypto::row_aad;
 use crate::keys::SharedKeyRing;
 use crate::net::Egress;
 use crate::oauth::client::OAuthError;
 use crate::oauth::client::challenge::{self, BearerChallenge};
 use crate::oauth::client::discovery::{self, Discovered, Pins, ServerMetadata};
-use crate::oauth::client::endpoint::{self, AuthMethod, ClientAuth, Tokens};
+use crate::oauth::client::endpoint::{self, ClientAuth, Tokens};
 use crate::store::vault::{ClientRow, ConnectionRow, FlowRow, LinkRow};
 use crate::store::{Store, StoreError};
 
@@ -62,51 +63,6 @@ pub const BACKGROUND_MIN_LIFETIME_SECS: i64 = 120;
 fn refresh_at(expires_at: Option<i64>, issued_at: i64) -> Option<i64> {
     expires_at.map(|e| e - REFRESH_MARGIN_SECS.min((e - issued_at).max(0) / 3))
 }
-
-/// `auth = { type = "oauth", … }` (and `client_credentials`) of one server.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct OAuthConfig {
-    /// Each person connects their own account (`true`), or one shared connection (`false`).
-    pub per_user: bool,
-    /// Machine-to-machine: the client credentials grant, no person involved.
-    pub client_credentials: bool,
-    /// Scopes always asked for.
-    pub scopes: Vec<String>,
-    /// A pre-registered client id.
-    pub client_id: Option<String>,
-    /// The issuer the pre-registered client belongs to: its secret is never sent to another
-    /// (R86, R121). Required with `client_secret` unless `metadata_url` pins the server.
-    pub issuer: Option<String>,
-    /// The name of the stored secret holding the pre-registered client's secret.
-    pub client_secret: Option<String>,
-    /// Pin the token endpoint authentication method of the pre-registered client.
-    pub token_endpoint_auth_method: Option<AuthMethodName>,
-    /// Authorization server metadata URL, instead of discovery.
-    pub metadata_url: Option<Url>,
-    /// Extra parameters for the authorization request.
-    pub authorization_params: BTreeMap<String, String>,
-    /// Send the `resource` parameter (RFC 8707). Providers that refuse it (Entra ID v2) need
-    /// `false`. Default `true`.
-    pub resource_parameter: bool,
-    /// Send `scope` when refreshing (Entra ID needs it). Default `false`.
-    pub scope_on_refresh: bool,
-    /// For a stdio upstream: the environment variable that carries the access token.
-    pub env: Option<String>,
-    /// The resource indicator (RFC 8707) to ask tokens for when discovery gives none (a
-    /// stdio upstream: the API its tokens are for).
-    pub resource: Option<String>,
-}
-
-impl OAuthConfig {
-    /// Whose connection serves `caller`: their own with `per_user`, else the shared one
-    /// (`""`).
-    pub fn subject(&self, caller: &str) -> String {
-        if self.per_user { caller.to_owned() } else { String::new() }
-    }
-}
-
-/// A token endpoint authentication method named in configuration.
-pub type AuthMethodName = AuthMethod;
 
 /// Why the vault could not do what was asked. Messages never carry a token, code, verifier or
 /// client secret.
@@ -398,7 +354,7 @@ impl Vault {
         // A Client ID Metadata Document must sit at an https URL (R84).
         let cimd_url = (public_url.scheme() == "https")
             .then(|| format!("{}/oauth/client-metadata.json", public_url.as_str().trim_end_matches('/')));
-        let egress = Egress::new(config.outbound.policy());
+        let egress = Egress::new(crate::net::Policy::from_config(&config.outbound));
         Some(Vault::new(store, keys, egress, Clock::system(), public_url.clone(), cimd_url, servers))
     }
 
@@ -490,7 +446,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::connect(&format!("sqlite://{}/v.db", dir.path().display())).await.expect("store");
         let keys = SharedKeyRing::new(crate::keys::KeyRing::single(crate::keys::Key::random()), None);
-        let egress = Egress::new(crate::net::OutboundConfig::default().policy());
+        let egress = Egress::new(crate::net::Policy::from_config(&crate::net::OutboundConfig::default()));
         let url = Url::parse("https://gw.example.com").expect("url");
         let vault = Vault::new(store, keys, egress, Clock::system(), url, None, Vec::new());
         for _ in 0..STEP_UP_LIMIT {

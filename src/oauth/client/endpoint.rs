@@ -9,60 +9,12 @@ use oauth2::{
     RefreshToken, RequestTokenError, TokenResponse, TokenUrl,
 };
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use url::Url;
 
 use super::OAuthError;
+use crate::config::AuthMethod;
 use crate::net::{Egress, EgressError};
-
-/// How the gateway authenticates at a token endpoint (R97).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AuthMethod {
-    /// `client_secret_basic`.
-    ClientSecretBasic,
-    /// `client_secret_post`.
-    ClientSecretPost,
-    /// `none` (public client: CIMD, or a registration without a secret).
-    None,
-}
-
-impl AuthMethod {
-    /// The RFC 7591 name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AuthMethod::ClientSecretBasic => "client_secret_basic",
-            AuthMethod::ClientSecretPost => "client_secret_post",
-            AuthMethod::None => "none",
-        }
-    }
-
-    /// From the RFC 7591 name.
-    pub fn parse(text: &str) -> Option<AuthMethod> {
-        match text {
-            "client_secret_basic" => Some(AuthMethod::ClientSecretBasic),
-            "client_secret_post" => Some(AuthMethod::ClientSecretPost),
-            "none" => Some(AuthMethod::None),
-            _ => None,
-        }
-    }
-
-    /// The method to use for a client with (or without) a secret, among those the server
-    /// advertises (RFC 8414 §2: absent means `client_secret_basic`).
-    pub fn choose(has_secret: bool, supported: Option<&[String]>) -> AuthMethod {
-        let offers = |m: AuthMethod| match supported {
-            None => m == AuthMethod::ClientSecretBasic,
-            Some(list) => list.iter().any(|s| s == m.as_str()),
-        };
-        if !has_secret {
-            return AuthMethod::None;
-        }
-        [AuthMethod::ClientSecretBasic, AuthMethod::ClientSecretPost]
-            .into_iter()
-            .find(|m| offers(*m))
-            .unwrap_or(AuthMethod::ClientSecretBasic)
-    }
-}
 
 /// The gateway's identity at one authorization server.
 #[derive(Clone)]
