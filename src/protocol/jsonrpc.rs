@@ -151,9 +151,10 @@ impl Message {
         fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
             Value::deserialize(d).map(Some)
         }
+        // Only an object has a `name` (a derived reader would also take an array's first item).
         let params: Option<Params> = match &self.params {
-            Some(p) => serde_json::from_slice(p).ok(),
-            None => None,
+            Some(p) if p.first() == Some(&b'{') => serde_json::from_slice(p).ok(),
+            _ => None,
         };
         match params {
             Some(Params { name: Some(Value::String(name)), arguments }) => Ok(Some(ToolCall { name, arguments })),
@@ -523,6 +524,11 @@ mod tests {
         ))
         .expect("valid envelope");
         assert!(m.tool_call().is_err());
+        let m = Message::parse(Bytes::from_static(
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":["echo",{}]}"#,
+        ))
+        .expect("valid envelope");
+        assert!(m.tool_call().is_err(), "positional params name no tool");
     }
 
     #[test]
