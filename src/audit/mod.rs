@@ -1,7 +1,8 @@
 //! The audit log: one [`Record`] per MCP request, including denials and errors.
 //!
 //! - `record`: what the request path fills in, and [`Entry`], the stored, chained form.
-//! - `redact`: secrets out of arguments (key names and token patterns), before anything is stored.
+//! - `redact`: secrets out of arguments (key names, token patterns, URL passwords, PEM keys),
+//!   before anything is stored.
 //! - `chain`: the SHA-256 hash chain and [`verify`], which names the first bad record.
 //! - `writer`: [`AuditWriter`], the non-blocking batched writer (one per process and store).
 //! - `time`: RFC 3339 in and out, for the CLI.
@@ -10,7 +11,7 @@
 //! overflow policy for operators.
 
 mod chain;
-mod record;
+pub(crate) mod record;
 mod redact;
 pub mod segment;
 pub mod time;
@@ -53,8 +54,9 @@ pub struct AuditConfig {
     pub capacity: usize,
     /// Argument keys whose values are replaced by `"[REDACTED]"`: case-insensitive, matched
     /// anywhere in the key, ignoring `-` and `_`. Setting it replaces the default list. Default
-    /// `["password", "secret", "token", "api_key", "apikey", "authorization", "access_token",
-    /// "refresh_token", "client_secret", "private_key", "cookie"]`.
+    /// `["password", "passwd", "pwd", "passphrase", "secret", "token", "api_key", "apikey",
+    /// "authorization", "access_token", "refresh_token", "client_secret", "private_key",
+    /// "credential", "cookie", "session"]`.
     pub redact_keys: Vec<String>,
 }
 
