@@ -332,6 +332,7 @@ pub struct Gateway {
     /// The state, for inspection.
     pub state: AppState,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    checkpoints: Option<crate::audit::checkpoint::Checkpointer>,
 }
 
 /// Why a gateway could not start.
@@ -351,6 +352,9 @@ pub enum StartError {
     /// The master key could not be loaded.
     #[error(transparent)]
     Key(#[from] crate::keys::KeyError),
+    /// The audit checkpoint file could not be opened.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::audit::checkpoint::CheckpointError),
 }
 
 impl Gateway {
@@ -393,6 +397,16 @@ impl Gateway {
                 return Err(e.into());
             }
         };
+        let checkpoints = match start_checkpoints(&config, &keys, &store) {
+            Ok(c) => c,
+            Err(e) => {
+                shutdown.cancel();
+                task.abort();
+                let _ = task.await;
+                store.close().await;
+                return Err(e.into());
+            }
+        };
         let state = build_state(config, keys, store, addr, shutdown);
         tokio::spawn(state.0.tokens.clone().watch(state.0.store.clone(), state.0.shutdown.clone()));
         if let Some(vault) = state.0.vault.clone() {
@@ -401,7 +415,7 @@ impl Gateway {
         }
         gate.open(Front { router: router(state.clone()), app: state.clone() });
         tracing::info!(%addr, public_url = %state.public_url(), "portcullis is serving");
-        Ok(Gateway { addr, state, task })
+        Ok(Gateway { addr, state, task, checkpoints })
     }
 
     /// Stops accepting, lets in-flight calls finish within `shutdown_grace`, ends streams,
@@ -419,6 +433,10 @@ impl Gateway {
         }
         // After the listener drained, so every exchange's record is queued; before the store closes.
         self.state.0.audit.shutdown().await;
+        // After the last record is written, so the final checkpoint covers it.
+        if let Some(c) = self.checkpoints {
+            c.finish().await;
+        }
         self.state.0.store.close().await;
         tracing::info!("portcullis stopped");
     }
@@ -431,6 +449,19 @@ async fn open_store(url: &str, gate: &Gate) -> Result<Store, crate::store::Store
     gate.phase(Phase::Migrating);
     store.migrate().await?;
     Ok(store)
+}
+
+/// Starts signing the audit chain's head into `[audit] checkpoint_file`, unless the audit log
+/// or checkpoints are off.
+fn start_checkpoints(
+    config: &Config,
+    keys: &KeyRing,
+    store: &Store,
+) -> Result<Option<crate::audit::checkpoint::Checkpointer>, crate::audit::checkpoint::CheckpointError> {
+    let Some(every) = config.audit.checkpoint_every().filter(|_| config.audit.enabled) else { return Ok(None) };
+    let path = config.audit.checkpoint_path(&config.gateway.data_dir);
+    let c = crate::audit::checkpoint::Checkpointer::start(store.clone(), keys.clone(), Clock::system(), path, every)?;
+    Ok(Some(c))
 }
 
 /// The gateway's state over an open store, for a listener bound at `addr`.

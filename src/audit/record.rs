@@ -153,8 +153,10 @@ impl Record {
         let text = |s: String| cap_text(if s.contains('\0') { s.replace('\0', "\u{fffd}") } else { s });
         let opt = |s: Option<String>| s.map(text);
         let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        // Nobody vouches for what an unauthenticated request carries: it gets a smaller budget.
-        let budget = if self.principal_id.is_some() { MAX_ARGUMENTS_BYTES } else { MAX_ANONYMOUS_ARGUMENTS_BYTES };
+        // Nobody vouches for what an unauthenticated request carries (a refused call, an OAuth
+        // callback, an anonymous caller of a public server, whose id is empty): a smaller budget.
+        let authenticated = self.principal_id.as_deref().is_some_and(|id| !id.is_empty());
+        let budget = if authenticated { MAX_ARGUMENTS_BYTES } else { MAX_ANONYMOUS_ARGUMENTS_BYTES };
         Entry {
             seq: 0,
             time_ms: self.time_ms,
@@ -191,7 +193,8 @@ pub const MAX_TEXT_BYTES: usize = 256;
 /// [`cap_arguments`]).
 pub const MAX_ARGUMENTS_BYTES: usize = 64 * 1024;
 
-/// The same for a request with no authenticated principal (a refused call, an OAuth callback).
+/// The same for a request with no authenticated principal (a refused call, an OAuth callback,
+/// an anonymous caller of a public server).
 pub const MAX_ANONYMOUS_ARGUMENTS_BYTES: usize = 1024;
 
 /// What ends a text field that was cut.

@@ -298,6 +298,26 @@ fn audit_config_defaults_and_strictness() {
 }
 
 #[test]
+fn audit_checkpoint_settings_default_on_and_are_checked() {
+    use std::path::Path;
+    use std::time::Duration;
+    let c = AuditConfig::default();
+    assert_eq!(c.checkpoint_every(), Some(Duration::from_secs(60)));
+    assert_eq!(c.checkpoint_path(Path::new("/data")), Path::new("/data/audit-checkpoints.jsonl"));
+    let c: AuditConfig =
+        toml::from_str("checkpoint_interval = \"250ms\"\ncheckpoint_file = \"/elsewhere/cp\"").expect("parses");
+    assert_eq!(c.checkpoint_every(), Some(Duration::from_millis(250)));
+    assert_eq!(c.checkpoint_path(Path::new("/data")), Path::new("/elsewhere/cp"));
+    assert!(c.problems().is_empty());
+    let off: AuditConfig = toml::from_str("checkpoint_interval = \"0s\"").expect("parses");
+    assert_eq!((off.checkpoint_every(), off.problems().len()), (None, 0));
+    let bad: AuditConfig = toml::from_str("checkpoint_interval = \"often\"\ncheckpoint_file = \"\"").expect("parses");
+    let problems = bad.problems();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems[0].contains("checkpoint_interval"), "{problems:?}");
+}
+
+#[test]
 fn audit_text_fields_are_capped_at_a_character_boundary() {
     let long = format!("a{}", "☃".repeat(10_000));
     let mut record = Record::new(1, long.clone(), long.clone(), Decision::Deny);

@@ -2,6 +2,7 @@
 //! real upstream servers on loopback.
 
 mod audit;
+mod audit_integrity;
 mod audit_path;
 mod common;
 mod conformance;
