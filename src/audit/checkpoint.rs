@@ -339,11 +339,7 @@ impl Task {
 pub fn open_append(path: &Path) -> Result<std::fs::File, CheckpointError> {
     let err = |why: std::io::Error| CheckpointError::File { path: path.display().to_string(), why: why.to_string() };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder.create(dir).map_err(err)?;
+        crate::store::create_private_dir(dir).map_err(err)?;
     }
     let mut opts = std::fs::OpenOptions::new();
     opts.append(true).create(true);
