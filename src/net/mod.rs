@@ -273,7 +273,9 @@ impl Fetched {
 /// The guarded client. Cheap to clone.
 #[derive(Clone)]
 pub struct Egress {
-    client: reqwest::Client,
+    /// The guarded client, or why it could not be built: then every fetch is refused. There is
+    /// no unguarded client to fall back to.
+    client: Result<reqwest::Client, Arc<str>>,
     policy: Arc<Policy>,
 }
 
@@ -285,18 +287,26 @@ impl std::fmt::Debug for Egress {
 
 impl Egress {
     /// A client that enforces `policy`.
+    /// If the client cannot be built (only a broken TLS backend fails here), the error is
+    /// logged and every fetch through this `Egress` is refused with it: nothing falls back to
+    /// a client without the guard.
     pub fn new(policy: Policy) -> Egress {
         let policy = Arc::new(policy);
-        let client = reqwest::Client::builder()
+        let built = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .dns_resolver(GuardedResolver { policy: policy.clone() })
             .connect_timeout(policy.timeout)
             .timeout(policy.timeout)
-            .user_agent(concat!("portcullis/", env!("CARGO_PKG_VERSION")))
-            .build()
-            // Only a broken TLS backend fails here, and then nothing outbound can work.
-            .unwrap_or_else(|_| reqwest::Client::new());
+            .user_agent(concat!("portcullis/", env!("CARGO_PKG_VERSION")));
+        Egress::from_builder(built, policy)
+    }
+
+    fn from_builder(builder: reqwest::ClientBuilder, policy: Arc<Policy>) -> Egress {
+        let client = builder.build().map_err(|e| {
+            tracing::error!(error = %e, "the guarded outbound HTTP client cannot be built; outbound fetches are refused");
+            Arc::from(format!("the guarded HTTP client could not be built: {e}"))
+        });
         Egress { client, policy }
     }
 
@@ -347,8 +357,12 @@ impl Egress {
         self.policy.check_url(url)?;
         let shown_url = shown(url);
         let timeout = self.policy.timeout;
+        let client = self
+            .client
+            .as_ref()
+            .map_err(|why| EgressError::Transport { url: shown_url.clone(), reason: why.to_string() })?;
         let exchange = async {
-            let mut req = self.client.request(method, url.clone()).headers(headers);
+            let mut req = client.request(method, url.clone()).headers(headers);
             if let Some(body) = body {
                 req = req.body(body);
             }

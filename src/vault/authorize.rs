@@ -183,7 +183,7 @@ impl Vault {
                     Err(e) => return Err(e),
                 },
                 None if client.kind == ClientKind::Dynamic && !client.fresh => {
-                    self.probe(&client.auth, server, request.resource).await
+                    self.probe(&client.auth, server, request.resource).await?
                 }
                 None => ClientStatus::Unclear,
             };
@@ -208,15 +208,22 @@ impl Vault {
 
     /// Asks the token endpoint whether it knows `client` (see the module's comment). Tokens,
     /// should a server ever issue any for a made-up refresh token, are dropped.
-    async fn probe(&self, client: &ClientAuth, server: &ServerMetadata, resource: Option<&str>) -> ClientStatus {
-        let made_up = secrecy::SecretString::from(random_b64(32));
-        match endpoint::refresh(&self.egress, client, &server.token_endpoint, &made_up, None, resource)
-            .await
-            .map_err(VaultError::from)
-        {
-            Err(VaultError::OAuth(OAuthError::Token { error, .. })) => ClientStatus::from_error(error.as_deref()),
-            Ok(_) | Err(_) => ClientStatus::Unclear,
-        }
+    async fn probe(
+        &self,
+        client: &ClientAuth,
+        server: &ServerMetadata,
+        resource: Option<&str>,
+    ) -> Result<ClientStatus, VaultError> {
+        let made_up = secrecy::SecretString::from(random_b64(32)?);
+        Ok(
+            match endpoint::refresh(&self.egress, client, &server.token_endpoint, &made_up, None, resource)
+                .await
+                .map_err(VaultError::from)
+            {
+                Err(VaultError::OAuth(OAuthError::Token { error, .. })) => ClientStatus::from_error(error.as_deref()),
+                Ok(_) | Err(_) => ClientStatus::Unclear,
+            },
+        )
     }
 }
 

@@ -29,7 +29,7 @@ impl Vault {
                 remembered.as_ref()
             }
         };
-        let secret = random_b64(32);
+        let secret = random_b64(32)?;
         let now = self.now();
         let details = LinkDetails {
             scopes: union(&challenge.map(BearerChallenge::scopes).unwrap_or_default(), extra_scopes),
@@ -101,9 +101,9 @@ impl Vault {
         let client = self.choose_client(&vs, &found, &redirect_uri).await?;
         let previous = self.store.vault_connection(server, subject).await?.map(|c| challenge::split_scopes(&c.scopes));
         let scopes = self.scopes_for(&vs, &found, challenge, previous.as_deref());
-        let pkce_verifier = random_b64(32);
+        let pkce_verifier = random_b64(32)?;
         let pkce_challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(pkce_verifier.as_bytes()));
-        let state = random_b64(32);
+        let state = random_b64(32)?;
         let resource =
             found.resource.clone().or_else(|| vs.oauth.resource.clone()).filter(|_| vs.oauth.resource_parameter);
         let request = authorize::Request {

@@ -268,12 +268,29 @@ fn unusable_link() -> VaultError {
     VaultError::Flow { detail: "this connect link is unknown, expired or already used; ask for a new one".to_owned() }
 }
 
-fn random_b64(bytes: usize) -> String {
+/// `bytes` random bytes, base64url: link secrets, PKCE verifiers, `state`. When the OS random
+/// source fails the flow is refused; nothing predictable is ever handed out in their place.
+fn random_b64(bytes: usize) -> Result<String, VaultError> {
     let mut buf = vec![0u8; bytes];
-    // The OS random source failing leaves zeros; `getrandom` only fails on broken systems,
-    // where the key ring could not have been made either.
-    let _ = getrandom::fill(&mut buf);
-    URL_SAFE_NO_PAD.encode(buf)
+    fill_random(&mut buf).map_err(|e| {
+        tracing::error!(error = %e, "the OS random source failed; refusing the OAuth flow");
+        VaultError::Crypto("the OS random source failed".to_owned())
+    })?;
+    Ok(URL_SAFE_NO_PAD.encode(buf))
+}
+
+#[cfg(not(test))]
+fn fill_random(buf: &mut [u8]) -> Result<(), getrandom::Error> {
+    getrandom::fill(buf)
+}
+
+/// In unit tests the random source can be made to fail, to prove the refusal.
+#[cfg(test)]
+fn fill_random(buf: &mut [u8]) -> Result<(), getrandom::Error> {
+    if tests::RANDOM_FAILS.with(std::cell::Cell::get) {
+        return Err(getrandom::Error::UNSUPPORTED);
+    }
+    getrandom::fill(buf)
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -432,6 +449,34 @@ impl Vault {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Makes this thread's random source fail (see `fill_random`).
+        pub(super) static RANDOM_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    #[tokio::test]
+    async fn no_link_is_made_when_the_random_source_fails() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::connect(&format!("sqlite://{}/v.db", dir.path().display())).await.expect("store");
+        let keys = SharedKeyRing::new(crate::keys::KeyRing::single(crate::keys::Key::random()), None);
+        let egress = Egress::new(crate::net::OutboundConfig::default().policy());
+        let url = Url::parse("https://gw.example.com").expect("url");
+        let server = VaultServer {
+            name: "gh".into(),
+            url: Some(Url::parse("https://gh.example.com/mcp").expect("url")),
+            oauth: OAuthConfig::default(),
+        };
+        let vault = Vault::new(store, keys, egress, Clock::system(), url, None, vec![server]);
+        RANDOM_FAILS.with(|f| f.set(true));
+        let refused = vault.link("gh", "", None, &[]).await;
+        RANDOM_FAILS.with(|f| f.set(false));
+        assert!(matches!(refused, Err(VaultError::Crypto(ref why)) if why.contains("random")), "{:?}", refused.err());
+        let link = vault.link("gh", "", None, &[]).await.expect("a link once randomness is back");
+        let secret = link.url.expose_secret().split("link=").nth(1).expect("secret").to_owned();
+        assert_eq!(secret.len(), 43, "32 random bytes");
+        assert_ne!(secret, URL_SAFE_NO_PAD.encode([0u8; 32]));
+    }
 
     #[test]
     fn tokens_are_due_a_third_of_their_life_early_at_most_thirty_seconds() {
