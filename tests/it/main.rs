@@ -9,6 +9,7 @@ mod conformance;
 mod egress;
 mod errors;
 mod identity;
+mod parsers;
 mod pipeline;
 mod protocol;
 mod relay;
