@@ -8,6 +8,7 @@ mod common;
 mod conformance;
 mod egress;
 mod errors;
+mod file_modes;
 mod identity;
 mod parsers;
 mod pipeline;
