@@ -8,7 +8,7 @@ mod common;
 mod conformance;
 mod egress;
 mod errors;
-mod file_modes;
+mod fail_closed;
 mod identity;
 mod parsers;
 mod pipeline;
