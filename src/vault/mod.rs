@@ -460,7 +460,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::connect(&format!("sqlite://{}/v.db", dir.path().display())).await.expect("store");
         let keys = SharedKeyRing::new(crate::keys::KeyRing::single(crate::keys::Key::random()), None);
-        let egress = Egress::new(crate::net::OutboundConfig::default().policy());
+        let egress = Egress::new(crate::net::Policy::from_config(&crate::net::OutboundConfig::default()));
         let url = Url::parse("https://gw.example.com").expect("url");
         let server = VaultServer {
             name: "gh".into(),
