@@ -18,15 +18,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use portcullis::clock::Clock;
+use portcullis::config::OAuthConfig;
+use portcullis::config::OutboundConfig;
 use portcullis::config::{ServerConfig, ServerTransport, UpstreamAuth};
 use portcullis::keys::{Key, KeyRing, SharedKeyRing};
-use portcullis::net::{Egress, OutboundConfig};
+use portcullis::net::Egress;
+use portcullis::protocol::jsonrpc::Message;
+use portcullis::protocol::session::SessionState;
 use portcullis::store::Store;
-use portcullis::transport::jsonrpc::Message;
-use portcullis::transport::session::SessionState;
 use portcullis::upstream::credentials::Credentials;
 use portcullis::upstream::{ClientHello, Upstream, UpstreamError};
-use portcullis::vault::{OAuthConfig, Vault, VaultServer};
+use portcullis::vault::{Vault, VaultServer};
 use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 
@@ -70,8 +72,9 @@ async fn run() -> anyhow::Result<()> {
             oauth.client_secret = Some("client-secret".to_owned());
             // An operator pins the issuer a pre-registered client belongs to; here it is
             // whatever the suite's server names, looked up once.
-            let egress = Egress::new(outbound.policy());
-            let found = portcullis::vault::discovery::discover(&egress, Some(&url), None, &Default::default()).await?;
+            let egress = Egress::new(portcullis::net::Policy::from_config(&outbound));
+            let found =
+                portcullis::oauth::client::discovery::discover(&egress, Some(&url), None, &Default::default()).await?;
             oauth.issuer = Some(found.server.issuer);
         }
     }
@@ -83,7 +86,7 @@ async fn run() -> anyhow::Result<()> {
     let vault = Vault::new(
         store.clone(),
         keys.clone(),
-        Egress::new(outbound.policy()),
+        Egress::new(portcullis::net::Policy::from_config(&outbound)),
         Clock::system(),
         Url::parse("http://127.0.0.1:9/")?,
         Some(CIMD_URL.to_owned()),

@@ -19,11 +19,14 @@ use crate::clock::Clock;
 use crate::config::{Config, ServerConfig};
 use crate::error::GatewayError;
 use crate::keys::KeyRing;
+use crate::protocol::session::{Sealer, SessionState};
 use crate::store::Store;
 use crate::transport::origin::HostPolicy;
-use crate::transport::session::{Sealer, SessionState};
 use crate::upstream::Upstream;
 use crate::upstream::credentials::Credentials;
+
+/// One principal's stateless upstream session, opened once.
+type StatelessSlot = Arc<tokio::sync::OnceCell<(SessionState, serde_json::Value)>>;
 
 /// One configured upstream server and its connector.
 pub struct Server {
@@ -31,9 +34,9 @@ pub struct Server {
     pub config: ServerConfig,
     /// Its connector.
     pub upstream: Upstream,
-    /// The upstream sessions of stateless (2026-07-28) clients, opened on first use: one for
-    /// everybody, or one per person on a server with per-user OAuth (keyed by principal id).
-    stateless: tokio::sync::Mutex<HashMap<String, (SessionState, serde_json::Value)>>,
+    /// The upstream sessions of stateless (2026-07-28) clients, opened on first use, one per
+    /// principal (keyed by principal id), never shared.
+    stateless: dashmap::DashMap<String, StatelessSlot>,
     /// Metric handles by (method, status), registered on first use: the hot path then
     /// neither allocates labels nor searches the registry.
     metrics: dashmap::DashMap<(&'static str, u16), (metrics::Counter, metrics::Histogram)>,
@@ -84,38 +87,44 @@ impl Server {
         self.catalog.as_ref()
     }
 
-    /// Whose upstream session a stateless request of `caller` uses.
-    fn stateless_key(&self, caller: &str) -> String {
-        match &self.config.auth {
-            crate::config::UpstreamAuth::OAuth(o) => o.subject(caller),
-            _ => String::new(),
-        }
-    }
-
     /// The upstream session for `caller`'s stateless requests and its `initialize` result.
+    /// Each principal has their own, opened once: concurrent first requests of one caller
+    /// wait for the same opening, and nobody holds a lock across the upstream's answer.
     pub async fn stateless_session(
         &self,
         app: &AppState,
         caller: &str,
     ) -> Result<(SessionState, serde_json::Value), crate::upstream::UpstreamError> {
-        let key = self.stateless_key(caller);
-        let mut slots = self.stateless.lock().await;
-        if let Some(open) = slots.get(&key) {
-            return Ok(open.clone());
-        }
+        let slot = match self.stateless.get(caller) {
+            Some(slot) => slot.clone(),
+            None => {
+                if self.stateless.len() >= STATELESS_SESSIONS {
+                    self.evict_stateless_sessions().await;
+                }
+                self.stateless.entry(caller.to_owned()).or_default().clone()
+            }
+        };
+        slot.get_or_try_init(|| self.open_stateless_session(app, caller)).await.cloned()
+    }
+
+    async fn open_stateless_session(
+        &self,
+        app: &AppState,
+        caller: &str,
+    ) -> Result<(SessionState, serde_json::Value), crate::upstream::UpstreamError> {
         let hello = crate::upstream::ClientHello {
-            protocol: crate::mcp::version::LATEST_STATEFUL.to_owned(),
+            protocol: crate::protocol::version::LATEST_STATEFUL.to_owned(),
             capabilities: serde_json::json!({}),
             client_info: serde_json::json!({"name": "portcullis", "version": env!("CARGO_PKG_VERSION")}),
-            caller: key.clone(),
+            caller: caller.to_owned(),
         };
-        let session_key = format!("stateless-{}", crate::transport::session::new_session_key());
+        let session_key = format!("stateless-{}", crate::protocol::session::new_session_key());
         let opened = self.upstream.open(&hello, &session_key).await?;
-        let stateless_upstream = opened.upstream_protocol == crate::mcp::version::STATELESS;
+        let stateless_upstream = opened.upstream_protocol == crate::protocol::version::STATELESS;
         let state = SessionState {
             version: 1,
             key: session_key,
-            client_protocol: crate::mcp::version::STATELESS.to_owned(),
+            client_protocol: crate::protocol::version::STATELESS.to_owned(),
             upstream_protocol: opened.upstream_protocol,
             upstream_session: opened.upstream_session,
             created: app.clock().unix_secs(),
@@ -123,20 +132,38 @@ impl Server {
                 .then(|| serde_json::json!({"capabilities": hello.capabilities, "clientInfo": hello.client_info})),
             features: 0,
             client: None,
-            subject: key.clone(),
+            subject: caller.to_owned(),
             pending: false,
         };
-        let open = (state, opened.result);
-        slots.insert(key, open.clone());
-        Ok(open)
+        Ok((state, opened.result))
     }
 
-    /// Drops `caller`'s stateless upstream session (the upstream forgot it).
-    pub async fn forget_stateless_session(&self, caller: &str) {
-        let key = self.stateless_key(caller);
-        self.stateless.lock().await.remove(&key);
+    /// Drops `caller`'s stateless upstream session `key` (the upstream forgot it); a newer one
+    /// opened meanwhile stays.
+    pub fn forget_stateless_session(&self, caller: &str, key: &str) {
+        self.stateless.remove_if(caller, |_, slot| slot.get().is_none_or(|(s, _)| s.key == key));
+    }
+
+    /// Makes room for new callers' stateless sessions: forgets a tenth of the kept ones and
+    /// ends them at the upstream (each is opened again on its caller's next request).
+    async fn evict_stateless_sessions(&self) {
+        let victims: Vec<String> =
+            self.stateless.iter().take(STATELESS_SESSIONS / 10 + 1).map(|e| e.key().clone()).collect();
+        let ended: Vec<SessionState> = victims
+            .iter()
+            .filter_map(|caller| self.stateless.remove(caller))
+            .filter_map(|(_, slot)| slot.get().map(|(session, _)| session.clone()))
+            .collect();
+        let closes = ended.iter().map(|session| self.upstream.close(session));
+        let _ = tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(closes)).await;
+        metrics::counter!("portcullis_stateless_sessions_evicted_total", "server" => self.config.name.clone())
+            .increment(1);
     }
 }
+
+/// Most stateless upstream sessions kept per server (one per principal); past it, the oldest
+/// are ended and opened again on their caller's next request.
+const STATELESS_SESSIONS: usize = 10_000;
 
 struct Inner {
     config: Config,
@@ -330,6 +357,7 @@ pub struct Gateway {
     pub state: AppState,
     task: tokio::task::JoinHandle<()>,
     admin: Option<tokio::task::JoinHandle<()>>,
+    checkpoints: Option<crate::audit::checkpoint::Checkpointer>,
 }
 
 /// Why a gateway could not start.
@@ -349,6 +377,9 @@ pub enum StartError {
     /// The master key could not be loaded.
     #[error(transparent)]
     Key(#[from] crate::keys::KeyError),
+    /// The audit checkpoint file could not be opened.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::audit::checkpoint::CheckpointError),
 }
 
 impl Gateway {
@@ -369,7 +400,7 @@ impl Gateway {
         let listener =
             tokio::net::TcpListener::bind(listen).await.map_err(|source| StartError::Bind { addr: listen, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: listen, source })?;
-        for warning in config.warnings() {
+        for warning in crate::net::config_warnings(&config) {
             tracing::warn!("{warning}");
         }
         let shutdown = CancellationToken::new();
@@ -392,6 +423,16 @@ impl Gateway {
             }
         };
         let admin_listen = config.gateway.admin_listen;
+        let checkpoints = match start_checkpoints(&config, &keys, &store) {
+            Ok(c) => c,
+            Err(e) => {
+                shutdown.cancel();
+                task.abort();
+                let _ = task.await;
+                store.close().await;
+                return Err(e.into());
+            }
+        };
         let state = build_state(config, keys, store, addr, shutdown);
         let (admin_addr, admin) = match admin_listen {
             Some(at) => match tokio::net::TcpListener::bind(at).await.and_then(|l| Ok((l.local_addr()?, l))) {
@@ -418,7 +459,7 @@ impl Gateway {
         }
         gate.open(Front { router: router(state.clone()), app: state.clone() });
         tracing::info!(%addr, public_url = %state.public_url(), "portcullis is serving");
-        Ok(Gateway { addr, admin_addr, state, task, admin })
+        Ok(Gateway { addr, admin_addr, state, task, admin, checkpoints })
     }
 
     /// Stops accepting, lets in-flight calls finish within `shutdown_grace`, ends streams,
@@ -442,6 +483,10 @@ impl Gateway {
         }
         // After the listener drained, so every exchange's record is queued; before the store closes.
         self.state.0.audit.shutdown().await;
+        // After the last record is written, so the final checkpoint covers it.
+        if let Some(c) = self.checkpoints {
+            c.finish().await;
+        }
         self.state.0.store.close().await;
         tracing::info!("portcullis stopped");
     }
@@ -454,6 +499,19 @@ async fn open_store(url: &str, gate: &Gate) -> Result<Store, crate::store::Store
     gate.phase(Phase::Migrating);
     store.migrate().await?;
     Ok(store)
+}
+
+/// Starts signing the audit chain's head into `[audit] checkpoint_file`, unless the audit log
+/// or checkpoints are off.
+fn start_checkpoints(
+    config: &Config,
+    keys: &KeyRing,
+    store: &Store,
+) -> Result<Option<crate::audit::checkpoint::Checkpointer>, crate::audit::checkpoint::CheckpointError> {
+    let Some(every) = config.audit.checkpoint_every().filter(|_| config.audit.enabled) else { return Ok(None) };
+    let path = config.audit.checkpoint_path(&config.gateway.data_dir);
+    let c = crate::audit::checkpoint::Checkpointer::start(store.clone(), keys.clone(), Clock::system(), path, every)?;
+    Ok(Some(c))
 }
 
 /// The gateway's state over an open store, for a listener bound at `addr`.

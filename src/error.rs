@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use serde_json::Value;
 
-use crate::transport::jsonrpc::{EnvelopeError, code};
+use crate::protocol::jsonrpc::{EnvelopeError, code};
 use crate::upstream::UpstreamError;
 
 /// Why the gateway refused or could not complete an MCP request.
@@ -50,6 +50,10 @@ pub enum GatewayError {
     /// A header contradicts the body.
     #[error("{0}")]
     InvalidHeader(&'static str),
+    /// A well-formed message the gateway does not accept where it was sent (a batch on a
+    /// revision without batches, `initialize` within a session).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
     /// A malformed request the gateway understood well enough to refuse.
     #[error("invalid params: {0}")]
     InvalidParams(String),
@@ -151,6 +155,7 @@ impl GatewayError {
             GatewayError::MissingSession => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
             GatewayError::UnknownSession => (StatusCode::NOT_FOUND, code::INVALID_REQUEST),
             GatewayError::UnsupportedProtocolVersion(_) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
+            GatewayError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
             GatewayError::InvalidParams(_) => (StatusCode::OK, code::INVALID_PARAMS),
             GatewayError::InvalidHeader(_) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
             GatewayError::BodyRead => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
@@ -193,6 +198,7 @@ impl GatewayError {
             GatewayError::MissingSession => "missing_session",
             GatewayError::UnknownSession => "unknown_session",
             GatewayError::UnsupportedProtocolVersion(_) => "bad_protocol_version",
+            GatewayError::InvalidRequest(_) => "invalid_request",
             GatewayError::InvalidParams(_) => "invalid_params",
             GatewayError::InvalidHeader(_) => "invalid_header",
             GatewayError::BodyRead => "body_read",

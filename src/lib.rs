@@ -15,6 +15,8 @@ pub mod layers;
 pub mod listener;
 pub mod mcp;
 pub mod net;
+pub mod oauth;
+pub mod protocol;
 pub mod store;
 pub mod telemetry;
 pub mod transport;

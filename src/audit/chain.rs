@@ -76,6 +76,11 @@ pub enum BreakKind {
     Deleted,
     /// The record links to a record that exists elsewhere in the chain.
     Reordered,
+    /// The log ends before a record a checkpoint saw: its tail was deleted.
+    Cut,
+    /// The record differs from the one a checkpoint saw at its seq: the log was rolled back
+    /// to an earlier point and rewritten from there.
+    RolledBack,
 }
 
 impl fmt::Display for BreakKind {
@@ -84,6 +89,8 @@ impl fmt::Display for BreakKind {
             BreakKind::Edited => "edited",
             BreakKind::Deleted => "deleted",
             BreakKind::Reordered => "reordered",
+            BreakKind::Cut => "cut",
+            BreakKind::RolledBack => "rolled back",
         })
     }
 }
@@ -101,6 +108,18 @@ impl fmt::Display for Break {
 /// exactly: a segment whose bounds, times or keys were edited (to hide records from a search)
 /// is reported as an edit of its first record.
 pub async fn verify(store: &Store) -> Result<Verification, AuditError> {
+    verify_anchored(store, &Anchors::new()).await
+}
+
+/// What checkpoints saw: the hash of the record at each seq, and a few words saying which
+/// checkpoint (for the message).
+pub type Anchors = std::collections::BTreeMap<i64, (Vec<u8>, String)>;
+
+/// [`verify`], and also: every record an anchor names must be there with the anchor's hash.
+/// A log that ends before the newest anchor was cut ([`BreakKind::Cut`]); a record whose hash
+/// differs from its anchor's was rewritten after a rollback ([`BreakKind::RolledBack`]). A
+/// break in the chain itself is reported first, where it is.
+pub async fn verify_anchored(store: &Store, anchors: &Anchors) -> Result<Verification, AuditError> {
     let mut expected: i64 = 1;
     let mut running: Vec<u8> = GENESIS.to_vec();
     let mut from = Some(i64::MIN);
@@ -132,6 +151,15 @@ pub async fn verify(store: &Store) -> Result<Verification, AuditError> {
                 if let Some(b) = check(store, entry, expected, &running).await? {
                     return Ok(Verification::Broken(b));
                 }
+                if let Some((hash, which)) = anchors.get(&entry.seq)
+                    && *hash != entry.hash
+                {
+                    return Ok(broken(
+                        entry.seq,
+                        BreakKind::RolledBack,
+                        format!("its hash differs from the one {which} saw: the log was rolled back and rewritten"),
+                    ));
+                }
                 running.clone_from(&entry.hash);
                 expected += 1;
             }
@@ -139,6 +167,16 @@ pub async fn verify(store: &Store) -> Result<Verification, AuditError> {
                 return Ok(broken(first, BreakKind::Edited, format!("its segment was edited: {why}")));
             }
         }
+    }
+    if let Some((&seq, (_, which))) = anchors.range(expected..).next_back() {
+        return Ok(broken(
+            expected,
+            BreakKind::Cut,
+            format!(
+                "the log ends at seq {}, but {which} saw seq {seq}: records {expected} to {seq} (at least) were deleted",
+                expected - 1
+            ),
+        ));
     }
     let records = u64::try_from(expected - 1).unwrap_or(0);
     let head = (records > 0).then(|| (expected - 1, running));

@@ -1,16 +1,19 @@
 //! The audit log: one [`Record`] per MCP request, including denials and errors.
 //!
 //! - `record`: what the request path fills in, and [`Entry`], the stored, chained form.
-//! - `redact`: secrets out of arguments (key names and token patterns), before anything is stored.
+//! - `redact`: secrets out of arguments (key names, token patterns, URL passwords, PEM keys),
+//!   before anything is stored.
 //! - `chain`: the SHA-256 hash chain and [`verify`], which names the first bad record.
 //! - `writer`: [`AuditWriter`], the non-blocking batched writer (one per process and store).
+//! - `checkpoint`: signed checkpoints of the chain's head, kept outside the database.
 //! - `time`: RFC 3339 in and out, for the CLI.
 //!
 //! `docs/audit.md` describes the record fields, the chain, the durability modes and the
 //! overflow policy for operators.
 
 mod chain;
-mod record;
+pub mod checkpoint;
+pub(crate) mod record;
 mod redact;
 pub mod segment;
 pub mod time;
@@ -19,10 +22,12 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+use std::path::PathBuf;
+
 use serde::Deserialize;
 
 pub(crate) use chain::seal;
-pub use chain::{Break, BreakKind, GENESIS, Verification, entry_hash, hex, verify};
+pub use chain::{Anchors, Break, BreakKind, GENESIS, Verification, entry_hash, hex, verify, verify_anchored};
 pub use record::{Arguments, Decision, Entry, Record};
 pub use redact::{DEFAULT_REDACT_KEYS, REDACTED, Redactor};
 pub use writer::{AuditWriter, WriterStats};
@@ -53,10 +58,26 @@ pub struct AuditConfig {
     pub capacity: usize,
     /// Argument keys whose values are replaced by `"[REDACTED]"`: case-insensitive, matched
     /// anywhere in the key, ignoring `-` and `_`. Setting it replaces the default list. Default
-    /// `["password", "secret", "token", "api_key", "apikey", "authorization", "access_token",
-    /// "refresh_token", "client_secret", "private_key", "cookie"]`.
+    /// `["password", "passwd", "pwd", "passphrase", "secret", "token", "api_key", "apikey",
+    /// "authorization", "access_token", "refresh_token", "client_secret", "private_key",
+    /// "credential", "cookie", "session"]`.
     pub redact_keys: Vec<String>,
+    /// How often the chain's head is signed and appended to `checkpoint_file` (only when it
+    /// moved), so that a log cut or rolled back behind a checkpoint is detected by `audit
+    /// verify --checkpoints`. A duration (`"60s"`, `"5m"`); `"0s"` turns checkpoints off.
+    /// Default `"60s"`.
+    pub checkpoint_interval: String,
+    /// Where checkpoints are appended (created with mode 0600). Keep it where the database's
+    /// administrators cannot write, or ship its lines (also logged) elsewhere. Default
+    /// `{data_dir}/audit-checkpoints.jsonl`.
+    pub checkpoint_file: Option<PathBuf>,
 }
+
+/// The default `[audit] checkpoint_interval`.
+pub const DEFAULT_CHECKPOINT_INTERVAL: &str = "60s";
+
+/// The checkpoint file's name in the data directory when `[audit] checkpoint_file` is unset.
+pub const DEFAULT_CHECKPOINT_FILE: &str = "audit-checkpoints.jsonl";
 
 /// The default `[audit] capacity`.
 pub const DEFAULT_CAPACITY: usize = 10_000;
@@ -68,6 +89,8 @@ impl Default for AuditConfig {
             durability: Durability::Async,
             capacity: DEFAULT_CAPACITY,
             redact_keys: DEFAULT_REDACT_KEYS.iter().map(|k| (*k).to_owned()).collect(),
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL.to_owned(),
+            checkpoint_file: None,
         }
     }
 }
@@ -82,7 +105,27 @@ impl AuditConfig {
         if self.redact_keys.iter().any(|k| redact::normalize_key(k).is_empty()) {
             problems.push("audit.redact_keys must not contain empty names".to_owned());
         }
+        if crate::config::parse_duration(&self.checkpoint_interval).is_none() {
+            problems.push(format!(
+                "audit.checkpoint_interval: {:?} is not a duration like \"60s\" (\"0s\" turns checkpoints off)",
+                self.checkpoint_interval
+            ));
+        }
+        if self.checkpoint_file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            problems.push("audit.checkpoint_file must not be empty".to_owned());
+        }
         problems
+    }
+
+    /// How often to write checkpoints; `None` when they are off (or the interval is invalid,
+    /// which the validator reports).
+    pub fn checkpoint_every(&self) -> Option<std::time::Duration> {
+        crate::config::parse_duration(&self.checkpoint_interval).filter(|d| !d.is_zero())
+    }
+
+    /// The checkpoint file for a gateway whose data directory is `data_dir`.
+    pub fn checkpoint_path(&self, data_dir: &std::path::Path) -> PathBuf {
+        self.checkpoint_file.clone().unwrap_or_else(|| data_dir.join(DEFAULT_CHECKPOINT_FILE))
     }
 }
 

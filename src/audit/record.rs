@@ -146,12 +146,17 @@ impl Record {
         }
     }
 
-    /// The stored form, not yet chained: arguments redacted, NUL characters (which PostgreSQL
-    /// `TEXT` refuses) replaced, counters clamped to the database's signed 64 bits.
+    /// The stored form, not yet chained: arguments redacted, every field capped (see
+    /// [`MAX_TEXT_BYTES`], [`MAX_ARGUMENTS_BYTES`]), NUL characters (which PostgreSQL `TEXT`
+    /// refuses) replaced, counters clamped to the database's signed 64 bits.
     pub fn into_entry(self, redactor: &Redactor) -> Entry {
-        let text = |s: String| if s.contains('\0') { s.replace('\0', "\u{fffd}") } else { s };
+        let text = |s: String| cap_text(if s.contains('\0') { s.replace('\0', "\u{fffd}") } else { s });
         let opt = |s: Option<String>| s.map(text);
         let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        // Nobody vouches for what an unauthenticated request carries (a refused call, an OAuth
+        // callback, an anonymous caller of a public server, whose id is empty): a smaller budget.
+        let authenticated = self.principal_id.as_deref().is_some_and(|id| !id.is_empty());
+        let budget = if authenticated { MAX_ARGUMENTS_BYTES } else { MAX_ANONYMOUS_ARGUMENTS_BYTES };
         Entry {
             seq: 0,
             time_ms: self.time_ms,
@@ -165,7 +170,7 @@ impl Record {
             server: opt(self.server),
             method: text(self.method),
             tool: opt(self.tool),
-            arguments: self.arguments.redacted(redactor),
+            arguments: cap_arguments(self.arguments.redacted(redactor), budget),
             decision: self.decision.as_str().to_owned(),
             upstream_status: self.upstream_status,
             latency_us: int(self.latency_us),
@@ -174,6 +179,71 @@ impl Record {
             prev_hash: Vec::new(),
             hash: Vec::new(),
         }
+    }
+}
+
+/// The most bytes a text field of a record keeps (method, server, tool, principal, client
+/// name and version, request and token ids). Longer values, which only a misbehaving client
+/// sends (a 30 kB server name in a callback's path), are cut at a character boundary and end
+/// in [`CUT_MARK`].
+pub const MAX_TEXT_BYTES: usize = 256;
+
+/// The most bytes of arguments (as canonical JSON, after redaction) a record of an
+/// authenticated request keeps. Larger arguments are replaced by a summary (see
+/// [`cap_arguments`]).
+pub const MAX_ARGUMENTS_BYTES: usize = 64 * 1024;
+
+/// The same for a request with no authenticated principal (a refused call, an OAuth callback,
+/// an anonymous caller of a public server).
+pub const MAX_ANONYMOUS_ARGUMENTS_BYTES: usize = 1024;
+
+/// What ends a text field that was cut.
+pub const CUT_MARK: &str = "…[cut]";
+
+/// `s` cut to [`MAX_TEXT_BYTES`] (marked), counted by `portcullis_audit_truncated_total`.
+fn cap_text(mut s: String) -> String {
+    if s.len() <= MAX_TEXT_BYTES {
+        return s;
+    }
+    let mut end = MAX_TEXT_BYTES - CUT_MARK.len();
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push_str(CUT_MARK);
+    metrics::counter!("portcullis_audit_truncated_total", "field" => "text").increment(1);
+    s
+}
+
+/// `json` if it fits in `budget` bytes; otherwise a JSON object that says so and what it was:
+/// `{"$truncated":{"bytes":N,"sha256":"…","head":"<the first bytes, as a string>"}}`, which
+/// itself fits in `budget` (the head is what is left of it). The hash lets an investigator
+/// match the record against a copy of the arguments kept elsewhere.
+pub fn cap_arguments(json: String, budget: usize) -> String {
+    use sha2::{Digest, Sha256};
+    if json.len() <= budget {
+        return json;
+    }
+    metrics::counter!("portcullis_audit_truncated_total", "field" => "arguments").increment(1);
+    let digest = hex(&Sha256::digest(json.as_bytes()));
+    let summary = |head: &str| {
+        let mut m = serde_json::Map::new();
+        m.insert("bytes".into(), Value::from(json.len()));
+        m.insert("sha256".into(), Value::from(digest.as_str()));
+        m.insert("head".into(), Value::from(head));
+        canonical_json(&serde_json::json!({ "$truncated": m }))
+    };
+    // Escaping can only grow the head, so shrink it until the whole fits.
+    let mut end = budget.saturating_sub(summary("").len()).min(json.len());
+    loop {
+        while !json.is_char_boundary(end) {
+            end -= 1;
+        }
+        let out = summary(&json[..end]);
+        if out.len() <= budget || end == 0 {
+            return out;
+        }
+        end = end.saturating_sub((out.len() - budget).max(1));
     }
 }
 

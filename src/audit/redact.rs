@@ -1,5 +1,6 @@
-//! Secrets out of call arguments before they are stored: values under sensitive key names, and
-//! strings that look like common credential formats, become `"[REDACTED]"`.
+//! Secrets out of call arguments before they are stored: values under sensitive key names,
+//! strings that look like common credential formats, passwords in URLs and PEM private keys
+//! become `"[REDACTED]"`.
 
 use serde_json::{Map, Value};
 
@@ -9,6 +10,9 @@ pub const REDACTED: &str = "[REDACTED]";
 /// The key names redacted when `[audit] redact_keys` is not set.
 pub const DEFAULT_REDACT_KEYS: &[&str] = &[
     "password",
+    "passwd",
+    "pwd",
+    "passphrase",
     "secret",
     "token",
     "api_key",
@@ -18,7 +22,9 @@ pub const DEFAULT_REDACT_KEYS: &[&str] = &[
     "refresh_token",
     "client_secret",
     "private_key",
+    "credential",
     "cookie",
+    "session",
 ];
 
 /// Removes secrets from JSON values. Cheap to clone; build one per writer.
@@ -74,22 +80,28 @@ impl Redactor {
 }
 
 /// `s` with every credential-looking substring replaced by [`REDACTED`], or `None` when there
-/// is none (the common case, which then costs no allocation).
+/// is none (the common case, which then costs no allocation): token formats, the password of a
+/// URL's userinfo (`https://user:[REDACTED]@host`), and PEM private key blocks, whole.
 pub fn scrub(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out: Option<String> = None;
     let mut copied = 0;
     let mut i = 0;
     while i < bytes.len() {
-        let at_boundary = i == 0 || !bytes[i - 1].is_ascii_alphanumeric();
-        match if at_boundary { secret_len(&bytes[i..]) } else { None } {
-            Some(len) => {
-                // Every pattern starts and ends on ASCII, so both ends are char boundaries.
+        let found = match bytes[i] {
+            b':' => url_password(bytes, i),
+            b'-' => pem_block(&bytes[i..]).map(|len| (i, i + len)),
+            _ if i == 0 || !bytes[i - 1].is_ascii_alphanumeric() => secret_len(&bytes[i..]).map(|len| (i, i + len)),
+            _ => None,
+        };
+        match found {
+            Some((start, end)) => {
+                // Every pattern starts and ends next to ASCII, so both ends are char boundaries.
                 let o = out.get_or_insert_with(|| String::with_capacity(s.len()));
-                o.push_str(&s[copied..i]);
+                o.push_str(&s[copied..start]);
                 o.push_str(REDACTED);
-                i += len;
-                copied = i;
+                i = end;
+                copied = end;
             }
             None => i += 1,
         }
@@ -98,6 +110,56 @@ pub fn scrub(s: &str) -> Option<String> {
         o.push_str(&s[copied..]);
         o
     })
+}
+
+/// Where the password of a URL's userinfo lies, when `t[at..]` starts with `://` and the
+/// authority after it has one (`scheme://user:password@host`): `(start, end)`. The authority
+/// ends at the first `/ ? #`, whitespace or quote; its userinfo at the last `@` (a password
+/// with a bare `@` in it is still covered); the password starts after the first `:`.
+fn url_password(t: &[u8], at: usize) -> Option<(usize, usize)> {
+    if !t[at..].starts_with(b"://") {
+        return None;
+    }
+    let start = at + 3;
+    let len = t[start..]
+        .iter()
+        .position(|b| b"/?#\\\"'<>".contains(b) || b.is_ascii_whitespace() || b.is_ascii_control())
+        .unwrap_or(t.len() - start);
+    let authority = &t[start..start + len];
+    let userinfo = &authority[..authority.iter().rposition(|b| *b == b'@')?];
+    let colon = userinfo.iter().position(|b| *b == b':')?;
+    (colon + 1 < userinfo.len()).then_some((start + colon + 1, start + userinfo.len()))
+}
+
+/// The length of the PEM private key block starting at `t[0]`, if one does: from
+/// `-----BEGIN … PRIVATE KEY-----` (any label holding `PRIVATE KEY`: RSA, EC, OPENSSH,
+/// ENCRYPTED, PGP … BLOCK) to the end of its `-----END …-----` line, or to the end of the text
+/// when the block is cut short. Certificates and public keys are left alone.
+fn pem_block(t: &[u8]) -> Option<usize> {
+    const BEGIN: &[u8] = b"-----BEGIN ";
+    const DASHES: &[u8] = b"-----";
+    let rest = t.strip_prefix(BEGIN)?;
+    // The label: up to the closing dashes, on one line, of a sane length.
+    let label_len = rest.iter().take(80).position(|b| *b == b'-' || *b == b'\n' || *b == b'\r')?;
+    let label = &rest[..label_len];
+    if !rest[label_len..].starts_with(DASHES) || !contains(label, b"PRIVATE KEY") {
+        return None;
+    }
+    let body_at = BEGIN.len() + label_len + DASHES.len();
+    let Some(end_at) = find(&t[body_at..], b"-----END ") else { return Some(t.len()) };
+    let footer_at = body_at + end_at + b"-----END ".len();
+    match find(&t[footer_at..], DASHES) {
+        Some(n) => Some(footer_at + n + DASHES.len()),
+        None => Some(t.len()),
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    find(haystack, needle).is_some()
 }
 
 /// The length of the secret starting at `t[0]`, if one does.

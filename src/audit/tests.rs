@@ -89,6 +89,95 @@ fn audit_leaves_ordinary_text_alone() {
 }
 
 #[test]
+fn audit_redacts_the_common_secret_key_names() {
+    let r = Redactor::default();
+    let args = json!({
+        "passwd": "a", "db_pwd": "b", "Passphrase": "c", "credentials": {"user": "u", "pass": "p"},
+        "AWS_SECRET_ACCESS_KEY": "d", "id_token": "e", "x-api-key": "f", "ApiKey": "g",
+        "privateKey": "h", "Authorization": "i", "set-cookie": "j", "sessionId": "k",
+        "query": "kept", "path": "/tmp/x",
+    });
+    let out = r.redact(&args);
+    for key in [
+        "passwd",
+        "db_pwd",
+        "Passphrase",
+        "credentials",
+        "AWS_SECRET_ACCESS_KEY",
+        "id_token",
+        "x-api-key",
+        "ApiKey",
+        "privateKey",
+        "Authorization",
+        "set-cookie",
+        "sessionId",
+    ] {
+        assert_eq!(out[key], REDACTED, "{key}");
+    }
+    assert_eq!((&out["query"], &out["path"]), (&json!("kept"), &json!("/tmp/x")));
+}
+
+#[test]
+fn audit_redacts_passwords_in_urls() {
+    let cases = [
+        ("https://user:pass@host/x", "https://user:[REDACTED]@host/x"),
+        (
+            "clone https://alice:s3cr%40t@git.example.com/r.git now",
+            "clone https://alice:[REDACTED]@git.example.com/r.git now",
+        ),
+        (
+            "postgres://app:hunter2@db:5432/main?sslmode=require",
+            "postgres://app:[REDACTED]@db:5432/main?sslmode=require",
+        ),
+        ("redis://:onlypass@cache", "redis://:[REDACTED]@cache"),
+        ("ftp://u:p@ss:w@rd@host", "ftp://u:[REDACTED]@host"),
+        ("two http://a:1@h and http://b:2@k", "two http://a:[REDACTED]@h and http://b:[REDACTED]@k"),
+        ("ünï https://ü:✓pass@h ✓", "ünï https://ü:[REDACTED]@h ✓"),
+    ];
+    for (input, want) in cases {
+        assert_eq!(scrub(input).as_deref(), Some(want), "{input}");
+    }
+    for kept in [
+        "https://user@host/x",
+        "https://user:@host",
+        "https://host:8443/a@b",
+        "mailto:someone@example.com",
+        "see https://example.com/?q=a:b@c",
+        "://",
+        "x://:",
+        "a://b:c",
+    ] {
+        assert_eq!(scrub(kept), None, "{kept}");
+    }
+}
+
+#[test]
+fn audit_redacts_pem_private_keys() {
+    let key =
+        "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA0Z3VS5JJcds3xfn/ygWyF8PbnGy\n-----END RSA PRIVATE KEY-----";
+    assert_eq!(scrub(&format!("key:\n{key}\nrest")).as_deref(), Some("key:\n[REDACTED]\nrest"));
+    for label in
+        ["PRIVATE KEY", "EC PRIVATE KEY", "ENCRYPTED PRIVATE KEY", "OPENSSH PRIVATE KEY", "PGP PRIVATE KEY BLOCK"]
+    {
+        let pem = format!("-----BEGIN {label}-----\nAAAAB3NzaC1yc2E\n-----END {label}-----\n");
+        assert_eq!(scrub(&pem).as_deref(), Some("[REDACTED]\n"), "{label}");
+    }
+    // Cut short: everything from the header on goes.
+    assert_eq!(scrub("x -----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg").as_deref(), Some("x [REDACTED]"));
+    // Certificates and public keys are public.
+    for kept in [
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----",
+        "-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----",
+        "-----BEGIN",
+        "----- BEGIN PRIVATE KEY -----",
+    ] {
+        assert_eq!(scrub(kept), None, "{kept}");
+    }
+    let r = Redactor::default();
+    assert_eq!(r.redact(&json!({"files": [{"content": key}]})), json!({"files": [{"content": REDACTED}]}));
+}
+
+#[test]
 fn audit_redaction_reaches_keys_and_arrays() {
     let r = Redactor::default();
     let out = r.redact(&json!({"ghp_0123456789abcdefghij0": 1, "notes": ["Bearer abcdefgh12345678", 7, null]}));
@@ -206,4 +295,71 @@ fn audit_config_defaults_and_strictness() {
     assert!(toml::from_str::<AuditConfig>("durability = \"sometimes\"").is_err());
     let zero = AuditConfig { capacity: 0, redact_keys: vec!["-".into()], ..AuditConfig::default() };
     assert_eq!(zero.problems().len(), 2);
+}
+
+#[test]
+fn audit_checkpoint_settings_default_on_and_are_checked() {
+    use std::path::Path;
+    use std::time::Duration;
+    let c = AuditConfig::default();
+    assert_eq!(c.checkpoint_every(), Some(Duration::from_secs(60)));
+    assert_eq!(c.checkpoint_path(Path::new("/data")), Path::new("/data/audit-checkpoints.jsonl"));
+    let c: AuditConfig =
+        toml::from_str("checkpoint_interval = \"250ms\"\ncheckpoint_file = \"/elsewhere/cp\"").expect("parses");
+    assert_eq!(c.checkpoint_every(), Some(Duration::from_millis(250)));
+    assert_eq!(c.checkpoint_path(Path::new("/data")), Path::new("/elsewhere/cp"));
+    assert!(c.problems().is_empty());
+    let off: AuditConfig = toml::from_str("checkpoint_interval = \"0s\"").expect("parses");
+    assert_eq!((off.checkpoint_every(), off.problems().len()), (None, 0));
+    let bad: AuditConfig = toml::from_str("checkpoint_interval = \"often\"\ncheckpoint_file = \"\"").expect("parses");
+    let problems = bad.problems();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems[0].contains("checkpoint_interval"), "{problems:?}");
+}
+
+#[test]
+fn audit_text_fields_are_capped_at_a_character_boundary() {
+    let long = format!("a{}", "☃".repeat(10_000));
+    let mut record = Record::new(1, long.clone(), long.clone(), Decision::Deny);
+    record.server = Some(long.clone());
+    record.tool = Some(long.clone());
+    record.client_name = Some(long.clone());
+    record.client_version = Some(long.clone());
+    record.principal_name = Some(long.clone());
+    let e = record.into_entry(&Redactor::default());
+    for field in [&e.request_id, &e.method] {
+        assert!(field.len() <= record::MAX_TEXT_BYTES && field.ends_with(record::CUT_MARK), "{}", field.len());
+    }
+    for field in [&e.server, &e.tool, &e.client_name, &e.client_version, &e.principal_name] {
+        let field = field.as_deref().expect("kept");
+        assert!(field.len() <= record::MAX_TEXT_BYTES && field.starts_with("a☃☃"), "{}", field.len());
+    }
+    let short = Record::new(1, "r", "tools/call", Decision::Allow).into_entry(&Redactor::default());
+    assert_eq!((short.request_id.as_str(), short.method.as_str()), ("r", "tools/call"));
+}
+
+#[test]
+fn audit_large_arguments_become_a_summary_that_fits() {
+    let big = json!({"q": "x".repeat(200_000), "text": "é\"\\".repeat(30_000)});
+    for (principal, budget) in
+        [(Some("p".to_owned()), record::MAX_ARGUMENTS_BYTES), (None, record::MAX_ANONYMOUS_ARGUMENTS_BYTES)]
+    {
+        let mut r = Record::new(1, "r", "tools/call", Decision::Allow);
+        r.principal_id = principal;
+        r.arguments = Arguments::new(big.clone());
+        let e = r.into_entry(&Redactor::default());
+        assert!(e.arguments.len() <= budget, "{} > {budget}", e.arguments.len());
+        let v: serde_json::Value = serde_json::from_str(&e.arguments).expect("still JSON");
+        let t = &v["$truncated"];
+        assert!(t["bytes"].as_u64().is_some_and(|n| n > 200_000), "{t}");
+        assert_eq!(t["sha256"].as_str().map(str::len), Some(64));
+        assert!(t["head"].as_str().is_some_and(|h| h.starts_with("{\"q\":\"xxx") && h.len() > budget / 2), "{t}");
+    }
+    // Escapes in the head cannot push the summary past the budget.
+    for budget in [64, 200, 333, 1024] {
+        let out = record::cap_arguments(format!("\"{}\"", "\\\"\u{1}".repeat(500)), budget);
+        assert!(out.len() <= budget.max(120), "{budget}: {}", out.len());
+        serde_json::from_str::<serde_json::Value>(&out).expect("JSON");
+    }
+    assert_eq!(record::cap_arguments("{\"a\":1}".into(), 7), "{\"a\":1}");
 }

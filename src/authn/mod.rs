@@ -162,8 +162,10 @@ async fn lookup(app: &AppState, hash: &[u8; 32]) -> Result<Option<TokenAuth>, Ga
 /// working for `server`: revoked, expired, or its principal disabled. Long-lived streams (a
 /// session's GET stream, a legacy SSE connection) end on it, so `portcullis user disable`
 /// ends them within the revocation poll ([`cache::POLL`]), on every replica. The check runs
-/// on each change of the revocation epoch and at least every [`cache::TTL`] (for expiry);
-/// while the store cannot answer, the stream is left alone.
+/// on each change of the revocation epoch and at least every [`cache::TTL`] (for expiry).
+/// While the store cannot answer the stream goes on, but not for long: once the token has gone
+/// unconfirmed for [`cache::TTL`] (a revocation may be what the store cannot tell), the stream
+/// ends, as a new request would be refused; the client opens it again when the store is back.
 pub fn revoked(app: &AppState, server: &Arc<Server>, headers: &HeaderMap) -> impl Future<Output = ()> + Send + 'static {
     let app = app.clone();
     let server = server.clone();
@@ -174,13 +176,25 @@ pub fn revoked(app: &AppState, server: &Arc<Server>, headers: &HeaderMap) -> imp
         if server.config.public {
             return std::future::pending().await;
         }
+        let mut unconfirmed_since: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { return std::future::pending().await },
                 () = tokio::time::sleep(cache::TTL) => {}
             }
-            if let Err(GatewayError::Unauthenticated(_)) = check(&app, &server, &hash).await {
-                return;
+            match check(&app, &server, &hash).await {
+                Err(GatewayError::Unauthenticated(_)) => return,
+                Err(GatewayError::StoreUnavailable) => {
+                    let since = *unconfirmed_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() >= cache::TTL {
+                        tracing::warn!(
+                            "ending a stream whose token the store could not confirm for {}s",
+                            cache::TTL.as_secs()
+                        );
+                        return;
+                    }
+                }
+                _ => unconfirmed_since = None,
             }
         }
     }

@@ -20,7 +20,13 @@ const PAGE: i64 = 1000;
 #[derive(Debug, Subcommand)]
 pub enum AuditCmd {
     /// Check the hash chain from the first record; exits non-zero naming the first bad seq.
-    Verify,
+    Verify {
+        /// Also check the log against this checkpoint file (`[audit] checkpoint_file`): fails
+        /// when the log was cut or rolled back behind a checkpoint, or a line does not verify
+        /// under the key ring.
+        #[arg(long, value_name = "FILE")]
+        checkpoints: Option<PathBuf>,
+    },
     /// Print the newest records, oldest first.
     Tail {
         /// How many.
@@ -80,7 +86,7 @@ pub fn run(cmd: AuditCmd, config: &Config) -> anyhow::Result<()> {
     super::runtime()?.block_on(async {
         let store = Store::connect(&config.store.url).await?;
         let result = match cmd {
-            AuditCmd::Verify => verify(&store).await,
+            AuditCmd::Verify { checkpoints } => verify(&store, checkpoints.as_deref(), config).await,
             AuditCmd::Tail { lines, follow, json } => tail(&store, lines, follow, json).await,
             AuditCmd::Search { user, server, tool, since, until, limit, json } => {
                 let query = AuditQuery {
@@ -105,15 +111,59 @@ pub fn run(cmd: AuditCmd, config: &Config) -> anyhow::Result<()> {
     })
 }
 
-async fn verify(store: &Store) -> anyhow::Result<()> {
-    match crate::audit::verify(store).await? {
-        Verification::Intact { records, head: None } => println!("ok: {records} records"),
+async fn verify(store: &Store, checkpoints: Option<&std::path::Path>, config: &Config) -> anyhow::Result<()> {
+    let (anchors, summary) = match checkpoints {
+        None => (crate::audit::Anchors::new(), String::new()),
+        Some(path) => read_checkpoints(path, config)?,
+    };
+    match crate::audit::verify_anchored(store, &anchors).await? {
+        Verification::Intact { records, head: None } => println!("ok: {records} records{summary}"),
         Verification::Intact { records, head: Some((seq, hash)) } => {
-            println!("ok: {records} records; head seq {seq} hash {}", hex(&hash));
+            println!("ok: {records} records; head seq {seq} hash {}{summary}", hex(&hash));
         }
         Verification::Broken(b) => anyhow::bail!("{b}"),
     }
     Ok(())
+}
+
+/// The authentic checkpoints of `path` as anchors, and a summary for the `ok` line. Fails on
+/// any line that does not verify: a forged or damaged checkpoint is itself a finding.
+fn read_checkpoints(path: &std::path::Path, config: &Config) -> anyhow::Result<(crate::audit::Anchors, String)> {
+    use crate::audit::checkpoint::{PURPOSE, check_file};
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let ring = crate::keys::load_key_ring(&config.gateway.data_dir)?;
+    let checked = check_file(&text, &ring);
+    if let Some((line, why)) = checked.bad.first() {
+        anyhow::bail!(
+            "checkpoint file {} line {line}: {why} ({} bad line(s); `{PURPOSE}` keys come from the master key ring)",
+            path.display(),
+            checked.bad.len()
+        );
+    }
+    if let Some(line) = checked.unknown_key.first() {
+        anyhow::bail!(
+            "checkpoint file {} line {line}: signed with a key that is not in the key ring ({} such line(s)); \
+             verify with the ring that wrote them, or archive the file once verified before retiring a key",
+            path.display(),
+            checked.unknown_key.len()
+        );
+    }
+    let anchors = checked
+        .anchors
+        .iter()
+        .map(|(&seq, (hash, line, time_ms))| {
+            (seq, (hash.clone(), format!("the checkpoint of {} (line {line})", time::format_ms(*time_ms))))
+        })
+        .collect();
+    let summary = match checked.anchors.last_key_value() {
+        Some((seq, (_, line, time_ms))) => format!(
+            "; {} checkpoint(s) agree, the newest at seq {seq} ({}, line {line})",
+            checked.count,
+            time::format_ms(*time_ms)
+        ),
+        None => "; no checkpoints in the file yet".to_owned(),
+    };
+    Ok((anchors, summary))
 }
 
 async fn tail(store: &Store, lines: i64, follow: bool, json: bool) -> anyhow::Result<()> {

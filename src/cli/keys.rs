@@ -6,9 +6,9 @@ use clap::Subcommand;
 
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::crypto::rotate::{key_usage, reencrypt};
 use crate::keys::{Key, KeyRing, load_key_ring};
 use crate::store::Store;
+use crate::store::rotate::{key_usage, reencrypt};
 
 /// `portcullis keys …`
 #[derive(Debug, Subcommand)]

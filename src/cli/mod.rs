@@ -109,7 +109,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig { file, strict } => {
             let path = file.unwrap_or(cli.config);
             let config = load(&path)?;
-            let warnings = config.warnings();
+            let warnings = crate::net::config_warnings(&config);
             for warning in &warnings {
                 eprintln!("{}: warning: {warning}", path.display());
             }

@@ -3,8 +3,9 @@
 
 mod env;
 pub mod limits;
+mod oauth;
+mod outbound;
 pub mod raw;
-mod warnings;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -14,6 +15,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
+pub use oauth::{AuthMethod, OAuthConfig};
+pub use outbound::OutboundConfig;
 use raw::{RawAuth, RawGateway, RawLog, RawServer, RawStore};
 
 /// Default `start_timeout` of a stdio server: long enough for `npx` to fetch a package on a
@@ -34,7 +37,7 @@ pub struct Config {
     /// The audit log.
     pub audit: crate::audit::AuditConfig,
     /// The guard on URLs that come from upstreams and clients.
-    pub outbound: crate::net::OutboundConfig,
+    pub outbound: OutboundConfig,
     /// Connection, concurrency and failed-authentication limits.
     pub limits: limits::Limits,
 }
@@ -52,6 +55,8 @@ pub struct GatewayConfig {
     pub allowed_origins: Vec<String>,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Most messages in one JSON-RPC batch.
+    pub max_batch: usize,
     /// Longest wait for one upstream answer.
     pub request_timeout: Duration,
     /// How long shutdown waits for in-flight calls.
@@ -130,7 +135,7 @@ pub enum UpstreamAuth {
         env: String,
     },
     /// Upstream OAuth through the vault (`oauth` or `client_credentials`).
-    OAuth(Box<crate::vault::OAuthConfig>),
+    OAuth(Box<OAuthConfig>),
 }
 
 /// How an upstream is reached.
@@ -279,7 +284,7 @@ impl Validator<'_> {
         for problem in audit.problems() {
             self.at(spans.sections.get("audit").copied(), "[audit]", problem);
         }
-        let outbound: crate::net::OutboundConfig = self.section(&mut table, "outbound", spans);
+        let outbound: OutboundConfig = self.section(&mut table, "outbound", spans);
         for problem in outbound.problems() {
             self.at(spans.sections.get("outbound").copied(), "[outbound]", problem);
         }
@@ -380,6 +385,10 @@ impl Validator<'_> {
                 ),
             }
         }
+        let max_batch = raw.max_batch.unwrap_or(crate::protocol::jsonrpc::MAX_BATCH as u64);
+        if !(1..=1000).contains(&max_batch) {
+            self.at(at, "gateway.max_batch", "must be between 1 and 1000");
+        }
         let lower =
             |v: Option<Vec<String>>| v.unwrap_or_default().into_iter().map(|s| s.to_ascii_lowercase()).collect();
         Some(GatewayConfig {
@@ -392,6 +401,7 @@ impl Validator<'_> {
             allowed_hosts: lower(raw.allowed_hosts),
             allowed_origins: lower(raw.allowed_origins),
             max_body_bytes: usize::try_from(max_body).unwrap_or(usize::MAX),
+            max_batch: usize::try_from(max_batch).unwrap_or(usize::MAX),
             request_timeout,
             shutdown_grace,
             data_dir: PathBuf::from(raw.data_dir.unwrap_or_else(|| "portcullis-data".to_owned())),
@@ -656,7 +666,7 @@ impl Validator<'_> {
         let method = match raw.token_endpoint_auth_method.as_deref() {
             None => None,
             Some(m) => {
-                match crate::vault::endpoint::AuthMethod::parse(m) {
+                match AuthMethod::parse(m) {
                     Some(m) => Some(m),
                     None => {
                         self.at(
@@ -704,7 +714,7 @@ impl Validator<'_> {
             self.at(at, what, "each scope must be one non-empty word");
             ok = false;
         }
-        let config = crate::vault::OAuthConfig {
+        let config = OAuthConfig {
             per_user: !machine && raw.per_user.unwrap_or(true),
             client_credentials: machine,
             scopes,

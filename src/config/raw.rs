@@ -22,6 +22,8 @@ pub struct RawGateway {
     pub allowed_origins: Option<Vec<String>>,
     /// Largest accepted request body in bytes. Default 4194304 (4 MiB).
     pub max_body_bytes: Option<u64>,
+    /// Most messages in one JSON-RPC batch (2024-11-05 and 2025-03-26 sessions only). Default 32.
+    pub max_batch: Option<u64>,
     /// Longest wait for an upstream's answer to one request, e.g. `"300s"`. Default `"300s"`.
     pub request_timeout: Option<String>,
     /// How long a graceful shutdown waits for in-flight calls. Default `"30s"`.

@@ -7,8 +7,6 @@
 //! address, `"<table>:<id>"` (see [`row_aad`]): a ciphertext copied into another row, or
 //! altered in any bit, does not decrypt.
 
-pub mod rotate;
-
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use secrecy::SecretSlice;

@@ -181,7 +181,12 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
 /// directory), synced to disk, and returns its name.
 fn write_temp(path: &Path, bytes: &[u8]) -> Result<std::path::PathBuf, KeyError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
+    // The data directory holds the keys: when it is created here, only its owner may enter.
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(|e| file_err(dir, e))?;
     let mut suffix = [0u8; 8];
     getrandom::fill(&mut suffix).map_err(|e| file_err(path, e))?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -63,7 +63,7 @@ pub fn cursor_of(request: &Value) -> String {
 /// The listing `message` asks for and its page, when it is a kept listing whose page the
 /// gateway could read: a request the gateway cannot parse (too deep, say) is relayed but its
 /// answer is not kept, lest it be filed under the wrong page.
-pub fn listing_of(message: &crate::transport::jsonrpc::Message) -> Option<(&'static str, String)> {
+pub fn listing_of(message: &crate::protocol::jsonrpc::Message) -> Option<(&'static str, String)> {
     let method = LISTS.iter().find(|m| **m == message.method()).copied()?;
     let request = message.value().ok()?;
     Some((method, cursor_of(&request)))

@@ -27,9 +27,9 @@ use serde_json::Value;
 use crate::clock::Clock;
 use crate::crypto::row_aad;
 use crate::keys::SharedKeyRing;
+use crate::protocol::session::SessionState;
 use crate::store::Store;
 use crate::store::sessions::{SESSION_UPSTREAM_TTL_SECS, SESSION_UPSTREAMS_TABLE, SessionUpstreamRow};
-use crate::transport::session::SessionState;
 use crate::upstream::{ClientHello, Opened, Upstream, UpstreamError};
 
 /// Sessions remembered in memory before the map starts over (the store still has them).

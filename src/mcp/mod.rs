@@ -1,21 +1,21 @@
-//! MCP dispatch: the gateway is an MCP server to the client and an MCP client to the upstream.
-//! It steps in for the lifecycle (`initialize`, `server/discover`) and relays everything else
-//! untouched.
+//! MCP: the gateway is an MCP server to the client and an MCP client to the upstream. Every
+//! client message goes through [`dispatch::dispatch`]; this module holds the lifecycle
+//! (`initialize`) it steps in for, and the parts it uses.
 
 pub mod catalog;
 pub mod continuity;
+pub mod dispatch;
 pub mod stateless;
 pub mod unconnected;
-pub mod version;
 
 use serde_json::Value;
 
 use crate::app::{AppState, Server};
 use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
-use crate::transport::jsonrpc::{Message, result_response};
-use crate::transport::session::{SessionState, binding, new_session_key};
-use crate::upstream::{ClientHello, Reply, UpstreamError};
+use crate::protocol::jsonrpc::{Message, result_response};
+use crate::protocol::session::{SessionState, binding, new_session_key};
+use crate::upstream::ClientHello;
 
 /// A client's `initialize`: open an upstream session with the client's capabilities, seal
 /// the gateway session, and answer with the upstream's server info at the client's revision.
@@ -106,148 +106,10 @@ fn kept_hello(hello: &ClientHello) -> Value {
     })
 }
 
-/// Relays one message of an established session.
-pub async fn relay(server: &Server, session: &SessionState, message: Message) -> Result<Reply, Failure> {
-    let id = message.id.clone();
-    let tool_call = message.method() == "tools/call";
-    let sent = match server.continuity() {
-        Some(continuity) => match relay_continued(server, continuity, session, message).await? {
-            Relayed::Sent(sent) => sent,
-            Relayed::Answered(reply) => return Ok(reply),
-        },
-        None => server.upstream.send(session, message).await,
-    };
-    match sent {
-        // A tool call that needs the caller to (re)connect: a URL-mode elicitation for clients
-        // that declared it, a tool error carrying the link for the others.
-        Err(crate::upstream::UpstreamError::Authorization { reason, link: Some(link), .. })
-            if tool_call && session.features & crate::upstream::mux::features::ELICITATION_URL == 0 =>
-        {
-            Ok(unconnected::link_tool_result(id.as_ref(), &reason, &link))
-        }
-        other => other.map_err(|e| GatewayError::from(e).with_id(id)),
-    }
-}
-
-/// What [`relay_continued`] did.
-enum Relayed {
-    /// Sent upstream; the upstream's answer or why it failed.
-    Sent(Result<Reply, UpstreamError>),
-    /// Answered by the gateway (the caller is not connected).
-    Answered(Reply),
-}
-
-/// Relays within a session of an OAuth server, whose upstream side the gateway may open or
-/// re-open behind the client's session id (see `continuity`), and whose listings it keeps
-/// (see `catalog`).
-async fn relay_continued(
-    server: &Server,
-    continuity: &continuity::Continuity,
-    session: &SessionState,
-    message: Message,
-) -> Result<Relayed, Failure> {
-    let id = message.id.clone();
-    let fail = |e: UpstreamError| GatewayError::from(e).with_id(id.clone());
-    let mut side = continuity.current(session).await.map_err(fail)?;
-    if side.as_ref().is_some_and(|s| s.closed) {
-        return Ok(Relayed::Sent(Err(UpstreamError::SessionExpired)));
-    }
-    // The first answer after the upstream side was opened behind a session that showed the
-    // stand-in listings tells the client its lists changed.
-    let mut announce = false;
-    if side.is_none() && session.pending {
-        if !unconnected::is_connected(server, &session.subject).await.map_err(fail)? {
-            let reply = unconnected::answer(server, &session.subject, session.features, &message).await?;
-            return Ok(Relayed::Answered(reply));
-        }
-        side = match continuity.reopen(&server.upstream, session, None).await {
-            Ok(reopened) => Some(opened(server, reopened)),
-            Err(e) => return Ok(Relayed::Sent(Err(e))),
-        };
-        announce = message.kind == crate::transport::jsonrpc::Kind::Request;
-    }
-    if session.pending
-        && let Some(reply) = unconnected::connected_answer(server, &message).await
-    {
-        return Ok(Relayed::Answered(if announce { unconnected::with_list_changed(reply) } else { reply }));
-    }
-    let listing = catalog::listing_of(&message);
-    let effective = side.as_ref().map(|s| s.apply(session));
-    let mut sent = server.upstream.send(effective.as_ref().unwrap_or(session), message.clone()).await;
-    if matches!(sent, Err(UpstreamError::SessionExpired)) {
-        // The upstream forgot the session: open it again behind the same id, and send again
-        // (a 404 means the upstream did not act on the message).
-        sent = match continuity.reopen(&server.upstream, session, side.as_deref()).await {
-            Ok(reopened) => server.upstream.send(&opened(server, reopened).apply(session), message).await,
-            Err(e) => Err(e),
-        };
-    }
-    let sent = match (listing, server.catalog()) {
-        (Some(listing), Some(catalog)) => sent.map(|reply| catalog.tee(listing, reply)),
-        _ => sent,
-    };
-    Ok(Relayed::Sent(if announce { sent.map(unconnected::with_list_changed) } else { sent }))
-}
-
-/// `session` with the upstream side the gateway opened behind it later, if it did
-/// (`continuity`); a session the client ended is expired.
-async fn upstream_side(server: &Server, session: &SessionState) -> Result<Option<SessionState>, UpstreamError> {
-    let Some(continuity) = server.continuity() else { return Ok(None) };
-    match continuity.current(session).await? {
-        Some(side) if side.closed => Err(UpstreamError::SessionExpired),
-        Some(side) => Ok(Some(side.apply(session))),
-        None => Ok(None),
-    }
-}
-
-/// Opens the session's server-to-client stream (HTTP GET), resumed after `last_event_id`.
-pub async fn listen(
-    server: &Server,
-    session: &SessionState,
-    last_event_id: Option<&str>,
-) -> Result<Reply, UpstreamError> {
-    let side = upstream_side(server, session).await?;
-    server.upstream.listen(side.as_ref().unwrap_or(session), last_event_id).await
-}
-
-/// Ends the session (HTTP DELETE): its upstream side, and for an OAuth server the record that
-/// no replica may open it again.
-pub async fn close(server: &Server, session: &SessionState) -> Result<(), UpstreamError> {
-    let closed = close_upstream(server, session).await;
-    if let Some(continuity) = server.continuity() {
-        continuity.close(session).await?;
-    }
-    closed
-}
-
-/// Ends the session's upstream side only (a legacy SSE stream closing: its id lives in the
-/// stream, so nobody can present it again).
-pub async fn close_upstream(server: &Server, session: &SessionState) -> Result<(), UpstreamError> {
-    // The side in the store: another replica may have re-opened the session behind this id.
-    let side = match server.continuity() {
-        Some(continuity) => match continuity.latest(session).await? {
-            Some(side) if side.closed => return Err(UpstreamError::SessionExpired),
-            side => side.map(|s| s.apply(session)),
-        },
-        None => None,
-    };
-    server.upstream.close(side.as_ref().unwrap_or(session)).await
-}
-
-/// The side a re-open chose; the upstream's `initialize` result, when it opened one, goes
-/// into the catalog.
-fn opened(
-    server: &Server,
-    (side, init): (std::sync::Arc<continuity::Side>, Option<Value>),
-) -> std::sync::Arc<continuity::Side> {
-    if let (Some(catalog), Some(init)) = (server.catalog(), init) {
-        catalog.observe(catalog::INITIALIZE, "", &init);
-    }
-    side
-}
-
 /// `clientInfo`'s name and version, cut to 64 characters each.
 pub fn client_name_version(info: &Value) -> (String, String) {
     let field = |k: &str| info.get(k).and_then(Value::as_str).unwrap_or("").chars().take(64).collect::<String>();
     (field("name"), field("version"))
 }
+
+pub use crate::protocol::version;

@@ -2,8 +2,8 @@
 //! carries its protocol version and the client's capabilities in `_meta`.
 //!
 //! Toward an upstream that keeps sessions, the gateway holds one upstream session per server
-//! for these clients (one per person on a server with per-user OAuth, so each call uses its
-//! caller's upstream token) (opened without sampling, elicitation or roots, since the gateway does
+//! and person for these clients, never shared between two principals (what one person's calls
+//! leave in an upstream session is theirs alone) (opened without sampling, elicitation or roots, since the gateway does
 //! not yet translate them into 2026-07-28 input requests). `server/discover` is answered from
 //! that session's `initialize` result. Results gain the fields the revision requires
 //! (`resultType`, and `cacheScope`/`ttlMs` on cacheable results).
@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 
 use crate::app::{AppState, Server};
 use crate::error::{Failure, GatewayError};
-use crate::mcp::version;
-use crate::transport::jsonrpc::{Kind, Message, result_response};
+use crate::protocol::jsonrpc::{Kind, Message, result_response};
+use crate::protocol::version;
 use crate::upstream::http::PROTOCOL_HEADER;
 use crate::upstream::mux::features;
 use crate::upstream::{MessageStream, Reply, UpstreamError, messages_of};
@@ -34,33 +34,39 @@ pub fn is_stateless(headers: &HeaderMap) -> bool {
         && headers.get(crate::upstream::http::SESSION_HEADER).is_none()
 }
 
-/// Handles one stateless message. Returns the reply to send (as JSON or SSE) and, for a
-/// request, its id.
-pub async fn handle(
-    app: &AppState,
-    server: &Server,
-    caller: &str,
-    headers: &HeaderMap,
-    message: Message,
-) -> Result<Reply, Failure> {
-    let id = message.id.clone();
+/// Checks what a stateless request's headers say against its body: `Mcp-Method` must name
+/// the body's method.
+pub fn check_headers(headers: &HeaderMap, message: &Message) -> Result<(), Failure> {
     if let Some(m) = headers.get(METHOD_HEADER)
         && m.as_bytes() != message.method().as_bytes()
         && message.kind != Kind::Response
     {
-        return Err(GatewayError::InvalidHeader("Mcp-Method does not match the body's method").with_id(id));
+        return Err(
+            GatewayError::InvalidHeader("Mcp-Method does not match the body's method").with_id(message.id.clone())
+        );
     }
+    Ok(())
+}
+
+/// `server/discover`, answered from the caller's stateless upstream session's `initialize`
+/// result (or the stand-in one for a person not connected to an OAuth upstream yet).
+pub async fn discover(app: &AppState, server: &Server, caller: &str, id: Option<&Value>) -> Result<Reply, Failure> {
+    let fail = |e: UpstreamError| GatewayError::from(e).with_id(id.cloned());
+    let init = match super::unconnected::is_connected(server, caller).await.map_err(fail)? {
+        true => server.stateless_session(app, caller).await.map_err(fail)?.1,
+        false => super::unconnected::initialize_result(server, version::STATELESS).await.result,
+    };
+    let response = result_response(id.unwrap_or(&Value::Null), discover_result(&init));
+    Ok(Reply::Json(serde_json::to_vec(&response).unwrap_or_default().into()))
+}
+
+/// Relays one stateless message within the caller's own upstream session, and adapts the
+/// answer to the revision.
+pub async fn relay(app: &AppState, server: &Server, caller: &str, message: Message) -> Result<Reply, Failure> {
+    let id = message.id.clone();
     let fail = |e: UpstreamError| GatewayError::from(e).with_id(id.clone());
     // A person not connected to an OAuth upstream yet: the gateway answers (see `unconnected`).
     let connected = super::unconnected::is_connected(server, caller).await.map_err(fail)?;
-    if message.kind == Kind::Request && message.method() == "server/discover" {
-        let init = match connected {
-            true => server.stateless_session(app, caller).await.map_err(fail)?.1,
-            false => super::unconnected::initialize_result(server, version::STATELESS).await.result,
-        };
-        let response = result_response(id.as_ref().unwrap_or(&Value::Null), discover_result(&init));
-        return Ok(Reply::Json(serde_json::to_vec(&response).unwrap_or_default().into()));
-    }
     let method = message.method.clone().unwrap_or_default();
     let reply = if connected {
         let url_mode = method == "tools/call" && client_features(&message) & features::ELICITATION_URL != 0;
@@ -127,7 +133,8 @@ pub fn client_of(message: &Message) -> Option<(String, String)> {
     Some(crate::mcp::client_name_version(&info))
 }
 
-/// Sends within the shared stateless session, reopening it once if the upstream forgot it.
+/// Sends within the caller's stateless upstream session, reopening it once if the upstream
+/// forgot it.
 async fn send_with_reopen(
     app: &AppState,
     server: &Server,
@@ -137,7 +144,7 @@ async fn send_with_reopen(
     let (session, _) = server.stateless_session(app, caller).await?;
     match server.upstream.send(&session, message.clone()).await {
         Err(UpstreamError::SessionExpired) => {
-            server.forget_stateless_session(caller).await;
+            server.forget_stateless_session(caller, &session.key);
             let (session, _) = server.stateless_session(app, caller).await?;
             server.upstream.send(&session, message).await
         }

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use super::catalog::{self, Catalog};
 use crate::app::Server;
 use crate::error::{Failure, GatewayError};
-use crate::transport::jsonrpc::{Kind, Message, result_response};
+use crate::protocol::jsonrpc::{Kind, Message, result_response};
 use crate::upstream::mux::features;
 use crate::upstream::{Opened, Reply, UpstreamError};
 

@@ -30,65 +30,12 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use serde::de::DeserializeOwned;
 use url::Url;
 
+mod warnings;
+
 pub use ip::{Class, classify};
+pub use warnings::config_warnings;
 
-/// `[outbound]`: the guard on every URL that comes from an upstream or a client.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OutboundConfig {
-    /// Allow `http://` to loopback hosts, and loopback addresses at all. For development and
-    /// tests against local authorization servers only; never in production. Default `false`.
-    pub allow_http_loopback: bool,
-    /// Networks (CIDR, e.g. `"10.20.0.0/16"`) allowed although not public, for on-premises
-    /// authorization servers. Default none.
-    pub allow_networks: Vec<String>,
-    /// Longest time for one outbound request, e.g. `"10s"`. Default `"10s"`.
-    pub timeout: String,
-    /// Largest accepted response body in bytes. Default `262144` (256 KiB).
-    pub max_body_bytes: usize,
-}
-
-impl Default for OutboundConfig {
-    fn default() -> Self {
-        let p = Policy::default();
-        OutboundConfig {
-            allow_http_loopback: p.allow_http_loopback,
-            allow_networks: Vec::new(),
-            timeout: "10s".to_owned(),
-            max_body_bytes: p.max_body_bytes,
-        }
-    }
-}
-
-impl OutboundConfig {
-    /// Every problem with these settings, one line each, for the config validator.
-    pub fn problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        for n in &self.allow_networks {
-            if n.parse::<IpNet>().is_err() {
-                problems.push(format!("outbound.allow_networks: {n:?} is not a network like \"10.20.0.0/16\""));
-            }
-        }
-        if crate::config::parse_duration(&self.timeout).is_none_or(|d| d.is_zero()) {
-            problems.push(format!("outbound.timeout: {:?} is not a duration like \"10s\"", self.timeout));
-        }
-        if self.max_body_bytes == 0 {
-            problems.push("outbound.max_body_bytes must be at least 1".to_owned());
-        }
-        problems
-    }
-
-    /// The policy these settings describe (invalid entries, which the validator reports, are
-    /// left out).
-    pub fn policy(&self) -> Policy {
-        Policy {
-            allow_http_loopback: self.allow_http_loopback,
-            allow_networks: self.allow_networks.iter().filter_map(|n| n.parse().ok()).collect(),
-            timeout: crate::config::parse_duration(&self.timeout).unwrap_or(Policy::default().timeout),
-            max_body_bytes: self.max_body_bytes,
-        }
-    }
-}
+pub use crate::config::OutboundConfig;
 
 /// What the guard allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +48,19 @@ pub struct Policy {
     pub timeout: Duration,
     /// Largest accepted response body.
     pub max_body_bytes: usize,
+}
+
+impl Policy {
+    /// The policy these settings describe (invalid entries, which the validator reports, are
+    /// left out).
+    pub fn from_config(config: &OutboundConfig) -> Policy {
+        Policy {
+            allow_http_loopback: config.allow_http_loopback,
+            allow_networks: config.allow_networks.iter().filter_map(|n| n.parse().ok()).collect(),
+            timeout: crate::config::parse_duration(&config.timeout).unwrap_or(Policy::default().timeout),
+            max_body_bytes: config.max_body_bytes,
+        }
+    }
 }
 
 impl Default for Policy {
@@ -313,7 +273,9 @@ impl Fetched {
 /// The guarded client. Cheap to clone.
 #[derive(Clone)]
 pub struct Egress {
-    client: reqwest::Client,
+    /// The guarded client, or why it could not be built: then every fetch is refused. There is
+    /// no unguarded client to fall back to.
+    client: Result<reqwest::Client, Arc<str>>,
     policy: Arc<Policy>,
 }
 
@@ -325,18 +287,26 @@ impl std::fmt::Debug for Egress {
 
 impl Egress {
     /// A client that enforces `policy`.
+    /// If the client cannot be built (only a broken TLS backend fails here), the error is
+    /// logged and every fetch through this `Egress` is refused with it: nothing falls back to
+    /// a client without the guard.
     pub fn new(policy: Policy) -> Egress {
         let policy = Arc::new(policy);
-        let client = reqwest::Client::builder()
+        let built = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .dns_resolver(GuardedResolver { policy: policy.clone() })
             .connect_timeout(policy.timeout)
             .timeout(policy.timeout)
-            .user_agent(concat!("portcullis/", env!("CARGO_PKG_VERSION")))
-            .build()
-            // Only a broken TLS backend fails here, and then nothing outbound can work.
-            .unwrap_or_else(|_| reqwest::Client::new());
+            .user_agent(concat!("portcullis/", env!("CARGO_PKG_VERSION")));
+        Egress::from_builder(built, policy)
+    }
+
+    fn from_builder(builder: reqwest::ClientBuilder, policy: Arc<Policy>) -> Egress {
+        let client = builder.build().map_err(|e| {
+            tracing::error!(error = %e, "the guarded outbound HTTP client cannot be built; outbound fetches are refused");
+            Arc::from(format!("the guarded HTTP client could not be built: {e}"))
+        });
         Egress { client, policy }
     }
 
@@ -387,8 +357,12 @@ impl Egress {
         self.policy.check_url(url)?;
         let shown_url = shown(url);
         let timeout = self.policy.timeout;
+        let client = self
+            .client
+            .as_ref()
+            .map_err(|why| EgressError::Transport { url: shown_url.clone(), reason: why.to_string() })?;
         let exchange = async {
-            let mut req = self.client.request(method, url.clone()).headers(headers);
+            let mut req = client.request(method, url.clone()).headers(headers);
             if let Some(body) = body {
                 req = req.body(body);
             }

@@ -97,3 +97,21 @@ fn what_a_url_needs_agrees_with_the_guard() {
     let link_local = "169.254.169.254".parse().expect("addr");
     assert_eq!(strict.needs(&url("https://169.254.169.254/")), Some(Needed::Network(link_local, Class::LinkLocal)));
 }
+
+#[tokio::test]
+async fn a_client_that_cannot_be_built_refuses_every_fetch_and_connects_nowhere() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let target = url(&format!("http://{}/x", listener.local_addr().expect("addr")));
+    // A TLS backend reqwest does not know makes `build` fail, as a broken one would.
+    let broken = reqwest::Client::builder().tls_backend_preconfigured(42u8);
+    let egress = Egress::from_builder(broken, Arc::new(dev()));
+    let err = egress.get(&target, HeaderMap::new()).await.expect_err("refused");
+    assert!(matches!(err, EgressError::Transport { .. }), "{err:?}");
+    assert!(err.to_string().contains("guarded HTTP client could not be built"), "{err}");
+    assert!(listener.accept().is_err(), "nothing connected: there is no unguarded fallback");
+    // The same policy with a working client does connect (the listener above sees it).
+    let working = Egress::new(dev());
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(300), working.get(&target, HeaderMap::new())).await;
+    assert!(listener.accept().is_ok(), "the guarded client reaches loopback under the dev policy");
+}

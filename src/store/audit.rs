@@ -343,6 +343,11 @@ impl Store {
         }
     }
 
+    /// The chain's head: the newest record's seq and hash (`None` for an empty log).
+    pub async fn audit_head(&self) -> Result<Option<(i64, Vec<u8>)>, StoreError> {
+        Ok(on_pool!(self, p => sqlx::query_as(HEAD_SQL).fetch_optional(p).await?))
+    }
+
     /// How many records there are.
     pub async fn audit_count(&self) -> Result<i64, StoreError> {
         const SQL: &str = "SELECT CAST(COALESCE(SUM(last_seq - first_seq + 1), 0) AS BIGINT) FROM audit_segments";

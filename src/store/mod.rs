@@ -6,6 +6,7 @@ pub mod audit;
 pub mod identity;
 mod lock;
 pub mod placement;
+pub mod rotate;
 pub mod secrets;
 pub mod sessions;
 pub mod vault;
@@ -94,6 +95,46 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Creates `dir` and its missing parents with mode 0700 (the data directory holds the store,
+/// the master key and the audit checkpoints); an existing directory is left as it is.
+pub fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Creates the SQLite file, empty, with mode 0600 before SQLite opens it: SQLite would create
+/// it with the process's umask (usually 0644), and gives its `-wal` and `-shm` files the
+/// database file's mode. An existing file keeps its mode, with a warning when others may read
+/// it.
+fn create_private_file(file: &std::path::Path) -> std::io::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    match opts.open(file) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(file)?.permissions().mode();
+                if mode & 0o077 != 0 {
+                    tracing::warn!(
+                        path = %file.display(),
+                        mode = format!("{:o}", mode & 0o777),
+                        "the SQLite store is open to other users of this machine; chmod 600 it (and its -wal and -shm files)"
+                    );
+                }
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Runs the PostgreSQL migrations on `conn`. `Migrator::run` takes an `Acquire`, whose bound
 /// on `&mut PgConnection` keeps the caller's future from being provably `Send`; `run_direct`
 /// (public, hidden from sqlx's docs for this reason) takes the connection itself.
@@ -121,11 +162,16 @@ impl Store {
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .busy_timeout(std::time::Duration::from_secs(5));
-            if let Some(dir) = opts.get_filename().parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| connect_err(sqlx::Error::Io(e)))?;
+            let file = opts.get_filename();
+            let in_memory = file.as_os_str().is_empty() || file.to_string_lossy().contains(":memory:");
+            if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty() && !in_memory) {
+                create_private_dir(dir).map_err(|e| connect_err(sqlx::Error::Io(e)))?;
             }
-            if let Some(dir) = opts.get_filename().parent() {
+            if let Some(dir) = file.parent() {
                 placement::check_sqlite_dir(dir).map_err(|why| connect_err(sqlx::Error::Configuration(why.into())))?;
+            }
+            if !in_memory {
+                create_private_file(file).map_err(|e| connect_err(sqlx::Error::Io(e)))?;
             }
             let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await.map_err(connect_err)?;
             Store::Sqlite(pool)
@@ -196,6 +242,17 @@ mod tests {
         let store = Store::connect(&url).await.expect("opens");
         store.ping().await.expect("pings");
         assert!(dir.path().join("nested/p.db").exists());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |name: &str| {
+                std::fs::metadata(dir.path().join(name)).map(|m| m.permissions().mode() & 0o777).unwrap_or(0)
+            };
+            assert_eq!(mode("nested"), 0o700, "a directory the store creates is private");
+            for file in ["nested/p.db", "nested/p.db-wal", "nested/p.db-shm"] {
+                assert_eq!(mode(file), 0o600, "{file} is private");
+            }
+        }
     }
 
     /// PostgreSQL runs in CI (127.0.0.1:5432, trust auth); set PORTCULLIS_TEST_PG to override.

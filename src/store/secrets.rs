@@ -5,9 +5,9 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::Row;
 
 use super::{Store, StoreError};
-use crate::crypto::rotate::EncryptedTable;
 use crate::crypto::{CryptoError, Sealed, row_aad};
 use crate::keys::{KeyId, KeyRing, SharedKeyRing};
+use crate::store::rotate::EncryptedTable;
 
 /// The secrets table, as key rotation sees it.
 pub const SECRETS_TABLE: EncryptedTable = EncryptedTable { table: "secrets", id_column: "name" };

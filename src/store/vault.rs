@@ -6,8 +6,8 @@ use sqlx::Row;
 
 use super::{Store, StoreError};
 use crate::crypto::Sealed;
-use crate::crypto::rotate::EncryptedTable;
 use crate::keys::KeyId;
+use crate::store::rotate::EncryptedTable;
 
 /// Encrypted vault tables (joined to key rotation).
 pub const CLIENTS_TABLE: EncryptedTable = EncryptedTable { table: "vault_clients", id_column: "id" };

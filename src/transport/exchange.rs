@@ -13,17 +13,21 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{StatusCode, header};
 use http_body::Frame;
-use serde::Deserialize;
 use serde_json::Value;
 
-use super::jsonrpc::{Message, code, error_response};
 use crate::app::{AppState, Server};
 use crate::audit::{Arguments, AuditWriter, Decision, Durability, Record};
 use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
+use crate::protocol::jsonrpc::{Message, ToolCall, code, error_response};
 
-/// What an exchange did so far.
-#[derive(Debug)]
+/// `X-Request-Id`: the gateway's id for a request, in its answer, its logs and its audit
+/// record.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// What an exchange did so far. Dropped before [`AppState::finish`] (the client hung up, the
+/// handler was cancelled), it still leaves its metric sample and audit record: a call is
+/// never unrecorded because its client went away.
 pub struct Exchange {
     /// The low-cardinality method label for metrics.
     pub metric: &'static str,
@@ -43,11 +47,36 @@ pub struct Exchange {
     pub bytes_in: u64,
     /// How it failed, if it did: the decision and the JSON-RPC code.
     pub failure: Option<(Decision, i64)>,
+    /// Whether the message went on toward the upstream (set by `mcp::dispatch`).
+    pub forwarded: bool,
+    /// The gateway's id for the HTTP request (shared by the members of a batch).
+    pub request_id: String,
+    /// When the exchange began.
+    started: Instant,
+    /// When it began, for the record.
+    time_ms: i64,
+    /// Until the exchange is finished: the gateway, to record it if it is dropped instead.
+    open: Option<AppState>,
 }
 
+impl std::fmt::Debug for Exchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchange")
+            .field("method", &self.method)
+            .field("server", &self.server.as_ref().map(|s| &s.config.name))
+            .field("tool", &self.tool)
+            .field("request_id", &self.request_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The status recorded for a call whose client went away before its answer was complete
+/// (the convention of several proxies for "client closed request").
+pub const CLIENT_GONE: u16 = 499;
+
 impl Exchange {
-    /// An exchange whose method is not known yet (`metric` is used until it is).
-    pub fn new(metric: &'static str) -> Exchange {
+    /// An exchange beginning now, whose method is not known yet (`metric` is used until it is).
+    pub fn new(app: &AppState, metric: &'static str) -> Exchange {
         Exchange {
             metric,
             method: metric.to_owned(),
@@ -58,28 +87,45 @@ impl Exchange {
             arguments: None,
             bytes_in: 0,
             failure: None,
+            forwarded: false,
+            // The id the layers gave the HTTP request (see `layers::RequestId`).
+            request_id: crate::layers::RequestId::current()
+                .map_or_else(|| uuid::Uuid::now_v7().to_string(), |id| id.to_string()),
+            started: Instant::now(),
+            time_ms: app.clock().unix_millis(),
+            open: Some(app.clone()),
         }
     }
 
-    /// Notes the message being handled; for `tools/call`, its tool and arguments.
+    /// The exchange of one message of a batch carried by this one: same caller, server,
+    /// client and request id; its own method, timing and record.
+    pub fn member(&self, app: &AppState, message: &Message) -> Exchange {
+        let mut member = Exchange::new(app, "batch");
+        member.request_id.clone_from(&self.request_id);
+        member.server.clone_from(&self.server);
+        member.principal.clone_from(&self.principal);
+        member.client.clone_from(&self.client);
+        member.bytes_in = message.raw.len() as u64;
+        member.note_message(message, "batch");
+        member
+    }
+
+    /// Closes an exchange that leaves no record of its own (its messages each have theirs).
+    pub fn settle(mut self) {
+        self.open = None;
+    }
+
+    /// Notes the message being handled (the tool of a `tools/call` is noted by the dispatch,
+    /// from its one reading of the message).
     pub fn note_message(&mut self, message: &Message, metric: &'static str) {
         self.metric = metric;
         self.method = message.method.clone().unwrap_or_else(|| "response".to_owned());
-        if self.method == "tools/call" {
-            #[derive(Deserialize)]
-            struct Call {
-                params: Option<Params>,
-            }
-            #[derive(Deserialize)]
-            struct Params {
-                name: Option<String>,
-                arguments: Option<Value>,
-            }
-            if let Ok(Call { params: Some(p) }) = serde_json::from_slice::<Call>(&message.raw) {
-                self.tool = p.name.map(|n| n.chars().take(256).collect());
-                self.arguments = p.arguments;
-            }
-        }
+    }
+
+    /// Notes the tool a `tools/call` runs, and its arguments.
+    pub fn note_tool(&mut self, call: &ToolCall) {
+        self.tool = Some(call.name.chars().take(256).collect());
+        self.arguments.clone_from(&call.arguments);
     }
 
     /// Notes a failure: refusals of identity and origin are denials, the rest errors.
@@ -93,43 +139,68 @@ impl Exchange {
         };
         self.failure = Some((decision, rpc));
     }
+
+    /// The record of this exchange, answered with `status` (an HTTP status, or
+    /// [`CLIENT_GONE`]) and `bytes_out`.
+    fn record(&mut self, status: u16, bytes_out: u64) -> Record {
+        let (decision, upstream_status) = match self.failure {
+            Some((d, rpc)) => (d, Some(rpc)),
+            // Gone before anything was forwarded: nothing reached the upstream.
+            None if status == CLIENT_GONE && !self.forwarded => (Decision::Error, None),
+            None if status == CLIENT_GONE => (Decision::Error, Some(i64::from(CLIENT_GONE))),
+            None => (Decision::Allow, Some(i64::from(status))),
+        };
+        let principal = self.principal.take();
+        let client = self.client.take();
+        Record {
+            principal_id: principal.as_ref().map(|p| p.id.clone()),
+            principal_kind: principal.as_ref().map(|p| p.kind.as_str().to_owned()),
+            principal_name: principal.as_ref().map(|p| p.name.clone()),
+            token_id: principal.and_then(|p| p.token_id),
+            client_name: client.as_ref().map(|c| c.0.clone()),
+            client_version: client.map(|c| c.1),
+            server: self.server.as_ref().map(|s| s.config.name.clone()),
+            tool: self.tool.take(),
+            arguments: self.arguments.take().map(Arguments::new).unwrap_or_else(Arguments::none),
+            upstream_status,
+            latency_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            bytes_in: self.bytes_in,
+            bytes_out,
+            ..Record::new(self.time_ms, self.request_id.clone(), std::mem::take(&mut self.method), decision)
+        }
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let Some(app) = self.open.take() else { return };
+        let status = StatusCode::from_u16(CLIENT_GONE).unwrap_or(StatusCode::BAD_REQUEST);
+        app.observe(self.server.as_deref(), self.metric, status, self.started);
+        if app.config().audit.enabled {
+            tracing::info!(request_id = %self.request_id, method = %self.method, "the client went away before its answer");
+            app.audit().record(self.record(CLIENT_GONE, 0));
+        }
+    }
 }
 
 impl AppState {
     /// Ends an exchange: one metric sample and one audit record. In strict durability the
     /// answer waits for the record to be durable, and becomes an error if it cannot be.
-    pub async fn finish(&self, ex: Exchange, resp: Response, started: Instant) -> Response {
+    pub async fn finish(&self, mut ex: Exchange, mut resp: Response) -> Response {
+        ex.open = None;
+        if let Ok(v) = http::HeaderValue::from_str(&ex.request_id) {
+            resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+        }
+        let started = ex.started;
         self.observe(ex.server.as_deref(), ex.metric, resp.status(), started);
         if !self.config().audit.enabled {
             return resp;
         }
-        let (decision, upstream_status) = match ex.failure {
-            Some((d, rpc)) => (d, Some(rpc)),
-            None => (Decision::Allow, Some(i64::from(resp.status().as_u16()))),
-        };
         // A body of known length is counted now; a stream is counted as it goes (below).
         let known = http_body::Body::size_hint(resp.body()).exact().or_else(|| {
             resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
         });
-        let request_id =
-            crate::layers::RequestId::current().unwrap_or_else(crate::layers::RequestId::generate).to_string();
-        let principal = ex.principal;
-        let record = Record {
-            principal_id: principal.as_ref().map(|p| p.id.clone()),
-            principal_kind: principal.as_ref().map(|p| p.kind.as_str().to_owned()),
-            principal_name: principal.as_ref().map(|p| p.name.clone()),
-            token_id: principal.and_then(|p| p.token_id),
-            client_name: ex.client.as_ref().map(|c| c.0.clone()),
-            client_version: ex.client.map(|c| c.1),
-            server: ex.server.map(|s| s.config.name.clone()),
-            tool: ex.tool,
-            arguments: ex.arguments.map(Arguments::new).unwrap_or_else(Arguments::none),
-            upstream_status,
-            latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            bytes_in: ex.bytes_in,
-            bytes_out: known.unwrap_or(0),
-            ..Record::new(self.clock().unix_millis(), request_id, ex.method, decision)
-        };
+        let record = ex.record(resp.status().as_u16(), known.unwrap_or(0));
         if known.is_none() && self.audit().durability() == Durability::Async {
             // A streamed answer (SSE) is recorded when it ends, with the bytes it carried and
             // its whole duration, or when the client goes away. In strict durability the
@@ -165,8 +236,15 @@ struct Metered {
 }
 
 impl Metered {
-    fn record(&mut self) {
+    /// Writes the record; `ended` tells whether the whole answer went out. An answer to a
+    /// message cut short (the client left mid-stream) is recorded as such; a `GET` stream
+    /// ends that way normally.
+    fn record(&mut self, ended: bool) {
         if let Some(Pending { mut record, writer, started }) = self.pending.take() {
+            if !ended && record.method != "GET" && record.decision == Decision::Allow {
+                record.decision = Decision::Error;
+                record.upstream_status = Some(i64::from(CLIENT_GONE));
+            }
             record.bytes_out = self.bytes;
             record.latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             writer.record(record);
@@ -186,7 +264,8 @@ impl http_body::Body for Metered {
                     self.bytes += data.len() as u64;
                 }
             }
-            Poll::Ready(None | Some(Err(_))) => self.record(),
+            Poll::Ready(None) => self.record(true),
+            Poll::Ready(Some(Err(_))) => self.record(false),
             Poll::Pending => {}
         }
         polled
@@ -203,6 +282,6 @@ impl http_body::Body for Metered {
 
 impl Drop for Metered {
     fn drop(&mut self) {
-        self.record();
+        self.record(false);
     }
 }

@@ -5,7 +5,6 @@
 //! envelope, then either open a session (`initialize`) or relay within the sealed session.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -16,13 +15,15 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::BodyExt;
 
 use super::exchange::Exchange;
-use super::jsonrpc::{self, Kind, Message};
 use super::reply;
-use super::session::{SessionState, binding};
 use crate::app::{AppState, Server};
 use crate::authn::{self, Principal};
 use crate::error::{Failure, GatewayError};
-use crate::mcp::{self, version};
+use crate::mcp;
+use crate::mcp::dispatch::{self, Call, Outcome, Via, dispatch};
+use crate::protocol::jsonrpc::{self, Kind, Message};
+use crate::protocol::session::{SessionState, binding};
+use crate::protocol::version;
 use crate::upstream::http::{PROTOCOL_HEADER, SESSION_HEADER};
 
 /// Which server a request is for: one of the configured servers, matched ahead of the router
@@ -56,17 +57,28 @@ pub async fn post(State(app): State<AppState>, Path(name): Path<String>, request
 /// It takes the whole request rather than axum's `HeaderMap` extractor, which clones the
 /// headers.
 async fn post_to(app: &AppState, target: Target<'_>, request: Request) -> Response {
-    let started = Instant::now();
     let (parts, body) = request.into_parts();
-    let mut ex = Exchange::new("invalid");
-    let resp = match post_steps(app, target, &parts.headers, body, &mut ex).await {
-        Ok(resp) => resp,
+    let mut ex = Exchange::new(app, "invalid");
+    match post_steps(app, target, &parts.headers, body, &mut ex).await {
+        Ok(Posted::Answered(resp)) => app.finish(ex, resp).await,
+        Ok(Posted::Batch(resp)) => {
+            // Each message of the batch left its own record.
+            ex.settle();
+            resp
+        }
         Err(failure) => {
             ex.note_failure(&failure);
-            failure.into_response()
+            app.finish(ex, failure.into_response()).await
         }
-    };
-    app.finish(ex, resp, started).await
+    }
+}
+
+/// What a POST produced.
+enum Posted {
+    /// The answer to one message, recorded with the exchange.
+    Answered(Response),
+    /// The answers to a batch, whose messages were recorded one by one.
+    Batch(Response),
 }
 
 async fn post_steps(
@@ -75,7 +87,7 @@ async fn post_steps(
     headers: &HeaderMap,
     body: Body,
     ex: &mut Exchange,
-) -> Result<Response, Failure> {
+) -> Result<Posted, Failure> {
     let (server, principal) = admit(app, target, headers, ex).await?;
     check_content_type(headers)?;
     check_accept(headers, false)?;
@@ -84,73 +96,105 @@ async fn post_steps(
     // The relay's futures are large (kilobytes of nested state); boxed here, they are built
     // only for requests that get this far, and every future before this point stays small
     // enough that refusals do not pay for copying them.
-    match jsonrpc::Body::parse(bytes)? {
+    match jsonrpc::Body::parse(bytes, app.config().gateway.max_batch)? {
         jsonrpc::Body::Single(message) => {
             ex.note_message(&message, metric_method(message.method()));
-            Box::pin(one_message(app, &server, &principal, headers, message, ex)).await
+            Box::pin(one_message(app, &server, &principal, headers, message, ex)).await.map(Posted::Answered)
         }
         jsonrpc::Body::Batch(messages) => {
             ex.metric = "batch";
             ex.method = "batch".to_owned();
-            Box::pin(batch(app, &server, &principal, headers, messages, ex)).await
+            Box::pin(batch(app, &server, &principal, headers, messages, ex)).await.map(Posted::Batch)
         }
     }
 }
 
+/// One message: through the dispatch, then its answer as JSON or SSE. Its session: none for
+/// `initialize`, the caller's own stateless one on the 2026-07-28 revision, else the sealed
+/// session named in the headers.
 async fn one_message(
     app: &AppState,
-    server: &Server,
+    server: &Arc<Server>,
     principal: &Principal,
     headers: &HeaderMap,
     message: Message,
     ex: &mut Exchange,
 ) -> Result<Response, Failure> {
-    if mcp::stateless::is_stateless(headers) {
-        ex.client = mcp::stateless::client_of(&message);
-        let request_id = (message.kind == Kind::Request).then(|| message.id.clone()).flatten();
-        let reply = mcp::stateless::handle(app, server, &principal.id, headers, message).await?;
-        let timeout = server.config.request_timeout;
-        return Ok(reply::post_response(reply, request_id, timeout, &server.config.name).await);
-    }
-    if message.kind == Kind::Request && message.method() == "initialize" {
-        let (response, state, sealed) = mcp::initialize(app, server, principal, &message).await?;
-        ex.client = state.client;
-        let mut resp = axum::Json(response).into_response();
-        if let Ok(v) = HeaderValue::from_str(&sealed) {
-            resp.headers_mut().insert(SESSION_HEADER, v);
+    let stateless = mcp::stateless::is_stateless(headers);
+    let opening = !stateless && message.kind == Kind::Request && message.method() == "initialize";
+    let session = match stateless || opening {
+        true => None,
+        false => Some(session(app, server, principal, headers).map_err(|e| e.with_id(message.id.clone()))?),
+    };
+    let via = match &session {
+        Some(session) => {
+            ex.client.clone_from(&session.client);
+            Via::Session(session)
         }
-        return Ok(resp);
+        None if stateless => {
+            mcp::stateless::check_headers(headers, &message)?;
+            ex.client = mcp::stateless::client_of(&message);
+            Via::Stateless(headers)
+        }
+        None => Via::Opening,
+    };
+    let request_id = (message.kind == Kind::Request).then(|| message.id.clone()).flatten();
+    let call = Call { app, server, caller: principal, via };
+    match dispatch(call, message, ex).await? {
+        Outcome::Opened { response, sealed, .. } => {
+            let mut resp = axum::Json(response).into_response();
+            if let Ok(v) = HeaderValue::from_str(&sealed) {
+                resp.headers_mut().insert(SESSION_HEADER, v);
+            }
+            Ok(resp)
+        }
+        Outcome::Reply(reply) => {
+            Ok(reply::post_response(reply, request_id, server.config.request_timeout, &server.config.name).await)
+        }
     }
-    let id = message.id.clone();
-    let session = session(app, server, principal, headers).map_err(|e| e.with_id(id.clone()))?;
-    ex.client.clone_from(&session.client);
-    let request_id = (message.kind == Kind::Request).then(|| id.clone()).flatten();
-    let reply = mcp::relay(server, &session, message).await?;
-    Ok(reply::post_response(reply, request_id, server.config.request_timeout, &server.config.name).await)
 }
 
-/// A 2025-03-26 batch: each message is relayed in order and the answers are collected.
+/// A batch (2024-11-05 and 2025-03-26 sessions only): each message goes through the
+/// dispatch in order, leaves its own audit record, and its answer joins the batch's.
 async fn batch(
     app: &AppState,
-    server: &Server,
+    server: &Arc<Server>,
     principal: &Principal,
     headers: &HeaderMap,
     messages: Vec<Message>,
     ex: &mut Exchange,
 ) -> Result<Response, Failure> {
+    // Refused whole, before anything is forwarded: batches of later revisions, and
+    // `initialize` in a batch.
+    let protocol = match mcp::stateless::is_stateless(headers) {
+        true => version::STATELESS.to_owned(),
+        false => session(app, server, principal, headers)?.client_protocol.clone(),
+    };
+    if !version::has_batches(&protocol) {
+        let text = format!("JSON-RPC batches are not part of protocol revision {protocol}");
+        return Err(GatewayError::InvalidRequest(text).into());
+    }
+    if messages.iter().any(|m| m.method() == "initialize") {
+        return Err(GatewayError::InvalidRequest("initialize cannot be batched".into()).into());
+    }
     let mut answers = Vec::new();
     for message in messages {
-        if message.method() == "initialize" {
-            let err = GatewayError::InvalidParams("initialize cannot be batched".into());
-            return Err(err.with_id(message.id));
-        }
-        let resp =
-            one_message(app, server, principal, headers, message, ex).await.unwrap_or_else(IntoResponse::into_response);
+        let mut member = ex.member(app, &message);
+        let resp = match one_message(app, server, principal, headers, message, &mut member).await {
+            Ok(resp) => resp,
+            Err(failure) => {
+                member.note_failure(&failure);
+                failure.into_response()
+            }
+        };
         if resp.status() == StatusCode::ACCEPTED {
+            app.finish(member, resp).await;
             continue;
         }
         let is_sse =
             resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        // Collected through the member's record, so its bytes and its end are counted.
+        let resp = app.finish(member, resp).await;
         let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
         if is_sse {
             answers.extend(sse_messages(&body).filter(|m| m.get("result").is_some() || m.get("error").is_some()));
@@ -158,10 +202,14 @@ async fn batch(
             answers.push(v);
         }
     }
-    if answers.is_empty() {
-        return Ok(StatusCode::ACCEPTED.into_response());
+    let mut resp = match answers.is_empty() {
+        true => StatusCode::ACCEPTED.into_response(),
+        false => axum::Json(answers).into_response(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&ex.request_id) {
+        resp.headers_mut().insert(super::exchange::REQUEST_ID_HEADER, v);
     }
-    Ok(axum::Json(answers).into_response())
+    Ok(resp)
 }
 
 fn sse_messages(body: &[u8]) -> impl Iterator<Item = serde_json::Value> + '_ {
@@ -182,15 +230,14 @@ async fn get_from(app: &AppState, target: Target<'_>, request: Request) -> Respo
         // The stateless revision has no GET stream and no session to delete.
         return StatusCode::METHOD_NOT_ALLOWED.into_response();
     }
-    let started = Instant::now();
-    let mut ex = Exchange::new("GET");
+    let mut ex = Exchange::new(app, "GET");
     let result = async {
         let (server, principal) = admit(app, target, &headers, &mut ex).await?;
         check_accept(&headers, true)?;
         let session = session(app, &server, &principal, &headers)?;
         ex.client.clone_from(&session.client);
         let last = headers.get("last-event-id").and_then(|v| v.to_str().ok());
-        let reply = mcp::listen(&server, &session, last).await.map_err(GatewayError::from)?;
+        let reply = dispatch::listen(&server, &session, last).await.map_err(GatewayError::from)?;
         Ok::<_, Failure>(reply::get_response(reply, stream_end(app, &server, &headers)))
     }
     .await;
@@ -198,7 +245,7 @@ async fn get_from(app: &AppState, target: Target<'_>, request: Request) -> Respo
         ex.note_failure(&f);
         f.into_response()
     });
-    app.finish(ex, resp, started).await
+    app.finish(ex, resp).await
 }
 
 /// `DELETE /mcp/{server}` for a name that is not answered ahead of the router.
@@ -213,13 +260,12 @@ async fn delete_at(app: &AppState, target: Target<'_>, request: Request) -> Resp
         // The stateless revision has no GET stream and no session to delete.
         return StatusCode::METHOD_NOT_ALLOWED.into_response();
     }
-    let started = Instant::now();
-    let mut ex = Exchange::new("DELETE");
+    let mut ex = Exchange::new(app, "DELETE");
     let result = async {
         let (server, principal) = admit(app, target, &headers, &mut ex).await?;
         let session = session(app, &server, &principal, &headers)?;
         ex.client.clone_from(&session.client);
-        mcp::close(&server, &session).await.map_err(GatewayError::from)?;
+        dispatch::close(&server, &session).await.map_err(GatewayError::from)?;
         Ok::<_, Failure>(StatusCode::OK.into_response())
     }
     .await;
@@ -227,7 +273,7 @@ async fn delete_at(app: &AppState, target: Target<'_>, request: Request) -> Resp
         ex.note_failure(&f);
         f.into_response()
     });
-    app.finish(ex, resp, started).await
+    app.finish(ex, resp).await
 }
 
 /// Completes when a long-lived stream opened with `headers` must end: the gateway shuts down,

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -23,12 +23,12 @@ use tokio::sync::mpsc;
 
 use super::exchange::Exchange;
 use super::http::{Target, admit, check_accept, check_content_type, read_body, stream_end};
-use super::jsonrpc::{self, Kind, Message, code, error_response};
-use super::session::{SessionState, new_session_key};
 use crate::app::{AppState, Server};
 use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
-use crate::mcp;
+use crate::mcp::dispatch::{self, Call, Outcome, Via, dispatch};
+use crate::protocol::jsonrpc::{self, Kind, Message, error_response};
+use crate::protocol::session::{SessionState, new_session_key};
 use crate::upstream::messages_of;
 
 /// Open legacy connections by id.
@@ -69,7 +69,7 @@ impl Drop for Closer {
         conn.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..).for_each(|t| t.abort());
         if let (Some(session), Ok(server)) = (conn.session(), self.app.server(&conn.server)) {
             tokio::spawn(async move {
-                let _ = crate::mcp::close_upstream(&server, &session).await;
+                let _ = crate::mcp::dispatch::close_upstream(&server, &session).await;
             });
         }
     }
@@ -77,8 +77,7 @@ impl Drop for Closer {
 
 /// `GET /mcp/{server}/sse`.
 pub async fn open(State(app): State<AppState>, Path(name): Path<String>, headers: HeaderMap) -> Response {
-    let started = Instant::now();
-    let mut ex = Exchange::new("GET");
+    let mut ex = Exchange::new(&app, "GET");
     let result = async {
         let (server, principal) = admit(&app, Target::Name(&name), &headers, &mut ex).await?;
         check_accept(&headers, true)?;
@@ -89,7 +88,7 @@ pub async fn open(State(app): State<AppState>, Path(name): Path<String>, headers
         ex.note_failure(&f);
         f.into_response()
     });
-    app.finish(ex, resp, started).await
+    app.finish(ex, resp).await
 }
 
 fn stream(app: &AppState, name: &str, principal: Principal, end: BoxFuture<'static, ()>) -> Response {
@@ -114,6 +113,8 @@ fn stream(app: &AppState, name: &str, principal: Principal, end: BoxFuture<'stat
 }
 
 /// `POST /mcp/{server}/messages?sessionId=…`: answers 202 and sends the answers on the stream.
+/// Each message goes through the dispatch and leaves its own audit record once its answer is
+/// known (or its connection ends first).
 pub async fn message(
     State(app): State<AppState>,
     Path(name): Path<String>,
@@ -121,8 +122,7 @@ pub async fn message(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let started = Instant::now();
-    let mut ex = Exchange::new("POST");
+    let mut ex = Exchange::new(&app, "POST");
     let result = async {
         let (server, principal) = admit(&app, Target::Name(&name), &headers, &mut ex).await?;
         check_content_type(&headers)?;
@@ -134,48 +134,66 @@ pub async fn message(
             .ok_or(GatewayError::UnknownSession)?;
         let bytes = read_body(body, app.config().gateway.max_body_bytes).await?;
         ex.bytes_in = bytes.len() as u64;
-        let messages = match jsonrpc::Body::parse(bytes)? {
-            jsonrpc::Body::Single(m) => vec![m],
-            jsonrpc::Body::Batch(ms) => ms,
-        };
-        if let Some(first) = messages.first() {
-            ex.note_message(first, "POST");
-        }
         ex.client = conn.session().and_then(|s| s.client);
+        let messages = match jsonrpc::Body::parse(bytes, app.config().gateway.max_batch)? {
+            jsonrpc::Body::Single(m) => vec![m],
+            jsonrpc::Body::Batch(ms) => {
+                let protocol = conn.session().map(|s| s.client_protocol);
+                if protocol.as_deref().is_some_and(|p| !crate::protocol::version::has_batches(p)) {
+                    let text =
+                        format!("JSON-RPC batches are not part of protocol revision {}", protocol.unwrap_or_default());
+                    return Err(GatewayError::InvalidRequest(text).into());
+                }
+                if ms.iter().any(|m| m.method() == "initialize") {
+                    return Err(GatewayError::InvalidRequest("initialize cannot be batched".into()).into());
+                }
+                ms
+            }
+        };
         for m in messages {
-            dispatch(&app, &server, &conn, m).await?;
+            let member = ex.member(&app, &m);
+            handle(&app, &server, &conn, m, member).await;
         }
         Ok::<_, Failure>(StatusCode::ACCEPTED.into_response())
     }
     .await;
-    let resp = result.unwrap_or_else(|f| {
-        ex.note_failure(&f);
-        f.into_response()
-    });
-    app.finish(ex, resp, started).await
+    match result {
+        Ok(mut resp) => {
+            // Each message leaves its own record.
+            if let Ok(v) = http::HeaderValue::from_str(&ex.request_id) {
+                resp.headers_mut().insert(super::exchange::REQUEST_ID_HEADER, v);
+            }
+            ex.settle();
+            resp
+        }
+        Err(f) => {
+            ex.note_failure(&f);
+            app.finish(ex, f.into_response()).await
+        }
+    }
 }
 
-async fn dispatch(
-    app: &AppState,
-    server: &Arc<Server>,
-    conn: &Arc<Connection>,
-    message: Message,
-) -> Result<(), Failure> {
+/// One message of a legacy connection: `initialize` is answered at once; anything else is
+/// dispatched in the background and its answers join the stream. Either way the message's
+/// record is written when its answer is known; a task stopped by the connection's end leaves
+/// the record of a client gone.
+async fn handle(app: &AppState, server: &Arc<Server>, conn: &Arc<Connection>, message: Message, mut ex: Exchange) {
     if message.kind == Kind::Request && message.method() == "initialize" {
-        let (response, state, _) = match mcp::initialize(app, server, &conn.principal, &message).await {
-            Ok(opened) => opened,
-            Err(f) => {
-                let (_, rpc) = f.error.status_and_code(true);
-                let _ = conn.tx.send(error_response(f.id.as_ref(), rpc, &f.error.to_string()));
-                return Ok(());
+        let call = Call { app, server, caller: &conn.principal, via: Via::Opening };
+        let state = match dispatch(call, message, &mut ex).await {
+            Ok(Outcome::Opened { response, state, .. }) => {
+                app.finish(ex, StatusCode::OK.into_response()).await;
+                let _ = conn.tx.send(response);
+                state
             }
+            Ok(Outcome::Reply(_)) => return,
+            Err(f) => return fail(app, conn, f, ex).await,
         };
-        *conn.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(state.clone());
-        let _ = conn.tx.send(response);
+        *conn.session.lock().unwrap_or_else(|p| p.into_inner()) = Some((*state).clone());
         // The upstream's own messages (list changes, requests outside a call) join the stream.
         let (server, tx) = (server.clone(), conn.tx.clone());
         conn.spawn(async move {
-            if let Ok(reply) = server.upstream.listen(&state, None).await {
+            if let Ok(reply) = dispatch::listen(&server, &state, None).await {
                 let mut msgs = messages_of(reply);
                 while let Some(m) = msgs.next().await {
                     if tx.send(m).is_err() {
@@ -184,35 +202,53 @@ async fn dispatch(
                 }
             }
         });
-        return Ok(());
+        return;
     }
-    let id = message.id.clone();
-    let session = conn.session().ok_or_else(|| GatewayError::MissingSession.with_id(id.clone()))?;
-    let (server, tx) = (server.clone(), conn.tx.clone());
+    let Some(session) = conn.session() else {
+        let f = GatewayError::MissingSession.with_id(message.id.clone());
+        return fail(app, conn, f, ex).await;
+    };
+    let (app, server, conn2) = (app.clone(), server.clone(), conn.clone());
     conn.spawn(async move {
+        let conn = conn2;
+        let id = message.id.clone();
         let timeout = server.config.request_timeout;
-        let answer = async {
-            match mcp::relay(&server, &session, message).await {
-                Ok(reply) => {
-                    let mut msgs = messages_of(reply);
-                    while let Some(m) = msgs.next().await {
-                        let _ = tx.send(m);
-                    }
-                }
-                Err(f) => {
-                    let (_, rpc) = f.error.status_and_code(true);
-                    let _ = tx.send(error_response(f.id.as_ref(), rpc, &f.error.to_string()));
+        let call = Call { app: &app, server: &server, caller: &conn.principal, via: Via::Session(&session) };
+        let answered = tokio::time::timeout(timeout, async {
+            let reply = match dispatch(call, message, &mut ex).await? {
+                Outcome::Reply(reply) => reply,
+                Outcome::Opened { .. } => return Ok(()),
+            };
+            let mut msgs = messages_of(reply);
+            while let Some(m) = msgs.next().await {
+                let last = id.is_some() && m.get("id") == id.as_ref() && m.get("method").is_none();
+                let _ = conn.tx.send(m);
+                if last {
+                    break;
                 }
             }
-        };
-        if tokio::time::timeout(timeout, answer).await.is_err() && id.is_some() {
-            let text = format!(
-                "upstream server '{}' did not answer within {}",
-                server.config.name,
-                crate::upstream::human(timeout)
-            );
-            let _ = tx.send(error_response(id.as_ref(), code::UPSTREAM_TIMEOUT, &text));
+            Ok::<_, Failure>(())
+        })
+        .await;
+        match answered {
+            Ok(Ok(())) => drop(app.finish(ex, StatusCode::OK.into_response()).await),
+            Ok(Err(f)) => fail(&app, &conn, f, ex).await,
+            Err(_) => {
+                let timeout =
+                    crate::upstream::UpstreamError::Timeout { server: server.config.name.clone(), after: timeout };
+                let f = GatewayError::Upstream(timeout).with_id(id.clone());
+                fail(&app, &conn, f, ex).await;
+            }
         }
     });
-    Ok(())
+}
+
+/// Sends a message's error on the stream (when it had an id) and records it.
+async fn fail(app: &AppState, conn: &Connection, f: Failure, mut ex: Exchange) {
+    ex.note_failure(&f);
+    if f.id.is_some() {
+        let (_, rpc) = f.error.status_and_code(true);
+        let _ = conn.tx.send(error_response(f.id.as_ref(), rpc, &f.error.to_string()));
+    }
+    app.finish(ex, f.into_response()).await;
 }

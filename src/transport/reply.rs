@@ -11,7 +11,7 @@ use futures::{Stream, StreamExt};
 use http::{HeaderValue, StatusCode, header};
 use serde_json::Value;
 
-use crate::transport::jsonrpc::{code, error_response};
+use crate::protocol::jsonrpc::{code, error_response};
 use crate::upstream::{MessageStream, Reply};
 
 /// How long a multiplexed answer may take and still go back as plain JSON.

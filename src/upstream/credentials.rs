@@ -12,8 +12,8 @@ use secrecy::{ExposeSecret, SecretString};
 use super::UpstreamError;
 use crate::config::UpstreamAuth;
 use crate::keys::SharedKeyRing;
+use crate::oauth::client::challenge::BearerChallenge;
 use crate::store::Store;
-use crate::vault::challenge::BearerChallenge;
 use crate::vault::{Vault, VaultError};
 
 /// How long a decrypted secret is reused.

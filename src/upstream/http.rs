@@ -14,10 +14,10 @@ use url::Url;
 
 use super::credentials::Renewed;
 use super::{ClientHello, Opened, Reply, UpstreamError, initialize_request, opened_from_response};
-use crate::mcp::version;
-use crate::transport::jsonrpc::{Kind, Message, code, error_response, result_response};
-use crate::transport::session::SessionState;
-use crate::vault::challenge::BearerChallenge;
+use crate::oauth::client::challenge::BearerChallenge;
+use crate::protocol::jsonrpc::{Kind, Message, code, error_response, result_response};
+use crate::protocol::session::SessionState;
+use crate::protocol::version;
 
 /// `Mcp-Session-Id`.
 pub const SESSION_HEADER: &str = "mcp-session-id";

@@ -15,8 +15,8 @@ use futures::Stream;
 use serde_json::Value;
 
 use crate::config::{ServerConfig, ServerTransport};
-use crate::transport::jsonrpc::Message;
-use crate::transport::session::SessionState;
+use crate::protocol::jsonrpc::Message;
+use crate::protocol::session::SessionState;
 
 /// A stream of JSON-RPC messages coming back from an upstream.
 pub type MessageStream = Pin<Box<dyn Stream<Item = Value> + Send>>;
@@ -249,7 +249,7 @@ pub fn opened_from_response(
     }
     let result = response.get("result").cloned().unwrap_or(Value::Null);
     let version = result.get("protocolVersion").and_then(Value::as_str).unwrap_or_default().to_owned();
-    if !crate::mcp::version::is_supported(&version) {
+    if !crate::protocol::version::is_supported(&version) {
         return Err(UpstreamError::Protocol {
             server: server.to_owned(),
             detail: format!("unsupported protocol version {version:?}"),

@@ -17,7 +17,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::{MessageStream, UpstreamError};
-use crate::transport::jsonrpc::{Kind, Message, code, error_response};
+use crate::protocol::jsonrpc::{Kind, Message, code, error_response};
 
 type Tx = mpsc::UnboundedSender<Value>;
 

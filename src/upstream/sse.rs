@@ -17,8 +17,8 @@ use url::Url;
 use super::mux::Mux;
 use super::stdio::send_via_mux;
 use super::{ClientHello, Opened, Reply, UpstreamError};
-use crate::transport::jsonrpc::Message;
-use crate::transport::session::SessionState;
+use crate::protocol::jsonrpc::Message;
+use crate::protocol::session::SessionState;
 
 struct Connection {
     mux: Arc<Mux>,

@@ -19,9 +19,9 @@ use tokio::sync::{Mutex, mpsc};
 use super::mux::Mux;
 use super::{ClientHello, Opened, Reply, UpstreamError};
 use crate::config::{ServerConfig, ServerTransport};
-use crate::mcp::version;
-use crate::transport::jsonrpc::{Kind, Message};
-use crate::transport::session::SessionState;
+use crate::protocol::jsonrpc::{Kind, Message};
+use crate::protocol::session::SessionState;
+use crate::protocol::version;
 
 /// Environment variables passed on from the gateway's own environment.
 const INHERITED_ENV: &[&str] = &["PATH", "HOME", "LANG", "TMPDIR", "USER", "SYSTEMROOT"];
@@ -96,7 +96,7 @@ impl StdioUpstream {
         UpstreamError::Process { server: self.name.to_string(), detail: detail.into() }
     }
 
-    fn oauth(&self) -> Option<&crate::vault::OAuthConfig> {
+    fn oauth(&self) -> Option<&crate::config::OAuthConfig> {
         match &self.auth {
             crate::config::UpstreamAuth::OAuth(o) => Some(o),
             _ => None,

@@ -24,9 +24,10 @@ use std::collections::BTreeMap;
 
 use url::Url;
 
-use super::discovery::{Discovered, ServerMetadata};
-use super::endpoint::{self, ClientAuth};
 use super::{Chosen, ClientKind, Vault, VaultError, VaultServer, random_b64};
+use crate::oauth::client::OAuthError;
+use crate::oauth::client::discovery::{Discovered, ServerMetadata};
+use crate::oauth::client::endpoint::{self, ClientAuth};
 
 /// The parameters of one authorization request (R87–R92), without `client_id`.
 pub(super) struct Request<'a> {
@@ -62,8 +63,9 @@ impl Request<'_> {
 
 /// `endpoint?client_id=…&` followed by `params`.
 fn with_query(endpoint: &str, client_id: &str, params: &[(String, String)]) -> Result<Url, VaultError> {
-    let mut url = Url::parse(endpoint)
-        .map_err(|_| VaultError::Discovery { detail: "the authorization_endpoint is not a URL".to_owned() })?;
+    let mut url = Url::parse(endpoint).map_err(|_| {
+        VaultError::OAuth(OAuthError::Discovery { detail: "the authorization_endpoint is not a URL".to_owned() })
+    })?;
     {
         let mut q = url.query_pairs_mut();
         q.append_pair("client_id", client_id);
@@ -136,7 +138,7 @@ fn refused(kind: ClientKind, client: &ClientAuth, server: &ServerMetadata) -> Va
             format!("{issuer} answered invalid_client for a registration it made just now")
         }
     };
-    VaultError::Registration { detail }
+    VaultError::OAuth(OAuthError::Registration { detail })
 }
 
 impl Vault {
@@ -154,13 +156,16 @@ impl Vault {
         let params = request.params();
         for retry in [true, false] {
             let status = match &server.pushed_authorization_request_endpoint {
-                Some(par) => match endpoint::push_authorization(&self.egress, &client.auth, par, &params).await {
+                Some(par) => match endpoint::push_authorization(&self.egress, &client.auth, par, &params)
+                    .await
+                    .map_err(VaultError::from)
+                {
                     Ok(pushed) => {
                         let reference = [("request_uri".to_owned(), pushed.request_uri)];
                         let url = with_query(&server.authorization_endpoint, &client.auth.client_id, &reference)?;
                         return Ok((url, client));
                     }
-                    Err(VaultError::Pushed { error, .. })
+                    Err(VaultError::OAuth(OAuthError::Pushed { error, .. }))
                         if ClientStatus::from_error(error.as_deref()) == ClientStatus::Gone =>
                     {
                         ClientStatus::Gone
@@ -178,7 +183,7 @@ impl Vault {
                     Err(e) => return Err(e),
                 },
                 None if client.kind == ClientKind::Dynamic && !client.fresh => {
-                    self.probe(&client.auth, server, request.resource).await
+                    self.probe(&client.auth, server, request.resource).await?
                 }
                 None => ClientStatus::Unclear,
             };
@@ -203,12 +208,22 @@ impl Vault {
 
     /// Asks the token endpoint whether it knows `client` (see the module's comment). Tokens,
     /// should a server ever issue any for a made-up refresh token, are dropped.
-    async fn probe(&self, client: &ClientAuth, server: &ServerMetadata, resource: Option<&str>) -> ClientStatus {
-        let made_up = secrecy::SecretString::from(random_b64(32));
-        match endpoint::refresh(&self.egress, client, &server.token_endpoint, &made_up, None, resource).await {
-            Err(VaultError::Token { error, .. }) => ClientStatus::from_error(error.as_deref()),
-            Ok(_) | Err(_) => ClientStatus::Unclear,
-        }
+    async fn probe(
+        &self,
+        client: &ClientAuth,
+        server: &ServerMetadata,
+        resource: Option<&str>,
+    ) -> Result<ClientStatus, VaultError> {
+        let made_up = secrecy::SecretString::from(random_b64(32)?);
+        Ok(
+            match endpoint::refresh(&self.egress, client, &server.token_endpoint, &made_up, None, resource)
+                .await
+                .map_err(VaultError::from)
+            {
+                Err(VaultError::OAuth(OAuthError::Token { error, .. })) => ClientStatus::from_error(error.as_deref()),
+                Ok(_) | Err(_) => ClientStatus::Unclear,
+            },
+        )
     }
 }
 

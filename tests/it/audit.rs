@@ -118,6 +118,7 @@ on_both!(
     every_column_survives_batches_of_any_size,
     rows_of_earlier_versions_move_into_segments,
     a_segment_at_the_end_of_the_key_space_ends_every_read,
+    checkpoints_pin_the_tail,
 );
 
 /// Principal ids are UUIDs, as the store makes them.
@@ -753,4 +754,50 @@ async fn a_segment_at_the_end_of_the_key_space_ends_every_read(backend: Backend)
     assert_eq!(timeout(T, db.store.audit_seq_of_hash(&[0; 32])).await.expect("ends").expect("scan"), None);
     let verdict = timeout(T, verify(&db.store)).await.expect("verify ends").expect("verify");
     assert!(matches!(verdict, Verification::Broken(ref b) if b.seq == 7), "{verdict:?}");
+}
+
+/// The checkpointer on each backend: it signs the store's head into its file, and the chain
+/// checked against those checkpoints catches a cut tail and a rollback that the chain alone
+/// cannot see.
+async fn checkpoints_pin_the_tail(backend: Backend) {
+    use portcullis::audit::checkpoint::{Checkpointer, check_file};
+    use portcullis::audit::{Anchors, verify_anchored};
+    use portcullis::keys::{Key, KeyRing};
+
+    let db = filled(backend, 20).await;
+    let ring = KeyRing::single(Key::random());
+    let file = db._dir.path().join("cp.jsonl");
+    let clock = portcullis::clock::Clock::system();
+    let cp = Checkpointer::start(db.store.clone(), ring.clone(), clock, file.clone(), Duration::from_millis(20))
+        .expect("opens its file");
+    cp.finish().await;
+    let checked = check_file(&std::fs::read_to_string(&file).expect("written"), &ring);
+    assert!(checked.bad.is_empty() && checked.unknown_key.is_empty(), "{checked:?}");
+    let head = db.store.audit_head().await.expect("head").expect("not empty");
+    assert_eq!(checked.anchors.keys().copied().collect::<Vec<_>>(), [20], "one checkpoint of the unmoved head");
+    assert_eq!(checked.anchors[&20].0, head.1);
+    let mut anchors: Anchors =
+        checked.anchors.iter().map(|(s, (h, line, _))| (*s, (h.clone(), format!("line {line}")))).collect();
+    let tenth = db.store.audit_after(9, 1).await.expect("read").remove(0);
+    anchors.insert(10, (tenth.hash.clone(), "an earlier checkpoint".into()));
+    assert!(matches!(
+        verify_anchored(&db.store, &anchors).await.expect("runs"),
+        Verification::Intact { records: 20, .. }
+    ));
+
+    // The tail cut: the chain alone still verifies; against the checkpoints it is cut at 16.
+    tamper(&db.store, |es| es.truncate(15)).await;
+    assert!(matches!(verify(&db.store).await.expect("runs"), Verification::Intact { records: 15, .. }));
+    match verify_anchored(&db.store, &anchors).await.expect("runs") {
+        Verification::Broken(b) => assert_eq!((b.seq, b.kind), (16, BreakKind::Cut), "{b}"),
+        intact => panic!("a cut tail went unnoticed: {intact:?}"),
+    }
+    // Writing on after the cut reuses seqs 16.. with other records: a rollback, named at the
+    // first checkpointed seq it rewrote.
+    writer_with(&db, AuditConfig::default(), 8).await.shutdown().await;
+    assert!(matches!(verify(&db.store).await.expect("runs"), Verification::Intact { records: 23, .. }));
+    match verify_anchored(&db.store, &anchors).await.expect("runs") {
+        Verification::Broken(b) => assert_eq!((b.seq, b.kind), (20, BreakKind::RolledBack), "{b}"),
+        intact => panic!("a rollback went unnoticed: {intact:?}"),
+    }
 }

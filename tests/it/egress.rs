@@ -124,8 +124,8 @@ async fn vault_discovery_refuses_hostile_metadata() {
     if outside_netns("egress::vault_discovery_refuses_hostile_metadata").await {
         return;
     }
-    use portcullis::vault::challenge::BearerChallenge;
-    use portcullis::vault::discovery::{Pins, discover};
+    use portcullis::oauth::client::challenge::BearerChallenge;
+    use portcullis::oauth::client::discovery::{Pins, discover};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let b = base.clone();
@@ -164,7 +164,7 @@ async fn vault_discovery_refuses_hostile_metadata() {
     tokio::spawn(async move { axum::serve(listener, app).await });
     let egress = dev(Duration::from_secs(5));
     let url = |p: &str| Url::parse(&format!("{base}{p}")).expect("url");
-    let err = |r: Result<_, portcullis::vault::VaultError>| r.map(|_| ()).expect_err("refused").to_string();
+    let err = |r: Result<_, portcullis::oauth::client::OAuthError>| r.map(|_| ()).expect_err("refused").to_string();
 
     let imds = err(discover(&egress, Some(&url("/imds/mcp")), None, &Pins::default()).await);
     assert!(imds.contains("169.254.169.254"), "{imds}");

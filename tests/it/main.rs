@@ -2,13 +2,17 @@
 //! real upstream servers on loopback.
 
 mod audit;
+mod audit_integrity;
 mod audit_path;
 mod common;
 mod conformance;
 mod egress;
 mod errors;
+mod fail_closed;
 mod identity;
 mod layers;
+mod parsers;
+mod pipeline;
 mod protocol;
 mod relay;
 mod secrets;

@@ -5,12 +5,12 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use portcullis::crypto::rotate::{key_usage, reencrypt};
 use portcullis::crypto::{CryptoError, Sealed};
 use portcullis::keys::{Key, KeyRing, SharedKeyRing, load_key_ring_from};
+use portcullis::protocol::session::{Sealer, SessionState};
 use portcullis::store::Store;
+use portcullis::store::rotate::{key_usage, reencrypt};
 use portcullis::store::secrets::SecretError;
-use portcullis::transport::session::{Sealer, SessionState};
 use secrecy::{ExposeSecret, SecretString};
 use tempfile::TempDir;
 

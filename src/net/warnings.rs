@@ -1,19 +1,20 @@
-//! Settings that are valid but will not work as written: `check-config` prints them, `serve`
+//! Configured URLs this guard will refuse: settings that are valid but will not work as written: `check-config` prints them, `serve`
 //! logs them at start.
 
 use url::Url;
 
-use super::{Config, ServerTransport, UpstreamAuth};
+use super::Policy;
+use crate::config::{Config, ServerTransport, UpstreamAuth};
 
-impl Config {
-    /// One line per warning, naming the server, the URL and what to change. Today: OAuth
-    /// upstreams whose discovery or provider URLs the `[outbound]` guard will refuse (the
-    /// upstream's own URL is trusted for MCP traffic, but its OAuth metadata is fetched
-    /// through the guard).
-    pub fn warnings(&self) -> Vec<String> {
-        let policy = self.outbound.policy();
+/// One line per warning, naming the server, the URL and what to change. Today: OAuth
+/// upstreams whose discovery or provider URLs the `[outbound]` guard will refuse (the
+/// upstream's own URL is trusted for MCP traffic, but its OAuth metadata is fetched through
+/// the guard).
+pub fn config_warnings(config: &Config) -> Vec<String> {
+    {
+        let policy = Policy::from_config(&config.outbound);
         let mut warnings = Vec::new();
-        for server in &self.servers {
+        for server in &config.servers {
             let UpstreamAuth::OAuth(oauth) = &server.auth else { continue };
             let upstream = match &server.transport {
                 ServerTransport::StreamableHttp { url, .. } | ServerTransport::Sse { url } => Some(url.clone()),
@@ -28,7 +29,7 @@ impl Config {
                     warnings.push(format!(
                         "server {:?}: {key} {} is fetched for OAuth through the [outbound] guard, which refuses it: {needed}",
                         server.name,
-                        crate::net::shown(&url)
+                        super::shown(&url)
                     ));
                 }
             }
@@ -55,7 +56,7 @@ auth = { type = "client_credentials", client_id = "c", issuer = "https://10.1.2.
 "#;
 
     fn warnings(text: &str) -> Vec<String> {
-        Config::parse(text, "test.toml", Vec::new()).unwrap_or_else(|e| panic!("{e}")).warnings()
+        config_warnings(&Config::parse(text, "test.toml", Vec::new()).unwrap_or_else(|e| panic!("{e}")))
     }
 
     #[test]

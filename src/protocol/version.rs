@@ -8,6 +8,12 @@ pub const LATEST_STATEFUL: &str = "2025-11-25";
 /// The stateless revision: `server/discover`, per-request `_meta`, no session.
 pub const STATELESS: &str = "2026-07-28";
 
+/// Whether clients of `version` may send JSON-RPC batches (2024-11-05 and 2025-03-26 only;
+/// later revisions removed them).
+pub fn has_batches(version: &str) -> bool {
+    matches!(version, "2024-11-05" | "2025-03-26")
+}
+
 /// `version` as an HTTP header value, without copying the known ones.
 pub fn header_value(version: &str) -> http::HeaderValue {
     match SUPPORTED.iter().find(|v| **v == version) {

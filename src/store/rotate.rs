@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{CryptoError, Sealed, row_aad};
+use super::{Store, StoreError};
+use crate::crypto::{CryptoError, Sealed, row_aad};
 use crate::keys::{KeyId, KeyRing};
-use crate::store::{Store, StoreError};
 
 /// One table whose rows are encrypted. It has the columns `key_id` (TEXT) and `ciphertext`
 /// (BLOB/BYTEA), a TEXT primary key `id_column`, and binds each ciphertext to
@@ -29,10 +29,10 @@ pub struct EncryptedTable {
 /// Every table with encrypted rows; a new one joins rotation (and `keys list`) by adding
 /// itself here.
 pub const ENCRYPTED_TABLES: &[EncryptedTable] = &[
-    crate::store::secrets::SECRETS_TABLE,
-    crate::store::vault::CLIENTS_TABLE,
-    crate::store::vault::FLOWS_TABLE,
-    crate::store::vault::CONNECTIONS_TABLE,
+    super::secrets::SECRETS_TABLE,
+    super::vault::CLIENTS_TABLE,
+    super::vault::FLOWS_TABLE,
+    super::vault::CONNECTIONS_TABLE,
 ];
 
 /// How many passes a rotation makes at most (writers using an old key can add work).

@@ -9,60 +9,12 @@ use oauth2::{
     RefreshToken, RequestTokenError, TokenResponse, TokenUrl,
 };
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use url::Url;
 
-use super::VaultError;
+use super::OAuthError;
+use crate::config::AuthMethod;
 use crate::net::{Egress, EgressError};
-
-/// How the gateway authenticates at a token endpoint (R97).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AuthMethod {
-    /// `client_secret_basic`.
-    ClientSecretBasic,
-    /// `client_secret_post`.
-    ClientSecretPost,
-    /// `none` (public client: CIMD, or a registration without a secret).
-    None,
-}
-
-impl AuthMethod {
-    /// The RFC 7591 name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AuthMethod::ClientSecretBasic => "client_secret_basic",
-            AuthMethod::ClientSecretPost => "client_secret_post",
-            AuthMethod::None => "none",
-        }
-    }
-
-    /// From the RFC 7591 name.
-    pub fn parse(text: &str) -> Option<AuthMethod> {
-        match text {
-            "client_secret_basic" => Some(AuthMethod::ClientSecretBasic),
-            "client_secret_post" => Some(AuthMethod::ClientSecretPost),
-            "none" => Some(AuthMethod::None),
-            _ => None,
-        }
-    }
-
-    /// The method to use for a client with (or without) a secret, among those the server
-    /// advertises (RFC 8414 §2: absent means `client_secret_basic`).
-    pub fn choose(has_secret: bool, supported: Option<&[String]>) -> AuthMethod {
-        let offers = |m: AuthMethod| match supported {
-            None => m == AuthMethod::ClientSecretBasic,
-            Some(list) => list.iter().any(|s| s == m.as_str()),
-        };
-        if !has_secret {
-            return AuthMethod::None;
-        }
-        [AuthMethod::ClientSecretBasic, AuthMethod::ClientSecretPost]
-            .into_iter()
-            .find(|m| offers(*m))
-            .unwrap_or(AuthMethod::ClientSecretBasic)
-    }
-}
 
 /// The gateway's identity at one authorization server.
 #[derive(Clone)]
@@ -112,7 +64,7 @@ pub async fn register(
     endpoint: &str,
     redirect_uri: &str,
     supported_methods: Option<&[String]>,
-) -> Result<ClientAuth, VaultError> {
+) -> Result<ClientAuth, OAuthError> {
     let url = parse(endpoint, "registration_endpoint")?;
     // A confidential client when the server allows it; a public one when it only takes `none`.
     let wanted = match supported_methods {
@@ -130,7 +82,7 @@ pub async fn register(
     let fetched = egress.post_json(&url, json_accept(), &body).await?;
     if !fetched.status.is_success() {
         let err: OAuthErrorBody = serde_json::from_slice(&fetched.body).unwrap_or_default();
-        return Err(VaultError::Registration {
+        return Err(OAuthError::Registration {
             detail: format!(
                 "{} refused the registration (HTTP {}{})",
                 fetched.url,
@@ -161,7 +113,7 @@ pub async fn register(
         None => AuthMethod::None,
     };
     if method != AuthMethod::None && secret.is_none() {
-        return Err(VaultError::Registration {
+        return Err(OAuthError::Registration {
             detail: format!("{} registered a client for {} without a secret", fetched.url, method.as_str()),
         });
     }
@@ -202,15 +154,15 @@ fn json_accept() -> http::HeaderMap {
     h
 }
 
-fn parse(url: &str, what: &str) -> Result<Url, VaultError> {
-    Url::parse(url).map_err(|_| VaultError::Discovery { detail: format!("the {what} is not a URL") })
+fn parse(url: &str, what: &str) -> Result<Url, OAuthError> {
+    Url::parse(url).map_err(|_| OAuthError::Discovery { detail: format!("the {what} is not a URL") })
 }
 
 type TokenClient = BasicClient<EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointNotSet, EndpointSet>;
 
-fn token_client(auth: &ClientAuth, token_endpoint: &str) -> Result<TokenClient, VaultError> {
+fn token_client(auth: &ClientAuth, token_endpoint: &str) -> Result<TokenClient, OAuthError> {
     let token_url = TokenUrl::new(token_endpoint.to_owned())
-        .map_err(|_| VaultError::Discovery { detail: "the token_endpoint is not a URL".to_owned() })?;
+        .map_err(|_| OAuthError::Discovery { detail: "the token_endpoint is not a URL".to_owned() })?;
     let mut client = BasicClient::new(ClientId::new(auth.client_id.clone())).set_token_uri(token_url);
     if let Some(secret) = auth.secret.as_ref().filter(|_| auth.method != AuthMethod::None) {
         client = client.set_client_secret(ClientSecret::new(secret.expose_secret().to_owned()));
@@ -256,7 +208,7 @@ fn tokens(resp: BasicTokenResponse) -> Tokens {
     }
 }
 
-fn token_error(e: RequestTokenError<EgressError, oauth2::basic::BasicErrorResponse>) -> VaultError {
+fn token_error(e: RequestTokenError<EgressError, oauth2::basic::BasicErrorResponse>) -> OAuthError {
     match e {
         RequestTokenError::ServerResponse(r) => {
             let code = match r.error() {
@@ -267,13 +219,13 @@ fn token_error(e: RequestTokenError<EgressError, oauth2::basic::BasicErrorRespon
                 Some(d) => format!("{code}: {}", d.chars().take(200).collect::<String>()),
                 None => code.clone(),
             };
-            VaultError::Token { error: Some(code), detail }
+            OAuthError::Token { error: Some(code), detail }
         }
-        RequestTokenError::Request(e) => VaultError::Egress(e),
+        RequestTokenError::Request(e) => OAuthError::Egress(e),
         RequestTokenError::Parse(e, _) => {
-            VaultError::Token { error: None, detail: format!("the token response is not valid: {}", e.path()) }
+            OAuthError::Token { error: None, detail: format!("the token response is not valid: {}", e.path()) }
         }
-        RequestTokenError::Other(s) => VaultError::Token { error: None, detail: s },
+        RequestTokenError::Other(s) => OAuthError::Token { error: None, detail: s },
     }
 }
 
@@ -286,9 +238,9 @@ pub async fn exchange_code(
     verifier: &str,
     redirect_uri: &str,
     resource: Option<&str>,
-) -> Result<Tokens, VaultError> {
+) -> Result<Tokens, OAuthError> {
     let redirect = RedirectUrl::new(redirect_uri.to_owned())
-        .map_err(|_| VaultError::Flow { detail: "the redirect URI is not a URL".to_owned() })?;
+        .map_err(|_| OAuthError::Flow { detail: "the redirect URI is not a URL".to_owned() })?;
     let client = token_client(auth, token_endpoint)?.set_redirect_uri(redirect);
     let http = Guarded(egress);
     let mut req = client
@@ -309,7 +261,7 @@ pub async fn refresh(
     refresh_token: &SecretString,
     scopes: Option<&[String]>,
     resource: Option<&str>,
-) -> Result<Tokens, VaultError> {
+) -> Result<Tokens, OAuthError> {
     let client = token_client(auth, token_endpoint)?;
     let http = Guarded(egress);
     let token = RefreshToken::new(refresh_token.expose_secret().to_owned());
@@ -330,7 +282,7 @@ pub async fn client_credentials(
     token_endpoint: &str,
     scopes: &[String],
     resource: Option<&str>,
-) -> Result<Tokens, VaultError> {
+) -> Result<Tokens, OAuthError> {
     let client = token_client(auth, token_endpoint)?;
     let http = Guarded(egress);
     let mut req = client.exchange_client_credentials().add_scopes(scopes.iter().map(|s| oauth2::Scope::new(s.clone())));
@@ -347,7 +299,7 @@ fn authenticate<'a>(
     auth: &'a ClientAuth,
     headers: &mut http::HeaderMap,
     form: &mut Vec<(&'a str, &'a str)>,
-) -> Result<(), VaultError> {
+) -> Result<(), OAuthError> {
     let secret = auth.secret.as_ref().map(|s| s.expose_secret()).unwrap_or_default();
     match auth.method {
         AuthMethod::ClientSecretBasic => {
@@ -358,7 +310,7 @@ fn authenticate<'a>(
                 format!("{}:{}", enc(&auth.client_id), enc(secret)),
             );
             let mut value = http::HeaderValue::from_str(&format!("Basic {basic}"))
-                .map_err(|_| VaultError::Config { detail: "the client id cannot be sent in a header".to_owned() })?;
+                .map_err(|_| OAuthError::Config { detail: "the client id cannot be sent in a header".to_owned() })?;
             value.set_sensitive(true);
             headers.insert(http::header::AUTHORIZATION, value);
         }
@@ -397,7 +349,7 @@ pub async fn push_authorization(
     auth: &ClientAuth,
     endpoint: &str,
     params: &[(String, String)],
-) -> Result<Pushed, VaultError> {
+) -> Result<Pushed, OAuthError> {
     let url = parse(endpoint, "pushed_authorization_request_endpoint")?;
     let mut headers = json_accept();
     let mut form: Vec<(&str, &str)> = params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -413,16 +365,16 @@ pub async fn push_authorization(
 /// Reads a pushed authorization response: on success a bounded `request_uri` and a positive
 /// `expires_in` (RFC 9126 §2.2); on an error answer (§2.3) the OAuth `error` code, kept only
 /// for 400 and 401 (the statuses RFC 6749 §5.2 gives client and request errors).
-pub fn pushed(status: http::StatusCode, body: &[u8], url: &str) -> Result<Pushed, VaultError> {
+pub fn pushed(status: http::StatusCode, body: &[u8], url: &str) -> Result<Pushed, OAuthError> {
     if !status.is_success() {
         let err: OAuthErrorBody = serde_json::from_slice(body).unwrap_or_default();
         let oauth = matches!(status.as_u16(), 400 | 401);
-        return Err(VaultError::Pushed {
+        return Err(OAuthError::Pushed {
             error: err.error.clone().filter(|_| oauth).map(|e| e.chars().take(64).collect()),
             detail: format!("{url} answered HTTP {}{}", status.as_u16(), err.describe()),
         });
     }
-    let invalid = |why: &str| VaultError::Pushed { error: None, detail: format!("{url} answered {why}") };
+    let invalid = |why: &str| OAuthError::Pushed { error: None, detail: format!("{url} answered {why}") };
     #[derive(Deserialize)]
     struct Answer {
         request_uri: serde_json::Value,
@@ -457,7 +409,7 @@ pub async fn revoke(
     revocation_endpoint: &str,
     token: &SecretString,
     refresh: bool,
-) -> Result<(), VaultError> {
+) -> Result<(), OAuthError> {
     let url = parse(revocation_endpoint, "revocation_endpoint")?;
     let hint = if refresh { "refresh_token" } else { "access_token" };
     let mut headers = json_accept();
@@ -468,7 +420,7 @@ pub async fn revoke(
         return Ok(());
     }
     let err: OAuthErrorBody = serde_json::from_slice(&fetched.body).unwrap_or_default();
-    Err(VaultError::Token {
+    Err(OAuthError::Token {
         error: err.error.clone(),
         detail: format!("revocation refused (HTTP {}{})", fetched.status.as_u16(), err.describe()),
     })
@@ -502,7 +454,7 @@ mod tests {
 
     const PAR: &str = "https://as.example.com/par";
 
-    fn answer(status: u16, body: &str) -> Result<Pushed, VaultError> {
+    fn answer(status: u16, body: &str) -> Result<Pushed, OAuthError> {
         pushed(http::StatusCode::from_u16(status).expect("status"), body.as_bytes(), PAR)
     }
 
@@ -535,7 +487,7 @@ mod tests {
             "not json".to_owned(),
         ] {
             match answer(201, &bad) {
-                Err(VaultError::Pushed { error: None, detail }) => assert!(detail.starts_with(PAR), "{detail}"),
+                Err(OAuthError::Pushed { error: None, detail }) => assert!(detail.starts_with(PAR), "{detail}"),
                 other => panic!("{bad}: {other:?}"),
             }
         }
@@ -544,7 +496,7 @@ mod tests {
     #[test]
     fn a_refused_push_keeps_the_oauth_error_code_of_a_400_or_401_only() {
         let code = |status: u16, body: &str| match answer(status, body) {
-            Err(VaultError::Pushed { error, detail }) => {
+            Err(OAuthError::Pushed { error, detail }) => {
                 assert!(detail.contains(&format!("HTTP {status}")), "{detail}");
                 error
             }

@@ -8,7 +8,7 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use super::VaultError;
+use super::OAuthError;
 use super::challenge::BearerChallenge;
 use crate::net::{Egress, EgressError};
 
@@ -93,19 +93,19 @@ pub async fn discover(
     upstream: Option<&Url>,
     challenge: Option<&BearerChallenge>,
     pins: &Pins,
-) -> Result<Discovered, VaultError> {
+) -> Result<Discovered, OAuthError> {
     let Some(upstream) = upstream else {
-        let url = pins.metadata_url.as_ref().ok_or_else(|| VaultError::Discovery {
+        let url = pins.metadata_url.as_ref().ok_or_else(|| OAuthError::Discovery {
             detail: "a stdio upstream needs metadata_url in its auth".to_owned(),
         })?;
-        let server = fetch_server_metadata(egress, url, None).await?.ok_or_else(|| VaultError::Discovery {
+        let server = fetch_server_metadata(egress, url, None).await?.ok_or_else(|| OAuthError::Discovery {
             detail: format!("no authorization server metadata at {}", crate::net::shown(url)),
         })?;
         return checked(Discovered { resource: None, resource_scopes: None, server }, egress);
     };
     let prm = resource_metadata(egress, upstream, challenge).await?;
     if let Some(url) = &pins.metadata_url {
-        let server = fetch_server_metadata(egress, url, None).await?.ok_or_else(|| VaultError::Discovery {
+        let server = fetch_server_metadata(egress, url, None).await?.ok_or_else(|| OAuthError::Discovery {
             detail: format!("no authorization server metadata at {}", crate::net::shown(url)),
         })?;
         let (resource, resource_scopes) = match prm {
@@ -115,7 +115,7 @@ pub async fn discover(
         return checked(Discovered { resource, resource_scopes, server }, egress);
     }
     let Some(prm) = prm else { return legacy(egress, upstream).await };
-    let issuer = prm.authorization_servers.first().cloned().ok_or_else(|| VaultError::Discovery {
+    let issuer = prm.authorization_servers.first().cloned().ok_or_else(|| OAuthError::Discovery {
         detail: "the protected resource metadata names no authorization server".to_owned(),
     })?;
     let server = server_metadata(egress, &issuer).await?;
@@ -128,10 +128,10 @@ async fn resource_metadata(
     egress: &Egress,
     upstream: &Url,
     challenge: Option<&BearerChallenge>,
-) -> Result<Option<ResourceMetadata>, VaultError> {
+) -> Result<Option<ResourceMetadata>, OAuthError> {
     let mut candidates = Vec::new();
     if let Some(url) = challenge.and_then(|c| c.resource_metadata.as_deref()) {
-        let url = Url::parse(url).map_err(|_| VaultError::Discovery {
+        let url = Url::parse(url).map_err(|_| OAuthError::Discovery {
             detail: "the upstream's challenge names a resource_metadata that is not a URL".to_owned(),
         })?;
         candidates.push(url);
@@ -149,7 +149,7 @@ async fn resource_metadata(
         let prm: ResourceMetadata = fetched.json()?;
         // R78 (RFC 9728 §3.3, §7.3): the metadata must describe this upstream.
         if !resource_matches(&prm.resource, upstream) {
-            return Err(VaultError::Discovery {
+            return Err(OAuthError::Discovery {
                 detail: format!(
                     "the protected resource metadata at {} is for {:?}, not for this upstream ({})",
                     fetched.url,
@@ -186,18 +186,18 @@ fn well_known(base: &Url, name: &str, path: &str) -> Url {
 
 fn protocol_header() -> HeaderMap {
     let mut h = HeaderMap::new();
-    h.insert("mcp-protocol-version", HeaderValue::from_static(crate::mcp::version::LATEST_STATEFUL));
+    h.insert("mcp-protocol-version", HeaderValue::from_static(crate::protocol::version::LATEST_STATEFUL));
     h
 }
 
 /// The metadata of `issuer` (the exact string from PRM), trying in order, for an issuer with a
 /// path: OAuth path-inserted, OpenID path-inserted, OpenID path-appended; without a path:
 /// OAuth, then OpenID (R80). The document's `issuer` must equal `issuer` exactly (R81).
-pub async fn server_metadata(egress: &Egress, issuer: &str) -> Result<ServerMetadata, VaultError> {
+pub async fn server_metadata(egress: &Egress, issuer: &str) -> Result<ServerMetadata, OAuthError> {
     let base = Url::parse(issuer)
-        .map_err(|_| VaultError::Discovery { detail: format!("the issuer {issuer:?} is not a URL") })?;
+        .map_err(|_| OAuthError::Discovery { detail: format!("the issuer {issuer:?} is not a URL") })?;
     if base.query().is_some() || base.fragment().is_some() {
-        return Err(VaultError::Discovery { detail: format!("the issuer {issuer:?} has a query or fragment") });
+        return Err(OAuthError::Discovery { detail: format!("the issuer {issuer:?} has a query or fragment") });
     }
     let path = base.path().trim_end_matches('/').to_owned();
     let candidates = if path.is_empty() {
@@ -216,7 +216,7 @@ pub async fn server_metadata(egress: &Egress, issuer: &str) -> Result<ServerMeta
             return Ok(doc);
         }
     }
-    Err(VaultError::Discovery { detail: format!("no authorization server metadata found for issuer {issuer}") })
+    Err(OAuthError::Discovery { detail: format!("no authorization server metadata found for issuer {issuer}") })
 }
 
 /// One metadata document, `None` on a 4xx/5xx. With `issuer`, the document must name it.
@@ -224,7 +224,7 @@ async fn fetch_server_metadata(
     egress: &Egress,
     url: &Url,
     issuer: Option<&str>,
-) -> Result<Option<ServerMetadata>, VaultError> {
+) -> Result<Option<ServerMetadata>, OAuthError> {
     let fetched = egress.get(url, protocol_header()).await?;
     if fetched.status != StatusCode::OK {
         return Ok(None);
@@ -233,7 +233,7 @@ async fn fetch_server_metadata(
     if let Some(issuer) = issuer
         && doc.issuer != issuer
     {
-        return Err(VaultError::Discovery {
+        return Err(OAuthError::Discovery {
             detail: format!(
                 "the authorization server metadata at {} names issuer {:?}, expected {issuer:?}",
                 fetched.url, doc.issuer
@@ -245,7 +245,7 @@ async fn fetch_server_metadata(
 
 /// 2025-03-26 model (R103): no PRM; metadata at the upstream's origin, else the default
 /// endpoints `/authorize`, `/token` and `/register` there.
-async fn legacy(egress: &Egress, upstream: &Url) -> Result<Discovered, VaultError> {
+async fn legacy(egress: &Egress, upstream: &Url) -> Result<Discovered, OAuthError> {
     let origin = upstream.origin().ascii_serialization();
     let url = well_known(upstream, "oauth-authorization-server", "");
     let server = match fetch_server_metadata(egress, &url, None).await? {
@@ -272,10 +272,10 @@ async fn legacy(egress: &Egress, upstream: &Url) -> Result<Discovered, VaultErro
 /// Checks a discovered server before anything is sent to it: PKCE S256 (R82) and every
 /// endpoint under the egress policy (R101, R102: a `javascript:` or private authorization URL
 /// is refused before a browser is ever sent there).
-fn checked(d: Discovered, egress: &Egress) -> Result<Discovered, VaultError> {
+fn checked(d: Discovered, egress: &Egress) -> Result<Discovered, OAuthError> {
     let s256 = d.server.code_challenge_methods_supported.as_ref().is_some_and(|m| m.iter().any(|m| m == "S256"));
     if !s256 {
-        return Err(VaultError::Discovery {
+        return Err(OAuthError::Discovery {
             detail: format!(
                 "the authorization server {} does not advertise PKCE S256 (code_challenge_methods_supported)",
                 d.server.issuer
@@ -283,7 +283,7 @@ fn checked(d: Discovered, egress: &Egress) -> Result<Discovered, VaultError> {
         });
     }
     if d.server.require_pushed_authorization_requests && d.server.pushed_authorization_request_endpoint.is_none() {
-        return Err(VaultError::Discovery {
+        return Err(OAuthError::Discovery {
             detail: format!(
                 "the authorization server {} requires pushed authorization requests but names no \
                  pushed_authorization_request_endpoint",
@@ -301,17 +301,17 @@ fn checked(d: Discovered, egress: &Egress) -> Result<Discovered, VaultError> {
     for (name, url) in endpoints {
         let Some(url) = url else { continue };
         let parsed = Url::parse(url)
-            .map_err(|_| VaultError::Discovery { detail: format!("the authorization server's {name} is not a URL") })?;
+            .map_err(|_| OAuthError::Discovery { detail: format!("the authorization server's {name} is not a URL") })?;
         egress.policy().check_url(&parsed).map_err(|e| match e {
-            EgressError::Url { url, reason } => VaultError::Discovery {
+            EgressError::Url { url, reason } => OAuthError::Discovery {
                 detail: format!("the authorization server's {name} {url} is refused: {reason}"),
             },
-            other => VaultError::Egress(other),
+            other => OAuthError::Egress(other),
         })?;
         if let Some(host) = parsed.host()
             && let Some(class) = literal_refused(egress, &host)
         {
-            return Err(VaultError::Discovery {
+            return Err(OAuthError::Discovery {
                 detail: format!("the authorization server's {name} points at a {class} address"),
             });
         }

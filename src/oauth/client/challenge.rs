@@ -237,6 +237,110 @@ mod tests {
         }
     }
 
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::{BearerChallenge, Challenge, parse};
+
+        /// A token (RFC 9110 §5.6.2), as schemes and parameter names are written.
+        fn token() -> impl Strategy<Value = String> {
+            "[A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]{0,12}"
+        }
+
+        /// A challenge: a scheme with either parameters (values of any visible ASCII, spaces
+        /// and tabs included, quoted when rendered) or one token68 (RFC 9110 §11.2).
+        fn challenge() -> impl Strategy<Value = Challenge> {
+            let params = proptest::collection::vec((token(), "[ -~\t]{0,24}"), 0..5);
+            let token68 = "[A-Za-z0-9._~+/-]{1,40}={0,2}";
+            (token(), prop_oneof![params.prop_map(|p| (p, None)), token68.prop_map(|t| (Vec::new(), Some(t)))])
+                .prop_map(|(scheme, (params, token68))| Challenge {
+                    scheme: scheme.to_ascii_lowercase(),
+                    params: params.into_iter().map(|(n, v)| (n.to_ascii_lowercase(), v)).collect(),
+                    token68,
+                })
+        }
+
+        /// How a server might write `challenges` in one header: any case for names, quoted
+        /// values with `\` escapes, optional whitespace around `=` and after commas.
+        fn render(challenges: &[Challenge], upper: bool, ws: &str) -> String {
+            let case = |s: &str| if upper { s.to_ascii_uppercase() } else { s.to_owned() };
+            let mut out = Vec::new();
+            for c in challenges {
+                let mut text = case(&c.scheme);
+                if let Some(t) = &c.token68 {
+                    text.push(' ');
+                    text.push_str(t);
+                } else if !c.params.is_empty() {
+                    let params: Vec<String> = c
+                        .params
+                        .iter()
+                        .map(|(n, v)| {
+                            let quoted = v.replace('\\', "\\\\").replace('"', "\\\"");
+                            format!("{}{ws}={ws}\"{quoted}\"", case(n))
+                        })
+                        .collect();
+                    text.push(' ');
+                    text.push_str(&params.join(&format!(",{ws}")));
+                }
+                out.push(text);
+            }
+            out.join(&format!(",{ws}"))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn www_authenticate_parse_never_panics(text in any::<String>(), bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+                let _ = parse(&text);
+                let _ = parse(&String::from_utf8_lossy(&bytes));
+                if let Ok(v) = http::HeaderValue::from_bytes(&bytes) {
+                    let mut h = http::HeaderMap::new();
+                    h.append(http::header::WWW_AUTHENTICATE, v);
+                    let _ = BearerChallenge::from_headers(&h);
+                }
+            }
+
+            #[test]
+            fn www_authenticate_round_trips(
+                challenges in proptest::collection::vec(challenge(), 0..4),
+                upper in any::<bool>(),
+                ws in prop_oneof![Just(""), Just(" "), Just(" \t ")],
+            ) {
+                let text = render(&challenges, upper, ws);
+                prop_assert_eq!(parse(&text), challenges, "{}", text);
+            }
+
+            #[test]
+            fn a_bearer_challenge_is_read_back_from_headers(
+                error in "[a-z_]{1,20}",
+                scopes in proptest::collection::vec("[a-z:.]{1,10}", 1..4),
+                metadata in "https://[a-z]{1,10}\\.example/[ -~]{0,20}",
+                before in proptest::collection::vec(challenge(), 0..2),
+            ) {
+                let bearer = Challenge {
+                    scheme: "bearer".into(),
+                    params: vec![
+                        ("error".into(), error.clone()),
+                        ("scope".into(), scopes.join(" ")),
+                        ("resource_metadata".into(), metadata.clone()),
+                    ],
+                    token68: None,
+                };
+                let before: Vec<Challenge> = before.into_iter().filter(|c| c.scheme != "bearer").collect();
+                let mut h = http::HeaderMap::new();
+                if !before.is_empty() {
+                    h.append(http::header::WWW_AUTHENTICATE, render(&before, false, " ").parse().expect("visible ASCII"));
+                }
+                h.append(http::header::WWW_AUTHENTICATE, render(&[bearer], true, " ").parse().expect("visible ASCII"));
+                let b = BearerChallenge::from_headers(&h).expect("found");
+                prop_assert_eq!(b.scopes(), scopes);
+                prop_assert_eq!(b.error, Some(error));
+                prop_assert_eq!(b.resource_metadata, Some(metadata));
+            }
+        }
+    }
+
     #[test]
     fn the_bearer_challenge_is_found_among_several_headers() {
         let mut h = http::HeaderMap::new();
