@@ -471,6 +471,9 @@ async fn requests_and_streams_are_limited_per_principal_and_in_total() {
     assert_eq!(first.status(), 200);
     let second = stream(&alice, &sa).await.expect("sent");
     assert_eq!(second.status(), 429);
+    // A legacy SSE connection is a stream too.
+    let legacy = c.get(format!("{url}/sse")).bearer_auth(&alice).header("accept", "text/event-stream").send();
+    assert_eq!(legacy.await.expect("sent").status(), 429);
     assert_eq!(stream(&bob, &sb).await.expect("sent").status(), 200);
     drop(first);
     assert_eq!(soon_200(|| stream(&alice, &sa)).await, 200, "the closed stream's place is free");
