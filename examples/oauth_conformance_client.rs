@@ -99,6 +99,7 @@ async fn run() -> anyhow::Result<()> {
         public: false,
         request_timeout: Duration::from_secs(10),
         auth: UpstreamAuth::OAuth(Box::new(oauth)),
+        limits: Default::default(),
     };
     let upstream = Upstream::new(&config, reqwest::Client::new(), credentials);
     let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;

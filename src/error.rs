@@ -173,6 +173,7 @@ impl GatewayError {
                 | UpstreamError::Process { .. }
                 | UpstreamError::Credential { .. }
                 | UpstreamError::Authorization { link: None, .. }
+                | UpstreamError::TooLarge { .. }
                 | UpstreamError::Protocol { .. } => {
                     (if has_id { StatusCode::OK } else { StatusCode::BAD_GATEWAY }, code::UPSTREAM_ERROR)
                 }

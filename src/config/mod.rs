@@ -71,6 +71,43 @@ pub struct GatewayConfig {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Keep a client's own `X-Request-Id`.
     pub trust_request_id: bool,
+    /// The limits servers get unless they set their own.
+    pub limits: UpstreamLimits,
+    /// Bytes queued toward one legacy SSE client stream before relaying waits.
+    pub client_queue_bytes: usize,
+}
+
+/// Default `gateway.max_response_bytes`: 16 MiB.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+/// Default `gateway.upstream_queue`.
+pub const DEFAULT_UPSTREAM_QUEUE: usize = 64;
+/// Default `gateway.client_queue_bytes`: 4 MiB.
+pub const DEFAULT_CLIENT_QUEUE_BYTES: usize = 4 * 1024 * 1024;
+/// Default `gateway.sse_idle_timeout`, in seconds.
+pub const DEFAULT_SSE_IDLE_TIMEOUT_SECS: u64 = 15 * 60;
+
+/// What the gateway holds in memory for one upstream, at most (see docs/config.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamLimits {
+    /// Largest answer read from the upstream: a JSON body, one SSE event, one stdio line.
+    /// Larger ones are refused while they are read, with a JSON-RPC error naming the server.
+    pub max_response_bytes: usize,
+    /// Messages queued toward the upstream's pipe (writers wait for room) and per call or GET
+    /// stream from it (notifications past it are shed and counted).
+    pub queue_messages: usize,
+    /// A legacy SSE upstream connection with no traffic and no open stream for this long is
+    /// closed (its client's next message gets 404 and initializes again).
+    pub idle_timeout: Duration,
+}
+
+impl Default for UpstreamLimits {
+    fn default() -> Self {
+        UpstreamLimits {
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            queue_messages: DEFAULT_UPSTREAM_QUEUE,
+            idle_timeout: Duration::from_secs(DEFAULT_SSE_IDLE_TIMEOUT_SECS),
+        }
+    }
 }
 
 /// Validated `[store]`.
@@ -111,6 +148,8 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// Credentials the gateway attaches to the upstream.
     pub auth: UpstreamAuth,
+    /// Memory limits toward this upstream.
+    pub limits: UpstreamLimits,
 }
 
 /// How the gateway authenticates to an upstream. The client's own token is never forwarded.
@@ -389,6 +428,10 @@ impl Validator<'_> {
         if !(1..=1000).contains(&max_batch) {
             self.at(at, "gateway.max_batch", "must be between 1 and 1000");
         }
+        let limits = self.gateway_limits(at, raw.max_response_bytes, raw.upstream_queue, raw.sse_idle_timeout);
+        let client_queue_bytes = self
+            .bytes(at, "gateway.client_queue_bytes", raw.client_queue_bytes, 1024)
+            .unwrap_or(DEFAULT_CLIENT_QUEUE_BYTES);
         let lower =
             |v: Option<Vec<String>>| v.unwrap_or_default().into_iter().map(|s| s.to_ascii_lowercase()).collect();
         Some(GatewayConfig {
@@ -405,7 +448,39 @@ impl Validator<'_> {
             request_timeout,
             shutdown_grace,
             data_dir: PathBuf::from(raw.data_dir.unwrap_or_else(|| "portcullis-data".to_owned())),
+            limits,
+            client_queue_bytes,
         })
+    }
+
+    fn gateway_limits(
+        &mut self,
+        at: Option<usize>,
+        max_response_bytes: Option<u64>,
+        upstream_queue: Option<u64>,
+        sse_idle_timeout: Option<String>,
+    ) -> UpstreamLimits {
+        let max_response_bytes = self
+            .bytes(at, "gateway.max_response_bytes", max_response_bytes, 1024)
+            .unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
+        let queue_messages =
+            self.bytes(at, "gateway.upstream_queue", upstream_queue, 1).unwrap_or(DEFAULT_UPSTREAM_QUEUE);
+        let idle_timeout =
+            self.duration(at, "gateway.sse_idle_timeout", sse_idle_timeout, DEFAULT_SSE_IDLE_TIMEOUT_SECS);
+        if idle_timeout.is_zero() {
+            self.at(at, "gateway.sse_idle_timeout", "must be more than 0");
+        }
+        UpstreamLimits { max_response_bytes, queue_messages, idle_timeout }
+    }
+
+    /// A size or count of at least `min` (`None` when unset or refused).
+    fn bytes(&mut self, at: Option<usize>, key: &str, raw: Option<u64>, min: u64) -> Option<usize> {
+        let n = raw?;
+        if n < min {
+            self.at(at, key, format!("must be at least {min}"));
+            return None;
+        }
+        Some(usize::try_from(n).unwrap_or(usize::MAX))
     }
 }
 
@@ -541,6 +616,19 @@ impl Validator<'_> {
             Some(t) => self.duration(at, &format!("{what}: request_timeout"), Some(t), 300),
         };
         let stdio = matches!(transport, Some(ServerTransport::Stdio { .. }));
+        let mut limits = gateway.map(|g| g.limits).unwrap_or_default();
+        if let Some(n) = self.bytes(at, &format!("{what}: max_response_bytes"), raw.max_response_bytes, 1024) {
+            limits.max_response_bytes = n;
+        }
+        if let Some(t) = raw.idle_timeout {
+            if !matches!(transport, Some(ServerTransport::Sse { .. })) {
+                self.at(at, &what, "`idle_timeout` applies only to `transport = \"sse\"`");
+            }
+            limits.idle_timeout = self.duration(at, &format!("{what}: idle_timeout"), Some(t), 0);
+            if limits.idle_timeout.is_zero() {
+                self.at(at, &what, "`idle_timeout` must be more than 0");
+            }
+        }
         let auth = self.auth(raw.auth, stdio, at, &what);
         if public && matches!(auth, Some(UpstreamAuth::OAuth(_))) {
             // Anonymous callers have no identity to hold a connection (nor to be handed one).
@@ -549,7 +637,8 @@ impl Validator<'_> {
         if matches!(transport, Some(ServerTransport::Sse { .. })) && matches!(auth, Some(UpstreamAuth::OAuth(_))) {
             self.at(at, &what, "OAuth upstreams need the Streamable HTTP transport (not transport = \"sse\")");
         }
-        Some(ServerConfig { name, transport: transport?, public, request_timeout, auth: auth? }).filter(|_| valid_name)
+        Some(ServerConfig { name, transport: transport?, public, request_timeout, auth: auth?, limits })
+            .filter(|_| valid_name)
     }
 
     fn auth(&mut self, raw: Option<RawAuth>, stdio: bool, at: Option<usize>, what: &str) -> Option<UpstreamAuth> {

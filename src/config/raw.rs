@@ -42,6 +42,18 @@ pub struct RawGateway {
     /// Keep a client's own `X-Request-Id` (visible ASCII, at most 128 bytes) instead of making
     /// one. Default `false`.
     pub trust_request_id: Option<bool>,
+    /// Largest answer read from an upstream (a JSON body, one SSE event, one stdio line), in
+    /// bytes; servers may override it. Default 16777216 (16 MiB).
+    pub max_response_bytes: Option<u64>,
+    /// Messages queued toward one stdio process or legacy SSE upstream, and per call or GET
+    /// stream from it. Default 64.
+    pub upstream_queue: Option<u64>,
+    /// Bytes queued toward one legacy SSE client stream before relaying waits. Default
+    /// 4194304 (4 MiB).
+    pub client_queue_bytes: Option<u64>,
+    /// How long a legacy SSE upstream connection may sit unused before it is closed; servers
+    /// may override it. Default `"15m"`.
+    pub sse_idle_timeout: Option<String>,
 }
 
 /// `[store]`: where state lives.
@@ -93,6 +105,11 @@ pub struct RawServer {
     pub public: Option<bool>,
     /// Per-server override of `gateway.request_timeout`. Default unset.
     pub request_timeout: Option<String>,
+    /// Per-server override of `gateway.max_response_bytes`. Default unset.
+    pub max_response_bytes: Option<u64>,
+    /// With `transport = "sse"`: per-server override of `gateway.sse_idle_timeout`. Default
+    /// unset.
+    pub idle_timeout: Option<String>,
     /// Credentials the gateway attaches to this upstream. Default none.
     pub auth: Option<RawAuth>,
 }

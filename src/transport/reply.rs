@@ -12,6 +12,7 @@ use http::{HeaderValue, StatusCode, header};
 use serde_json::Value;
 
 use crate::protocol::jsonrpc::{code, error_response};
+use crate::upstream::limit::ByteStream;
 use crate::upstream::{MessageStream, Reply};
 
 /// How long a multiplexed answer may take and still go back as plain JSON.
@@ -38,8 +39,8 @@ pub async fn post_response(reply: Reply, request_id: Option<Value>, timeout: Dur
         }
         // In-flight answers are drained on shutdown, not cut: they are bounded by the timeout.
         Reply::Sse(sse) => match request_id {
-            Some(id) => relay_sse_within(sse.resp, id, timeout, server.to_owned()),
-            None => relay_sse(sse.resp, None),
+            Some(id) => relay_sse_within(sse.body, id, timeout, server.to_owned()),
+            None => relay_sse(sse.body, None),
         },
         Reply::Messages(stream) => {
             let Some(id) = request_id else {
@@ -70,7 +71,7 @@ pub async fn post_response(reply: Reply, request_id: Option<Value>, timeout: Dur
 /// Builds the response for a GET stream, which ends when `stop` completes.
 pub fn get_response(reply: Reply, stop: BoxFuture<'static, ()>) -> Response {
     match reply {
-        Reply::Sse(sse) => relay_sse(sse.resp, Some(stop)),
+        Reply::Sse(sse) => relay_sse(sse.body, Some(stop)),
         Reply::Messages(stream) => sse_of(stream, Some(stop), true),
         Reply::Status(s) => s.into_response(),
         Reply::Accepted | Reply::Json(_) | Reply::JsonBody(_) => StatusCode::METHOD_NOT_ALLOWED.into_response(),
@@ -84,10 +85,10 @@ fn json_bytes(body: Body) -> Response {
 }
 
 /// Relays an upstream SSE body byte for byte; a GET stream ends when `stop` completes.
-fn relay_sse(resp: reqwest::Response, stop: Option<BoxFuture<'static, ()>>) -> Response {
+fn relay_sse(body: ByteStream, stop: Option<BoxFuture<'static, ()>>) -> Response {
     let body = match stop {
-        Some(stop) => Body::from_stream(resp.bytes_stream().take_until(stop)),
-        None => Body::from_stream(resp.bytes_stream()),
+        Some(stop) => Body::from_stream(body.take_until(stop)),
+        None => Body::from_stream(body),
     };
     let mut out = Response::new(body);
     let h = out.headers_mut();
@@ -100,8 +101,7 @@ fn relay_sse(resp: reqwest::Response, stop: Option<BoxFuture<'static, ()>>) -> R
 /// does not complete within `timeout`, the stream ends with a JSON-RPC error naming the server.
 /// (An upstream that closes the stream on purpose, expecting the client to resume with GET,
 /// ends it normally.)
-fn relay_sse_within(resp: reqwest::Response, id: Value, timeout: Duration, server: String) -> Response {
-    let body = resp.bytes_stream();
+fn relay_sse_within(body: ByteStream, id: Value, timeout: Duration, server: String) -> Response {
     let deadline = Box::pin(tokio::time::sleep(timeout));
     let stream = futures::stream::unfold((Box::pin(body), deadline, false), move |(mut body, mut deadline, done)| {
         let (id, server) = (id.clone(), server.clone());
@@ -113,6 +113,7 @@ fn relay_sse_within(resp: reqwest::Response, id: Value, timeout: Duration, serve
                 chunk = body.next() => match chunk {
                     Some(Ok(bytes)) => return Some((Ok::<_, std::io::Error>(bytes), (body, deadline, false))),
                     None => return None,
+                    Some(Err(e @ crate::upstream::UpstreamError::TooLarge { .. })) => (code::UPSTREAM_ERROR, e.to_string()),
                     Some(Err(_)) => (code::UPSTREAM_ERROR, format!("upstream server '{server}' broke off its answer")),
                 },
                 _ = &mut deadline => (

@@ -39,6 +39,8 @@ pub struct HttpUpstream {
     url: Url,
     client: reqwest::Client,
     timeout: Duration,
+    /// Largest answer read (`max_response_bytes`).
+    max_bytes: usize,
     /// Whether the upstream keeps sessions: unknown, stateful or stateless (2026-07-28).
     mode: AtomicU8,
 }
@@ -64,6 +66,7 @@ impl HttpUpstream {
             url,
             client,
             timeout: config.request_timeout,
+            max_bytes: config.limits.max_response_bytes,
             mode,
         }
     }
@@ -143,7 +146,9 @@ impl HttpUpstream {
 
     async fn status_error(&self, resp: reqwest::Response) -> UpstreamError {
         let status = resp.status().as_u16();
-        let body = resp.text().await.unwrap_or_default();
+        // Only the start of the body is read: an error page can be as large as it likes.
+        let prefix = super::limit::read_prefix(resp, DETAIL_CHARS * 4).await;
+        let body = String::from_utf8_lossy(&prefix);
         let excerpt: String = body.chars().filter(|c| !c.is_control()).take(DETAIL_CHARS).collect();
         let detail = if excerpt.is_empty() { String::new() } else { format!(": {excerpt}") };
         UpstreamError::Status { server: self.name.to_string(), status, detail }
@@ -225,12 +230,13 @@ impl HttpUpstream {
         let is_sse = content_type(resp.headers()).starts_with("text/event-stream");
         let protocol = |detail: String| UpstreamError::Protocol { server: self.name.to_string(), detail };
         if !is_sse {
-            let bytes = resp.bytes().await.map_err(|e| self.unreachable(&e))?;
+            let bytes = super::limit::read_body(resp, &self.name, self.max_bytes).await?;
             return serde_json::from_slice(&bytes).map_err(|e| protocol(format!("invalid JSON: {e}")));
         }
-        let mut events = sse_stream::SseStream::from_bytes_stream(resp.bytes_stream());
+        let mut events = super::limit::events(super::limit::sse_body(resp, self.name.clone(), self.max_bytes));
         while let Some(event) = events.next().await {
-            let event = event.map_err(|e| protocol(format!("invalid SSE: {e}")))?;
+            let event = event
+                .map_err(|e| super::limit::body_error(e).unwrap_or_else(|e| protocol(format!("invalid SSE: {e}"))))?;
             let Some(data) = event.data else { continue };
             let Ok(msg) = serde_json::from_str::<Value>(&data) else {
                 continue;
@@ -253,9 +259,10 @@ impl HttpUpstream {
             .header(header::CONTENT_TYPE, "application/json")
             .body(message.raw);
         // The deadline covers the headers and a JSON body; an SSE body is timed by the relay.
+        let id = message.id.clone();
         let exchange = async {
             let resp = self.execute(req, &session.subject).await?;
-            self.relay(resp, session).await
+            self.relay(resp, session, id).await
         };
         if message.kind != Kind::Request {
             return exchange.await;
@@ -264,7 +271,13 @@ impl HttpUpstream {
         tokio::time::timeout(self.timeout, exchange).await.map_err(|_| timeout)?
     }
 
-    async fn relay(&self, resp: reqwest::Response, session: &SessionState) -> Result<Reply, UpstreamError> {
+    /// The answer to the request with `id` (`None`: a notification, or a GET stream).
+    async fn relay(
+        &self,
+        resp: reqwest::Response,
+        session: &SessionState,
+        id: Option<Value>,
+    ) -> Result<Reply, UpstreamError> {
         match resp.status() {
             StatusCode::ACCEPTED => Ok(Reply::Accepted),
             s if s.is_success() => {
@@ -279,12 +292,20 @@ impl HttpUpstream {
                             protocol: session.upstream_protocol.clone(),
                         })
                     });
-                    return Ok(Reply::Sse(SseReply { resp, resume }));
+                    let body = super::limit::sse_body(resp, self.name.clone(), self.max_bytes);
+                    let (server, limit) = (self.name.clone(), self.max_bytes);
+                    return Ok(Reply::Sse(SseReply { body, resume, id, server, limit }));
                 }
-                if resp.content_length().is_none_or(|n| n > BUFFERED_JSON_BYTES) {
+                // A body of known length within the limit is relayed as it arrives when large;
+                // one of unknown length is read (up to the limit) so that an oversized one can
+                // still be refused with a clear error.
+                if resp.content_length().is_some_and(|n| n > self.max_bytes as u64) {
+                    return Err(super::limit::too_large(&self.name, self.max_bytes));
+                }
+                if resp.content_length().is_some_and(|n| n > BUFFERED_JSON_BYTES) {
                     return Ok(Reply::JsonBody(resp));
                 }
-                let bytes = resp.bytes().await.map_err(|e| self.unreachable(&e))?;
+                let bytes = super::limit::read_body(resp, &self.name, self.max_bytes).await?;
                 if bytes.is_empty() { Ok(Reply::Accepted) } else { Ok(Reply::Json(bytes)) }
             }
             StatusCode::NOT_FOUND if session.upstream_session.is_some() => Err(UpstreamError::SessionExpired),
@@ -308,7 +329,7 @@ impl HttpUpstream {
             req = req.header("last-event-id", id);
         }
         let resp = self.execute(req, &session.subject).await?;
-        self.relay(resp, session).await
+        self.relay(resp, session, None).await
     }
 
     /// DELETE: ends the upstream session.
@@ -400,6 +421,7 @@ impl HttpUpstream {
             // Notifications of the session lifecycle have no meaning without a session.
             return Ok(Reply::Accepted);
         }
+        let message_id = message.id.clone();
         let mut value = message
             .value()
             .map_err(|e| UpstreamError::Protocol { server: self.name.to_string(), detail: e.to_string() })?;
@@ -428,7 +450,7 @@ impl HttpUpstream {
             req = req.header(NAME_HEADER, h);
         }
         let resp = self.execute(req.json(&value), &session.subject).await?;
-        let reply = self.relay(resp, session).await?;
+        let reply = self.relay(resp, session, message_id).await?;
         if session.client_protocol == version::STATELESS {
             return Ok(reply);
         }
@@ -471,10 +493,16 @@ fn content_type(headers: &http::HeaderMap) -> &str {
 
 /// An SSE answer from an HTTP upstream, with what is needed to resume it.
 pub struct SseReply {
-    /// The upstream's response; its body is the stream.
-    pub resp: reqwest::Response,
+    /// The upstream's body, each event within `max_response_bytes`.
+    pub body: super::limit::ByteStream,
     /// How to resume the stream after the upstream closes it early (session upstreams only).
     pub resume: Option<Box<Resume>>,
+    /// The id of the request answered (`None` for a GET stream), for an error in its place.
+    pub id: Option<Value>,
+    /// The server's name.
+    pub server: Arc<str>,
+    /// Its `max_response_bytes`, for resumed streams.
+    pub limit: usize,
 }
 
 /// Enough of an upstream session to GET its stream again with `Last-Event-ID`.
@@ -491,11 +519,12 @@ const MAX_RESUMES: u32 = 10;
 /// Longest `retry` delay honoured before resuming.
 const MAX_RETRY: Duration = Duration::from_secs(5);
 
-type Events = std::pin::Pin<Box<dyn futures::Stream<Item = Result<sse_stream::Sse, sse_stream::Error>> + Send>>;
-
 struct Resuming {
-    events: Events,
+    events: super::limit::Events,
     resume: Option<Box<Resume>>,
+    id: Option<Value>,
+    server: Arc<str>,
+    limit: usize,
     last_id: Option<String>,
     retry: Duration,
     answered: bool,
@@ -506,10 +535,12 @@ struct Resuming {
 /// relaying bytes to a client that can resume on its own) and the upstream closes the stream
 /// before the response, the gateway resumes it with GET and `Last-Event-ID`.
 pub fn resuming_messages(sse: SseReply) -> super::MessageStream {
-    let events: Events = Box::pin(sse_stream::SseStream::from_bytes_stream(sse.resp.bytes_stream()));
     let state = Resuming {
-        events,
+        events: super::limit::events(sse.body),
         resume: sse.resume,
+        id: sse.id,
+        server: sse.server,
+        limit: sse.limit,
         last_id: None,
         retry: Duration::from_millis(500),
         answered: false,
@@ -533,7 +564,15 @@ pub fn resuming_messages(sse: SseReply) -> super::MessageStream {
                     st.answered |= msg.get("result").is_some() || msg.get("error").is_some();
                     return Some((msg, st));
                 }
-                Some(Err(_)) | None => {
+                broken @ (Some(Err(_)) | None) => {
+                    if let Some(Err(e)) = broken
+                        && let Ok(e @ UpstreamError::TooLarge { .. }) = super::limit::body_error(e)
+                    {
+                        // Resuming would replay the same event: the request fails here.
+                        st.answered = true;
+                        let id = st.id.clone()?;
+                        return Some((error_response(Some(&id), code::UPSTREAM_ERROR, &e.to_string()), st));
+                    }
                     if st.resumes >= MAX_RESUMES {
                         return None;
                     }
@@ -553,7 +592,7 @@ pub fn resuming_messages(sse: SseReply) -> super::MessageStream {
                         .await
                         .ok()
                         .filter(|r| r.status().is_success())?;
-                    st.events = Box::pin(sse_stream::SseStream::from_bytes_stream(resp.bytes_stream()));
+                    st.events = super::limit::events(super::limit::sse_body(resp, st.server.clone(), st.limit));
                 }
             }
         }

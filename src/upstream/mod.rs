@@ -3,6 +3,7 @@
 
 pub mod credentials;
 pub mod http;
+pub mod limit;
 pub mod mux;
 pub mod sse;
 pub mod stdio;
@@ -119,6 +120,15 @@ pub enum UpstreamError {
         reason: String,
         /// The single-use connect link for this caller, if one was made.
         link: Option<secrecy::SecretString>,
+    },
+    /// The upstream sent a message (a JSON body, an SSE event, a stdio line) larger than
+    /// `max_response_bytes`; it was refused while it was read.
+    #[error("upstream server '{server}' sent a message larger than {limit} bytes (max_response_bytes)")]
+    TooLarge {
+        /// Server name.
+        server: String,
+        /// The limit.
+        limit: usize,
     },
     /// The upstream broke the protocol.
     #[error("upstream server '{server}' broke the protocol: {detail}")]

@@ -1,0 +1,265 @@
+//! The size limit on what an upstream sends (`max_response_bytes`): a JSON body, one SSE event
+//! or one stdio line larger than the limit is refused while it is read, so the excess is never
+//! buffered; the caller gets a JSON-RPC error naming the server.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+
+use super::UpstreamError;
+
+/// An upstream body as it arrives, cut off with [`UpstreamError::TooLarge`] once an event (SSE)
+/// or the whole body grows past the limit.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>;
+
+/// The refusal of an answer over `limit` bytes, counted per server.
+pub fn too_large(server: &str, limit: usize) -> UpstreamError {
+    metrics::counter!("portcullis_upstream_too_large_total", "server" => server.to_owned()).increment(1);
+    tracing::warn!(server, limit, "an upstream answer exceeded max_response_bytes and was refused");
+    UpstreamError::TooLarge { server: server.to_owned(), limit }
+}
+
+fn read_error(server: &str, e: &reqwest::Error) -> UpstreamError {
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    UpstreamError::Unreachable { server: server.to_owned(), cause: cause.to_string() }
+}
+
+/// Reads a whole (non-SSE) body of at most `limit` bytes: one whose `Content-Length` is larger
+/// is refused before any of it is read, one of unknown length as soon as it grows past it.
+pub async fn read_body(resp: reqwest::Response, server: &str, limit: usize) -> Result<Bytes, UpstreamError> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(too_large(server, limit));
+    }
+    let capacity = resp.content_length().map_or(0, |n| usize::try_from(n).unwrap_or(0));
+    let mut buf = BytesMut::with_capacity(capacity);
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| read_error(server, &e))?;
+        if buf.len() + chunk.len() > limit {
+            return Err(too_large(server, limit));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+/// Reads at most `max` bytes of a body (for error excerpts); the rest is never read.
+pub async fn read_prefix(resp: reqwest::Response, max: usize) -> Bytes {
+    let mut buf = BytesMut::new();
+    let mut body = resp.bytes_stream();
+    while let Some(Ok(chunk)) = body.next().await {
+        let room = max.saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if buf.len() >= max {
+            break;
+        }
+    }
+    buf.freeze()
+}
+
+/// An SSE body whose events may each be at most `limit` bytes long (line ends excluded).
+pub fn sse_body(resp: reqwest::Response, server: Arc<str>, limit: usize) -> ByteStream {
+    Box::pin(EventLimit {
+        inner: resp.bytes_stream().boxed(),
+        server,
+        limit,
+        event_bytes: 0,
+        line_start: true,
+        prev_cr: false,
+        failed: false,
+    })
+}
+
+/// Parsed SSE events of a limited body.
+pub type Events = Pin<Box<dyn Stream<Item = Result<sse_stream::Sse, sse_stream::Error>> + Send>>;
+
+/// The events of `body`.
+pub fn events(body: ByteStream) -> Events {
+    Box::pin(sse_stream::SseStream::from_bytes_stream(body))
+}
+
+/// The upstream error inside an SSE parser error (the limit's refusal, a broken connection),
+/// or the parser's own error.
+pub fn body_error(e: sse_stream::Error) -> Result<UpstreamError, sse_stream::Error> {
+    match e {
+        sse_stream::Error::Body(inner) => match inner.downcast::<UpstreamError>() {
+            Ok(e) => Ok(*e),
+            Err(inner) => Err(sse_stream::Error::Body(inner)),
+        },
+        e => Err(e),
+    }
+}
+
+type Reqwest = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// Counts the bytes of the current SSE event (an event ends at an empty line: `\n`, `\r\n`
+/// or `\r` twice) and fails once one grows past the limit.
+struct EventLimit {
+    inner: Reqwest,
+    server: Arc<str>,
+    limit: usize,
+    event_bytes: usize,
+    line_start: bool,
+    prev_cr: bool,
+    failed: bool,
+}
+
+impl EventLimit {
+    /// Counts `chunk`; `false` when the current event has grown past the limit.
+    fn within(&mut self, chunk: &[u8]) -> bool {
+        for &b in chunk {
+            match b {
+                b'\n' if self.prev_cr => {}
+                b'\n' | b'\r' => {
+                    if self.line_start {
+                        self.event_bytes = 0;
+                    }
+                    self.line_start = true;
+                }
+                _ => {
+                    self.line_start = false;
+                    self.event_bytes += 1;
+                }
+            }
+            self.prev_cr = b == b'\r';
+        }
+        self.event_bytes <= self.limit
+    }
+}
+
+impl Stream for EventLimit {
+    type Item = Result<Bytes, UpstreamError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.failed {
+            return Poll::Ready(None);
+        }
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                if self.within(&chunk) {
+                    Poll::Ready(Some(Ok(chunk)))
+                } else {
+                    self.failed = true;
+                    Poll::Ready(Some(Err(too_large(&self.server, self.limit))))
+                }
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(read_error(&self.server, &e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Reads newline-delimited messages of at most `limit` bytes each from `reader`. A longer line
+/// is skipped up to its newline without being kept, and reported as [`Line::TooLong`].
+pub struct Lines<R> {
+    reader: R,
+    limit: usize,
+    line: Vec<u8>,
+    skipping: bool,
+}
+
+/// One line read by [`Lines`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    /// A complete line (without its line end).
+    Text(Vec<u8>),
+    /// A line longer than the limit was skipped.
+    TooLong,
+}
+
+impl<R: tokio::io::AsyncBufRead + Unpin> Lines<R> {
+    /// Lines of at most `limit` bytes from `reader`.
+    pub fn new(reader: R, limit: usize) -> Lines<R> {
+        Lines { reader, limit, line: Vec::new(), skipping: false }
+    }
+
+    /// The next line; `None` at the end of the input (or on a read error).
+    pub async fn next_line(&mut self) -> Option<Line> {
+        use tokio::io::AsyncBufReadExt;
+        loop {
+            let buf = match self.reader.fill_buf().await {
+                Ok([]) | Err(_) => {
+                    // A last line without a newline still counts.
+                    if self.skipping {
+                        self.skipping = false;
+                        return Some(Line::TooLong);
+                    }
+                    return (!self.line.is_empty()).then(|| Line::Text(std::mem::take(&mut self.line)));
+                }
+                Ok(buf) => buf,
+            };
+            let (taken, end) = match buf.iter().position(|b| *b == b'\n') {
+                Some(i) => (i, true),
+                None => (buf.len(), false),
+            };
+            if !self.skipping {
+                if self.line.len() + taken > self.limit {
+                    self.skipping = true;
+                    self.line = Vec::new();
+                } else {
+                    self.line.extend_from_slice(&buf[..taken]);
+                }
+            }
+            self.reader.consume(if end { taken + 1 } else { taken });
+            if end {
+                if std::mem::take(&mut self.skipping) {
+                    return Some(Line::TooLong);
+                }
+                return Some(Line::Text(std::mem::take(&mut self.line)));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(n: usize) -> EventLimit {
+        EventLimit {
+            inner: futures::stream::empty().boxed(),
+            server: Arc::from("s"),
+            limit: n,
+            event_bytes: 0,
+            line_start: true,
+            prev_cr: false,
+            failed: false,
+        }
+    }
+
+    #[test]
+    fn events_are_counted_from_one_blank_line_to_the_next_whatever_the_line_ends() {
+        for sep in ["\n", "\r\n", "\r"] {
+            let mut l = limit(12);
+            let event = format!("data: 123456{sep}{sep}");
+            for _ in 0..100 {
+                assert!(l.within(event.as_bytes()), "{sep:?}: each event is within the limit");
+            }
+            let long = format!("data: 1234{sep}data: 5678{sep}{sep}");
+            assert!(!l.within(long.as_bytes()), "{sep:?}: two lines of one event add up");
+        }
+        // Split anywhere, even between \r and \n.
+        let mut l = limit(7);
+        for piece in ["data", ": 1\r", "\n\r", "\ndata: 2\r\n", "\r\n"] {
+            assert!(l.within(piece.as_bytes()));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_over_long_line_is_skipped_and_reported_and_reading_goes_on() {
+        let input = format!("short\n{}\nafter\n{}", "x".repeat(100), "y".repeat(50));
+        let mut lines = Lines::new(tokio::io::BufReader::with_capacity(8, input.as_bytes()), 10);
+        assert_eq!(lines.next_line().await, Some(Line::Text(b"short".to_vec())));
+        assert_eq!(lines.next_line().await, Some(Line::TooLong));
+        assert_eq!(lines.next_line().await, Some(Line::Text(b"after".to_vec())));
+        assert_eq!(lines.next_line().await, Some(Line::TooLong));
+        assert_eq!(lines.next_line().await, None);
+    }
+}
