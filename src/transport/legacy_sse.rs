@@ -39,7 +39,7 @@ pub struct Connections(DashMap<String, Arc<Connection>>);
 pub struct Connection {
     server: String,
     principal: Principal,
-    tx: mpsc::UnboundedSender<Value>,
+    tx: ClientTx,
     session: Mutex<Option<SessionState>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -91,9 +91,71 @@ pub async fn open(State(app): State<AppState>, Path(name): Path<String>, headers
     app.finish(ex, resp).await
 }
 
+/// Every queued message counts at least this many bytes, so the queue's length is bounded too.
+const MIN_CHARGE: usize = 1024;
+
+/// The sending side of one client's stream, bounded in bytes (`gateway.client_queue_bytes`):
+/// a sender waits for room, up to the server's `request_timeout`, so a client that does not
+/// read stalls only its own calls and the memory held for it stays bounded.
+#[derive(Clone)]
+struct ClientTx {
+    tx: mpsc::Sender<(String, tokio::sync::OwnedSemaphorePermit)>,
+    room: Arc<tokio::sync::Semaphore>,
+    capacity: usize,
+    wait: Duration,
+    server: Arc<str>,
+}
+
+/// The receiving side: each message's room is given back once it is on its way to the client.
+type ClientRx = mpsc::Receiver<(String, tokio::sync::OwnedSemaphorePermit)>;
+
+impl ClientTx {
+    fn new(capacity: usize, wait: Duration, server: &str) -> (ClientTx, ClientRx) {
+        let capacity = capacity.max(MIN_CHARGE);
+        let (tx, rx) = mpsc::channel(capacity / MIN_CHARGE);
+        let room = Arc::new(tokio::sync::Semaphore::new(capacity));
+        (ClientTx { tx, room, capacity, wait, server: Arc::from(server) }, rx)
+    }
+
+    fn charge(&self, text: &str) -> u32 {
+        u32::try_from(text.len().clamp(MIN_CHARGE, self.capacity)).unwrap_or(u32::MAX)
+    }
+
+    /// Queues `msg`, waiting for room; `Err` when the stream is gone or stayed full.
+    async fn send(&self, msg: Value) -> Result<(), ()> {
+        let text = msg.to_string();
+        let queued = async {
+            let permit = self.room.clone().acquire_many_owned(self.charge(&text)).await.map_err(drop)?;
+            self.tx.send((text, permit)).await.map_err(drop)
+        };
+        match tokio::time::timeout(self.wait, queued).await {
+            Ok(sent) => sent,
+            Err(_) => {
+                self.full();
+                Err(())
+            }
+        }
+    }
+
+    /// Queues `msg` if there is room now (an error after a call timed out); drops it otherwise.
+    fn try_send(&self, msg: Value) {
+        let text = msg.to_string();
+        let Ok(permit) = self.room.clone().try_acquire_many_owned(self.charge(&text)) else {
+            return self.full();
+        };
+        let _ = self.tx.try_send((text, permit));
+    }
+
+    fn full(&self) {
+        metrics::counter!("portcullis_client_queue_full_total", "server" => self.server.to_string()).increment(1);
+        tracing::warn!(server = %self.server, "a legacy SSE client is not reading its stream: a message was not queued");
+    }
+}
+
 fn stream(app: &AppState, name: &str, principal: Principal, end: BoxFuture<'static, ()>) -> Response {
     let id = new_session_key();
-    let (tx, rx) = mpsc::unbounded_channel();
+    let wait = app.server(name).map(|s| s.config.request_timeout).unwrap_or(app.config().gateway.request_timeout);
+    let (tx, rx) = ClientTx::new(app.config().gateway.client_queue_bytes, wait, name);
     let conn =
         Connection { server: name.to_owned(), principal, tx, session: Mutex::new(None), tasks: Mutex::default() };
     app.legacy().0.insert(id.clone(), Arc::new(conn));
@@ -104,9 +166,9 @@ fn stream(app: &AppState, name: &str, principal: Principal, end: BoxFuture<'stat
         let mut rx = rx;
         move |cx| rx.poll_recv(cx)
     })
-    .map(move |msg: Value| {
+    .map(move |(text, _room): (String, _)| {
         let _keep = &closer;
-        Event::default().event("message").data(msg.to_string())
+        Event::default().event("message").data(text)
     });
     let events = first.chain(messages).take_until(end).map(Ok::<_, Infallible>);
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
@@ -183,7 +245,7 @@ async fn handle(app: &AppState, server: &Arc<Server>, conn: &Arc<Connection>, me
         let state = match dispatch(call, message, &mut ex).await {
             Ok(Outcome::Opened { response, state, .. }) => {
                 app.finish(ex, StatusCode::OK.into_response()).await;
-                let _ = conn.tx.send(response);
+                let _ = conn.tx.send(response).await;
                 state
             }
             Ok(Outcome::Reply(_)) => return,
@@ -196,7 +258,7 @@ async fn handle(app: &AppState, server: &Arc<Server>, conn: &Arc<Connection>, me
             if let Ok(reply) = dispatch::listen(&server, &state, None).await {
                 let mut msgs = messages_of(reply);
                 while let Some(m) = msgs.next().await {
-                    if tx.send(m).is_err() {
+                    if tx.send(m).await.is_err() {
                         return;
                     }
                 }
@@ -222,8 +284,8 @@ async fn handle(app: &AppState, server: &Arc<Server>, conn: &Arc<Connection>, me
             let mut msgs = messages_of(reply);
             while let Some(m) = msgs.next().await {
                 let last = id.is_some() && m.get("id") == id.as_ref() && m.get("method").is_none();
-                let _ = conn.tx.send(m);
-                if last {
+                // Waits for room: a client that does not read stalls only its own calls.
+                if conn.tx.send(m).await.is_err() || last {
                     break;
                 }
             }
@@ -237,7 +299,8 @@ async fn handle(app: &AppState, server: &Arc<Server>, conn: &Arc<Connection>, me
                 let timeout =
                     crate::upstream::UpstreamError::Timeout { server: server.config.name.clone(), after: timeout };
                 let f = GatewayError::Upstream(timeout).with_id(id.clone());
-                fail(&app, &conn, f, ex).await;
+                // The time is up: the error goes only if there is room for it now.
+                fail_now(&app, &conn, f, ex).await;
             }
         }
     });
@@ -248,7 +311,17 @@ async fn fail(app: &AppState, conn: &Connection, f: Failure, mut ex: Exchange) {
     ex.note_failure(&f);
     if f.id.is_some() {
         let (_, rpc) = f.error.status_and_code(true);
-        let _ = conn.tx.send(error_response(f.id.as_ref(), rpc, &f.error.to_string()));
+        let _ = conn.tx.send(error_response(f.id.as_ref(), rpc, &f.error.to_string())).await;
+    }
+    app.finish(ex, f.into_response()).await;
+}
+
+/// Like [`fail`], without waiting for room on the stream.
+async fn fail_now(app: &AppState, conn: &Connection, f: Failure, mut ex: Exchange) {
+    ex.note_failure(&f);
+    if f.id.is_some() {
+        let (_, rpc) = f.error.status_and_code(true);
+        conn.tx.try_send(error_response(f.id.as_ref(), rpc, &f.error.to_string()));
     }
     app.finish(ex, f.into_response()).await;
 }

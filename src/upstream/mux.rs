@@ -7,19 +7,24 @@
 //! - requests (sampling, elicitation, roots) and log messages go to the most recent pending
 //!   request's stream, or else to a session's GET stream;
 //! - everything else (list changes, resource updates) goes to every GET stream.
+//!
+//! Every queue is bounded (`gateway.upstream_queue` messages). Toward the upstream, a writer
+//! waits for room, up to the server's `request_timeout`. From the upstream, the reader never
+//! waits for a slow client (that would stall every session on the pipe): a response has a slot
+//! of its own, and a notification or request that finds its client's queue full is shed,
+//! counted in `portcullis_upstream_shed_total` (a request is refused to the upstream).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{MessageStream, UpstreamError};
 use crate::protocol::jsonrpc::{Kind, Message, code, error_response};
-
-type Tx = mpsc::UnboundedSender<Value>;
 
 /// Client capabilities that decide where the upstream's own requests may go.
 pub mod features {
@@ -74,8 +79,19 @@ struct Pending {
     session: String,
     features: u8,
     client_id: Value,
-    tx: Tx,
+    /// Notifications and requests for the caller, before the response.
+    notes: mpsc::Sender<Value>,
+    /// The response (or an error in its place).
+    done: oneshot::Sender<Value>,
     progress: Option<String>,
+}
+
+struct Listener {
+    tx: mpsc::Sender<Value>,
+    features: u8,
+    /// Which registration this is, so that a stream dropped after its session listened again
+    /// does not remove the newer one.
+    serial: u64,
 }
 
 #[derive(Default)]
@@ -83,22 +99,36 @@ struct State {
     pending: HashMap<u64, Pending>,
     /// gateway progress token → (pending request id, client's token).
     progress: HashMap<String, (u64, Value)>,
-    listeners: HashMap<String, (Tx, u8)>,
+    listeners: HashMap<String, Listener>,
     closed: Option<String>,
 }
 
 /// The routing table of one pipe.
 pub struct Mux {
     server: Arc<str>,
-    out: mpsc::UnboundedSender<Bytes>,
+    out: mpsc::Sender<Bytes>,
     state: Arc<std::sync::Mutex<State>>,
     next_id: AtomicU64,
+    /// Messages queued per call or GET stream.
+    queue: usize,
+    /// Longest wait for room in the queue toward the upstream.
+    write_timeout: Duration,
 }
 
 impl Mux {
-    /// A mux writing outgoing messages (one JSON text each) to `out`.
-    pub fn new(server: Arc<str>, out: mpsc::UnboundedSender<Bytes>) -> Mux {
-        Mux { server, out, state: Arc::default(), next_id: AtomicU64::new(1) }
+    /// A mux whose queues hold `queue` messages; it writes outgoing messages (one JSON text
+    /// each) to the returned receiver, and a writer waits at most `write_timeout` for room.
+    pub fn new(server: Arc<str>, queue: usize, write_timeout: Duration) -> (Mux, mpsc::Receiver<Bytes>) {
+        let (out, rx) = mpsc::channel(queue.max(1));
+        let mux =
+            Mux { server, out, state: Arc::default(), next_id: AtomicU64::new(1), queue: queue.max(1), write_timeout };
+        (mux, rx)
+    }
+
+    /// Counts a message from the upstream that no client had room for.
+    fn shed(&self, method: &str) {
+        metrics::counter!("portcullis_upstream_shed_total", "server" => self.server.to_string()).increment(1);
+        tracing::debug!(server = %self.server, method, "a client's queue is full: an upstream message was shed");
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -117,7 +147,7 @@ impl Mux {
     /// Sends a request and returns the stream of messages for it, its response last.
     /// `features` are the session's client capabilities (see [`features`]), used to route the
     /// upstream's own requests to a client that can answer them.
-    pub fn request(&self, session: &str, features: u8, value: Value) -> Result<MessageStream, UpstreamError> {
+    pub async fn request(&self, session: &str, features: u8, value: Value) -> Result<MessageStream, UpstreamError> {
         let mut value = value;
         let gid = self.next_id.fetch_add(1, Ordering::Relaxed);
         let client_id = std::mem::replace(&mut value["id"], Value::from(gid));
@@ -125,7 +155,8 @@ impl Mux {
             let ours = format!("p{gid}");
             (std::mem::replace(t, Value::from(ours.clone())), ours)
         });
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (notes, notes_rx) = mpsc::channel(self.queue);
+        let (done, done_rx) = oneshot::channel();
         {
             let mut st = self.lock();
             if let Some(why) = &st.closed {
@@ -135,17 +166,27 @@ impl Mux {
                 st.progress.insert(ours.clone(), (gid, client_token));
                 ours
             });
-            st.pending.insert(gid, Pending { session: session.to_owned(), features, client_id, tx, progress });
+            let pending = Pending { session: session.to_owned(), features, client_id, notes, done, progress };
+            st.pending.insert(gid, pending);
         }
-        self.write(&value)?;
-        let cancel = CancelOnDrop { state: self.state.clone(), out: self.out.clone(), gid, answered: false };
-        Ok(Box::pin(Answer { rx, cancel }))
+        // Dropped while waiting for room (the caller gave up), the guard forgets the request.
+        let mut cancel = CancelOnDrop {
+            state: self.state.clone(),
+            out: self.out.clone(),
+            server: self.server.clone(),
+            gid,
+            answered: false,
+            written: false,
+        };
+        self.write(&value).await?;
+        cancel.written = true;
+        Ok(Box::pin(Answer { notes: notes_rx, done: done_rx, finished: false, cancel }))
     }
 
     /// Sends a request of the gateway's own and waits for its response.
     pub async fn call(&self, value: Value) -> Result<Value, UpstreamError> {
         use futures::StreamExt;
-        let mut stream = self.request("", 0, value)?;
+        let mut stream = self.request("", 0, value).await?;
         while let Some(msg) = stream.next().await {
             if msg.get("result").is_some() || msg.get("error").is_some() {
                 return Ok(msg);
@@ -155,7 +196,7 @@ impl Mux {
     }
 
     /// Forwards a client notification or response; cancellations are mapped to our ids.
-    pub fn forward(&self, session: &str, message: &Message) -> Result<(), UpstreamError> {
+    pub async fn forward(&self, session: &str, message: &Message) -> Result<(), UpstreamError> {
         if message.kind == Kind::Notification && message.method() == "notifications/cancelled" {
             let mut value = message.value().map_err(|e| self.closed_error(&e.to_string()))?;
             let client_id = value.pointer("/params/requestId").cloned();
@@ -168,29 +209,73 @@ impl Mux {
             };
             let Some(gid) = gid else { return Ok(()) };
             value["params"]["requestId"] = Value::from(gid);
-            return self.write(&value);
+            return self.write(&value).await;
         }
-        self.send_raw(message.raw.clone())
+        self.send_raw(message.raw.clone()).await
     }
 
-    fn write(&self, value: &Value) -> Result<(), UpstreamError> {
+    async fn write(&self, value: &Value) -> Result<(), UpstreamError> {
         let bytes = serde_json::to_vec(value).map_err(|e| self.closed_error(&e.to_string()))?;
-        self.send_raw(Bytes::from(bytes))
+        self.send_raw(Bytes::from(bytes)).await
     }
 
-    fn send_raw(&self, bytes: Bytes) -> Result<(), UpstreamError> {
-        self.out.send(bytes).map_err(|_| self.closed_error("is not running"))
+    /// Queues one message toward the upstream, waiting for room up to the write timeout.
+    async fn send_raw(&self, bytes: Bytes) -> Result<(), UpstreamError> {
+        match tokio::time::timeout(self.write_timeout, self.out.send(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(self.closed_error("is not running")),
+            Err(_) => {
+                metrics::counter!("portcullis_upstream_queue_full_total", "server" => self.server.to_string())
+                    .increment(1);
+                Err(self.closed_error(&format!(
+                    "is not reading its input: its queue stayed full for {}",
+                    super::human(self.write_timeout)
+                )))
+            }
+        }
     }
 
-    /// Registers a session's GET stream; it ends when the pipe closes.
+    /// Queues a message of the gateway's own (answers to pings, refusals, cancellations)
+    /// without waiting: when the queue is full it is dropped, and counted.
+    fn try_write(&self, value: &Value) {
+        try_send(&self.out, &self.server, value);
+    }
+
+    /// Registers a session's GET stream; it ends when the pipe closes, and dropping it
+    /// unregisters it.
     pub fn listen(&self, session: &str, features: u8) -> Result<MessageStream, UpstreamError> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(self.queue);
+        let serial = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut st = self.lock();
         if let Some(why) = &st.closed {
             return Err(self.closed_error(why));
         }
-        st.listeners.insert(session.to_owned(), (tx, features));
-        Ok(Box::pin(tokio_stream_from(rx)))
+        st.listeners.insert(session.to_owned(), Listener { tx, features, serial });
+        let guard = Unlisten { state: self.state.clone(), session: session.to_owned(), serial };
+        Ok(Box::pin(Listening { rx, _guard: guard }))
+    }
+
+    /// Sessions with a registered GET stream and requests waiting for answers (for tests and
+    /// metrics: both must return to zero when their clients are gone).
+    pub fn sizes(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.listeners.len(), st.pending.len())
+    }
+
+    /// Fails every pending request with `why` (the upstream sent something the gateway could
+    /// not read, which may have been any of their answers) and tells the upstream they are
+    /// cancelled. The pipe stays open.
+    pub fn fail_pending(&self, why: &str) {
+        let failed: Vec<(u64, Pending)> = {
+            let mut st = self.lock();
+            st.progress.clear();
+            st.pending.drain().collect()
+        };
+        let text = format!("upstream server '{}' {why}", self.server);
+        for (gid, p) in failed {
+            let _ = p.done.send(error_response(Some(&p.client_id), code::UPSTREAM_ERROR, &text));
+            self.try_write(&cancelled(gid, why));
+        }
     }
 
     /// Forgets a session: its GET stream ends and its pending requests are dropped.
@@ -216,7 +301,7 @@ impl Mux {
                 st.progress.remove(t);
             }
             msg["id"] = p.client_id;
-            let _ = p.tx.send(msg);
+            let _ = p.done.send(msg);
             return;
         }
         let Some(method) = method else { return };
@@ -224,15 +309,17 @@ impl Mux {
             // The gateway is the upstream's client: it answers pings itself.
             let id = msg["id"].clone();
             drop(st);
-            let _ = self.write(&serde_json::json!({"jsonrpc": "2.0", "id": id, "result": {}}));
+            self.try_write(&serde_json::json!({"jsonrpc": "2.0", "id": id, "result": {}}));
             return;
         }
         if method == "notifications/progress" {
             let token = msg.pointer("/params/progressToken").and_then(Value::as_str).unwrap_or("");
             if let Some((gid, client_token)) = st.progress.get(token).cloned() {
                 msg["params"]["progressToken"] = client_token;
-                if let Some(p) = st.pending.get(&gid) {
-                    let _ = p.tx.send(msg);
+                if let Some(p) = st.pending.get(&gid)
+                    && let Err(mpsc::error::TrySendError::Full(_)) = p.notes.try_send(msg)
+                {
+                    self.shed(&method);
                 }
             }
             return;
@@ -246,23 +333,47 @@ impl Mux {
                 .iter()
                 .filter(|(_, p)| !p.session.is_empty() && p.features & needed == needed)
                 .max_by_key(|(gid, _)| **gid);
-            if let Some((_, p)) = latest {
-                let _ = p.tx.send(msg);
-                return;
+            let mut full = false;
+            let mut msg = msg;
+            let listener = st.listeners.values().find(|l| l.features & needed == needed && !l.tx.is_closed());
+            for tx in latest.map(|(_, p)| &p.notes).into_iter().chain(listener.map(|l| &l.tx)) {
+                msg = match tx.try_send(msg) {
+                    Ok(()) => return,
+                    Err(mpsc::error::TrySendError::Full(m)) => {
+                        full = true;
+                        m
+                    }
+                    Err(mpsc::error::TrySendError::Closed(m)) => m,
+                };
             }
-            if let Some((tx, _)) = st.listeners.values().find(|(tx, f)| f & needed == needed && !tx.is_closed()) {
-                let _ = tx.send(msg);
-                return;
+            if full {
+                self.shed(&method);
             }
             if let Some(id) = msg.get("id").cloned() {
                 drop(st);
-                let text = format!("no connected client can answer {method}");
+                let text = if full {
+                    format!("the client that could answer {method} is not reading")
+                } else {
+                    format!("no connected client can answer {method}")
+                };
                 let err = error_response(Some(&id), code::INTERNAL_ERROR, &text);
-                let _ = self.write(&err);
+                self.try_write(&err);
             }
             return;
         }
-        st.listeners.retain(|_, (tx, _)| tx.send(msg.clone()).is_ok());
+        let mut shed = 0;
+        st.listeners.retain(|_, l| match l.tx.try_send(msg.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                shed += 1;
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+        drop(st);
+        for _ in 0..shed {
+            self.shed(&method);
+        }
     }
 
     /// Ends the pipe: every pending request gets a JSON-RPC error naming the server and why.
@@ -271,7 +382,7 @@ impl Mux {
         st.closed = Some(why.to_owned());
         let text = format!("upstream server '{}' {why}", self.server);
         for (_, p) in st.pending.drain() {
-            let _ = p.tx.send(error_response(Some(&p.client_id), code::UPSTREAM_ERROR, &text));
+            let _ = p.done.send(error_response(Some(&p.client_id), code::UPSTREAM_ERROR, &text));
         }
         st.progress.clear();
         st.listeners.clear();
@@ -283,10 +394,13 @@ fn lock(state: &std::sync::Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The messages for one pending request. Dropped before its response (the client went away),
-/// it tells the upstream with `notifications/cancelled` and forgets the request.
+/// The messages for one pending request: notifications first, then the response. Dropped
+/// before its response (the client went away), it tells the upstream with
+/// `notifications/cancelled` and forgets the request.
 struct Answer {
-    rx: mpsc::UnboundedReceiver<Value>,
+    notes: mpsc::Receiver<Value>,
+    done: oneshot::Receiver<Value>,
+    finished: bool,
     cancel: CancelOnDrop,
 }
 
@@ -297,23 +411,52 @@ impl futures::Stream for Answer {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Value>> {
-        let polled = self.rx.poll_recv(cx);
-        match &polled {
-            std::task::Poll::Ready(Some(m)) if m.get("result").is_some() || m.get("error").is_some() => {
-                self.cancel.answered = true;
-            }
-            std::task::Poll::Ready(None) => self.cancel.answered = true,
-            _ => {}
+        use std::future::Future;
+        use std::task::Poll;
+        if self.finished {
+            return Poll::Ready(None);
         }
-        polled
+        // Everything queued before the response was queued before it was sent.
+        if let Poll::Ready(Some(m)) = self.notes.poll_recv(cx) {
+            return Poll::Ready(Some(m));
+        }
+        match std::pin::Pin::new(&mut self.done).poll(cx) {
+            Poll::Ready(done) => {
+                self.finished = true;
+                self.cancel.answered = true;
+                Poll::Ready(done.ok())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// `notifications/cancelled` for the upstream request `gid`.
+fn cancelled(gid: u64, reason: &str) -> Value {
+    serde_json::json!({
+        "jsonrpc": "2.0",
+        "method": "notifications/cancelled",
+        "params": {"requestId": gid, "reason": reason},
+    })
+}
+
+/// Queues `value` toward the upstream if there is room; otherwise drops it, counted.
+fn try_send(out: &mpsc::Sender<Bytes>, server: &str, value: &Value) {
+    let Ok(bytes) = serde_json::to_vec(value) else { return };
+    if let Err(mpsc::error::TrySendError::Full(_)) = out.try_send(Bytes::from(bytes)) {
+        metrics::counter!("portcullis_upstream_queue_full_total", "server" => server.to_owned()).increment(1);
+        tracing::warn!(server, "the queue toward the upstream is full: a message of the gateway's own was dropped");
     }
 }
 
 struct CancelOnDrop {
     state: Arc<std::sync::Mutex<State>>,
-    out: mpsc::UnboundedSender<Bytes>,
+    out: mpsc::Sender<Bytes>,
+    server: Arc<str>,
     gid: u64,
     answered: bool,
+    /// Whether the request reached the queue toward the upstream.
+    written: bool,
 }
 
 impl Drop for CancelOnDrop {
@@ -327,17 +470,42 @@ impl Drop for CancelOnDrop {
             st.progress.remove(t);
         }
         drop(st);
-        let note = serde_json::json!({
-            "jsonrpc": "2.0",
-            "method": "notifications/cancelled",
-            "params": {"requestId": self.gid, "reason": "the client went away"},
-        });
-        let _ = self.out.send(Bytes::from(note.to_string()));
+        if self.written {
+            try_send(&self.out, &self.server, &cancelled(self.gid, "the client went away"));
+        }
     }
 }
 
-fn tokio_stream_from(mut rx: mpsc::UnboundedReceiver<Value>) -> impl futures::Stream<Item = Value> + Send {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+/// A session's GET stream; dropped, it unregisters itself.
+struct Listening {
+    rx: mpsc::Receiver<Value>,
+    _guard: Unlisten,
+}
+
+impl futures::Stream for Listening {
+    type Item = Value;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Value>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+struct Unlisten {
+    state: Arc<std::sync::Mutex<State>>,
+    session: String,
+    serial: u64,
+}
+
+impl Drop for Unlisten {
+    fn drop(&mut self) {
+        let mut st = lock(&self.state);
+        if st.listeners.get(&self.session).is_some_and(|l| l.serial == self.serial) {
+            st.listeners.remove(&self.session);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -346,12 +514,11 @@ mod tests {
     use futures::StreamExt;
     use serde_json::json;
 
-    fn mux() -> (Mux, mpsc::UnboundedReceiver<Bytes>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (Mux::new(Arc::from("files"), tx), rx)
+    fn mux() -> (Mux, mpsc::Receiver<Bytes>) {
+        Mux::new(Arc::from("files"), 8, Duration::from_secs(5))
     }
 
-    fn sent(rx: &mut mpsc::UnboundedReceiver<Bytes>) -> Value {
+    fn sent(rx: &mut mpsc::Receiver<Bytes>) -> Value {
         serde_json::from_slice(&rx.try_recv().expect("a message was written")).expect("json")
     }
 
@@ -359,8 +526,8 @@ mod tests {
     async fn ids_and_progress_tokens_are_rewritten_and_restored() {
         let (mux, mut out) = mux();
         let a = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"_meta":{"progressToken":1}}});
-        let mut sa = mux.request("a", 7, a.clone()).expect("sent");
-        let mut sb = mux.request("b", 7, a).expect("sent");
+        let mut sa = mux.request("a", 7, a.clone()).await.expect("sent");
+        let mut sb = mux.request("b", 7, a).await.expect("sent");
         let (wa, wb) = (sent(&mut out), sent(&mut out));
         assert_ne!(wa["id"], wb["id"], "same client id, different upstream ids");
         let tok_b = wb["params"]["_meta"]["progressToken"].clone();
@@ -378,13 +545,13 @@ mod tests {
     #[tokio::test]
     async fn a_closed_pipe_fails_pending_requests_with_a_clear_error() {
         let (mux, _out) = mux();
-        let mut s = mux.request("a", 7, json!({"jsonrpc":"2.0","id":"x","method":"tools/call"})).expect("sent");
+        let mut s = mux.request("a", 7, json!({"jsonrpc":"2.0","id":"x","method":"tools/call"})).await.expect("sent");
         mux.close("exited (exit status: 1)");
         let err = s.next().await.expect("error response");
         assert_eq!(err["id"], "x");
         assert_eq!(err["error"]["message"], "upstream server 'files' exited (exit status: 1)");
         assert!(s.next().await.is_none());
-        assert!(mux.request("a", 7, json!({"jsonrpc":"2.0","id":1,"method":"ping"})).is_err());
+        assert!(mux.request("a", 7, json!({"jsonrpc":"2.0","id":1,"method":"ping"})).await.is_err());
     }
 
     #[tokio::test]
@@ -393,7 +560,7 @@ mod tests {
         let mut listen = mux.listen("a", 7).expect("listening");
         mux.route(json!({"jsonrpc":"2.0","id":9,"method":"roots/list"}));
         assert_eq!(listen.next().await.expect("to listener")["method"], "roots/list");
-        let mut call = mux.request("b", 7, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"})).expect("sent");
+        let mut call = mux.request("b", 7, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"})).await.expect("sent");
         let _ = sent(&mut out);
         mux.route(json!({"jsonrpc":"2.0","id":10,"method":"sampling/createMessage"}));
         assert_eq!(call.next().await.expect("to caller")["method"], "sampling/createMessage");
@@ -408,9 +575,11 @@ mod tests {
         let (mux, mut out) = mux();
         let mut able = mux
             .request("able", features::SAMPLING, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"}))
+            .await
             .expect("sent");
         let _ = sent(&mut out);
-        let _unable = mux.request("unable", 0, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"})).expect("sent");
+        let _unable =
+            mux.request("unable", 0, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"})).await.expect("sent");
         let _ = sent(&mut out);
         mux.route(json!({"jsonrpc":"2.0","id":10,"method":"sampling/createMessage"}));
         assert_eq!(able.next().await.expect("to the able client")["id"], 10);
@@ -424,14 +593,14 @@ mod tests {
     #[tokio::test]
     async fn a_request_whose_client_went_away_is_cancelled_upstream() {
         let (mux, mut out) = mux();
-        let s = mux.request("a", 7, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"})).expect("sent");
+        let s = mux.request("a", 7, json!({"jsonrpc":"2.0","id":1,"method":"tools/call"})).await.expect("sent");
         let gid = sent(&mut out)["id"].clone();
         drop(s);
         let note = sent(&mut out);
         assert_eq!(note["method"], "notifications/cancelled");
         assert_eq!(note["params"]["requestId"], gid);
         // An answered request is not cancelled.
-        let mut s = mux.request("a", 7, json!({"jsonrpc":"2.0","id":2,"method":"tools/call"})).expect("sent");
+        let mut s = mux.request("a", 7, json!({"jsonrpc":"2.0","id":2,"method":"tools/call"})).await.expect("sent");
         let gid = sent(&mut out)["id"].clone();
         mux.route(json!({"jsonrpc":"2.0","id":gid,"result":{}}));
         assert!(s.next().await.is_some());

@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{Mutex, mpsc};
 
+use super::limit::{Line, Lines};
 use super::mux::Mux;
 use super::{ClientHello, Opened, Reply, UpstreamError};
 use crate::config::{ServerConfig, ServerTransport};
@@ -55,6 +56,9 @@ pub struct StdioUpstream {
     cwd: Option<PathBuf>,
     /// Longest wait for the process to start and answer `initialize`.
     start_timeout: Duration,
+    /// Longest wait for room in the queue toward the process.
+    request_timeout: Duration,
+    limits: crate::config::UpstreamLimits,
     auth: crate::config::UpstreamAuth,
     credentials: Arc<super::credentials::Credentials>,
     /// Processes by person (`""`: the one process of a server without per-user OAuth).
@@ -85,6 +89,8 @@ impl StdioUpstream {
             env: env.clone(),
             cwd: cwd.clone(),
             start_timeout: *start_timeout,
+            request_timeout: config.request_timeout,
+            limits: config.limits,
             auth: config.auth.clone(),
             credentials,
             slots: Mutex::new(std::collections::HashMap::new()),
@@ -193,12 +199,13 @@ impl StdioUpstream {
             (Some(i), Some(o), Some(e)) => (i, o, e),
             _ => return Err(self.process_error("has no stdio pipes")),
         };
-        let (out_tx, out_rx) = mpsc::unbounded_channel::<Bytes>();
-        let mux = Arc::new(Mux::new(self.name.clone(), out_tx));
+        let (mux, out_rx) = Mux::new(self.name.clone(), self.limits.queue_messages, self.request_timeout);
+        let mux = Arc::new(mux);
         let child = Arc::new(Mutex::new(child));
         let writer = tokio::spawn(write_lines(stdin, out_rx));
         tokio::spawn(log_stderr(self.name.clone(), stderr));
-        tokio::spawn(read_stdout(self.name.clone(), stdout, mux.clone(), child.clone()));
+        let max_line = self.limits.max_response_bytes;
+        tokio::spawn(read_stdout(self.name.clone(), stdout, max_line, mux.clone(), child.clone()));
 
         let hello = ClientHello {
             protocol: version::LATEST_STATEFUL.to_owned(),
@@ -213,7 +220,8 @@ impl StdioUpstream {
             mux.forward(
                 "",
                 &Message::from_value(&serde_json::json!({"jsonrpc":"2.0","method":"notifications/initialized"})),
-            )?;
+            )
+            .await?;
             Ok::<_, UpstreamError>(opened.result)
         };
         // The caller's timeout may drop this future: a guard stops the process unless it
@@ -241,7 +249,7 @@ impl StdioUpstream {
     pub async fn send(&self, session: &SessionState, message: Message) -> Result<Reply, UpstreamError> {
         self.check_live(session)?;
         let (mux, _) = self.running(&session.subject).await?;
-        send_via_mux(&mux, session, message)
+        send_via_mux(&mux, session, message).await
     }
 
     /// The session's GET stream.
@@ -351,23 +359,23 @@ async fn stop(r: Running) {
 
 /// Sends a client message through a mux: requests get a message stream, the rest are
 /// forwarded; `initialized` was already sent by the gateway itself.
-pub fn send_via_mux(mux: &Mux, session: &SessionState, message: Message) -> Result<Reply, UpstreamError> {
+pub async fn send_via_mux(mux: &Mux, session: &SessionState, message: Message) -> Result<Reply, UpstreamError> {
     match message.kind {
         Kind::Request => {
             let value = message
                 .value()
                 .map_err(|e| UpstreamError::Protocol { server: String::new(), detail: e.to_string() })?;
-            Ok(Reply::Messages(mux.request(&session.key, session.features, value)?))
+            Ok(Reply::Messages(mux.request(&session.key, session.features, value).await?))
         }
         Kind::Notification if message.method() == "notifications/initialized" => Ok(Reply::Accepted),
         Kind::Notification | Kind::Response => {
-            mux.forward(&session.key, &message)?;
+            mux.forward(&session.key, &message).await?;
             Ok(Reply::Accepted)
         }
     }
 }
 
-async fn write_lines(mut stdin: tokio::process::ChildStdin, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+async fn write_lines(mut stdin: tokio::process::ChildStdin, mut rx: mpsc::Receiver<Bytes>) {
     while let Some(bytes) = rx.recv().await {
         // JSON text never contains a raw newline, so one line is one message.
         if stdin.write_all(&bytes).await.is_err() || stdin.write_all(b"\n").await.is_err() {
@@ -379,22 +387,49 @@ async fn write_lines(mut stdin: tokio::process::ChildStdin, mut rx: mpsc::Unboun
     }
 }
 
+/// Longest stderr line copied into the logs; the rest of a longer one is skipped.
+const MAX_STDERR_LINE: usize = 16 * 1024;
+
 async fn log_stderr(server: Arc<str>, stderr: tokio::process::ChildStderr) {
-    let mut lines = BufReader::new(stderr).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        tracing::info!(target: "portcullis::upstream::stderr", server = %server, "{line}");
+    let mut lines = Lines::new(BufReader::new(stderr), MAX_STDERR_LINE);
+    while let Some(line) = lines.next_line().await {
+        match line {
+            Line::Text(line) => {
+                let line = String::from_utf8_lossy(&line);
+                tracing::info!(target: "portcullis::upstream::stderr", server = %server, "{line}");
+            }
+            Line::TooLong => tracing::info!(
+                target: "portcullis::upstream::stderr",
+                server = %server,
+                "(a stderr line longer than {MAX_STDERR_LINE} bytes was skipped)"
+            ),
+        }
     }
 }
 
-async fn read_stdout(server: Arc<str>, stdout: tokio::process::ChildStdout, mux: Arc<Mux>, child: Arc<Mutex<Child>>) {
-    let mut reader = BufReader::new(stdout);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        match reader.read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
+/// Reads the process's messages, one per line of at most `max_line` bytes. A longer line is
+/// skipped without being kept: it may have been the answer to any pending call, so each of
+/// them fails with an error naming the server (and is cancelled upstream), and the process
+/// goes on serving.
+async fn read_stdout(
+    server: Arc<str>,
+    stdout: tokio::process::ChildStdout,
+    max_line: usize,
+    mux: Arc<Mux>,
+    child: Arc<Mutex<Child>>,
+) {
+    let mut lines = Lines::new(BufReader::new(stdout), max_line);
+    while let Some(line) = lines.next_line().await {
+        let line = match line {
+            Line::Text(line) => line,
+            Line::TooLong => {
+                let refused = super::limit::too_large(&server, max_line);
+                tracing::warn!(server = %server, "{refused}: the calls in flight on its process fail");
+                let why = format!("sent a message larger than {max_line} bytes (max_response_bytes)");
+                mux.fail_pending(&why);
+                continue;
+            }
+        };
         let text = line.trim_ascii();
         if text.is_empty() {
             continue;

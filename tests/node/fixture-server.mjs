@@ -8,7 +8,8 @@
 // HTTP mode binds 127.0.0.1 only, prints `listening http://127.0.0.1:<port>/mcp` once ready and
 // serves Streamable HTTP at /mcp (stateful sessions, resumable SSE streams), the legacy HTTP+SSE
 // transport at /sse + /messages, and /debug/requests: GET returns every request received so far
-// as [{method, path, headers, body?}] (body = parsed JSON of a POST), DELETE forgets them.
+// as [{method, path, headers, body?}] (body = parsed JSON of a POST), DELETE forgets them;
+// /debug/streams: GET returns {legacy, streamable}, the open legacy SSE streams and sessions.
 // Every request whose Host/Origin is not loopback gets 403; with --require-header, every request
 // lacking that exact header gets 401 (/debug/* excepted, so tests can always read the record).
 //
@@ -608,6 +609,9 @@ function startHttp(port, requiredHeaders) {
     }
 
     if (isDebug) {
+      if (url.pathname === '/debug/streams') {
+        return sendJson(res, 200, { legacy: legacy.size, streamable: streamable.size });
+      }
       if (url.pathname !== '/debug/requests') return sendJson(res, 404, { error: 'not found' });
       if (req.method === 'DELETE') {
         recorded.length = 0;
