@@ -56,6 +56,11 @@ pub struct AuditConfig {
     /// Records queued in memory before further ones spill to the overflow queue (counted by
     /// `portcullis_audit_overflow_total`). At least 1. Default `10000`.
     pub capacity: usize,
+    /// Bytes the overflow queue may hold (records estimated by their fields). Past it, in
+    /// `strict` durability a call is answered 503 with `Retry-After`; in `async` the record is
+    /// shed and counted (`portcullis_audit_shed_total`), and a record of how many were shed is
+    /// written once the store takes records again. At least 1024. Default `67108864` (64 MiB).
+    pub max_overflow_bytes: usize,
     /// Argument keys whose values are replaced by `"[REDACTED]"`: case-insensitive, matched
     /// anywhere in the key, ignoring `-` and `_`. Setting it replaces the default list. Default
     /// `["password", "passwd", "pwd", "passphrase", "secret", "token", "api_key", "apikey",
@@ -81,6 +86,10 @@ pub const DEFAULT_CHECKPOINT_FILE: &str = "audit-checkpoints.jsonl";
 
 /// The default `[audit] capacity`.
 pub const DEFAULT_CAPACITY: usize = 10_000;
+/// The default `[audit] max_overflow_bytes`: 64 MiB.
+pub const DEFAULT_MAX_OVERFLOW_BYTES: usize = 64 * 1024 * 1024;
+/// The method of the record that says how many records were shed.
+pub const SHED_METHOD: &str = "audit/shed";
 
 impl Default for AuditConfig {
     fn default() -> Self {
@@ -88,6 +97,7 @@ impl Default for AuditConfig {
             enabled: true,
             durability: Durability::Async,
             capacity: DEFAULT_CAPACITY,
+            max_overflow_bytes: DEFAULT_MAX_OVERFLOW_BYTES,
             redact_keys: DEFAULT_REDACT_KEYS.iter().map(|k| (*k).to_owned()).collect(),
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL.to_owned(),
             checkpoint_file: None,
@@ -101,6 +111,9 @@ impl AuditConfig {
         let mut problems = Vec::new();
         if self.capacity == 0 {
             problems.push("audit.capacity must be at least 1".to_owned());
+        }
+        if self.max_overflow_bytes < 1024 {
+            problems.push("audit.max_overflow_bytes must be at least 1024".to_owned());
         }
         if self.redact_keys.iter().any(|k| redact::normalize_key(k).is_empty()) {
             problems.push("audit.redact_keys must not contain empty names".to_owned());
@@ -141,4 +154,8 @@ pub enum AuditError {
     /// The writer has shut down, so the record was not accepted (and was counted as dropped).
     #[error("the audit writer has shut down")]
     Closed,
+    /// The overflow queue is full (`max_overflow_bytes`: the store is slow or down), so a
+    /// `strict` record was not accepted; the call is answered 503 with `Retry-After`.
+    #[error("the audit queue is full (audit.max_overflow_bytes): the store is slow or unavailable")]
+    Full,
 }

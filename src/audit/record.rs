@@ -53,6 +53,19 @@ impl Arguments {
         Arguments(Some(value))
     }
 
+    /// Roughly how many bytes they hold in memory.
+    pub fn approx_bytes(&self) -> usize {
+        fn size(v: &Value) -> usize {
+            16 + match v {
+                Value::String(s) => s.len(),
+                Value::Array(items) => items.iter().map(size).sum(),
+                Value::Object(map) => map.iter().map(|(k, v)| k.len() + 16 + size(v)).sum(),
+                Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+            }
+        }
+        self.0.as_ref().map_or(0, size)
+    }
+
     /// Whether there are any.
     pub fn is_none(&self) -> bool {
         self.0.is_none()
@@ -123,6 +136,25 @@ pub struct Record {
 }
 
 impl Record {
+    /// Roughly how many bytes the record holds in memory (for the overflow queue's cap).
+    pub fn approx_bytes(&self) -> usize {
+        let texts = [
+            &self.principal_id,
+            &self.principal_kind,
+            &self.principal_name,
+            &self.token_id,
+            &self.client_name,
+            &self.client_version,
+            &self.server,
+            &self.tool,
+        ];
+        std::mem::size_of::<Record>()
+            + self.request_id.len()
+            + self.method.len()
+            + texts.iter().map(|t| t.as_ref().map_or(0, String::len)).sum::<usize>()
+            + self.arguments.approx_bytes()
+    }
+
     /// A record with the required fields; the rest start empty.
     pub fn new(time_ms: i64, request_id: impl Into<String>, method: impl Into<String>, decision: Decision) -> Record {
         Record {

@@ -1,13 +1,18 @@
 //! The audit writer: the request path hands a [`Record`] over in a `try_send` and moves on; one
 //! background task per process batches records into transactions and computes the chain.
 //!
-//! Overflow policy: when the bounded channel is full, records spill into an unbounded overflow
-//! queue (counted by `portcullis_audit_overflow_total`, logged once per episode) instead of
-//! being dropped or blocking the caller. Memory is the only limit; the backlog gauge
-//! `portcullis_audit_backlog` (channel + overflow + the batch being written) is what to alert
-//! on. A record is lost only when it arrives after [`AuditWriter::shutdown`] began, or when the
-//! store still fails during shutdown; each loss is logged at error and counted by
-//! `portcullis_audit_dropped_total`.
+//! Overflow policy: when the bounded channel is full, records spill into an overflow queue
+//! (counted by `portcullis_audit_overflow_total`, logged once per episode) instead of blocking
+//! the caller. The overflow queue holds at most `max_overflow_bytes` (records estimated by
+//! their fields). Past that, a `strict` record is refused ([`AuditError::Full`]: the call is
+//! answered 503 with `Retry-After`), and an `async` one is shed: counted by
+//! `portcullis_audit_shed_total` and `portcullis_audit_dropped_total`, logged once per episode,
+//! and reported by a record of method [`super::SHED_METHOD`] (how many, from when to when)
+//! written with the next batch, that is as soon as the store takes records again. The backlog
+//! gauge `portcullis_audit_backlog` (channel + overflow + the batch being written) is what to
+//! alert on. Otherwise a record is lost only when it arrives after [`AuditWriter::shutdown`]
+//! began, or when the store still fails during shutdown; each loss is logged at error and
+//! counted by `portcullis_audit_dropped_total`.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,8 +62,13 @@ pub struct WriterStats {
     pub batches: u64,
     /// Records that went to the overflow queue because the channel was full.
     pub overflowed: u64,
-    /// Records lost (after shutdown began, or the store failing during shutdown).
+    /// Records lost (shed past the overflow cap, after shutdown began, or the store failing
+    /// during shutdown).
     pub dropped: u64,
+    /// Of those, records shed because the overflow queue was full.
+    pub shed: u64,
+    /// Strict records refused because the overflow queue was full.
+    pub refused: u64,
     /// Failed batch attempts.
     pub errors: u64,
 }
@@ -69,6 +79,8 @@ struct Counters {
     batches: AtomicU64,
     overflowed: AtomicU64,
     dropped: AtomicU64,
+    shed: AtomicU64,
+    refused: AtomicU64,
     errors: AtomicU64,
     /// Accepted and not yet committed or given up.
     backlog: AtomicU64,
@@ -78,14 +90,29 @@ struct Counters {
 /// writer has drained it for the last time, so nothing is pushed into a dead queue.
 #[derive(Default)]
 struct Overflow {
-    queue: VecDeque<(Record, Option<Done>)>,
+    queue: VecDeque<(Record, Option<Done>, usize)>,
+    /// The estimated bytes of `queue`.
+    bytes: usize,
     closed: bool,
     /// Whether this overflow episode has been logged.
     warned: bool,
+    /// Whether this episode of a full overflow queue has been logged.
+    warned_full: bool,
+    /// Records shed and not yet reported by a record: how many, and the first and last time.
+    shed: Option<Shed>,
+}
+
+/// Records shed since the last report.
+#[derive(Debug, Clone, Copy)]
+struct Shed {
+    count: u64,
+    from_ms: i64,
+    to_ms: i64,
 }
 
 struct Shared {
     durability: Durability,
+    max_overflow_bytes: usize,
     overflow: Mutex<Overflow>,
     overflow_notify: Notify,
     /// Wakes the writer while it gathers a batch: a strict record or a flush waits, or the
@@ -119,6 +146,7 @@ impl AuditWriter {
         let (tx, rx) = mpsc::channel(config.capacity.max(1));
         let shared = Arc::new(Shared {
             durability: config.durability,
+            max_overflow_bytes: config.max_overflow_bytes,
             overflow: Mutex::default(),
             overflow_notify: Notify::new(),
             ready: Notify::new(),
@@ -177,6 +205,13 @@ impl AuditWriter {
         flushed.await.map_err(|_| AuditError::Closed)
     }
 
+    /// Whether the overflow queue is past its cap (`max_overflow_bytes`), so that a strict
+    /// record would be refused now: a dispatch can refuse a call before forwarding it.
+    pub fn is_full(&self) -> bool {
+        let overflow = self.shared.overflow.lock().unwrap_or_else(PoisonError::into_inner);
+        overflow.bytes >= self.shared.max_overflow_bytes || overflow.warned_full
+    }
+
     /// Records accepted and not yet committed.
     pub fn backlog(&self) -> u64 {
         self.shared.counters.backlog.load(Ordering::Relaxed)
@@ -190,6 +225,8 @@ impl AuditWriter {
             batches: c.batches.load(Ordering::Relaxed),
             overflowed: c.overflowed.load(Ordering::Relaxed),
             dropped: c.dropped.load(Ordering::Relaxed),
+            shed: c.shed.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
         }
     }
@@ -230,7 +267,12 @@ impl AuditWriter {
             drop(overflow);
             return self.lost(&record, done);
         }
-        overflow.queue.push_back((record, done));
+        let size = record.approx_bytes();
+        if overflow.bytes + size > self.shared.max_overflow_bytes {
+            return self.over_cap(overflow, &record, done);
+        }
+        overflow.bytes += size;
+        overflow.queue.push_back((record, done, size));
         if !overflow.warned {
             overflow.warned = true;
             tracing::warn!("audit channel full: records spill to the overflow queue (the store is slow or down)");
@@ -239,6 +281,42 @@ impl AuditWriter {
         c.overflowed.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("portcullis_audit_overflow_total").increment(1);
         self.shared.overflow_notify.notify_one();
+    }
+
+    /// A record that found the overflow queue full: a strict caller is refused, an async
+    /// record is shed; both counted, logged once per episode, and never silent.
+    fn over_cap(&self, mut overflow: std::sync::MutexGuard<'_, Overflow>, record: &Record, done: Option<Done>) {
+        let c = &self.shared.counters;
+        c.backlog.fetch_sub(1, Ordering::Relaxed);
+        let first = !overflow.warned_full;
+        overflow.warned_full = true;
+        match done {
+            Some(done) => {
+                drop(overflow);
+                c.refused.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("portcullis_audit_refused_total").increment(1);
+                let _ = done.send(Err(AuditError::Full));
+            }
+            None => {
+                let shed =
+                    overflow.shed.get_or_insert(Shed { count: 0, from_ms: record.time_ms, to_ms: record.time_ms });
+                shed.count += 1;
+                shed.from_ms = shed.from_ms.min(record.time_ms);
+                shed.to_ms = shed.to_ms.max(record.time_ms);
+                drop(overflow);
+                c.shed.fetch_add(1, Ordering::Relaxed);
+                c.dropped.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("portcullis_audit_shed_total").increment(1);
+                metrics::counter!("portcullis_audit_dropped_total").increment(1);
+            }
+        }
+        if first {
+            tracing::warn!(
+                max_overflow_bytes = self.shared.max_overflow_bytes,
+                "the audit overflow queue is full (the store is slow or down): strict calls are refused, other records \
+                 are shed and counted until it drains"
+            );
+        }
     }
 
     /// A record that arrived after shutdown: never silent.
@@ -300,6 +378,23 @@ impl Batch {
     fn push(&mut self, record: Record, done: Option<Done>) {
         self.urgent |= done.is_some();
         self.records.push((record, done));
+    }
+}
+
+/// The record that reports records shed past the overflow cap.
+fn shed_record(shed: Shed) -> Record {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    tracing::warn!(shed = shed.count, "the audit log records how many records were shed while its queue was full");
+    Record {
+        arguments: super::Arguments::new(serde_json::json!({
+            "shed": shed.count,
+            "from_ms": shed.from_ms,
+            "to_ms": shed.to_ms,
+            "reason": "audit.max_overflow_bytes",
+        })),
+        ..Record::new(now, uuid::Uuid::now_v7().to_string(), super::SHED_METHOD, super::Decision::Error)
     }
 }
 
@@ -383,14 +478,27 @@ impl Task {
     fn take_overflow(&self, batch: &mut Batch, max: usize, close: bool) {
         let mut overflow = self.shared.overflow.lock().unwrap_or_else(PoisonError::into_inner);
         let n = max.min(overflow.queue.len());
-        for (record, done) in overflow.queue.drain(..n) {
+        let mut taken = 0;
+        for (record, done, size) in overflow.queue.drain(..n) {
+            taken += size;
             batch.push(record, done);
         }
+        overflow.bytes -= taken;
         if overflow.queue.is_empty() {
             overflow.warned = false;
         }
+        if n > 0 || overflow.queue.is_empty() {
+            overflow.warned_full = false;
+        }
         if close {
             overflow.closed = true;
+        }
+        // The report of what was shed goes with the records that follow it.
+        let shed = overflow.shed.take();
+        drop(overflow);
+        if let Some(shed) = shed {
+            self.shared.counters.backlog.fetch_add(1, Ordering::Relaxed);
+            batch.push(shed_record(shed), None);
         }
     }
 

@@ -211,6 +211,12 @@ impl AppState {
         }
         match self.audit().write(record).await {
             Ok(()) => resp,
+            Err(crate::audit::AuditError::Full) => {
+                // The store is behind: the call is refused until the queue drains.
+                let body = error_response(None, code::INTERNAL_ERROR, &crate::audit::AuditError::Full.to_string());
+                let retry = [(header::RETRY_AFTER, http::HeaderValue::from_static("1"))];
+                (StatusCode::SERVICE_UNAVAILABLE, retry, axum::Json(body)).into_response()
+            }
             Err(e) => {
                 tracing::error!(error = %e, "an audit record could not be stored; the call is refused");
                 let body = error_response(None, code::INTERNAL_ERROR, "the audit record could not be stored");
