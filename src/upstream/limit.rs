@@ -63,7 +63,10 @@ pub async fn read_prefix(resp: reqwest::Response, max: usize) -> Bytes {
     buf.freeze()
 }
 
-/// An SSE body whose events may each be at most `limit` bytes long (line ends excluded).
+/// An SSE body whose events may each be at most `limit` bytes long (line ends excluded). Each
+/// event is passed on once it is complete, so a refused one never reaches the client in part;
+/// it is held as the chunks it arrived in, so refusing it frees small allocations only (a
+/// large one freed would teach the C allocator to keep such buffers for good).
 pub fn sse_body(resp: reqwest::Response, server: Arc<str>, limit: usize) -> ByteStream {
     Box::pin(EventLimit {
         inner: resp.bytes_stream().boxed(),
@@ -72,6 +75,8 @@ pub fn sse_body(resp: reqwest::Response, server: Arc<str>, limit: usize) -> Byte
         event_bytes: 0,
         line_start: true,
         prev_cr: false,
+        held: Vec::new(),
+        ready: std::collections::VecDeque::new(),
         failed: false,
     })
 }
@@ -99,7 +104,7 @@ pub fn body_error(e: sse_stream::Error) -> Result<UpstreamError, sse_stream::Err
 type Reqwest = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 
 /// Counts the bytes of the current SSE event (an event ends at an empty line: `\n`, `\r\n`
-/// or `\r` twice) and fails once one grows past the limit.
+/// or `\r` twice), holds them until it ends, and fails once one grows past the limit.
 struct EventLimit {
     inner: Reqwest,
     server: Arc<str>,
@@ -107,29 +112,63 @@ struct EventLimit {
     event_bytes: usize,
     line_start: bool,
     prev_cr: bool,
+    /// The chunks of the event not yet complete.
+    held: Vec<Bytes>,
+    /// Complete events' chunks, to pass on.
+    ready: std::collections::VecDeque<Bytes>,
     failed: bool,
 }
 
 impl EventLimit {
-    /// Counts `chunk`; `false` when the current event has grown past the limit.
-    fn within(&mut self, chunk: &[u8]) -> bool {
-        for &b in chunk {
+    /// Takes in `chunk`: what completes events moves to `ready`, the rest is held. `false`
+    /// when the current event has grown past the limit.
+    fn hold(&mut self, chunk: Bytes) -> bool {
+        let mut end = None;
+        for (i, &b) in chunk.iter().enumerate() {
             match b {
-                b'\n' if self.prev_cr => {}
+                b'\n' if self.prev_cr => {
+                    if end == Some(i) {
+                        // The `\n` of a `\r\n` that ended the event belongs to it.
+                        end = Some(i + 1);
+                    }
+                }
                 b'\n' | b'\r' => {
                     if self.line_start {
                         self.event_bytes = 0;
+                        end = Some(i + 1);
                     }
                     self.line_start = true;
                 }
                 _ => {
                     self.line_start = false;
                     self.event_bytes += 1;
+                    if self.event_bytes > self.limit {
+                        self.held = Vec::new();
+                        return false;
+                    }
                 }
             }
             self.prev_cr = b == b'\r';
         }
-        self.event_bytes <= self.limit
+        match end {
+            Some(n) => {
+                self.ready.extend(self.held.drain(..));
+                let mut chunk = chunk;
+                let rest = chunk.split_off(n);
+                self.ready.push_back(chunk);
+                if !rest.is_empty() {
+                    self.held.push(rest);
+                }
+            }
+            None if !chunk.is_empty() => self.held.push(chunk),
+            None => {}
+        }
+        true
+    }
+
+    #[cfg(test)]
+    fn within(&mut self, chunk: &[u8]) -> bool {
+        self.hold(Bytes::copy_from_slice(chunk))
     }
 }
 
@@ -137,33 +176,51 @@ impl Stream for EventLimit {
     type Item = Result<Bytes, UpstreamError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.failed {
-            return Poll::Ready(None);
-        }
-        match self.inner.poll_next_unpin(cx) {
-            Poll::Ready(Some(Ok(chunk))) => {
-                if self.within(&chunk) {
-                    Poll::Ready(Some(Ok(chunk)))
-                } else {
-                    self.failed = true;
-                    Poll::Ready(Some(Err(too_large(&self.server, self.limit))))
-                }
+        loop {
+            if let Some(chunk) = self.ready.pop_front() {
+                return Poll::Ready(Some(Ok(chunk)));
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(read_error(&self.server, &e)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            if self.failed {
+                return Poll::Ready(None);
+            }
+            match self.inner.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    if !self.hold(chunk) {
+                        self.failed = true;
+                        self.ready.clear();
+                        return Poll::Ready(Some(Err(too_large(&self.server, self.limit))));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.failed = true;
+                    return Poll::Ready(Some(Err(read_error(&self.server, &e))));
+                }
+                Poll::Ready(None) => {
+                    // An event cut off by the end of the body is passed on as it is.
+                    self.failed = true;
+                    let held: Vec<Bytes> = self.held.drain(..).collect();
+                    self.ready.extend(held);
+                }
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }
 
 /// Reads newline-delimited messages of at most `limit` bytes each from `reader`. A longer line
-/// is skipped up to its newline without being kept, and reported as [`Line::TooLong`].
+/// is skipped up to its newline without being kept, and reported as [`Line::TooLong`]. A line
+/// is gathered in pieces of at most [`PIECE`] bytes and joined once complete, so a refused one
+/// frees small allocations only.
 pub struct Lines<R> {
     reader: R,
     limit: usize,
-    line: Vec<u8>,
+    pieces: Vec<Vec<u8>>,
+    len: usize,
     skipping: bool,
 }
+
+/// The size of the pieces a line is gathered in.
+const PIECE: usize = 64 * 1024;
 
 /// One line read by [`Lines`].
 #[derive(Debug, PartialEq, Eq)]
@@ -177,7 +234,28 @@ pub enum Line {
 impl<R: tokio::io::AsyncBufRead + Unpin> Lines<R> {
     /// Lines of at most `limit` bytes from `reader`.
     pub fn new(reader: R, limit: usize) -> Lines<R> {
-        Lines { reader, limit, line: Vec::new(), skipping: false }
+        Lines { reader, limit, pieces: Vec::new(), len: 0, skipping: false }
+    }
+
+    fn append(pieces: &mut Vec<Vec<u8>>, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if pieces.last().is_none_or(|p| p.len() >= PIECE) {
+                pieces.push(Vec::with_capacity(PIECE.min(bytes.len().max(256))));
+            }
+            let Some(piece) = pieces.last_mut() else { return };
+            let n = (PIECE - piece.len()).min(bytes.len());
+            piece.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+        }
+    }
+
+    fn line(&mut self) -> Vec<u8> {
+        self.len = 0;
+        let mut pieces = std::mem::take(&mut self.pieces);
+        if pieces.len() == 1 {
+            return pieces.pop().unwrap_or_default();
+        }
+        pieces.concat()
     }
 
     /// The next line; `None` at the end of the input (or on a read error).
@@ -191,7 +269,7 @@ impl<R: tokio::io::AsyncBufRead + Unpin> Lines<R> {
                         self.skipping = false;
                         return Some(Line::TooLong);
                     }
-                    return (!self.line.is_empty()).then(|| Line::Text(std::mem::take(&mut self.line)));
+                    return (self.len > 0).then(|| Line::Text(self.line()));
                 }
                 Ok(buf) => buf,
             };
@@ -200,11 +278,13 @@ impl<R: tokio::io::AsyncBufRead + Unpin> Lines<R> {
                 None => (buf.len(), false),
             };
             if !self.skipping {
-                if self.line.len() + taken > self.limit {
+                if self.len + taken > self.limit {
                     self.skipping = true;
-                    self.line = Vec::new();
+                    self.pieces = Vec::new();
+                    self.len = 0;
                 } else {
-                    self.line.extend_from_slice(&buf[..taken]);
+                    self.len += taken;
+                    Self::append(&mut self.pieces, &buf[..taken]);
                 }
             }
             self.reader.consume(if end { taken + 1 } else { taken });
@@ -212,7 +292,7 @@ impl<R: tokio::io::AsyncBufRead + Unpin> Lines<R> {
                 if std::mem::take(&mut self.skipping) {
                     return Some(Line::TooLong);
                 }
-                return Some(Line::Text(std::mem::take(&mut self.line)));
+                return Some(Line::Text(self.line()));
             }
         }
     }
@@ -230,6 +310,8 @@ mod tests {
             event_bytes: 0,
             line_start: true,
             prev_cr: false,
+            held: Vec::new(),
+            ready: std::collections::VecDeque::new(),
             failed: false,
         }
     }
@@ -245,11 +327,15 @@ mod tests {
             let long = format!("data: 1234{sep}data: 5678{sep}{sep}");
             assert!(!l.within(long.as_bytes()), "{sep:?}: two lines of one event add up");
         }
-        // Split anywhere, even between \r and \n.
+        // Split anywhere, even between \r and \n; events are passed on whole, as they end.
         let mut l = limit(7);
-        for piece in ["data", ": 1\r", "\n\r", "\ndata: 2\r\n", "\r\n"] {
+        let mut passed = Vec::new();
+        for piece in ["data", ": 1\r", "\n\r", "\ndata: 2\r\n", "\r\n: x"] {
             assert!(l.within(piece.as_bytes()));
+            passed.extend(l.ready.drain(..).flat_map(|b| b.to_vec()));
         }
+        assert_eq!(String::from_utf8_lossy(&passed), "data: 1\r\n\r\ndata: 2\r\n\r\n");
+        assert_eq!(l.held, [Bytes::from_static(b": x")]);
     }
 
     #[tokio::test]

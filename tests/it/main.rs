@@ -4,6 +4,7 @@
 mod audit;
 mod audit_integrity;
 mod audit_path;
+mod bounds;
 mod common;
 mod conformance;
 mod egress;
