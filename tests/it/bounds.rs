@@ -176,3 +176,278 @@ async fn a_legacy_sse_client_that_never_reads_cannot_fill_the_gateways_memory() 
         }
     }
 }
+
+/// An upstream that answers with plain JSON (the fixture answers with SSE): `initialize`, and
+/// `tools/call` with `{"bytes": N, "chunked": bool}`: a text of N bytes, with a
+/// `Content-Length` or (chunked) without one.
+async fn json_upstream() -> String {
+    use axum::response::IntoResponse;
+    async fn mcp(body: axum::Json<Value>) -> axum::response::Response {
+        let id = body["id"].clone();
+        let result = match body["method"].as_str() {
+            Some("initialize") => json!({"protocolVersion": "2025-11-25", "capabilities": {"tools": {}},
+                "serverInfo": {"name": "json", "version": "1"}}),
+            Some("tools/call") => {
+                let n = body.pointer("/params/arguments/bytes").and_then(Value::as_u64).unwrap_or(1) as usize;
+                json!({"content": [{"type": "text", "text": "x".repeat(n)}]})
+            }
+            _ => return http::StatusCode::ACCEPTED.into_response(),
+        };
+        let text = json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string();
+        let json = [(http::header::CONTENT_TYPE, "application/json")];
+        if body.pointer("/params/arguments/chunked") == Some(&Value::Bool(true)) {
+            let chunks: Vec<Result<bytes::Bytes, std::io::Error>> =
+                text.into_bytes().chunks(8192).map(|c| Ok(bytes::Bytes::copy_from_slice(c))).collect();
+            return (json, axum::body::Body::from_stream(futures::stream::iter(chunks))).into_response();
+        }
+        (json, text).into_response()
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new().route("/mcp", axum::routing::post(mcp));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/mcp")
+}
+
+async fn call(client: &reqwest::Client, url: &str, session: &str, id: u64, args: Value) -> Value {
+    let body =
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "big", "arguments": args}});
+    let resp = post(client, url, &body, Some(session)).send().await.expect("call");
+    assert_eq!(resp.status(), 200);
+    let msgs = messages(resp).await;
+    msgs.into_iter().find(|m| m["id"] == id).unwrap_or_else(|| panic!("no answer to {id}"))
+}
+
+/// Answers larger than `max_response_bytes` are refused with a JSON-RPC error that names the
+/// server, whether they come as an SSE event, a JSON body with or without `Content-Length`,
+/// or a stdio line; answers within the limit still pass, and the stdio process keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_over_max_response_bytes_is_refused_with_an_error_naming_the_server() {
+    let fixture = Fixture::start(&[]).await;
+    let json = json_upstream().await;
+    let gw = TestGateway::start(&format!(
+        "[[servers]]\nname = \"sse\"\nurl = {:?}\npublic = true\nmax_response_bytes = 65536\n\n\
+         [[servers]]\nname = \"json\"\nurl = {json:?}\npublic = true\nmax_response_bytes = 65536\n\n\
+         [[servers]]\nname = \"local\"\npublic = true\nmax_response_bytes = 65536\n{}",
+        fixture.url,
+        fixture_stdio_toml()
+    ))
+    .await;
+    let client = reqwest::Client::new();
+    for server in ["sse", "json", "local"] {
+        let url = gw.url(server);
+        let session = raw_session(&client, &url).await;
+        let variants: &[Value] = if server == "json" {
+            &[json!({"bytes": 100_000}), json!({"bytes": 100_000, "chunked": true})]
+        } else {
+            &[json!({"bytes": 100_000})]
+        };
+        for (i, args) in variants.iter().enumerate() {
+            let answer = call(&client, &url, &session, 10 + i as u64, args.clone()).await;
+            let expected =
+                format!("upstream server '{server}' sent a message larger than 65536 bytes (max_response_bytes)");
+            assert_eq!(answer["error"]["message"], expected, "{server} {args}: {answer}");
+            let mut small = args.clone();
+            small["bytes"] = json!(60_000);
+            let answer = call(&client, &url, &session, 20 + i as u64, small).await;
+            let text = answer.pointer("/result/content/0/text").and_then(Value::as_str).unwrap_or_default();
+            assert_eq!(text.len(), 60_000, "{server}: an answer within the limit passes: {answer}");
+        }
+    }
+    let metrics = client.get(format!("{}/metrics", gw.base)).send().await.expect("metrics").text().await.expect("text");
+    for line in [
+        r#"portcullis_upstream_too_large_total{server="sse"} 1"#,
+        r#"portcullis_upstream_too_large_total{server="json"} 2"#,
+        r#"portcullis_upstream_too_large_total{server="local"} 1"#,
+        r#"portcullis_stdio_starts_total{server="local"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    gw.stop().await;
+}
+
+/// How many legacy SSE streams the fixture has open.
+async fn fixture_streams(fixture: &Fixture) -> u64 {
+    let url = fixture.url.replace("/mcp", "/debug/streams");
+    let streams: Value = reqwest::get(url).await.expect("fixture").json().await.expect("json");
+    streams["legacy"].as_u64().expect("a count")
+}
+
+async fn wait_for_streams(fixture: &Fixture, n: u64, within: Duration) -> Duration {
+    let started = Instant::now();
+    while fixture_streams(fixture).await != n {
+        assert!(started.elapsed() < within, "the fixture still has {} legacy streams", fixture_streams(fixture).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    started.elapsed()
+}
+
+/// A legacy SSE client that drops its stream (without any DELETE) leaves no connection at a
+/// legacy SSE upstream; a Streamable HTTP client that just stops coming leaves none after the
+/// server's `idle_timeout`, and its session then answers 404.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_sse_connections_end_with_their_clients() {
+    let fixture = Fixture::start(&[]).await;
+    let gw = TestGateway::start(&format!(
+        "[[servers]]\nname = \"old\"\nurl = {sse:?}\ntransport = \"sse\"\npublic = true\n\n\
+         [[servers]]\nname = \"idle\"\nurl = {sse:?}\ntransport = \"sse\"\npublic = true\nidle_timeout = \"1s\"\n",
+        sse = fixture.sse_url()
+    ))
+    .await;
+    let client = reqwest::Client::new();
+    let addr = gw.base.trim_start_matches("http://").to_owned();
+    for _ in 0..3 {
+        let legacy = LegacyClient::open(&addr, "old").await;
+        legacy.initialize(&client).await;
+        wait_for_streams(&fixture, 1, Duration::from_secs(10)).await;
+        drop(legacy);
+        let took = wait_for_streams(&fixture, 0, Duration::from_secs(5)).await;
+        println!("the upstream connection closed {took:?} after its legacy client left");
+    }
+
+    let url = gw.url("idle");
+    let session = raw_session(&client, &url).await;
+    wait_for_streams(&fixture, 1, Duration::from_secs(10)).await;
+    let ping = json!({"jsonrpc": "2.0", "id": 2, "method": "ping"});
+    // Traffic keeps it open past the timeout.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let resp = post(&client, &url, &ping, Some(&session)).send().await.expect("ping");
+        assert_eq!(resp.status(), 200);
+    }
+    assert_eq!(fixture_streams(&fixture).await, 1);
+    wait_for_streams(&fixture, 0, Duration::from_secs(10)).await;
+    let resp = post(&client, &url, &ping, Some(&session)).send().await.expect("ping");
+    assert_eq!(resp.status(), 404, "the idle session ended: {:?}", resp.text().await);
+    let metrics = client.get(format!("{}/metrics", gw.base)).send().await.expect("metrics").text().await.expect("text");
+    for line in [
+        r#"portcullis_sse_upstream_idle_closed_total{server="idle"} 1"#,
+        r#"portcullis_sse_upstream_connections{server="idle"} 0"#,
+        r#"portcullis_sse_upstream_connections{server="old"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    gw.stop().await;
+}
+
+/// Makes every insert into the audit log fail (the store refuses writes), or ends that.
+async fn audit_outage(store: &portcullis::store::Store, on: bool) {
+    let sql = if on {
+        "CREATE TRIGGER audit_off BEFORE INSERT ON audit_segments BEGIN SELECT RAISE(ABORT, 'down'); END"
+    } else {
+        "DROP TRIGGER audit_off"
+    };
+    portcullis::on_pool!(store, p => { sqlx::query(sql).execute(p).await.expect(sql); });
+}
+
+async fn store_of(gw: &TestGateway) -> portcullis::store::Store {
+    let url = format!("sqlite://{}", gw.dir.path().join("portcullis.db").display());
+    portcullis::store::Store::connect(&url).await.expect("the gateway's store")
+}
+
+fn echo(id: u64) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hi"}}})
+}
+
+/// With the store refusing writes, the default (`async`) durability keeps answering; past
+/// `max_overflow_bytes` it sheds records, counts them, and once the store takes records again
+/// writes one that says how many were shed: every call is in the log or in that count.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_audit_queue_sheds_records_and_says_how_many() {
+    const CALLS: u64 = 40;
+    let gw = TestGateway::start(&format!(
+        "[audit]\ncapacity = 1\nmax_overflow_bytes = 2048\n\n[[servers]]\nname = \"local\"\npublic = true\n{}",
+        fixture_stdio_toml()
+    ))
+    .await;
+    let client = reqwest::Client::new();
+    let url = gw.url("local");
+    let session = raw_session(&client, &url).await;
+    let store = store_of(&gw).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    audit_outage(&store, true).await;
+    for id in 0..CALLS {
+        let resp = post(&client, &url, &echo(id), Some(&session)).send().await.expect("call");
+        assert_eq!(resp.status(), 200);
+        if id == 0 {
+            // The writer takes the first record and retries it; the rest queue behind it.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    let metrics = client.get(format!("{}/metrics", gw.base)).send().await.expect("metrics").text().await.expect("text");
+    let shed: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("portcullis_audit_shed_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("portcullis_audit_shed_total in\n{metrics}"));
+    assert!(shed > 0 && shed < CALLS, "{shed} of {CALLS} shed");
+    audit_outage(&store, false).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = store.audit_after(0, 10_000).await.expect("read");
+        let calls = rows.iter().filter(|e| e.method == "tools/call").count() as u64;
+        let reported: u64 = rows
+            .iter()
+            .filter(|e| e.method == "audit/shed")
+            .map(|e| serde_json::from_str::<Value>(&e.arguments).expect("json")["shed"].as_u64().expect("a count"))
+            .sum();
+        if calls + reported == CALLS && reported == shed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{calls} calls recorded and {reported} reported shed, of {CALLS} ({shed} shed)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    gw.stop().await;
+}
+
+/// With `strict` durability and the store refusing writes, calls past `max_overflow_bytes`
+/// answer 503 with `Retry-After` at once; when the store takes records again, the calls that
+/// were queued complete.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_audit_queue_refuses_strict_calls_with_503() {
+    let gw = TestGateway::start(&format!(
+        "[audit]\ndurability = \"strict\"\ncapacity = 1\nmax_overflow_bytes = 2048\n\n\
+         [[servers]]\nname = \"local\"\npublic = true\n{}",
+        fixture_stdio_toml()
+    ))
+    .await;
+    let client = reqwest::Client::new();
+    let url = gw.url("local");
+    let session = raw_session(&client, &url).await;
+    let store = store_of(&gw).await;
+    audit_outage(&store, true).await;
+    let calls: Vec<_> = (0..20)
+        .map(|id| {
+            let req = post(&client, &url, &echo(id), Some(&session));
+            tokio::spawn(async move {
+                let resp = req.send().await.expect("call");
+                let retry = resp.headers().get("retry-after").map(|v| v.to_str().unwrap_or_default().to_owned());
+                (resp.status().as_u16(), retry, resp.text().await.unwrap_or_default())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let finished = calls.iter().filter(|c| c.is_finished()).count();
+    audit_outage(&store, false).await;
+    let mut refused = 0;
+    for call in calls {
+        let (status, retry, body) =
+            tokio::time::timeout(Duration::from_secs(30), call).await.expect("ends").expect("ran");
+        match status {
+            503 => {
+                refused += 1;
+                assert_eq!(retry.as_deref(), Some("1"), "{body}");
+                assert!(body.contains("audit.max_overflow_bytes"), "{body}");
+            }
+            // Queued calls complete once the store is back; the first one heard of the
+            // failure at once (its record is still written).
+            200 | 500 => {}
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert!(refused > 0, "no call was refused ({finished} had finished during the outage)");
+    gw.stop().await;
+}
