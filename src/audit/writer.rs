@@ -383,9 +383,7 @@ impl Batch {
 
 /// The record that reports records shed past the overflow cap.
 fn shed_record(shed: Shed) -> Record {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let now = crate::clock::Clock::system().unix_millis();
     tracing::warn!(shed = shed.count, "the audit log records how many records were shed while its queue was full");
     Record {
         arguments: super::Arguments::new(serde_json::json!({

@@ -607,4 +607,63 @@ mod tests {
         drop(s);
         assert!(out.try_recv().is_err(), "nothing more was written");
     }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_loses_notifications_but_never_its_answer() {
+        let (mux, mut out) = mux();
+        let call = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"_meta":{"progressToken":"t"}}});
+        let answer = mux.request("a", 7, call).await.expect("sent");
+        let token = sent(&mut out)["params"]["_meta"]["progressToken"].clone();
+        for i in 0..50 {
+            mux.route(json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":token,"progress":i}}));
+        }
+        mux.route(json!({"jsonrpc":"2.0","id":1,"result":{"done":true}}));
+        let got: Vec<Value> = answer.collect().await;
+        assert_eq!(got.len(), 9, "the queue's 8 notifications, then the response");
+        assert_eq!(got[0]["params"]["progress"], 0);
+        assert_eq!(got[8]["result"]["done"], true);
+        assert_eq!(mux.sizes(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_get_stream_unregisters_itself_but_not_a_newer_one() {
+        let (mux, _out) = mux();
+        let first = mux.listen("a", 7).expect("listening");
+        let second = mux.listen("a", 7).expect("listening again");
+        let _other = mux.listen("b", 7).expect("listening");
+        assert_eq!(mux.sizes(), (2, 0));
+        drop(first);
+        assert_eq!(mux.sizes(), (2, 0), "the newer stream of a stays");
+        drop(second);
+        assert_eq!(mux.sizes(), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_toward_the_upstream_makes_writers_wait_and_then_fail() {
+        let (mux, mut out) = Mux::new(Arc::from("files"), 1, Duration::from_millis(200));
+        let _first = mux.request("a", 7, json!({"jsonrpc":"2.0","id":1,"method":"ping"})).await.expect("queued");
+        let Err(e) = mux.request("a", 7, json!({"jsonrpc":"2.0","id":2,"method":"ping"})).await else {
+            panic!("a second request fits in a queue of one");
+        };
+        assert_eq!(e.to_string(), "upstream server 'files' is not reading its input: its queue stayed full for 200ms");
+        assert_eq!(mux.sizes(), (0, 1), "the request that was never written is forgotten");
+        assert_eq!(sent(&mut out)["id"], 1);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_message_fails_the_calls_in_flight_and_cancels_them_upstream() {
+        let (mux, mut out) = mux();
+        let mut s = mux.request("a", 7, json!({"jsonrpc":"2.0","id":"x","method":"tools/call"})).await.expect("sent");
+        let gid = sent(&mut out)["id"].clone();
+        mux.fail_pending("sent a message larger than 1024 bytes (max_response_bytes)");
+        let err = s.next().await.expect("an error");
+        assert_eq!(err["id"], "x");
+        assert_eq!(
+            err["error"]["message"],
+            "upstream server 'files' sent a message larger than 1024 bytes (max_response_bytes)"
+        );
+        let note = sent(&mut out);
+        assert_eq!((note["method"].as_str(), &note["params"]["requestId"]), (Some("notifications/cancelled"), &gid));
+        assert!(!mux.is_closed(), "the pipe goes on");
+    }
 }

@@ -66,15 +66,24 @@ pub struct StdioUpstream {
     ended: std::sync::Mutex<Ended>,
 }
 
-/// Sessions ended with DELETE, remembered (up to a cap) so their ids stop working.
+/// Sessions ended with DELETE, remembered (up to a cap) so their ids stop working: by a
+/// 16-byte digest of their key, so the memory this takes is bounded at about 5 MB a server.
 #[derive(Default)]
 struct Ended {
-    keys: std::collections::HashSet<String>,
-    order: std::collections::VecDeque<String>,
+    keys: std::collections::HashSet<[u8; 16]>,
+    order: std::collections::VecDeque<[u8; 16]>,
 }
 
 /// How many ended sessions a server remembers; older ones are forgotten first.
 const ENDED_CAP: usize = 100_000;
+
+fn ended_digest(key: &str) -> [u8; 16] {
+    use sha2::Digest;
+    let full = sha2::Sha256::digest(key.as_bytes());
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&full[..16]);
+    out
+}
 
 impl StdioUpstream {
     /// A connector for one configured stdio server (starts nothing).
@@ -242,7 +251,7 @@ impl StdioUpstream {
 
     fn check_live(&self, session: &SessionState) -> Result<(), UpstreamError> {
         let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
-        if ended.keys.contains(&session.key) { Err(UpstreamError::SessionExpired) } else { Ok(()) }
+        if ended.keys.contains(&ended_digest(&session.key)) { Err(UpstreamError::SessionExpired) } else { Ok(()) }
     }
 
     /// Relays one client message.
@@ -266,8 +275,9 @@ impl StdioUpstream {
     pub async fn close(&self, session: &SessionState) {
         {
             let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
-            if ended.keys.insert(session.key.clone()) {
-                ended.order.push_back(session.key.clone());
+            let digest = ended_digest(&session.key);
+            if ended.keys.insert(digest) {
+                ended.order.push_back(digest);
             }
             while ended.order.len() > ENDED_CAP {
                 if let Some(old) = ended.order.pop_front() {
