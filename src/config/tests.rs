@@ -240,3 +240,60 @@ failed_auth_per_minute = 0
     assert!(all.contains("limits.max_connections must be at least 1"), "{all}");
     assert!(all.contains("limits.idle_timeout"), "{all}");
 }
+
+#[test]
+fn memory_limits_have_defaults_servers_may_override_them_and_nonsense_is_refused() {
+    let c = parse("[[servers]]\nname = \"a\"\nurl = \"http://x/mcp\"\n").expect("valid");
+    assert_eq!(c.gateway.limits, UpstreamLimits::default());
+    assert_eq!(c.gateway.limits.max_response_bytes, 16 * 1024 * 1024);
+    assert_eq!(c.gateway.client_queue_bytes, 4 * 1024 * 1024);
+    assert_eq!(c.audit.max_overflow_bytes, 64 * 1024 * 1024);
+    assert_eq!(c.servers[0].limits, c.gateway.limits);
+
+    let text = r#"
+[gateway]
+max_response_bytes = 1048576
+upstream_queue = 8
+sse_idle_timeout = "2m"
+
+[[servers]]
+name = "a"
+url = "http://x/sse"
+transport = "sse"
+max_response_bytes = 4096
+idle_timeout = "30s"
+
+[[servers]]
+name = "b"
+command = "x"
+"#;
+    let c = parse(text).expect("valid");
+    let (a, b) = (&c.servers[0].limits, &c.servers[1].limits);
+    assert_eq!((a.max_response_bytes, a.queue_messages, a.idle_timeout), (4096, 8, Duration::from_secs(30)));
+    assert_eq!((b.max_response_bytes, b.queue_messages, b.idle_timeout), (1_048_576, 8, Duration::from_secs(120)));
+
+    let text = r#"
+[gateway]
+max_response_bytes = 10
+upstream_queue = 0
+client_queue_bytes = 1
+
+[audit]
+max_overflow_bytes = 0
+
+[[servers]]
+name = "a"
+url = "http://x/mcp"
+idle_timeout = "1s"
+"#;
+    let all = parse(text).expect_err("invalid").to_string();
+    for problem in [
+        "gateway.max_response_bytes: must be at least 1024",
+        "gateway.upstream_queue: must be at least 1",
+        "gateway.client_queue_bytes: must be at least 1024",
+        "audit.max_overflow_bytes must be at least 1024",
+        "`idle_timeout` applies only to `transport = \"sse\"`",
+    ] {
+        assert!(all.contains(problem), "{problem} in {all}");
+    }
+}
