@@ -290,7 +290,7 @@ async fn upstream_sse_connections_end_with_their_clients() {
     let fixture = Fixture::start(&[]).await;
     let gw = TestGateway::start(&format!(
         "[[servers]]\nname = \"old\"\nurl = {sse:?}\ntransport = \"sse\"\npublic = true\n\n\
-         [[servers]]\nname = \"idle\"\nurl = {sse:?}\ntransport = \"sse\"\npublic = true\nidle_timeout = \"1s\"\n",
+         [[servers]]\nname = \"idle\"\nurl = {sse:?}\ntransport = \"sse\"\npublic = true\nidle_timeout = \"2s\"\n",
         sse = fixture.sse_url()
     ))
     .await;
@@ -310,8 +310,8 @@ async fn upstream_sse_connections_end_with_their_clients() {
     wait_for_streams(&fixture, 1, Duration::from_secs(10)).await;
     let ping = json!({"jsonrpc": "2.0", "id": 2, "method": "ping"});
     // Traffic keeps it open past the timeout.
-    for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let resp = post(&client, &url, &ping, Some(&session)).send().await.expect("ping");
         assert_eq!(resp.status(), 200);
     }
@@ -449,5 +449,41 @@ async fn a_full_audit_queue_refuses_strict_calls_with_503() {
         }
     }
     assert!(refused > 0, "no call was refused ({finished} had finished during the outage)");
+    gw.stop().await;
+}
+
+/// A legacy SSE client that never reads stalls only its own calls: with its queue full, the
+/// answers to its calls wait (and are given up at the request timeout, counted), while another
+/// client of the same stdio process is answered at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_reads_stalls_only_its_own_calls() {
+    let gw = TestGateway::start_with(
+        &format!("[[servers]]\nname = \"local\"\npublic = true\n{}", fixture_stdio_toml()),
+        "client_queue_bytes = 1024\nrequest_timeout = \"4s\"\n",
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let addr = gw.base.trim_start_matches("http://").to_owned();
+    let legacy = LegacyClient::open(&addr, "local").await;
+    legacy.initialize(&client).await;
+    // Far more than the socket's buffers take: the gateway's side of the stream fills up.
+    for id in 1..=40 {
+        legacy.post(&client, &big_call(id, MIB)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let url = gw.url("local");
+    let session = raw_session(&client, &url).await;
+    let answer = {
+        let resp = post(&client, &url, &echo(7), Some(&session)).send().await.expect("call");
+        messages(resp).await.into_iter().find(|m| m["id"] == 7).expect("an answer")
+    };
+    assert_eq!(answer.pointer("/result/content/0/text"), Some(&json!("hi")), "{answer}");
+    // Answered while the stalled calls still wait: none has been given up yet.
+    let metrics = client.get(format!("{}/metrics", gw.base)).send().await.expect("metrics").text().await.expect("text");
+    assert!(!metrics.contains("portcullis_client_queue_full_total"), "{metrics}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let metrics = client.get(format!("{}/metrics", gw.base)).send().await.expect("metrics").text().await.expect("text");
+    assert!(metrics.contains(r#"portcullis_client_queue_full_total{server="local"}"#), "{metrics}");
+    drop(legacy);
     gw.stop().await;
 }
