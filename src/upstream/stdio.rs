@@ -433,8 +433,8 @@ async fn read_stdout(
         let line = match line {
             Line::Text(line) => line,
             Line::TooLong => {
-                let refused = super::limit::too_large(&server, max_line);
-                tracing::warn!(server = %server, "{refused}: the calls in flight on its process fail");
+                // Counted and logged; the calls in flight on the process fail.
+                super::limit::too_large(&server, max_line);
                 let why = format!("sent a message larger than {max_line} bytes (max_response_bytes)");
                 mux.fail_pending(&why);
                 continue;

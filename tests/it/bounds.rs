@@ -228,13 +228,15 @@ async fn an_answer_over_max_response_bytes_is_refused_with_an_error_naming_the_s
     let gw = TestGateway::start(&format!(
         "[[servers]]\nname = \"sse\"\nurl = {:?}\npublic = true\nmax_response_bytes = 65536\n\n\
          [[servers]]\nname = \"json\"\nurl = {json:?}\npublic = true\nmax_response_bytes = 65536\n\n\
+         [[servers]]\nname = \"legacy\"\nurl = {:?}\ntransport = \"sse\"\npublic = true\nmax_response_bytes = 65536\n\n\
          [[servers]]\nname = \"local\"\npublic = true\nmax_response_bytes = 65536\n{}",
         fixture.url,
+        fixture.sse_url(),
         fixture_stdio_toml()
     ))
     .await;
     let client = reqwest::Client::new();
-    for server in ["sse", "json", "local"] {
+    for server in ["sse", "json", "legacy", "local"] {
         let url = gw.url(server);
         let session = raw_session(&client, &url).await;
         let variants: &[Value] = if server == "json" {
@@ -247,6 +249,14 @@ async fn an_answer_over_max_response_bytes_is_refused_with_an_error_naming_the_s
             let expected =
                 format!("upstream server '{server}' sent a message larger than 65536 bytes (max_response_bytes)");
             assert_eq!(answer["error"]["message"], expected, "{server} {args}: {answer}");
+            let mut session = session.clone();
+            if server == "legacy" {
+                // A legacy SSE upstream's stream cannot be read past such an event: the
+                // session's connection ended, and its client initializes again.
+                let resp = post(&client, &url, &echo(3), Some(&session)).send().await.expect("call");
+                assert_eq!(resp.status(), 404);
+                session = raw_session(&client, &url).await;
+            }
             let mut small = args.clone();
             small["bytes"] = json!(60_000);
             let answer = call(&client, &url, &session, 20 + i as u64, small).await;
@@ -258,6 +268,7 @@ async fn an_answer_over_max_response_bytes_is_refused_with_an_error_naming_the_s
     for line in [
         r#"portcullis_upstream_too_large_total{server="sse"} 1"#,
         r#"portcullis_upstream_too_large_total{server="json"} 2"#,
+        r#"portcullis_upstream_too_large_total{server="legacy"} 1"#,
         r#"portcullis_upstream_too_large_total{server="local"} 1"#,
         r#"portcullis_stdio_starts_total{server="local"} 1"#,
     ] {
