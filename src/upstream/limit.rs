@@ -75,6 +75,8 @@ pub fn sse_body(resp: reqwest::Response, server: Arc<str>, limit: usize) -> Byte
         event_bytes: 0,
         line_start: true,
         prev_cr: false,
+        comment: false,
+        only_comments: true,
         held: Vec::new(),
         ready: std::collections::VecDeque::new(),
         failed: false,
@@ -112,6 +114,9 @@ struct EventLimit {
     event_bytes: usize,
     line_start: bool,
     prev_cr: bool,
+    /// Whether the current line is a comment (`:`), and every line of the event so far was.
+    comment: bool,
+    only_comments: bool,
     /// The chunks of the event not yet complete.
     held: Vec<Bytes>,
     /// Complete events' chunks, to pass on.
@@ -133,13 +138,20 @@ impl EventLimit {
                     }
                 }
                 b'\n' | b'\r' => {
-                    if self.line_start {
+                    if self.line_start || (self.comment && self.only_comments) {
+                        // The end of an event, or a comment line before any field of one
+                        // (a keep-alive): everything so far can go.
                         self.event_bytes = 0;
+                        self.only_comments = true;
                         end = Some(i + 1);
                     }
                     self.line_start = true;
                 }
                 _ => {
+                    if self.line_start {
+                        self.comment = b == b':';
+                        self.only_comments &= self.comment;
+                    }
                     self.line_start = false;
                     self.event_bytes += 1;
                     if self.event_bytes > self.limit {
@@ -310,6 +322,8 @@ mod tests {
             event_bytes: 0,
             line_start: true,
             prev_cr: false,
+            comment: false,
+            only_comments: true,
             held: Vec::new(),
             ready: std::collections::VecDeque::new(),
             failed: false,
@@ -336,6 +350,14 @@ mod tests {
         }
         assert_eq!(String::from_utf8_lossy(&passed), "data: 1\r\n\r\ndata: 2\r\n\r\n");
         assert_eq!(l.held, [Bytes::from_static(b": x")]);
+        // A keep-alive comment goes at once; a comment inside an event waits for the event.
+        assert!(l.within(b"\n"));
+        assert_eq!(l.ready.drain(..).flat_map(|b| b.to_vec()).collect::<Vec<_>>(), b": x\n");
+        let mut l = limit(100);
+        assert!(l.within(b"data: 3\n: y\n"));
+        assert!(l.ready.is_empty());
+        assert!(l.within(b"\n"));
+        assert_eq!(l.ready.drain(..).flat_map(|b| b.to_vec()).collect::<Vec<_>>(), b"data: 3\n: y\n\n");
     }
 
     #[tokio::test]
