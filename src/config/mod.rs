@@ -463,8 +463,12 @@ impl Validator<'_> {
         let max_response_bytes = self
             .bytes(at, "gateway.max_response_bytes", max_response_bytes, 1024)
             .unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
-        let queue_messages =
+        let mut queue_messages =
             self.bytes(at, "gateway.upstream_queue", upstream_queue, 1).unwrap_or(DEFAULT_UPSTREAM_QUEUE);
+        if queue_messages > 1_000_000 {
+            self.at(at, "gateway.upstream_queue", "must be at most 1000000");
+            queue_messages = DEFAULT_UPSTREAM_QUEUE;
+        }
         let idle_timeout =
             self.duration(at, "gateway.sse_idle_timeout", sse_idle_timeout, DEFAULT_SSE_IDLE_TIMEOUT_SECS);
         if idle_timeout.is_zero() {

@@ -111,7 +111,7 @@ type ClientRx = mpsc::Receiver<(String, tokio::sync::OwnedSemaphorePermit)>;
 
 impl ClientTx {
     fn new(capacity: usize, wait: Duration, server: &str) -> (ClientTx, ClientRx) {
-        let capacity = capacity.max(MIN_CHARGE);
+        let capacity = capacity.clamp(MIN_CHARGE, u32::MAX as usize);
         let (tx, rx) = mpsc::channel(capacity / MIN_CHARGE);
         let room = Arc::new(tokio::sync::Semaphore::new(capacity));
         (ClientTx { tx, room, capacity, wait, server: Arc::from(server) }, rx)
