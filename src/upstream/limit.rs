@@ -129,38 +129,42 @@ impl EventLimit {
     /// when the current event has grown past the limit.
     fn hold(&mut self, chunk: Bytes) -> bool {
         let mut end = None;
-        for (i, &b) in chunk.iter().enumerate() {
-            match b {
-                b'\n' if self.prev_cr => {
-                    if end == Some(i) {
-                        // The `\n` of a `\r\n` that ended the event belongs to it.
-                        end = Some(i + 1);
-                    }
+        let bytes = &chunk[..];
+        let mut i = 0;
+        while i < bytes.len() {
+            let next = memchr::memchr2(b'\n', b'\r', &bytes[i..]).map_or(bytes.len(), |k| i + k);
+            if next > i {
+                // The content of a line.
+                if self.line_start {
+                    self.comment = bytes[i] == b':';
+                    self.only_comments &= self.comment;
                 }
-                b'\n' | b'\r' => {
-                    if self.line_start || (self.comment && self.only_comments) {
-                        // The end of an event, or a comment line before any field of one
-                        // (a keep-alive): everything so far can go.
-                        self.event_bytes = 0;
-                        self.only_comments = true;
-                        end = Some(i + 1);
-                    }
-                    self.line_start = true;
-                }
-                _ => {
-                    if self.line_start {
-                        self.comment = b == b':';
-                        self.only_comments &= self.comment;
-                    }
-                    self.line_start = false;
-                    self.event_bytes += 1;
-                    if self.event_bytes > self.limit {
-                        self.held = Vec::new();
-                        return false;
-                    }
+                self.line_start = false;
+                self.prev_cr = false;
+                self.event_bytes += next - i;
+                if self.event_bytes > self.limit {
+                    self.held = Vec::new();
+                    return false;
                 }
             }
+            let Some(&b) = bytes.get(next) else { break };
+            if b == b'\n' && self.prev_cr {
+                if end == Some(next) {
+                    // The `\n` of a `\r\n` that ended the event belongs to it.
+                    end = Some(next + 1);
+                }
+            } else {
+                if self.line_start || (self.comment && self.only_comments) {
+                    // The end of an event, or a comment line before any field of one
+                    // (a keep-alive): everything so far can go.
+                    self.event_bytes = 0;
+                    self.only_comments = true;
+                    end = Some(next + 1);
+                }
+                self.line_start = true;
+            }
             self.prev_cr = b == b'\r';
+            i = next + 1;
         }
         match end {
             Some(n) => {
@@ -369,5 +373,50 @@ mod tests {
         assert_eq!(lines.next_line().await, Some(Line::Text(b"after".to_vec())));
         assert_eq!(lines.next_line().await, Some(Line::TooLong));
         assert_eq!(lines.next_line().await, None);
+    }
+
+    proptest::proptest! {
+        /// However the body is cut into chunks, the same bytes are passed on, whole events
+        /// only until the end, and an event over the limit is refused.
+        #[test]
+        fn chunking_changes_nothing(
+            events in proptest::collection::vec(("[a-z: ]{0,40}", 0usize..3), 0..8),
+            cuts in proptest::collection::vec(0usize..400, 0..6),
+        ) {
+            let sep = ["\n", "\r\n", "\r"];
+            let body: String = events.iter().map(|(text, s)| format!("data: {text}{}{}", sep[*s], sep[*s])).collect();
+            let longest = events.iter().map(|(text, _)| 6 + text.len()).max().unwrap_or(0);
+            let run = |pieces: Vec<&[u8]>| {
+                let mut l = limit(30);
+                let mut passed = Vec::new();
+                for p in pieces {
+                    if !l.within(p) {
+                        return None;
+                    }
+                    passed.extend(l.ready.drain(..).flat_map(|b| b.to_vec()));
+                }
+                Some(passed)
+            };
+            let whole = run(vec![body.as_bytes()]);
+            let mut at: Vec<usize> = cuts.into_iter().map(|c| c.min(body.len())).collect();
+            at.sort_unstable();
+            let mut pieces = Vec::new();
+            let mut from = 0;
+            for c in at {
+                pieces.push(&body.as_bytes()[from..c]);
+                from = c;
+            }
+            pieces.push(&body.as_bytes()[from..]);
+            let cut = run(pieces);
+            proptest::prop_assert_eq!(whole.is_none(), longest > 30);
+            if let (Some(whole), Some(cut)) = (&whole, &cut) {
+                // A `\r\n` split between chunks may leave its `\n` for later; nothing else.
+                let strip = |v: &Vec<u8>| v.iter().copied().filter(|b| *b != b'\n').collect::<Vec<u8>>();
+                proptest::prop_assert_eq!(strip(whole), strip(cut));
+                proptest::prop_assert_eq!(strip(whole), strip(&body.as_bytes().to_vec()));
+            } else {
+                proptest::prop_assert_eq!(whole.is_none(), cut.is_none());
+            }
+        }
     }
 }
