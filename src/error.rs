@@ -77,6 +77,10 @@ pub enum GatewayError {
     /// The gateway is at its limit of requests in progress (503).
     #[error("the gateway is busy; retry shortly")]
     Overloaded,
+    /// The audit log cannot take a durable record now (strict durability, its overflow queue
+    /// full): the call is refused before it is forwarded (503).
+    #[error("the audit log cannot take records right now; retry shortly")]
+    AuditFull,
     /// A handler panicked; the request was abandoned (500).
     #[error("internal error")]
     Panicked,
@@ -159,9 +163,10 @@ impl GatewayError {
             GatewayError::InvalidParams(_) => (StatusCode::OK, code::INVALID_PARAMS),
             GatewayError::InvalidHeader(_) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
             GatewayError::BodyRead => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
-            GatewayError::ShuttingDown | GatewayError::Starting(_) | GatewayError::Overloaded => {
-                (StatusCode::SERVICE_UNAVAILABLE, code::INTERNAL_ERROR)
-            }
+            GatewayError::ShuttingDown
+            | GatewayError::Starting(_)
+            | GatewayError::Overloaded
+            | GatewayError::AuditFull => (StatusCode::SERVICE_UNAVAILABLE, code::INTERNAL_ERROR),
             GatewayError::Limited { .. } => (StatusCode::TOO_MANY_REQUESTS, code::INVALID_REQUEST),
             GatewayError::Panicked => (StatusCode::INTERNAL_SERVER_ERROR, code::INTERNAL_ERROR),
             GatewayError::Upstream(e) => match e {
@@ -207,6 +212,7 @@ impl GatewayError {
             GatewayError::Starting(_) => "starting",
             GatewayError::Limited { limit, .. } => limit.label(),
             GatewayError::Overloaded => "overloaded",
+            GatewayError::AuditFull => "audit_full",
             GatewayError::Panicked => "panicked",
             GatewayError::Upstream(UpstreamError::SessionExpired) => "session_expired",
             GatewayError::Upstream(UpstreamError::Timeout { .. }) => "upstream_timeout",
@@ -269,7 +275,7 @@ impl Failure {
         if let GatewayError::Unauthenticated(why) = self.error {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, challenge(why));
         }
-        if let GatewayError::Starting(_) | GatewayError::Overloaded = self.error {
+        if let GatewayError::Starting(_) | GatewayError::Overloaded | GatewayError::AuditFull = self.error {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if let GatewayError::Limited { retry_after, .. } = self.error {

@@ -170,6 +170,11 @@ pub async fn dispatch(call: Call<'_>, message: Message, ex: &mut Exchange) -> Re
 /// upstream connector.
 async fn forward(call: Call<'_>, message: Message, ex: &mut Exchange) -> Result<Outcome, Failure> {
     let id = message.id.clone();
+    // Strict durability: a call whose record could not be kept is not made at all.
+    let audit = call.app.audit();
+    if call.app.config().audit.enabled && audit.durability() == crate::audit::Durability::Strict && audit.is_full() {
+        return Err(GatewayError::AuditFull.with_id(id));
+    }
     ex.forwarded = true;
     let reply = match call.via {
         Via::Session(session) => relay(call.server, session, message).await?,

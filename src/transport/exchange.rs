@@ -174,12 +174,23 @@ impl Exchange {
 impl Drop for Exchange {
     fn drop(&mut self) {
         let Some(app) = self.open.take() else { return };
-        let status = StatusCode::from_u16(CLIENT_GONE).unwrap_or(StatusCode::BAD_REQUEST);
+        // Dropped while its handler unwinds from a panic (answered 500 by the layers), or
+        // because the client went away.
+        let panicked = std::thread::panicking();
+        let status = match panicked {
+            true => StatusCode::INTERNAL_SERVER_ERROR,
+            false => StatusCode::from_u16(CLIENT_GONE).unwrap_or(StatusCode::BAD_REQUEST),
+        };
         app.observe(self.server.as_deref(), self.metric, status, self.started);
-        if app.config().audit.enabled {
-            tracing::info!(request_id = %self.request_id, method = %self.method, "the client went away before its answer");
-            app.audit().record(self.record(CLIENT_GONE, 0));
+        if !app.config().audit.enabled {
+            return;
         }
+        if panicked {
+            self.failure = Some((Decision::Error, crate::protocol::jsonrpc::code::INTERNAL_ERROR));
+        } else {
+            tracing::info!(request_id = %self.request_id, method = %self.method, "the client went away before its answer");
+        }
+        app.audit().record(self.record(CLIENT_GONE, 0));
     }
 }
 
