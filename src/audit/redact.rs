@@ -7,26 +7,6 @@ use serde_json::{Map, Value};
 /// What a secret is replaced with.
 pub const REDACTED: &str = "[REDACTED]";
 
-/// The key names redacted when `[audit] redact_keys` is not set.
-pub const DEFAULT_REDACT_KEYS: &[&str] = &[
-    "password",
-    "passwd",
-    "pwd",
-    "passphrase",
-    "secret",
-    "token",
-    "api_key",
-    "apikey",
-    "authorization",
-    "access_token",
-    "refresh_token",
-    "client_secret",
-    "private_key",
-    "credential",
-    "cookie",
-    "session",
-];
-
 /// Removes secrets from JSON values. Cheap to clone; build one per writer.
 #[derive(Debug, Clone)]
 pub struct Redactor {
@@ -36,7 +16,7 @@ pub struct Redactor {
 
 impl Default for Redactor {
     fn default() -> Self {
-        Redactor::new(DEFAULT_REDACT_KEYS)
+        Redactor::new(crate::config::DEFAULT_REDACT_KEYS)
     }
 }
 

@@ -27,8 +27,8 @@ use tokio_util::sync::CancellationToken;
 use super::record::Entry;
 use super::redact::Redactor;
 use super::{AuditConfig, AuditError, Durability, Record};
+use crate::audit::storage::AuditAppender;
 use crate::store::Store;
-use crate::store::audit::AuditAppender;
 
 /// A batch closes at this many records…
 const MAX_BATCH: usize = 500;

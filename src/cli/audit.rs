@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use clap::{Subcommand, ValueEnum};
 
+use crate::audit::storage::AuditQuery;
 use crate::audit::{Entry, Verification, hex, time};
 use crate::config::Config;
 use crate::store::Store;
-use crate::store::audit::AuditQuery;
 
 /// How often `tail --follow` looks for new records.
 const FOLLOW_POLL: Duration = Duration::from_millis(500);

@@ -1,6 +1,7 @@
 //! Configuration: `raw` holds what users write, this module turns it into a validated
 //! [`Config`] and reports every problem at once, each with its location.
 
+mod audit;
 mod env;
 pub mod limits;
 mod oauth;
@@ -15,6 +16,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
+pub use audit::{
+    AuditConfig, DEFAULT_CAPACITY, DEFAULT_CHECKPOINT_FILE, DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_MAX_OVERFLOW_BYTES,
+    DEFAULT_REDACT_KEYS, Durability,
+};
 pub use oauth::{AuthMethod, OAuthConfig};
 pub use outbound::OutboundConfig;
 use raw::{RawAuth, RawGateway, RawLog, RawServer, RawStore};
@@ -35,7 +40,7 @@ pub struct Config {
     /// Upstream servers, in file order.
     pub servers: Vec<ServerConfig>,
     /// The audit log.
-    pub audit: crate::audit::AuditConfig,
+    pub audit: AuditConfig,
     /// The guard on URLs that come from upstreams and clients.
     pub outbound: OutboundConfig,
     /// Connection, concurrency and failed-authentication limits.
@@ -319,7 +324,7 @@ impl Validator<'_> {
         let gateway: RawGateway = self.section(&mut table, "gateway", spans);
         let store: RawStore = self.section(&mut table, "store", spans);
         let log: RawLog = self.section(&mut table, "log", spans);
-        let audit: crate::audit::AuditConfig = self.section(&mut table, "audit", spans);
+        let audit: AuditConfig = self.section(&mut table, "audit", spans);
         for problem in audit.problems() {
             self.at(spans.sections.get("audit").copied(), "[audit]", problem);
         }

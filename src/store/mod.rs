@@ -2,7 +2,6 @@
 //! replicas share the work. An enum over the two pools, not a trait object; migrations live
 //! in `migrations/sqlite` and `migrations/postgres` and are applied on start.
 
-pub mod audit;
 pub mod identity;
 mod lock;
 pub mod placement;
@@ -80,8 +79,8 @@ pub enum StoreError {
     #[error("audit append failed: {0}")]
     Append(String),
     /// A stored audit segment cannot be decoded (`audit verify` names the record).
-    #[error(transparent)]
-    Unreadable(#[from] crate::audit::segment::Unreadable),
+    #[error("{0}")]
+    Unreadable(String),
 }
 
 /// The URL without its password, for messages.

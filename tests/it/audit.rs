@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use portcullis::audit::Entry;
 use portcullis::audit::segment;
+use portcullis::audit::storage::AuditQuery;
 use portcullis::audit::{
     Arguments, AuditConfig, AuditError, AuditWriter, BreakKind, Decision, Durability, Record, Verification, verify,
 };
 use portcullis::store::Store;
-use portcullis::store::audit::AuditQuery;
 use serde_json::{Value, json};
 use sqlx::Connection;
 
@@ -444,7 +444,7 @@ async fn search_filters_combine(backend: Backend) {
 /// `audit search --user NAME` finds its segments through the keys' primary key on both
 /// backends, not by decoding the whole log.
 async fn a_user_search_uses_the_key_index(backend: Backend) {
-    use portcullis::store::audit::{Bind, search_sql};
+    use portcullis::audit::storage::{Bind, search_sql};
     let db = filled(backend, 30).await;
     let query = AuditQuery { user: Some("alice".into()), limit: 10, ..AuditQuery::default() };
     let (sql, binds) = search_sql(&query, i64::MAX);

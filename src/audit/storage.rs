@@ -10,10 +10,10 @@
 
 use std::collections::BTreeSet;
 
-use super::{Store, StoreError};
 use crate::audit::Entry;
 use crate::audit::segment::{self, Key, Segment, Unreadable};
 use crate::on_pool;
+use crate::store::{Store, StoreError};
 
 /// The PostgreSQL advisory lock key that serialises appends ("pclaudit").
 const APPEND_LOCK: i64 = 0x7063_6c61_7564_6974;
@@ -201,6 +201,11 @@ fn seal_onto(entries: &mut [Entry], head: Option<(i64, Vec<u8>)>) {
     }
 }
 
+/// A segment that cannot be decoded, as the store's error.
+fn unreadable(e: Unreadable) -> StoreError {
+    StoreError::Unreadable(e.to_string())
+}
+
 impl Store {
     /// Appends `entries` to the chain in one transaction, setting their `seq`, `prev_hash`
     /// and `hash`. On error nothing is appended (and the entries are re-sealed on retry).
@@ -307,7 +312,9 @@ impl Store {
             let page = self.read_segments(from, SEGMENTS_PER_READ).await?;
             let Some(&(last, _)) = page.last() else { break };
             for (first_seq, bytes) in page {
-                out.extend(segment::decode(first_seq, &bytes)?.into_iter().filter(|e| e.seq > after));
+                out.extend(
+                    segment::decode(first_seq, &bytes).map_err(unreadable)?.into_iter().filter(|e| e.seq > after),
+                );
             }
             // A segment keyed i64::MAX (only tampering makes one) is the last there can be.
             let Some(next) = last.checked_add(1) else { break };
@@ -373,7 +380,7 @@ impl Store {
             });
             let Some(&(oldest, _)) = page.last() else { break };
             for (first_seq, bytes) in page {
-                let entries = segment::decode(first_seq, &bytes)?;
+                let entries = segment::decode(first_seq, &bytes).map_err(unreadable)?;
                 found.extend(entries.into_iter().rev().filter(|e| query.matches(e)));
             }
             before = oldest;
