@@ -34,7 +34,6 @@ use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
 use crate::protocol::jsonrpc::{Kind, Message, ToolCall};
 use crate::protocol::session::SessionState;
-use crate::transport::exchange::Exchange;
 use crate::upstream::{Reply, UpstreamError};
 
 /// Who sends a message, to which server, and within which session.
@@ -74,6 +73,16 @@ pub enum Outcome {
         /// Its sealed id, for `Mcp-Session-Id`.
         sealed: String,
     },
+}
+
+/// What the dispatch tells the message's audit record.
+#[derive(Debug, Default)]
+pub struct Trace {
+    /// The tool a `tools/call` runs, with its arguments, as the upstream reads them.
+    pub tool: Option<ToolCall>,
+    /// Whether the message went on toward the upstream (after it, a client that hangs up
+    /// leaves a call the upstream may have acted on).
+    pub forwarded: bool,
 }
 
 /// What a message asks for, read once from its strictly parsed envelope.
@@ -129,17 +138,16 @@ impl Action {
 
 /// Dispatches one client message: reads it, takes the per-method steps, and forwards it.
 /// Everything a client sends to an upstream passes here, once per JSON-RPC message.
-pub async fn dispatch(call: Call<'_>, message: Message, ex: &mut Exchange) -> Result<Outcome, Failure> {
+pub async fn dispatch(call: Call<'_>, message: Message, trace: &mut Trace) -> Result<Outcome, Failure> {
     let id = message.id.clone();
     let action = Action::read(&message).map_err(|e| e.with_id(id.clone()))?;
     if let Action::CallTool(tool) = &action {
-        ex.note_tool(tool);
+        trace.tool = Some(tool.clone());
     }
     match action {
         Action::Initialize => match call.via {
             Via::Opening => {
                 let (response, state, sealed) = super::initialize(call.app, call.server, call.caller, &message).await?;
-                ex.client.clone_from(&state.client);
                 Ok(Outcome::Opened { response, state: Box::new(state), sealed })
             }
             // A stateless client has no lifecycle; within a session, `initialize` comes once.
@@ -153,29 +161,29 @@ pub async fn dispatch(call: Call<'_>, message: Message, ex: &mut Exchange) -> Re
         }
         // Decision point (policy): whether `call.caller` may run this tool with these
         // arguments, here or after a person approves it.
-        Action::CallTool(_) => forward(call, message, ex).await,
+        Action::CallTool(_) => forward(call, message, trace).await,
         // Decision point (policy) for the listing; the answer passes the filter point below.
         Action::List(_) => {
-            let reply = forward(call, message, ex).await?;
+            let reply = forward(call, message, trace).await?;
             // Filter point: a listing shows only what the caller may use.
             Ok(reply)
         }
         // Decision point (policy): which resources, prompts and completions the caller may use.
-        Action::Resource | Action::GetPrompt | Action::Complete => forward(call, message, ex).await,
-        Action::Discover | Action::Request | Action::Notify | Action::Answer => forward(call, message, ex).await,
+        Action::Resource | Action::GetPrompt | Action::Complete => forward(call, message, trace).await,
+        Action::Discover | Action::Request | Action::Notify | Action::Answer => forward(call, message, trace).await,
     }
 }
 
 /// Sends a message on toward the upstream: the only way from a client message to an
 /// upstream connector.
-async fn forward(call: Call<'_>, message: Message, ex: &mut Exchange) -> Result<Outcome, Failure> {
+async fn forward(call: Call<'_>, message: Message, trace: &mut Trace) -> Result<Outcome, Failure> {
     let id = message.id.clone();
     // Strict durability: a call whose record could not be kept is not made at all.
     let audit = call.app.audit();
     if call.app.config().audit.enabled && audit.durability() == crate::audit::Durability::Strict && audit.is_full() {
         return Err(GatewayError::AuditFull.with_id(id));
     }
-    ex.forwarded = true;
+    trace.forwarded = true;
     let reply = match call.via {
         Via::Session(session) => relay(call.server, session, message).await?,
         Via::Stateless(_) => stateless::relay(call.app, call.server, &call.caller.id, message).await?,

@@ -13,13 +13,13 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{StatusCode, header};
 use http_body::Frame;
-use serde_json::Value;
 
 use crate::app::{AppState, Server};
 use crate::audit::{Arguments, AuditWriter, Decision, Durability, Record};
 use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
-use crate::protocol::jsonrpc::{Message, ToolCall, code, error_response};
+use crate::mcp::dispatch::Trace;
+use crate::protocol::jsonrpc::{Message, code, error_response};
 
 /// `X-Request-Id`: the gateway's id for a request, in its answer, its logs and its audit
 /// record.
@@ -39,16 +39,13 @@ pub struct Exchange {
     pub principal: Option<Principal>,
     /// `clientInfo` name and version, from the session or the request.
     pub client: Option<(String, String)>,
-    /// The tool, for `tools/call`.
-    pub tool: Option<String>,
-    /// The tool's arguments (redacted before they are stored).
-    pub arguments: Option<Value>,
+    /// What the dispatch read and did: the tool of a `tools/call` and its arguments (redacted
+    /// before they are stored), and whether the message was forwarded.
+    pub trace: Trace,
     /// Request body bytes.
     pub bytes_in: u64,
     /// How it failed, if it did: the decision and the JSON-RPC code.
     pub failure: Option<(Decision, i64)>,
-    /// Whether the message went on toward the upstream (set by `mcp::dispatch`).
-    pub forwarded: bool,
     /// The gateway's id for the HTTP request (shared by the members of a batch).
     pub request_id: String,
     /// When the exchange began.
@@ -64,7 +61,7 @@ impl std::fmt::Debug for Exchange {
         f.debug_struct("Exchange")
             .field("method", &self.method)
             .field("server", &self.server.as_ref().map(|s| &s.config.name))
-            .field("tool", &self.tool)
+            .field("tool", &self.trace.tool.as_ref().map(|t| &t.name))
             .field("request_id", &self.request_id)
             .finish_non_exhaustive()
     }
@@ -83,11 +80,9 @@ impl Exchange {
             server: None,
             principal: None,
             client: None,
-            tool: None,
-            arguments: None,
+            trace: Trace::default(),
             bytes_in: 0,
             failure: None,
-            forwarded: false,
             // The id the layers gave the HTTP request (see `layers::RequestId`).
             request_id: crate::layers::RequestId::current()
                 .map_or_else(|| uuid::Uuid::now_v7().to_string(), |id| id.to_string()),
@@ -122,12 +117,6 @@ impl Exchange {
         self.method = message.method.clone().unwrap_or_else(|| "response".to_owned());
     }
 
-    /// Notes the tool a `tools/call` runs, and its arguments.
-    pub fn note_tool(&mut self, call: &ToolCall) {
-        self.tool = Some(call.name.chars().take(256).collect());
-        self.arguments.clone_from(&call.arguments);
-    }
-
     /// Notes a failure: refusals of identity and origin are denials, the rest errors.
     pub fn note_failure(&mut self, failure: &Failure) {
         let (_, rpc) = failure.error.status_and_code(failure.id.is_some());
@@ -146,12 +135,16 @@ impl Exchange {
         let (decision, upstream_status) = match self.failure {
             Some((d, rpc)) => (d, Some(rpc)),
             // Gone before anything was forwarded: nothing reached the upstream.
-            None if status == CLIENT_GONE && !self.forwarded => (Decision::Error, None),
+            None if status == CLIENT_GONE && !self.trace.forwarded => (Decision::Error, None),
             None if status == CLIENT_GONE => (Decision::Error, Some(i64::from(CLIENT_GONE))),
             None => (Decision::Allow, Some(i64::from(status))),
         };
         let principal = self.principal.take();
         let client = self.client.take();
+        let (tool, arguments) = match self.trace.tool.take() {
+            Some(call) => (Some(call.name.chars().take(256).collect()), call.arguments),
+            None => (None, None),
+        };
         Record {
             principal_id: principal.as_ref().map(|p| p.id.clone()),
             principal_kind: principal.as_ref().map(|p| p.kind.as_str().to_owned()),
@@ -160,8 +153,8 @@ impl Exchange {
             client_name: client.as_ref().map(|c| c.0.clone()),
             client_version: client.map(|c| c.1),
             server: self.server.as_ref().map(|s| s.config.name.clone()),
-            tool: self.tool.take(),
-            arguments: self.arguments.take().map(Arguments::new).unwrap_or_else(Arguments::none),
+            tool,
+            arguments: arguments.map(Arguments::new).unwrap_or_else(Arguments::none),
             upstream_status,
             latency_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
             bytes_in: self.bytes_in,

@@ -140,8 +140,9 @@ async fn one_message(
     };
     let request_id = (message.kind == Kind::Request).then(|| message.id.clone()).flatten();
     let call = Call { app, server, caller: principal, via };
-    match dispatch(call, message, ex).await? {
-        Outcome::Opened { response, sealed, .. } => {
+    match dispatch(call, message, &mut ex.trace).await? {
+        Outcome::Opened { response, state, sealed } => {
+            ex.client = state.client;
             let mut resp = axum::Json(response).into_response();
             if let Ok(v) = HeaderValue::from_str(&sealed) {
                 resp.headers_mut().insert(SESSION_HEADER, v);

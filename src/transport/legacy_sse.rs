@@ -242,8 +242,9 @@ pub async fn message(
 async fn handle(app: &AppState, server: &Arc<Server>, conn: &Arc<Connection>, message: Message, mut ex: Exchange) {
     if message.kind == Kind::Request && message.method() == "initialize" {
         let call = Call { app, server, caller: &conn.principal, via: Via::Opening };
-        let state = match dispatch(call, message, &mut ex).await {
+        let state = match dispatch(call, message, &mut ex.trace).await {
             Ok(Outcome::Opened { response, state, .. }) => {
+                ex.client.clone_from(&state.client);
                 app.finish(ex, StatusCode::OK.into_response()).await;
                 let _ = conn.tx.send(response).await;
                 state
@@ -277,7 +278,7 @@ async fn handle(app: &AppState, server: &Arc<Server>, conn: &Arc<Connection>, me
         let timeout = server.config.request_timeout;
         let call = Call { app: &app, server: &server, caller: &conn.principal, via: Via::Session(&session) };
         let answered = tokio::time::timeout(timeout, async {
-            let reply = match dispatch(call, message, &mut ex).await? {
+            let reply = match dispatch(call, message, &mut ex.trace).await? {
                 Outcome::Reply(reply) => reply,
                 Outcome::Opened { .. } => return Ok(()),
             };
