@@ -9,21 +9,11 @@ use std::time::Duration;
 
 use base64::Engine;
 use portcullis::audit::{Verification, verify};
-use portcullis::authn::token::NewToken;
 use portcullis::keys::Key;
 use portcullis::store::Store;
 use serde_json::{Value, json};
 
 use crate::common::*;
-
-const NOW: i64 = 1_795_400_000;
-
-async fn token_for(store: &Store, name: &str) -> String {
-    store.principal_add(name, false, &[], NOW).await.expect("store").expect("added");
-    let t = NewToken::generate();
-    store.token_create(name, "laptop", &t.hash(), &None, None, NOW).await.expect("store").expect("created");
-    t.expose().to_owned()
-}
 
 fn store_url(dir: &Path) -> String {
     format!("sqlite://{}/portcullis.db", dir.display())

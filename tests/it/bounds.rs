@@ -351,11 +351,6 @@ async fn audit_outage(store: &portcullis::store::Store, on: bool) {
     portcullis::on_pool!(store, p => { sqlx::query(sql).execute(p).await.expect(sql); });
 }
 
-async fn store_of(gw: &TestGateway) -> portcullis::store::Store {
-    let url = format!("sqlite://{}", gw.dir.path().join("portcullis.db").display());
-    portcullis::store::Store::connect(&url).await.expect("the gateway's store")
-}
-
 fn echo(id: u64) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hi"}}})
 }

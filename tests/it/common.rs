@@ -358,3 +358,19 @@ pub async fn ready(client: &reqwest::Client, addr: &str) {
     }
     panic!("{addr} never became ready; last answer: {last}");
 }
+
+/// The store of a gateway started by [`TestGateway`] (its default SQLite file).
+pub async fn store_of(gw: &TestGateway) -> portcullis::store::Store {
+    portcullis::store::Store::connect(&format!("sqlite://{}/portcullis.db", gw.dir.path().display()))
+        .await
+        .expect("the gateway's store")
+}
+
+/// A user `name` and a grant token for them (all servers, no expiry).
+pub async fn token_for(store: &portcullis::store::Store, name: &str) -> String {
+    const NOW: i64 = 1_795_400_000;
+    store.principal_add(name, false, &[], NOW).await.expect("store").expect("added");
+    let t = portcullis::authn::token::NewToken::generate();
+    store.token_create(name, "laptop", &t.hash(), &None, None, NOW).await.expect("store").expect("created");
+    t.expose().to_owned()
+}

@@ -18,10 +18,6 @@ use crate::common::*;
 
 const NOW: i64 = 1_795_400_000;
 
-async fn store_of(gw: &TestGateway) -> Store {
-    Store::connect(&format!("sqlite://{}/portcullis.db", gw.dir.path().display())).await.expect("store")
-}
-
 /// A principal `name` and a grant token for it.
 async fn user_token(store: &Store, name: &str) -> String {
     store.principal_add(name, false, &[], NOW).await.expect("store").expect("added");
@@ -84,6 +80,7 @@ async fn every_answer_has_a_request_id_and_the_audit_record_has_the_same() {
         assert!(is_v7(resp.headers()["x-request-id"].to_str().expect("ascii")), "{resp:?}");
     }
     let store = store_of(&gw).await;
+    let _dir = gw.dir.clone(); // the store outlives the gateway
     gw.stop().await;
     let records = store.audit_after(0, 100).await.expect("read");
     let init = records.iter().find(|r| r.method == "initialize").expect("the initialize record");

@@ -6,24 +6,10 @@
 use std::time::Duration;
 
 use portcullis::audit::Entry as AuditRow;
-use portcullis::authn::token::NewToken;
 use portcullis::store::Store;
 use serde_json::{Value, json};
 
 use crate::common::*;
-
-const NOW: i64 = 1_795_400_000;
-
-async fn token_for(store: &Store, name: &str) -> String {
-    store.principal_add(name, false, &[], NOW).await.expect("store").expect("added");
-    let t = NewToken::generate();
-    store.token_create(name, "laptop", &t.hash(), &None, None, NOW).await.expect("store").expect("created");
-    t.expose().to_owned()
-}
-
-async fn store_of(gw: &TestGateway) -> Store {
-    Store::connect(&format!("sqlite://{}/portcullis.db", gw.dir.path().display())).await.expect("store")
-}
 
 /// Waits until the audit log holds a record `found` accepts.
 async fn record_where(store: &Store, found: impl Fn(&AuditRow) -> bool) -> AuditRow {

@@ -271,10 +271,6 @@ fn cli_config(gw: &TestGateway, provider: &Provider) -> std::path::PathBuf {
     config
 }
 
-pub(crate) async fn store_of(gw: &TestGateway) -> Store {
-    Store::connect(&format!("sqlite://{}/portcullis.db", gw.dir.path().display())).await.expect("store")
-}
-
 /// Two people connect their own accounts; each call acts as its own person (R96, R100).
 #[tokio::test(flavor = "multi_thread")]
 async fn two_people_connect_and_each_call_acts_as_its_own_person() {

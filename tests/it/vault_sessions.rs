@@ -16,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 use crate::common::*;
-use crate::vault_e2e::{Caller, Provider, connect, open_link, store_of};
+use crate::vault_e2e::{Caller, Provider, connect, open_link};
 
 /// How long any one answer of a driver may take.
 const READ: Duration = Duration::from_secs(60);
