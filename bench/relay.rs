@@ -226,10 +226,15 @@ async fn start_gateway(dir: &std::path::Path, stub: SocketAddr, full: bool) -> G
     let toml = if full {
         // No [audit] section: enabled, async durability. No `public`: a grant token is required.
         // The invalid-token arms send a flood of refused tokens from one address, which the
-        // failed-authentication limit would answer 429: it is off here.
+        // failed-authentication limit would answer 429: it is off here. `BENCH_NO_LIMITS=1`
+        // leaves the section out for builds older than `[limits]` (A/B runs).
+        let limits = match std::env::var_os("BENCH_NO_LIMITS") {
+            Some(_) => "",
+            None => "[limits]\nfailed_auth_per_minute = 0\n\n",
+        };
         format!(
             "[gateway]\nlisten = \"{addr}\"\ndata_dir = {data:?}\n\n[log]\nlevel = \"warn\"\n\n\
-             [limits]\nfailed_auth_per_minute = 0\n\n\
+             {limits}\
              [[servers]]\nname = \"stub\"\nurl = \"http://{stub}/mcp\"\n\
              auth = {{ type = \"static\", secret = \"stub-key\" }}\n"
         )
