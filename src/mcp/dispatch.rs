@@ -111,11 +111,18 @@ pub enum Action {
 }
 
 impl Action {
-    /// Reads what `message` asks for; a `tools/call` without a tool name is refused here.
+    /// Reads what `message` asks for. Refused here: a `tools/call` without a tool name, and a
+    /// "notification" (no `id`, or `id: null`) whose method is not a `notifications/…` one:
+    /// an upstream that runs such messages anyway would run them past every per-method arm.
     pub fn read(message: &Message) -> Result<Action, GatewayError> {
         Ok(match (message.kind, message.method()) {
             (Kind::Response, _) => Action::Answer,
-            (Kind::Notification, _) => Action::Notify,
+            (Kind::Notification, method) if method.starts_with("notifications/") => Action::Notify,
+            (Kind::Notification, method) => {
+                let shown: String = method.chars().take(64).collect();
+                let text = format!("`{shown}` is not a notification: a request needs an `id`");
+                return Err(GatewayError::InvalidRequest(text));
+            }
             (Kind::Request, "initialize") => Action::Initialize,
             (Kind::Request, "server/discover") => Action::Discover,
             (Kind::Request, "tools/call") => {

@@ -103,7 +103,17 @@ async fn the_gateway_reads_a_message_as_the_upstream_does_or_refuses_it() {
             "]".repeat(levels)
         )
     };
-    let refused: [(&str, Vec<u8>, i64); 6] = [
+    let refused: [(&str, Vec<u8>, i64); 8] = [
+        (
+            "a tool call without an id, as if a notification",
+            br#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"echo","arguments":{"text":"n"}}}"#.to_vec(),
+            -32600,
+        ),
+        (
+            "a tool call with a null id",
+            br#"{"jsonrpc":"2.0","id":null,"method":"tools/call","params":{"name":"echo","arguments":{"text":"n"}}}"#.to_vec(),
+            -32600,
+        ),
         (
             "a repeated key (the upstream would run the last one)",
             br#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"text":"a"},"name":"slow"}}"#.to_vec(),
@@ -193,7 +203,10 @@ async fn the_gateway_reads_a_message_as_the_upstream_does_or_refuses_it() {
     assert!(members[1].arguments.contains("first") && members[3].arguments.contains("second"));
     // The refusals are recorded as errors, with the tool the gateway could not tell.
     let refusals = records.iter().filter(|r| r.decision == "error" && r.upstream_status == Some(-32600)).count();
-    assert_eq!(refusals, 5, "two repeated keys, deep nesting, a batch on 2025-11-25, an oversized batch");
+    assert_eq!(
+        refusals, 7,
+        "two tool calls without an id, two repeated keys, deep nesting, a batch on 2025-11-25, an oversized batch"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
