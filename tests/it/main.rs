@@ -18,6 +18,7 @@ mod protocol;
 mod relay;
 mod secrets;
 mod startup;
+mod structure;
 mod upstream_auth;
 mod vault_e2e;
 mod vault_sessions;
