@@ -68,19 +68,7 @@ pub async fn read_prefix(resp: reqwest::Response, max: usize) -> Bytes {
 /// it is held as the chunks it arrived in, so refusing it frees small allocations only (a
 /// large one freed would teach the C allocator to keep such buffers for good).
 pub fn sse_body(resp: reqwest::Response, server: Arc<str>, limit: usize) -> ByteStream {
-    Box::pin(EventLimit {
-        inner: resp.bytes_stream().boxed(),
-        server,
-        limit,
-        event_bytes: 0,
-        line_start: true,
-        prev_cr: false,
-        comment: false,
-        only_comments: true,
-        held: Vec::new(),
-        ready: std::collections::VecDeque::new(),
-        failed: false,
-    })
+    Box::pin(EventLimit::new(resp.bytes_stream().boxed(), server, limit))
 }
 
 /// Parsed SSE events of a limited body.
@@ -122,6 +110,25 @@ struct EventLimit {
     /// Complete events' chunks, to pass on.
     ready: std::collections::VecDeque<Bytes>,
     failed: bool,
+}
+
+impl EventLimit {
+    /// Passes `inner`'s events on while each stays within `limit` bytes.
+    fn new(inner: Reqwest, server: Arc<str>, limit: usize) -> EventLimit {
+        EventLimit {
+            inner,
+            server,
+            limit,
+            event_bytes: 0,
+            line_start: true,
+            prev_cr: false,
+            comment: false,
+            only_comments: true,
+            held: Vec::new(),
+            ready: std::collections::VecDeque::new(),
+            failed: false,
+        }
+    }
 }
 
 impl EventLimit {
@@ -319,19 +326,7 @@ mod tests {
     use super::*;
 
     fn limit(n: usize) -> EventLimit {
-        EventLimit {
-            inner: futures::stream::empty().boxed(),
-            server: Arc::from("s"),
-            limit: n,
-            event_bytes: 0,
-            line_start: true,
-            prev_cr: false,
-            comment: false,
-            only_comments: true,
-            held: Vec::new(),
-            ready: std::collections::VecDeque::new(),
-            failed: false,
-        }
+        EventLimit::new(futures::stream::empty().boxed(), Arc::from("s"), n)
     }
 
     #[test]

@@ -159,13 +159,14 @@ async fn the_gateway_reads_a_message_as_the_upstream_does_or_refuses_it() {
         {"jsonrpc": "2.0", "id": 11, "method": "tools/list"},
         {"jsonrpc": "2.0", "id": 12, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "second"}}},
     ]);
-    let r = post(&c, &url, &batch, None)
-        .header("mcp-session-id", &old_session)
-        .header("mcp-protocol-version", "2025-03-26")
-        .bearer_auth(&token)
-        .send()
-        .await
-        .expect("sent");
+    let in_old_session = |body: &Value| {
+        post(&c, &url, body, None)
+            .header("mcp-session-id", &old_session)
+            .header("mcp-protocol-version", "2025-03-26")
+            .bearer_auth(&token)
+            .send()
+    };
+    let r = in_old_session(&batch).await.expect("sent");
     assert_eq!(r.status(), 200);
     let request_id = r.headers()["x-request-id"].to_str().expect("ascii").to_owned();
     let answers: Vec<Value> = r.json().await.expect("a batch answer");
@@ -173,13 +174,7 @@ async fn the_gateway_reads_a_message_as_the_upstream_does_or_refuses_it() {
     assert_eq!(ids, [&json!(10), &json!(11), &json!(12)]);
     // Past the limit, a batch is refused whole.
     let many: Vec<Value> = (0..33).map(|i| json!({"jsonrpc": "2.0", "id": 100 + i, "method": "ping"})).collect();
-    let r = post(&c, &url, &Value::Array(many), None)
-        .header("mcp-session-id", &old_session)
-        .header("mcp-protocol-version", "2025-03-26")
-        .bearer_auth(&token)
-        .send()
-        .await
-        .expect("sent");
+    let r = in_old_session(&Value::Array(many)).await.expect("sent");
     assert_eq!(r.status(), 400);
     let answer: Value = r.json().await.expect("json");
     assert_eq!(answer["error"]["code"], -32600, "{answer}");
