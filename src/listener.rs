@@ -14,6 +14,14 @@
 //! first bytes the `auto` builder reads to tell HTTP/1.1 from HTTP/2. A connection closed by
 //! the watcher has no request in progress.
 //!
+//! The watcher costs a request nothing beyond two clock reads (its headers' first byte, the
+//! end of its answer) and a few atomic operations: nothing wakes it. It wakes on its own, at
+//! the deadline it knows of or after the shorter of the two timeouts at the latest, and looks
+//! at what happened meanwhile. A deadline is always at least that long after the event that
+//! set it, so an event after one look is seen at the next look, before its deadline: the
+//! timeouts are kept to the millisecond, with one timer per connection and, while requests
+//! keep coming, one wake-up per period.
+//!
 //! On shutdown the loop stops accepting, asks every connection to finish gracefully (HTTP/1.1:
 //! after its current response; HTTP/2: GOAWAY) and returns once all have closed.
 
@@ -35,7 +43,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -164,10 +171,9 @@ struct Activity {
     /// When the headers now awaited began: the connection's opening, or the first byte read
     /// while no request was in progress.
     head_since: AtomicU64,
-    /// The last byte read or written.
+    /// The last byte read or written while no request was in progress, or the end of the last
+    /// request (while one is in progress, the connection is not idle whatever its bytes do).
     last_io: AtomicU64,
-    /// Wakes the watcher when the state changes in a way that moves its deadline.
-    changed: Notify,
 }
 
 impl Activity {
@@ -177,7 +183,6 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             head_since: AtomicU64::new(1),
             last_io: AtomicU64::new(1),
-            changed: Notify::new(),
         }
     }
 
@@ -189,18 +194,24 @@ impl Activity {
         self.start + Duration::from_millis(ms.saturating_sub(1))
     }
 
+    fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+    }
+
     fn read(&self) {
-        let now = self.now();
-        self.last_io.store(now, Ordering::Relaxed);
-        if self.in_flight.load(Ordering::Acquire) == 0
-            && self.head_since.compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed).is_ok()
-        {
-            self.changed.notify_one();
+        // Only the first byte of a request's headers is timed; the clock is not read for the
+        // others.
+        if self.idle() && self.head_since.load(Ordering::Acquire) == 0 {
+            let now = self.now();
+            self.last_io.store(now, Ordering::Relaxed);
+            let _ = self.head_since.compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed);
         }
     }
 
     fn wrote(&self) {
-        self.last_io.store(self.now(), Ordering::Relaxed);
+        if self.idle() {
+            self.last_io.store(self.now(), Ordering::Relaxed);
+        }
     }
 
     fn request_started(&self) {
@@ -211,30 +222,33 @@ impl Activity {
     fn request_ended(&self) {
         if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.last_io.store(self.now(), Ordering::Relaxed);
-            self.changed.notify_one();
         }
     }
 
     /// Completes when the connection has broken a timeout, with the reason.
+    ///
+    /// It looks at the connection at the deadline it knows of, and at least every `period`
+    /// (the shorter timeout). Every deadline lies at least `period` after the event that set
+    /// it (a first byte, an answer's end), so an event after one look is seen at the next,
+    /// before its deadline passes; nothing needs to wake the watcher early.
     async fn expired(&self, settings: Settings) -> &'static str {
+        let period = settings.header_read_timeout.min(settings.idle_timeout).max(Duration::from_millis(10));
+        let timer = tokio::time::sleep(period);
+        tokio::pin!(timer);
         loop {
-            let changed = self.changed.notified();
-            let (deadline, reason) = if self.in_flight.load(Ordering::Acquire) > 0 {
-                changed.await;
-                continue;
-            } else {
-                match self.head_since.load(Ordering::Acquire) {
-                    0 => (self.at(self.last_io.load(Ordering::Relaxed)) + settings.idle_timeout, "idle_timeout"),
-                    since => (self.at(since) + settings.header_read_timeout, "header_timeout"),
-                }
+            let now = Instant::now();
+            let due = match self.head_since.load(Ordering::Acquire) {
+                _ if !self.idle() => None,
+                0 => Some((self.at(self.last_io.load(Ordering::Relaxed)) + settings.idle_timeout, "idle_timeout")),
+                since => Some((self.at(since) + settings.header_read_timeout, "header_timeout")),
             };
-            if deadline <= Instant::now() {
-                return reason;
-            }
-            tokio::select! {
-                () = changed => {}
-                () = tokio::time::sleep_until(deadline) => {}
-            }
+            let next = match due {
+                Some((deadline, reason)) if deadline <= now => return reason,
+                Some((deadline, _)) => deadline.min(now + period),
+                None => now + period,
+            };
+            timer.as_mut().reset(next);
+            timer.as_mut().await;
         }
     }
 }
@@ -309,21 +323,40 @@ where
 {
     type Response = http::Response<Ended>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    type Future = Answer<S::Future>;
 
     fn call(&self, request: http::Request<Incoming>) -> Self::Future {
         self.activity.request_started();
         let ended = Ended { inner: None, activity: Some(self.activity.clone()) };
         // The layers' services are always ready (they refuse rather than wait).
         let answer = tower::Service::call(&mut self.inner.clone(), request.map(Body::new));
-        Box::pin(async move {
-            let mut ended = ended;
-            let Ok(resp) = answer.await;
-            Ok(resp.map(|body| {
-                ended.inner = Some(body);
-                ended
-            }))
-        })
+        Answer { answer, ended: Some(ended) }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The answer to one request, its body made to tell the connection when it ends.
+    struct Answer<F> {
+        #[pin]
+        answer: F,
+        ended: Option<Ended>,
+    }
+}
+
+impl<F> Future for Answer<F>
+where
+    F: Future<Output = Result<Response, Infallible>>,
+{
+    type Output = Result<http::Response<Ended>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Poll::Ready(Ok(resp)) = this.answer.poll(cx) else { return Poll::Pending };
+        let mut ended = this.ended.take().unwrap_or(Ended { inner: None, activity: None });
+        Poll::Ready(Ok(resp.map(|body| {
+            ended.inner = Some(body);
+            ended
+        })))
     }
 }
 
