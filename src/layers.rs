@@ -1,24 +1,30 @@
 //! The layers every request passes through, whatever it is for (the MCP fast path of
-//! `app::Front` included), built by one function, [`stack`]:
+//! `app::Front` included), applied by one service, [`Admit`], built by [`stack`]:
 //!
 //! 1. a request id: made (UUID v7) or, with `gateway.trust_request_id`, kept from the client's
-//!    `X-Request-Id`; put in the request's extensions, the request's tracing span, the
-//!    `X-Request-Id` response header and (through [`RequestId::current`]) the audit record;
+//!    `X-Request-Id`; put in the request's tracing span, the `X-Request-Id` response header and
+//!    (through [`RequestId::current`]) the audit record;
 //! 2. exactly one `Authorization` header, else 400;
 //! 3. the gateway-wide limit on requests in progress (503 with `Retry-After`);
 //! 4. a task-local [`Scope`] in which authentication adds the per-principal limits (429 with
 //!    `Retry-After`): requests in progress, and long-lived streams;
-//! 5. panics caught into a 500 with a JSON-RPC error body (tower-http `CatchPanic`).
+//! 5. panics caught into a 500 with a JSON-RPC error body.
 //!
 //! Permits are held until the response body ends, so a streamed answer counts for as long as
 //! it streams. The connection-level limits (open connections, header-read and idle timeouts)
 //! are in `listener`.
+//!
+//! Every request pays for these, so they are written to cost little: one allocation for the
+//! scope and one for the response body that holds the permits, atomic counters rather than
+//! semaphores, and request ids made from a counter (see [`RequestId::generate`]).
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -27,12 +33,8 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use dashmap::DashMap;
-use futures::future::BoxFuture;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use http_body::Frame;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tower_http::catch_panic::CatchPanic;
-use tracing::Instrument;
 
 use crate::authn::{Principal, PrincipalKind};
 use crate::config::Config;
@@ -46,7 +48,15 @@ const ADDRESSES_CAP: usize = 100_000;
 
 /// The id of one request, as sent back in `X-Request-Id` and written in its audit record.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestId(HeaderValue);
+pub struct RequestId(Repr);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Repr {
+    /// Made here: a UUID v7, hyphenated (ASCII), kept inline so that copies cost no allocation.
+    Made([u8; 36]),
+    /// A trusted client's own (visible ASCII, at most 128 bytes).
+    Given(HeaderValue),
+}
 
 impl RequestId {
     /// The id of the request being handled by the current task, if it came through [`stack`].
@@ -54,15 +64,49 @@ impl RequestId {
         SCOPE.try_with(|s| s.request_id.clone()).ok()
     }
 
-    /// A fresh id: a UUID v7 (time-ordered, so records sort by it).
+    /// A fresh id: a UUID v7 (RFC 9562), time-ordered, so records sort by it.
+    ///
+    /// Its 74 bits after the millisecond timestamp are a random prefix drawn once per process
+    /// (42 bits) and a counter (32 bits): ids of one process never repeat and stay in order
+    /// within a millisecond, and two replicas share a prefix with a chance of one in 4·10¹²
+    /// (RFC 9562's "fixed bit-length dedicated counter", method 1). Making one costs a clock
+    /// read and an atomic increment instead of a draw from the random generator per request.
     pub fn generate() -> RequestId {
-        let text = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).to_owned();
-        RequestId(HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("invalid")))
+        static PREFIX: OnceLock<Option<[u8; 6]>> = OnceLock::new();
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let prefix = PREFIX.get_or_init(|| {
+            let mut prefix = [0u8; 6];
+            getrandom::fill(&mut prefix).ok().map(|()| prefix)
+        });
+        let uuid = match prefix {
+            Some(p) => {
+                let n = COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+                let tail = [p[0], p[1], p[2], p[3], p[4], p[5], n[0], n[1], n[2], n[3]];
+                let millis = u64::try_from(crate::clock::Clock::system().unix_millis()).unwrap_or(0);
+                uuid::Builder::from_unix_timestamp_millis(millis, &tail).into_uuid()
+            }
+            // No randomness for the prefix: each id draws its own.
+            None => uuid::Uuid::now_v7(),
+        };
+        let mut text = [0u8; 36];
+        uuid.hyphenated().encode_lower(&mut text);
+        RequestId(Repr::Made(text))
     }
 
     /// The id as text.
     pub fn as_str(&self) -> &str {
-        self.0.to_str().unwrap_or_default()
+        match &self.0 {
+            Repr::Made(text) => std::str::from_utf8(text).unwrap_or_default(),
+            Repr::Given(value) => value.to_str().unwrap_or_default(),
+        }
+    }
+
+    /// The id as a header value.
+    pub fn header_value(&self) -> HeaderValue {
+        match &self.0 {
+            Repr::Made(text) => HeaderValue::from_bytes(text).unwrap_or_else(|_| HeaderValue::from_static("invalid")),
+            Repr::Given(value) => value.clone(),
+        }
     }
 }
 
@@ -72,7 +116,9 @@ impl std::fmt::Display for RequestId {
     }
 }
 
-/// What one request holds while it is handled, reachable from the handlers' task.
+/// What one request holds while it is handled, reachable from the handlers' task. The
+/// permits it holds are given back when it is dropped: after the response body ends (or is
+/// dropped) and the handler's future is gone.
 struct Scope {
     admission: Arc<Admission>,
     request_id: RequestId,
@@ -81,11 +127,21 @@ struct Scope {
     /// A long-lived stream (GET under `/mcp/`): counted against the stream limit, not the
     /// request limits.
     stream: bool,
-    /// Permits taken after authentication, handed to the response body at the end.
-    held: Mutex<Vec<Held>>,
+    /// Whether it holds one of the gateway-wide permits.
+    permit: bool,
+    /// The per-principal permit taken after authentication.
+    principal: OnceLock<Held>,
     /// A failed-authentication token was taken ahead of a store lookup (and is given back if
     /// the token turns out valid).
-    charged: std::sync::atomic::AtomicBool,
+    charged: AtomicBool,
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        if self.permit {
+            self.admission.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 tokio::task_local! {
@@ -95,7 +151,8 @@ tokio::task_local! {
 /// The limits' shared state, one per gateway.
 pub struct Admission {
     max_in_flight: usize,
-    in_flight: Arc<Semaphore>,
+    /// Requests in progress that hold a gateway-wide permit (streams and probes do not).
+    in_flight: AtomicUsize,
     per_principal: usize,
     principals: Counts,
     per_principal_streams: usize,
@@ -122,7 +179,7 @@ impl Admission {
         });
         Arc::new(Admission {
             max_in_flight: limits.max_in_flight,
-            in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+            in_flight: AtomicUsize::new(0),
             per_principal: limits.max_in_flight_per_principal,
             principals: Counts::default(),
             per_principal_streams: limits.max_streams_per_principal,
@@ -135,17 +192,28 @@ impl Admission {
 
     /// Requests in progress now, gateway-wide (streams and probes not counted).
     pub fn in_flight(&self) -> usize {
-        self.max_in_flight - self.in_flight.available_permits()
+        self.in_flight.load(Ordering::Acquire).min(self.max_in_flight)
+    }
+
+    /// Takes one of the gateway-wide permits, if one is left.
+    fn enter(&self) -> bool {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) < self.max_in_flight {
+            return true;
+        }
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        false
     }
 
     /// The request's id: the client's own if trusted and well formed, else a new one.
     fn request_id(&self, headers: &HeaderMap) -> RequestId {
+        if !self.trust_request_id {
+            return RequestId::generate();
+        }
         let given = headers
             .get(X_REQUEST_ID)
-            .filter(|_| self.trust_request_id)
             .filter(|v| !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic()));
         match given {
-            Some(v) => RequestId(v.clone()),
+            Some(v) => RequestId(Repr::Given(v.clone())),
             None => RequestId::generate(),
         }
     }
@@ -172,38 +240,41 @@ impl Admission {
     }
 }
 
-/// Open counts per key (a principal), each entry removed when its count falls to zero.
+/// Whom a per-principal limit counts: an anonymous caller by address, the others by id.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Who {
+    Address(IpAddr),
+    Principal(Arc<str>),
+}
+
+/// Open counts per principal, each entry removed when its count falls to zero.
 #[derive(Default, Clone)]
-struct Counts(Arc<DashMap<String, usize>>);
+struct Counts(Arc<DashMap<Who, usize>>);
 
 impl Counts {
-    fn try_enter(&self, key: &str, max: usize) -> Option<Held> {
-        let mut entry = self.0.entry(key.to_owned()).or_insert(0);
+    fn try_enter(&self, who: Who, max: usize) -> Option<Held> {
+        let mut entry = self.0.entry(who.clone()).or_insert(0);
         if *entry >= max {
             return None;
         }
         *entry += 1;
         drop(entry);
-        Some(Held::Count(self.clone(), key.to_owned()))
+        Some(Held { counts: self.clone(), who })
     }
 }
 
-/// Something a request holds until its response body ends.
-enum Held {
-    /// A gateway-wide permit.
-    Permit(#[allow(dead_code)] OwnedSemaphorePermit),
-    /// One unit of a per-key count.
-    Count(Counts, String),
+/// One unit of a per-principal count, held until the request's scope ends.
+struct Held {
+    counts: Counts,
+    who: Who,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        if let Held::Count(counts, key) = self {
-            counts.0.remove_if_mut(key.as_str(), |_, n| {
-                *n = n.saturating_sub(1);
-                *n == 0
-            });
-        }
+        self.counts.0.remove_if_mut(&self.who, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
     }
 }
 
@@ -254,23 +325,28 @@ impl Buckets {
 }
 
 /// After authentication: the per-principal limits. Outside a request scope (unit tests, or a
-/// check made by a stream's background task), nothing is limited.
+/// check made by a stream's background task), nothing is limited; within one, a principal is
+/// counted once however often its request authenticates.
 pub fn admitted(principal: &Principal) -> Result<(), GatewayError> {
     let Ok(scope) = SCOPE.try_with(Arc::clone) else { return Ok(()) };
     scope.refund();
-    let key = match principal.kind {
-        PrincipalKind::Anonymous => format!("address {}", scope.client),
-        PrincipalKind::User | PrincipalKind::Service => principal.id.clone(),
+    if scope.principal.get().is_some() {
+        return Ok(());
+    }
+    let who = match principal.kind {
+        PrincipalKind::Anonymous => Who::Address(scope.client),
+        PrincipalKind::User | PrincipalKind::Service => Who::Principal(Arc::from(principal.id.as_str())),
     };
     let a = &scope.admission;
     let (held, limit) = if scope.stream {
-        (a.streams.try_enter(&key, a.per_principal_streams), Limit::Streams)
+        (a.streams.try_enter(who, a.per_principal_streams), Limit::Streams)
     } else {
-        (a.principals.try_enter(&key, a.per_principal), Limit::Requests)
+        (a.principals.try_enter(who, a.per_principal), Limit::Requests)
     };
     match held {
         Some(held) => {
-            scope.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(held);
+            // Set once (checked above; a request is handled by one task).
+            let _ = scope.principal.set(held);
             Ok(())
         }
         None => Err(refused(limit, 1)),
@@ -297,9 +373,7 @@ pub fn before_lookup() -> Result<(), GatewayError> {
 
 /// A credential proved valid: the failure taken ahead of its lookup is given back.
 pub fn authentication_succeeded() {
-    if let Ok(scope) = SCOPE.try_with(Arc::clone) {
-        scope.refund();
-    }
+    let _ = SCOPE.try_with(|scope| scope.refund());
 }
 
 /// After a refused credential: counts the failure against the client's address (unless it was
@@ -332,31 +406,24 @@ fn refused(limit: Limit, retry_after: u64) -> GatewayError {
 }
 
 /// The production layer stack around `inner`, for one connection from `peer`.
-pub fn stack<S>(admission: Arc<Admission>, peer: SocketAddr, inner: S) -> Admit<CatchPanic<S, PanicAnswer>>
+pub fn stack<S>(admission: Arc<Admission>, peer: SocketAddr, inner: S) -> Admit<S>
 where
     S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
-    Admit { admission, peer: peer.ip(), inner: CatchPanic::custom(inner, PanicAnswer) }
+    Admit { admission, peer: peer.ip(), inner }
 }
 
 /// The answer to a request whose handler panicked: 500 with a JSON-RPC error (valid JSON on
 /// every path), counted in `portcullis_panics_total`. The connection and the process go on.
-#[derive(Debug, Clone, Copy)]
-pub struct PanicAnswer;
-
-impl tower_http::catch_panic::ResponseForPanic for PanicAnswer {
-    type ResponseBody = Body;
-
-    fn response_for_panic(&mut self, _: Box<dyn std::any::Any + Send + 'static>) -> http::Response<Body> {
-        // The payload may quote request data, so it is not logged; the request's span is.
-        tracing::error!("a request handler panicked; answered 500");
-        metrics::counter!("portcullis_panics_total").increment(1);
-        Failure::from(GatewayError::Panicked).into_response()
-    }
+fn panic_answer() -> Response {
+    // The payload may quote request data, so it is not logged; the request's span is.
+    tracing::error!("a request handler panicked; answered 500");
+    metrics::counter!("portcullis_panics_total").increment(1);
+    Failure::from(GatewayError::Panicked).into_response()
 }
 
-/// The outermost layer (see the module documentation).
+/// The layers' service (see the module documentation).
 #[derive(Clone)]
 pub struct Admit<S> {
     admission: Arc<Admission>,
@@ -364,99 +431,140 @@ pub struct Admit<S> {
     inner: S,
 }
 
-impl<S, B> tower::Service<Request> for Admit<S>
+impl<S> tower::Service<Request> for Admit<S>
 where
-    S: tower::Service<Request, Response = http::Response<B>, Error = Infallible> + Clone + Send + 'static,
+    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<axum::BoxError>,
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+    type Future = Admitted<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request) -> Self::Future {
+    fn call(&mut self, request: Request) -> Self::Future {
         let a = &self.admission;
         let id = a.request_id(request.headers());
-        request.headers_mut().insert(X_REQUEST_ID, id.0.clone());
-        request.extensions_mut().insert(id.clone());
         let span =
             tracing::info_span!("request", id = id.as_str(), method = %request.method(), path = request.uri().path());
         let path = request.uri().path();
         let stream = request.method() == Method::GET && path.starts_with("/mcp/");
         let probe = matches!(path, "/healthz" | "/readyz" | "/metrics");
-        let mut held = Vec::new();
+        let mut permit = false;
         let refusal = if request.headers().get_all(http::header::AUTHORIZATION).iter().nth(1).is_some() {
             metrics::counter!("portcullis_refusals_total", "reason" => "authorization_headers").increment(1);
             Some(GatewayError::InvalidHeader("a request must carry at most one Authorization header"))
         } else if stream || probe {
             None
+        } else if a.enter() {
+            permit = true;
+            None
         } else {
-            match a.in_flight.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    held.push(Held::Permit(permit));
-                    None
-                }
-                Err(_) => {
-                    metrics::counter!("portcullis_refusals_total", "reason" => "in_flight").increment(1);
-                    Some(GatewayError::Overloaded)
-                }
-            }
+            metrics::counter!("portcullis_refusals_total", "reason" => "in_flight").increment(1);
+            Some(GatewayError::Overloaded)
         };
         if let Some(error) = refusal {
             let mut resp = Failure::from(error).into_response();
-            resp.headers_mut().insert(X_REQUEST_ID, id.0);
-            return Box::pin(std::future::ready(Ok(resp)));
+            resp.headers_mut().insert(X_REQUEST_ID, id.header_value());
+            return Admitted { handler: None, scope: None, answer: Some(resp), span };
         }
         let scope = Arc::new(Scope {
             admission: a.clone(),
-            request_id: id.clone(),
+            request_id: id,
             client: a.client_address(self.peer, request.headers()),
             stream,
-            held: Mutex::new(held),
-            charged: std::sync::atomic::AtomicBool::new(false),
+            permit,
+            principal: OnceLock::new(),
+            charged: AtomicBool::new(false),
         });
-        let inner = self.inner.call(request);
-        let handled = SCOPE.scope(scope.clone(), inner);
-        Box::pin(
-            async move {
-                let Ok(resp) = handled.await;
-                let (mut parts, body) = resp.into_parts();
-                parts.headers.insert(X_REQUEST_ID, id.0);
-                let held = std::mem::take(&mut *scope.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-                let body = if held.is_empty() { Body::new(body) } else { Body::new(Holding { inner: body, held }) };
-                Ok(Response::from_parts(parts, body))
+        let called = {
+            let _entered = span.enter();
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(request)))
+        };
+        match called {
+            Ok(handler) => {
+                Admitted { handler: Some(SCOPE.scope(scope.clone(), handler)), scope: Some(scope), answer: None, span }
             }
-            .instrument(span),
-        )
+            Err(_) => Admitted { handler: None, scope: None, answer: Some(finished(panic_answer(), scope)), span },
+        }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// A response body that keeps its request's permits until it ends or is dropped.
-    struct Holding<B> {
+    /// The answer of [`Admit`]: a refusal, or the handler's answer, made within the request's
+    /// scope and span, panics caught, with the request's permits handed to its body.
+    pub struct Admitted<F> {
         #[pin]
-        inner: B,
-        held: Vec<Held>,
+        handler: Option<tokio::task::futures::TaskLocalFuture<Arc<Scope>, F>>,
+        scope: Option<Arc<Scope>>,
+        answer: Option<Response>,
+        span: tracing::Span,
     }
 }
 
-impl<B> http_body::Body for Holding<B>
+impl<F> Future for Admitted<F>
 where
-    B: http_body::Body<Data = Bytes>,
+    F: Future<Output = Result<Response, Infallible>>,
 {
-    type Data = Bytes;
-    type Error = B::Error;
+    type Output = Result<Response, Infallible>;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Response, Infallible>> {
+        let mut this = self.project();
+        if let Some(answer) = this.answer.take() {
+            return Poll::Ready(Ok(answer));
+        }
+        let _entered = this.span.enter();
+        let Some(handler) = this.handler.as_mut().as_pin_mut() else {
+            // Polled again after its answer: there is none left to give.
+            return Poll::Ready(Ok(panic_answer()));
+        };
+        let answer = match std::panic::catch_unwind(AssertUnwindSafe(|| handler.poll(cx))) {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(Ok(answer))) => answer,
+            Err(_) => panic_answer(),
+        };
+        // The handler's future goes now, with its reference to the scope: the body's is the
+        // last, so the permits are given back when the body ends.
+        this.handler.set(None);
+        let answer = match this.scope.take() {
+            Some(scope) => finished(answer, scope),
+            None => answer,
+        };
+        Poll::Ready(Ok(answer))
+    }
+}
+
+/// The request's answer, with its id and, if it holds permits, a body that holds them until
+/// it ends.
+fn finished(mut answer: Response, scope: Arc<Scope>) -> Response {
+    answer.headers_mut().insert(X_REQUEST_ID, scope.request_id.header_value());
+    if !scope.permit && scope.principal.get().is_none() {
+        return answer;
+    }
+    answer.map(|body| Body::new(Holding { inner: body, scope: Some(scope) }))
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request's scope, and so its permits, until it ends or
+    /// is dropped.
+    struct Holding {
+        #[pin]
+        inner: Body,
+        scope: Option<Arc<Scope>>,
+    }
+}
+
+impl http_body::Body for Holding {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
         if let Poll::Ready(None) = polled {
-            this.held.clear();
+            this.scope.take();
         }
         polled
     }

@@ -18,6 +18,7 @@ use crate::app::{AppState, Server};
 use crate::audit::{Arguments, AuditWriter, Decision, Durability, Record};
 use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
+use crate::layers::RequestId;
 use crate::mcp::dispatch::Trace;
 use crate::protocol::jsonrpc::{Message, code, error_response};
 
@@ -47,7 +48,9 @@ pub struct Exchange {
     /// How it failed, if it did: the decision and the JSON-RPC code.
     pub failure: Option<(Decision, i64)>,
     /// The gateway's id for the HTTP request (shared by the members of a batch).
-    pub request_id: String,
+    pub request_id: RequestId,
+    /// Whether the id came from the layers, which send it back in `X-Request-Id` themselves.
+    layered: bool,
     /// When the exchange began.
     started: Instant,
     /// When it began, for the record.
@@ -62,7 +65,7 @@ impl std::fmt::Debug for Exchange {
             .field("method", &self.method)
             .field("server", &self.server.as_ref().map(|s| &s.config.name))
             .field("tool", &self.trace.tool.as_ref().map(|t| &t.name))
-            .field("request_id", &self.request_id)
+            .field("request_id", &self.request_id.as_str())
             .finish_non_exhaustive()
     }
 }
@@ -74,6 +77,8 @@ pub const CLIENT_GONE: u16 = 499;
 impl Exchange {
     /// An exchange beginning now, whose method is not known yet (`metric` is used until it is).
     pub fn new(app: &AppState, metric: &'static str) -> Exchange {
+        // The id the layers gave the HTTP request (see `layers::RequestId`).
+        let layered = RequestId::current();
         Exchange {
             metric,
             method: metric.to_owned(),
@@ -83,9 +88,8 @@ impl Exchange {
             trace: Trace::default(),
             bytes_in: 0,
             failure: None,
-            // The id the layers gave the HTTP request (see `layers::RequestId`).
-            request_id: crate::layers::RequestId::current()
-                .map_or_else(|| uuid::Uuid::now_v7().to_string(), |id| id.to_string()),
+            layered: layered.is_some(),
+            request_id: layered.unwrap_or_else(RequestId::generate),
             started: Instant::now(),
             time_ms: app.clock().unix_millis(),
             open: Some(app.clone()),
@@ -159,7 +163,7 @@ impl Exchange {
             latency_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
             bytes_in: self.bytes_in,
             bytes_out,
-            ..Record::new(self.time_ms, self.request_id.clone(), std::mem::take(&mut self.method), decision)
+            ..Record::new(self.time_ms, self.request_id.as_str().to_owned(), std::mem::take(&mut self.method), decision)
         }
     }
 }
@@ -192,8 +196,8 @@ impl AppState {
     /// answer waits for the record to be durable, and becomes an error if it cannot be.
     pub async fn finish(&self, mut ex: Exchange, mut resp: Response) -> Response {
         ex.open = None;
-        if let Ok(v) = http::HeaderValue::from_str(&ex.request_id) {
-            resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+        if !ex.layered {
+            resp.headers_mut().insert(REQUEST_ID_HEADER, ex.request_id.header_value());
         }
         let started = ex.started;
         self.observe(ex.server.as_deref(), ex.metric, resp.status(), started);

@@ -207,9 +207,7 @@ async fn batch(
         true => StatusCode::ACCEPTED.into_response(),
         false => axum::Json(answers).into_response(),
     };
-    if let Ok(v) = HeaderValue::from_str(&ex.request_id) {
-        resp.headers_mut().insert(super::exchange::REQUEST_ID_HEADER, v);
-    }
+    resp.headers_mut().insert(super::exchange::REQUEST_ID_HEADER, ex.request_id.header_value());
     Ok(resp)
 }
 

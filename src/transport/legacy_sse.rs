@@ -222,9 +222,7 @@ pub async fn message(
     match result {
         Ok(mut resp) => {
             // Each message leaves its own record.
-            if let Ok(v) = http::HeaderValue::from_str(&ex.request_id) {
-                resp.headers_mut().insert(super::exchange::REQUEST_ID_HEADER, v);
-            }
+            resp.headers_mut().insert(super::exchange::REQUEST_ID_HEADER, ex.request_id.header_value());
             ex.settle();
             resp
         }
