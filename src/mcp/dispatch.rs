@@ -145,16 +145,22 @@ impl Action {
 
 /// Dispatches one client message: reads it, takes the per-method steps, and forwards it.
 /// Everything a client sends to an upstream passes here, once per JSON-RPC message.
+///
+/// The paths most messages do not take (opening a session, the stateless revision, servers
+/// with upstream OAuth) are boxed, so that the future of the common one, a message relayed
+/// within a session, stays small: it is built and moved for every message.
 pub async fn dispatch(call: Call<'_>, message: Message, trace: &mut Trace) -> Result<Outcome, Failure> {
     let id = message.id.clone();
-    let action = Action::read(&message).map_err(|e| e.with_id(id.clone()))?;
-    if let Action::CallTool(tool) = &action {
-        trace.tool = Some(tool.clone());
+    let mut action = Action::read(&message).map_err(|e| e.with_id(id.clone()))?;
+    if let Action::CallTool(tool) = &mut action {
+        // The trace keeps the one reading; the arm below needs only to know it is a call.
+        trace.tool = Some(ToolCall { name: std::mem::take(&mut tool.name), arguments: tool.arguments.take() });
     }
     match action {
         Action::Initialize => match call.via {
             Via::Opening => {
-                let (response, state, sealed) = super::initialize(call.app, call.server, call.caller, &message).await?;
+                let opened = Box::pin(super::initialize(call.app, call.server, call.caller, &message));
+                let (response, state, sealed) = opened.await?;
                 Ok(Outcome::Opened { response, state: Box::new(state), sealed })
             }
             // A stateless client has no lifecycle; within a session, `initialize` comes once.
@@ -164,7 +170,7 @@ pub async fn dispatch(call: Call<'_>, message: Message, trace: &mut Trace) -> Re
             }
         },
         Action::Discover if matches!(call.via, Via::Stateless(_)) => {
-            stateless::discover(call.app, call.server, &call.caller.id, id.as_ref()).await.map(Outcome::Reply)
+            Box::pin(stateless::discover(call.app, call.server, &call.caller.id, id.as_ref())).await.map(Outcome::Reply)
         }
         // Decision point (policy): whether `call.caller` may run this tool with these
         // arguments, here or after a person approves it.
@@ -193,7 +199,7 @@ async fn forward(call: Call<'_>, message: Message, trace: &mut Trace) -> Result<
     trace.forwarded = true;
     let reply = match call.via {
         Via::Session(session) => relay(call.server, session, message).await?,
-        Via::Stateless(_) => stateless::relay(call.app, call.server, &call.caller.id, message).await?,
+        Via::Stateless(_) => Box::pin(stateless::relay(call.app, call.server, &call.caller.id, message)).await?,
         Via::Opening => return Err(GatewayError::MissingSession.with_id(id)),
     };
     Ok(Outcome::Reply(reply))
@@ -204,7 +210,7 @@ async fn relay(server: &Server, session: &SessionState, message: Message) -> Res
     let id = message.id.clone();
     let tool_call = message.method() == "tools/call";
     let sent = match server.continuity() {
-        Some(continuity) => match relay_continued(server, continuity, session, message).await? {
+        Some(continuity) => match Box::pin(relay_continued(server, continuity, session, message)).await? {
             Relayed::Sent(sent) => sent,
             Relayed::Answered(reply) => return Ok(reply),
         },
