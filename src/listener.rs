@@ -30,8 +30,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -143,23 +143,84 @@ where
     builder.http1().header_read_timeout(None);
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
+    // The watcher and the shutdown signal wake rarely; the connection's task wakes several
+    // times per request. They are polled only when they woke it themselves.
+    let ending = OnWake::new(async {
+        tokio::select! {
+            reason = activity.expired(settings) => Some(reason),
+            () = shutdown.cancelled() => None,
+        }
+    });
+    tokio::pin!(ending);
     let closed = tokio::select! {
+        biased;
         r = conn.as_mut() => {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             return;
         }
-        reason = activity.expired(settings) => reason,
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+        ending = ending => match ending {
+            Some(reason) => reason,
+            None => {
+                conn.as_mut().graceful_shutdown();
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
             }
-            return;
-        }
+        },
     };
     metrics::counter!("portcullis_connections_closed_total", "reason" => closed).increment(1);
+}
+
+pin_project_lite::pin_project! {
+    /// A future polled only on its first poll and after it woke its task itself, not each
+    /// time something else in the same task did.
+    struct OnWake<F> {
+        #[pin]
+        inner: F,
+        flag: Arc<WakeFlag>,
+        waker: Waker,
+    }
+}
+
+/// Whether an [`OnWake`] future woke its task, and the task to wake.
+struct WakeFlag {
+    woken: AtomicBool,
+    task: futures::task::AtomicWaker,
+}
+
+impl std::task::Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F> OnWake<F> {
+    fn new(inner: F) -> OnWake<F> {
+        let flag = Arc::new(WakeFlag { woken: AtomicBool::new(true), task: futures::task::AtomicWaker::new() });
+        OnWake { inner, waker: Waker::from(flag.clone()), flag }
+    }
+}
+
+impl<F: Future> Future for OnWake<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        // Registered before the flag is read, so a wake in between is not lost.
+        this.flag.task.register(cx.waker());
+        if !this.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        this.inner.poll(&mut Context::from_waker(this.waker))
+    }
 }
 
 /// What a connection is doing, shared by its socket, its service and its watcher. Times are
