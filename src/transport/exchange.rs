@@ -217,7 +217,19 @@ impl AppState {
             let pending = Pending { record, writer: self.audit().clone(), started };
             return Response::from_parts(parts, Body::new(Metered { inner: body, bytes: 0, pending: Some(pending) }));
         }
-        match self.audit().write(record).await {
+        // Async durability hands the record over and answers at once; strict waits for its
+        // commit, boxed so that the common case's future does not carry that wait.
+        let written = match self.audit().durability() {
+            Durability::Async => {
+                self.audit().record(record);
+                Ok(())
+            }
+            Durability::Strict => {
+                let durable = Box::pin(self.audit().write(record));
+                durable.await
+            }
+        };
+        match written {
             Ok(()) => resp,
             Err(crate::audit::AuditError::Full) => {
                 // The store is behind: the call is refused until the queue drains.

@@ -40,10 +40,11 @@ pub enum Target<'a> {
 /// ahead of axum's router (see `app::Front`).
 pub async fn direct(app: &AppState, server: &Arc<Server>, request: Request) -> Response {
     let target = Target::Server(server);
+    // GET and DELETE come once per session; boxed, their futures are not part of every POST's.
     match *request.method() {
         Method::POST => post_to(app, target, request).await,
-        Method::GET => get_from(app, target, request).await,
-        _ => delete_at(app, target, request).await,
+        Method::GET => Box::pin(get_from(app, target, request)).await,
+        _ => Box::pin(delete_at(app, target, request)).await,
     }
 }
 
@@ -99,12 +100,14 @@ async fn post_steps(
     match jsonrpc::Body::parse(bytes, app.config().gateway.max_batch)? {
         jsonrpc::Body::Single(message) => {
             ex.note_message(&message, metric_method(message.method()));
-            Box::pin(one_message(app, &server, &principal, headers, message, ex)).await.map(Posted::Answered)
+            let answered = Box::pin(one_message(app, &server, &principal, headers, message, ex));
+            answered.await.map(Posted::Answered)
         }
         jsonrpc::Body::Batch(messages) => {
             ex.metric = "batch";
             ex.method = "batch".to_owned();
-            Box::pin(batch(app, &server, &principal, headers, messages, ex)).await.map(Posted::Batch)
+            let answered = Box::pin(batch(app, &server, &principal, headers, messages, ex));
+            answered.await.map(Posted::Batch)
         }
     }
 }
@@ -301,7 +304,7 @@ pub(super) async fn admit(
         Target::Name(name) => match app.server(name) {
             Ok(server) => server,
             // Unauthenticated callers get the challenge a configured server gives.
-            Err(unknown) => return Err(authn::unknown_server(app, headers, unknown).await),
+            Err(unknown) => return Err(Box::pin(authn::unknown_server(app, headers, unknown)).await),
         },
     };
     ex.server = Some(server.clone());
@@ -342,13 +345,19 @@ pub(super) fn check_accept(headers: &HeaderMap, stream: bool) -> Result<(), Gate
     let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
         return Ok(());
     };
-    let has = |t: &str| {
-        accept.split(',').any(|part| {
-            let m = part.split(';').next().unwrap_or("").trim();
-            m.eq_ignore_ascii_case(t) || m == "*/*"
-        })
-    };
-    match (stream, has("text/event-stream"), has("application/json")) {
+    // One pass over the media ranges for both types.
+    let (mut sse, mut json) = (false, false);
+    for part in accept.split(',') {
+        let m = part.split(';').next().unwrap_or("").trim();
+        if m == "*/*" {
+            (sse, json) = (true, true);
+        } else if m.eq_ignore_ascii_case("text/event-stream") {
+            sse = true;
+        } else if m.eq_ignore_ascii_case("application/json") {
+            json = true;
+        }
+    }
+    match (stream, sse, json) {
         (true, true, _) => Ok(()),
         (true, false, _) => Err(GatewayError::NotAcceptable("GET needs Accept: text/event-stream")),
         (false, true, _) | (false, _, true) => Ok(()),
@@ -359,13 +368,27 @@ pub(super) fn check_accept(headers: &HeaderMap, stream: bool) -> Result<(), Gate
 }
 
 pub(super) async fn read_body(body: Body, limit: usize) -> Result<Bytes, GatewayError> {
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            Err(GatewayError::PayloadTooLarge(limit))
+    let mut body = http_body_util::Limited::new(body, limit);
+    // The first piece is kept as it came: most requests arrive in one, which then costs no
+    // copy. Pieces are joined only when a second one comes; trailers are ignored.
+    let mut first: Option<Bytes> = None;
+    let mut joined = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| match e.downcast_ref::<http_body_util::LengthLimitError>() {
+            Some(_) => GatewayError::PayloadTooLarge(limit),
+            None => GatewayError::BodyRead,
+        })?;
+        let Ok(data) = frame.into_data() else { continue };
+        match first.take() {
+            None if joined.is_empty() => first = Some(data),
+            None => joined.extend_from_slice(&data),
+            Some(piece) => {
+                joined.extend_from_slice(&piece);
+                joined.extend_from_slice(&data);
+            }
         }
-        Err(_) => Err(GatewayError::BodyRead),
     }
+    Ok(first.unwrap_or_else(|| joined.freeze()))
 }
 
 /// The method label for metrics: known MCP methods by name, anything else as `other`.
