@@ -150,7 +150,8 @@ async fn lookup(app: &AppState, hash: &[u8; 32]) -> Result<Option<TokenAuth>, Ga
     crate::layers::before_lookup()?;
     let epoch = app.tokens().epoch();
     metrics::counter!("portcullis_token_lookups_total").increment(1);
-    let found = app.store().token_lookup(hash).await.map_err(|e| {
+    // Boxed: a store query makes a large future, which every request's would otherwise carry.
+    let found = Box::pin(app.store().token_lookup(hash)).await.map_err(|e| {
         tracing::error!(error = %e, "token lookup failed");
         GatewayError::StoreUnavailable
     })?;

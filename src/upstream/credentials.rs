@@ -96,7 +96,8 @@ impl Credentials {
     ) -> Result<Option<(HeaderName, HeaderValue)>, UpstreamError> {
         if let UpstreamAuth::OAuth(_) = auth {
             let vault = self.vault_for(server)?;
-            return match vault.token(server, caller).await {
+            // Boxed: a token refresh makes a large future, which every request's would carry.
+            return match Box::pin(vault.token(server, caller)).await {
                 Ok((token, _)) => Ok(Some(bearer(server, &token)?)),
                 Err(VaultError::NotConnected { .. } | VaultError::NeedsReconnect { .. }) => Ok(None),
                 Err(e) => Err(vault_error(server, e)),

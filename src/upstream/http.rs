@@ -97,6 +97,17 @@ impl HttpUpstream {
         if !matches!(self.auth, crate::config::UpstreamAuth::OAuth(_)) {
             return self.client.execute(req).await.map_err(|e| self.unreachable(&e));
         }
+        // Boxed: the refresh and retry make a large future, which every request's future
+        // would otherwise carry.
+        Box::pin(self.execute_authorized(req, caller)).await
+    }
+
+    /// [`Self::execute`] for an OAuth upstream.
+    async fn execute_authorized(
+        &self,
+        req: reqwest::Request,
+        caller: &str,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let again = req.try_clone();
         let sent = req.headers().get(header::AUTHORIZATION).cloned();
         let resp = self.client.execute(req).await.map_err(|e| self.unreachable(&e))?;
@@ -251,7 +262,7 @@ impl HttpUpstream {
     /// POSTs one client message and relays the answer.
     pub async fn send(&self, session: &SessionState, message: Message) -> Result<Reply, UpstreamError> {
         if session.upstream_protocol == version::STATELESS {
-            return self.send_stateless(session, message).await;
+            return Box::pin(self.send_stateless(session, message)).await;
         }
         let req = self
             .request(reqwest::Method::POST, Some(session), &session.subject)

@@ -37,16 +37,29 @@ pub async fn read_body(resp: reqwest::Response, server: &str, limit: usize) -> R
         return Err(too_large(server, limit));
     }
     let capacity = resp.content_length().map_or(0, |n| usize::try_from(n).unwrap_or(0));
-    let mut buf = BytesMut::with_capacity(capacity);
     let mut body = resp.bytes_stream();
+    // The first piece is kept as it came: most answers arrive in one, which then costs no
+    // copy. Pieces are joined only when a second one comes.
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    let mut len = 0;
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| read_error(server, &e))?;
-        if buf.len() + chunk.len() > limit {
+        len += chunk.len();
+        if len > limit {
             return Err(too_large(server, limit));
         }
-        buf.extend_from_slice(&chunk);
+        match first.take() {
+            None if buf.is_empty() => first = Some(chunk),
+            None => buf.extend_from_slice(&chunk),
+            Some(piece) => {
+                buf.reserve(capacity.max(len));
+                buf.extend_from_slice(&piece);
+                buf.extend_from_slice(&chunk);
+            }
+        }
     }
-    Ok(buf.freeze())
+    Ok(first.unwrap_or_else(|| buf.freeze()))
 }
 
 /// Reads at most `max` bytes of a body (for error excerpts); the rest is never read.

@@ -131,7 +131,7 @@ impl StdioUpstream {
     /// token when the token changed) if needed.
     async fn running(&self, caller: &str) -> Result<(Arc<Mux>, Value), UpstreamError> {
         let token = match self.oauth() {
-            Some(_) => Some(self.credentials.env_token(&self.name, caller).await?),
+            Some(_) => Some(Box::pin(self.credentials.env_token(&self.name, caller)).await?),
             None => None,
         };
         let fingerprint = token.as_ref().map(|t| {
@@ -164,7 +164,9 @@ impl StdioUpstream {
             }
         }
         slot.last_start = Some(Instant::now());
-        let running = match tokio::time::timeout(self.start_timeout, self.start(token.as_ref())).await {
+        // Boxed, as the token above: starting a process makes a large future, which every
+        // message's future would otherwise carry.
+        let running = match tokio::time::timeout(self.start_timeout, Box::pin(self.start(token.as_ref()))).await {
             Ok(r) => r,
             Err(_) => Err(self.process_error(format!(
                 "did not start and initialize within {} (start_timeout)",
