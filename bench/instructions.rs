@@ -533,6 +533,12 @@ impl Profile {
         own + out
     }
 
+    /// The instructions executed in functions whose name contains `module`: their own code
+    /// and what was inlined into them, not what they call.
+    fn own_of(&self, module: &str) -> u64 {
+        self.own.iter().filter(|(f, _)| f.contains(module)).map(|(_, c)| c).sum()
+    }
+
     /// The cost of the first set of `choice` whose every pattern is found; a choice of one set
     /// is that set's cost, whichever of its patterns are found.
     fn choice(&self, choice: Choice) -> u64 {
@@ -572,8 +578,54 @@ fn table(columns: &[(String, Profile)], requests: usize) -> String {
     o.push_str(&format!("| everything else: tokio's scheduler and timers, other tasks | {} |\n", rest.join(" | ")));
     let totals: Vec<String> = columns.iter().map(|(_, p)| format!("**{}**", per(p.total))).collect();
     o.push_str(&format!("| **total** | {} |\n", totals.join(" | ")));
+    o.push_str(&format!(
+        "\nOwn instructions of the modules on the request path (executed in their functions, code the compiler \
+         inlined into them included, what they call excluded; not additive with the parts above):\n\n\
+         | module | {} |\n|---|{}\n",
+        columns.iter().map(|c| c.0.as_str()).collect::<Vec<_>>().join(" | "),
+        "--:|".repeat(columns.len())
+    ));
+    for module in MODULES {
+        let costs: Vec<String> = columns.iter().map(|(_, p)| per(p.own_of(module))).collect();
+        o.push_str(&format!("| `{module}` | {} |\n", costs.join(" | ")));
+    }
+    o.push_str(&format!(
+        "\nSteps of the layers, each with what it calls (part of the layers' rows above):\n\n| step | {} |\n|---|{}\n",
+        columns.iter().map(|c| c.0.as_str()).collect::<Vec<_>>().join(" | "),
+        "--:|".repeat(columns.len())
+    ));
+    for (step, choice) in LAYER_STEPS {
+        let costs: Vec<String> = columns.iter().map(|(_, p)| per(p.choice(choice))).collect();
+        o.push_str(&format!("| {step} | {} |\n", costs.join(" | ")));
+    }
     o
 }
+
+/// Modules whose own instructions the report shows (see [`Profile::own_of`]): those of
+/// issue 17's pipeline, and the reading before it.
+const MODULES: &[&str] = &[
+    "portcullis::listener::",
+    "portcullis::layers::",
+    "portcullis::protocol::jsonrpc::",
+    "portcullis::transport::jsonrpc::",
+    "portcullis::mcp::dispatch::",
+    "portcullis::transport::exchange::",
+];
+
+/// Steps of the layers, each with what it calls (inclusive), shown apart; they are part of
+/// the layers' rows above.
+const LAYER_STEPS: &[(&str, Choice)] = &[
+    ("request id made (`RequestId::generate`)", &[&["portcullis::layers::RequestId::generate"]]),
+    (
+        "answer finished: `X-Request-Id` set, permits handed to the body (`layers::finished`)",
+        &[&["portcullis::layers::finished"]],
+    ),
+    ("per-principal permit taken (`layers::admitted`)", &[&["portcullis::layers::admitted"]]),
+    (
+        "permits given back when the body ends (the scope dropped)",
+        &[&["core::ptr::drop_in_place<portcullis::layers::", "<portcullis::layers::Held as core::ops::drop::Drop>"]],
+    ),
+];
 
 fn main() {
     let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
