@@ -436,7 +436,7 @@ where
     S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
-    type Response = Response;
+    type Response = http::Response<Holding>;
     type Error = Infallible;
     type Future = Admitted<S::Future>;
 
@@ -468,7 +468,7 @@ where
         if let Some(error) = refusal {
             let mut resp = Failure::from(error).into_response();
             resp.headers_mut().insert(X_REQUEST_ID, id.header_value());
-            return Admitted { handler: None, scope: None, answer: Some(resp), span };
+            return Admitted { handler: None, scope: None, answer: Some(Holding::free(resp)), span };
         }
         let scope = Arc::new(Scope {
             admission: a.clone(),
@@ -499,7 +499,7 @@ pin_project_lite::pin_project! {
         #[pin]
         handler: Option<tokio::task::futures::TaskLocalFuture<Arc<Scope>, F>>,
         scope: Option<Arc<Scope>>,
-        answer: Option<Response>,
+        answer: Option<http::Response<Holding>>,
         span: tracing::Span,
     }
 }
@@ -508,9 +508,9 @@ impl<F> Future for Admitted<F>
 where
     F: Future<Output = Result<Response, Infallible>>,
 {
-    type Output = Result<Response, Infallible>;
+    type Output = Result<http::Response<Holding>, Infallible>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Response, Infallible>> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         if let Some(answer) = this.answer.take() {
             return Poll::Ready(Ok(answer));
@@ -518,7 +518,7 @@ where
         let _entered = this.span.enter();
         let Some(handler) = this.handler.as_mut().as_pin_mut() else {
             // Polled again after its answer: there is none left to give.
-            return Poll::Ready(Ok(panic_answer()));
+            return Poll::Ready(Ok(Holding::free(panic_answer())));
         };
         let answer = match std::panic::catch_unwind(AssertUnwindSafe(|| handler.poll(cx))) {
             Ok(Poll::Pending) => return Poll::Pending,
@@ -530,29 +530,34 @@ where
         this.handler.set(None);
         let answer = match this.scope.take() {
             Some(scope) => finished(answer, scope),
-            None => answer,
+            None => Holding::free(answer),
         };
         Poll::Ready(Ok(answer))
     }
 }
 
-/// The request's answer, with its id and, if it holds permits, a body that holds them until
-/// it ends.
-fn finished(mut answer: Response, scope: Arc<Scope>) -> Response {
+/// The request's answer, with its id and a body that holds its permits, if any, until it
+/// ends.
+fn finished(mut answer: Response, scope: Arc<Scope>) -> http::Response<Holding> {
     answer.headers_mut().insert(X_REQUEST_ID, scope.request_id.header_value());
-    if !scope.permit && scope.principal.get().is_none() {
-        return answer;
-    }
-    answer.map(|body| Body::new(Holding { inner: body, scope: Some(scope) }))
+    let scope = (scope.permit || scope.principal.get().is_some()).then_some(scope);
+    answer.map(|body| Holding { inner: body, scope })
 }
 
 pin_project_lite::pin_project! {
-    /// A response body that keeps its request's scope, and so its permits, until it ends or
-    /// is dropped.
-    struct Holding {
+    /// The body of an answer that came through the layers: it keeps its request's scope, and
+    /// so its permits, until it ends or is dropped.
+    pub struct Holding {
         #[pin]
         inner: Body,
         scope: Option<Arc<Scope>>,
+    }
+}
+
+impl Holding {
+    /// An answer that holds nothing.
+    fn free(answer: Response) -> http::Response<Holding> {
+        answer.map(|body| Holding { inner: body, scope: None })
     }
 }
 

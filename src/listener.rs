@@ -36,7 +36,6 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::response::Response;
 use bytes::Bytes;
 use http_body::Frame;
 use hyper::body::Incoming;
@@ -71,11 +70,13 @@ impl From<&Limits> for Settings {
 
 /// Serves `listener` until `shutdown` is cancelled and every connection has closed. `service`
 /// makes the service of one connection from its peer's address (see `layers::stack`).
-pub async fn serve<M, S>(listener: TcpListener, settings: Settings, service: M, shutdown: CancellationToken)
+pub async fn serve<M, S, B>(listener: TcpListener, settings: Settings, service: M, shutdown: CancellationToken)
 where
     M: Fn(SocketAddr) -> S,
-    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S: tower::Service<Request, Response = http::Response<B>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<axum::BoxError>,
 {
     let open = Arc::new(AtomicUsize::new(0));
     let gauge = metrics::gauge!("portcullis_connections_open");
@@ -131,10 +132,12 @@ impl Drop for Slot {
     }
 }
 
-async fn connection<S>(stream: TcpStream, settings: Settings, service: S, shutdown: CancellationToken, _slot: Slot)
+async fn connection<S, B>(stream: TcpStream, settings: Settings, service: S, shutdown: CancellationToken, _slot: Slot)
 where
-    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S: tower::Service<Request, Response = http::Response<B>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<axum::BoxError>,
 {
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Watched { inner: stream, activity: activity.clone() });
@@ -377,14 +380,14 @@ struct Tracked<S> {
     activity: Arc<Activity>,
 }
 
-impl<S> hyper::service::Service<http::Request<Incoming>> for Tracked<S>
+impl<S, B> hyper::service::Service<http::Request<Incoming>> for Tracked<S>
 where
-    S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S: tower::Service<Request, Response = http::Response<B>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
-    type Response = http::Response<Ended>;
+    type Response = http::Response<Ended<B>>;
     type Error = Infallible;
-    type Future = Answer<S::Future>;
+    type Future = Answer<S::Future, B>;
 
     fn call(&self, request: http::Request<Incoming>) -> Self::Future {
         self.activity.request_started();
@@ -397,18 +400,18 @@ where
 
 pin_project_lite::pin_project! {
     /// The answer to one request, its body made to tell the connection when it ends.
-    struct Answer<F> {
+    struct Answer<F, B> {
         #[pin]
         answer: F,
-        ended: Option<Ended>,
+        ended: Option<Ended<B>>,
     }
 }
 
-impl<F> Future for Answer<F>
+impl<F, B> Future for Answer<F, B>
 where
-    F: Future<Output = Result<Response, Infallible>>,
+    F: Future<Output = Result<http::Response<B>, Infallible>>,
 {
-    type Output = Result<http::Response<Ended>, Infallible>;
+    type Output = Result<http::Response<Ended<B>>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -423,12 +426,12 @@ where
 
 /// A response body that tells the connection's [`Activity`] when it ends (or, if the answer
 /// never came, when the request is dropped).
-struct Ended {
-    inner: Option<Body>,
+struct Ended<B> {
+    inner: Option<B>,
     activity: Option<Arc<Activity>>,
 }
 
-impl Ended {
+impl<B> Ended<B> {
     fn end(&mut self) {
         if let Some(a) = self.activity.take() {
             a.request_ended();
@@ -436,17 +439,20 @@ impl Ended {
     }
 }
 
-impl Drop for Ended {
+impl<B> Drop for Ended<B> {
     fn drop(&mut self) {
         self.end();
     }
 }
 
-impl http_body::Body for Ended {
+impl<B> http_body::Body for Ended<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
     type Data = Bytes;
-    type Error = axum::Error;
+    type Error = B::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let Some(inner) = self.inner.as_mut() else { return Poll::Ready(None) };
         let polled = Pin::new(inner).poll_frame(cx);
         if let Poll::Ready(None) = polled {
