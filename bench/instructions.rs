@@ -622,8 +622,11 @@ const LAYER_STEPS: &[(&str, Choice)] = &[
     ),
     ("per-principal permit taken (`layers::admitted`)", &[&["portcullis::layers::admitted"]]),
     (
-        "permits given back when the body ends (the scope dropped)",
-        &[&["core::ptr::drop_in_place<portcullis::layers::", "<portcullis::layers::Held as core::ops::drop::Drop>"]],
+        "per-principal permit given back (`Held` dropped)",
+        &[&[
+            "core::ptr::drop_in_place<portcullis::layers::Held>",
+            "<portcullis::layers::Held as core::ops::drop::Drop>",
+        ]],
     ),
 ];
 
