@@ -213,10 +213,12 @@ async fn batch(
     Ok(resp)
 }
 
-fn sse_messages(body: &[u8]) -> impl Iterator<Item = serde_json::Value> + '_ {
-    body.split(|b| *b == b'\n')
-        .filter_map(|line| line.strip_prefix(b"data:"))
-        .filter_map(|data| serde_json::from_slice(data.trim_ascii()).ok())
+/// The JSON-RPC messages of an SSE body, read as every other upstream stream is (data over
+/// several lines, unknown fields ignored).
+fn sse_messages(body: &[u8]) -> impl Iterator<Item = serde_json::Value> {
+    crate::upstream::event_stream::parse(body)
+        .into_iter()
+        .filter_map(|event| event.data.and_then(|data| serde_json::from_str(&data).ok()))
 }
 
 /// `GET /mcp/{server}` for a name that is not answered ahead of the router.

@@ -2,6 +2,7 @@
 //! processes. An enum, not a trait object: the set is closed and `match` keeps it explicit.
 
 pub mod credentials;
+pub mod event_stream;
 pub mod http;
 pub mod limit;
 pub mod mux;
