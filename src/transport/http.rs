@@ -99,7 +99,7 @@ async fn post_steps(
     match jsonrpc::Body::parse(bytes, app.config().gateway.max_batch)? {
         jsonrpc::Body::Single(message) => {
             ex.note_message(&message, metric_method(message.method()));
-            Box::pin(one_message(app, &server, &principal, headers, message, ex)).await.map(Posted::Answered)
+            Box::pin(one_message(app, &server, &principal, headers, None, message, ex)).await.map(Posted::Answered)
         }
         jsonrpc::Body::Batch(messages) => {
             ex.metric = "batch";
@@ -111,20 +111,23 @@ async fn post_steps(
 
 /// One message: through the dispatch, then its answer as JSON or SSE. Its session: none for
 /// `initialize`, the caller's own stateless one on the 2026-07-28 revision, else the sealed
-/// session named in the headers.
+/// session named in the headers (`opened`, when the caller has opened it already: a batch
+/// opens it once for all its messages).
 async fn one_message(
     app: &AppState,
     server: &Arc<Server>,
     principal: &Principal,
     headers: &HeaderMap,
+    opened: Option<&Arc<SessionState>>,
     message: Message,
     ex: &mut Exchange,
 ) -> Result<Response, Failure> {
     let stateless = mcp::stateless::is_stateless(headers);
     let opening = !stateless && message.kind == Kind::Request && message.method() == "initialize";
-    let session = match stateless || opening {
-        true => None,
-        false => Some(session(app, server, principal, headers).map_err(|e| e.with_id(message.id.clone()))?),
+    let session = match (stateless || opening, opened) {
+        (true, _) => None,
+        (false, Some(session)) => Some(session.clone()),
+        (false, None) => Some(session(app, server, principal, headers).map_err(|e| e.with_id(message.id.clone()))?),
     };
     let via = match &session {
         Some(session) => {
@@ -166,12 +169,13 @@ async fn batch(
     ex: &mut Exchange,
 ) -> Result<Response, Failure> {
     // Refused whole, before anything is forwarded: batches of later revisions, and
-    // `initialize` in a batch.
-    let protocol = match mcp::stateless::is_stateless(headers) {
-        true => version::STATELESS.to_owned(),
-        false => session(app, server, principal, headers)?.client_protocol.clone(),
+    // `initialize` in a batch. The sealed session is opened once, for every message.
+    let opened = match mcp::stateless::is_stateless(headers) {
+        true => None,
+        false => Some(session(app, server, principal, headers)?),
     };
-    if !version::has_batches(&protocol) {
+    let protocol = opened.as_ref().map_or(version::STATELESS, |s| s.client_protocol.as_str());
+    if !version::has_batches(protocol) {
         let text = format!("JSON-RPC batches are not part of protocol revision {protocol}");
         return Err(GatewayError::InvalidRequest(text).into());
     }
@@ -181,7 +185,7 @@ async fn batch(
     let mut answers = Vec::new();
     for message in messages {
         let mut member = ex.member(app, &message);
-        let resp = match one_message(app, server, principal, headers, message, &mut member).await {
+        let resp = match one_message(app, server, principal, headers, opened.as_ref(), message, &mut member).await {
             Ok(resp) => resp,
             Err(failure) => {
                 member.note_failure(&failure);
