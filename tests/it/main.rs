@@ -10,6 +10,7 @@ mod conformance;
 mod egress;
 mod errors;
 mod fail_closed;
+mod http2;
 mod identity;
 mod layers;
 mod parsers;
