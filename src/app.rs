@@ -400,7 +400,7 @@ impl Gateway {
         let listener =
             tokio::net::TcpListener::bind(listen).await.map_err(|source| StartError::Bind { addr: listen, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: listen, source })?;
-        for warning in crate::net::config_warnings(&config) {
+        for warning in config.warnings.iter().cloned().chain(crate::net::config_warnings(&config)) {
             tracing::warn!("{warning}");
         }
         let shutdown = CancellationToken::new();

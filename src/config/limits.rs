@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::{DEFAULT_CLIENT_QUEUE_BYTES, UpstreamLimits};
+
 /// `[limits]` as written.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -36,6 +38,18 @@ pub struct RawLimits {
     /// Failed authentications per minute a client address earns back (the bucket's refill);
     /// `0` turns the limit off. Default `60`.
     pub failed_auth_per_minute: u32,
+    /// Largest answer read from an upstream (a JSON body, one SSE event, one stdio line), in
+    /// bytes; servers may override it. Default 16777216 (16 MiB).
+    pub max_response_bytes: Option<u64>,
+    /// Messages queued toward one stdio process or legacy SSE upstream, and per call or GET
+    /// stream from it. Default 64.
+    pub upstream_queue: Option<u64>,
+    /// Bytes queued toward one legacy SSE client stream before relaying waits. Default
+    /// 4194304 (4 MiB).
+    pub client_queue_bytes: Option<u64>,
+    /// How long a legacy SSE upstream connection may sit unused before it is closed; servers
+    /// may override it. Default `"15m"`.
+    pub sse_idle_timeout: Option<String>,
 }
 
 impl Default for RawLimits {
@@ -49,6 +63,10 @@ impl Default for RawLimits {
             max_streams_per_principal: 16,
             failed_auth_burst: 20,
             failed_auth_per_minute: 60,
+            max_response_bytes: None,
+            upstream_queue: None,
+            client_queue_bytes: None,
+            sse_idle_timeout: None,
         }
     }
 }
@@ -72,6 +90,11 @@ pub struct Limits {
     pub failed_auth_burst: u32,
     /// Failed authentications per minute earned back; `0`: no limit.
     pub failed_auth_per_minute: u32,
+    /// The memory limits servers get unless they set their own (validated with the servers,
+    /// in `config::Validator`, since the deprecated `[gateway]` keys may set them too).
+    pub upstream: UpstreamLimits,
+    /// Bytes queued toward one legacy SSE client stream before relaying waits.
+    pub client_queue_bytes: usize,
 }
 
 impl Default for Limits {
@@ -116,6 +139,8 @@ impl RawLimits {
             max_streams_per_principal: self.max_streams_per_principal,
             failed_auth_burst: self.failed_auth_burst,
             failed_auth_per_minute: self.failed_auth_per_minute,
+            upstream: UpstreamLimits::default(),
+            client_queue_bytes: DEFAULT_CLIENT_QUEUE_BYTES,
         })
     }
 }

@@ -94,7 +94,7 @@ pub async fn open(State(app): State<AppState>, Path(name): Path<String>, headers
 /// Every queued message counts at least this many bytes, so the queue's length is bounded too.
 const MIN_CHARGE: usize = 1024;
 
-/// The sending side of one client's stream, bounded in bytes (`gateway.client_queue_bytes`):
+/// The sending side of one client's stream, bounded in bytes (`limits.client_queue_bytes`):
 /// a sender waits for room, up to the server's `request_timeout`, so a client that does not
 /// read stalls only its own calls and the memory held for it stays bounded.
 #[derive(Clone)]
@@ -155,7 +155,7 @@ impl ClientTx {
 fn stream(app: &AppState, name: &str, principal: Principal, end: BoxFuture<'static, ()>) -> Response {
     let id = new_session_key();
     let wait = app.server(name).map(|s| s.config.request_timeout).unwrap_or(app.config().gateway.request_timeout);
-    let (tx, rx) = ClientTx::new(app.config().gateway.client_queue_bytes, wait, name);
+    let (tx, rx) = ClientTx::new(app.config().limits.client_queue_bytes, wait, name);
     let conn =
         Connection { server: name.to_owned(), principal, tx, session: Mutex::new(None), tasks: Mutex::default() };
     app.legacy().0.insert(id.clone(), Arc::new(conn));
