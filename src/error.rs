@@ -99,6 +99,8 @@ pub enum Limit {
     Streams,
     /// Failed authentications per client address.
     FailedAuthentication,
+    /// Requests in progress on one legacy SSE session.
+    SessionRequests,
 }
 
 impl Limit {
@@ -108,6 +110,7 @@ impl Limit {
             Limit::Requests => "principal_in_flight",
             Limit::Streams => "principal_streams",
             Limit::FailedAuthentication => "failed_authentication",
+            Limit::SessionRequests => "legacy_session_in_flight",
         }
     }
 
@@ -116,6 +119,7 @@ impl Limit {
             Limit::Requests => "too many requests in progress for this caller",
             Limit::Streams => "too many open streams for this caller",
             Limit::FailedAuthentication => "too many failed authentications from this address",
+            Limit::SessionRequests => "too many requests in progress on this session",
         }
     }
 }

@@ -32,6 +32,11 @@ pub struct RawLimits {
     /// Long-lived streams (a session's GET stream, a legacy SSE connection) open at once per
     /// principal; past it, 429 with `Retry-After`. Default `16`.
     pub max_streams_per_principal: usize,
+    /// Requests in progress at once on one legacy SSE session (each POST is answered 202 at
+    /// once and its requests handled in the background until their answers are on the
+    /// stream); past it, a request is answered with a JSON-RPC error on the stream. Default
+    /// `64`.
+    pub max_in_flight_per_legacy_session: usize,
     /// Failed authentications a client address may make in a burst before it is limited.
     /// Default `20`.
     pub failed_auth_burst: u32,
@@ -61,6 +66,7 @@ impl Default for RawLimits {
             max_in_flight: 1024,
             max_in_flight_per_principal: 64,
             max_streams_per_principal: 16,
+            max_in_flight_per_legacy_session: 64,
             failed_auth_burst: 20,
             failed_auth_per_minute: 60,
             max_response_bytes: None,
@@ -86,6 +92,8 @@ pub struct Limits {
     pub max_in_flight_per_principal: usize,
     /// Long-lived streams open at once per principal.
     pub max_streams_per_principal: usize,
+    /// Requests in progress at once on one legacy SSE session.
+    pub max_in_flight_per_legacy_session: usize,
     /// Failed authentications per client address in a burst.
     pub failed_auth_burst: u32,
     /// Failed authentications per minute earned back; `0`: no limit.
@@ -121,6 +129,7 @@ impl RawLimits {
             ("max_in_flight", self.max_in_flight),
             ("max_in_flight_per_principal", self.max_in_flight_per_principal),
             ("max_streams_per_principal", self.max_streams_per_principal),
+            ("max_in_flight_per_legacy_session", self.max_in_flight_per_legacy_session),
             ("failed_auth_burst", self.failed_auth_burst as usize),
         ] {
             if value == 0 {
@@ -137,6 +146,7 @@ impl RawLimits {
             max_in_flight: self.max_in_flight,
             max_in_flight_per_principal: self.max_in_flight_per_principal,
             max_streams_per_principal: self.max_streams_per_principal,
+            max_in_flight_per_legacy_session: self.max_in_flight_per_legacy_session,
             failed_auth_burst: self.failed_auth_burst,
             failed_auth_per_minute: self.failed_auth_per_minute,
             upstream: UpstreamLimits::default(),

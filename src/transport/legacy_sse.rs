@@ -42,6 +42,8 @@ pub struct Connection {
     tx: ClientTx,
     session: Mutex<Option<SessionState>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Requests in progress (`limits.max_in_flight_per_legacy_session`).
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl Connection {
@@ -156,8 +158,14 @@ fn stream(app: &AppState, name: &str, principal: Principal, end: BoxFuture<'stat
     let id = new_session_key();
     let wait = app.server(name).map(|s| s.config.request_timeout).unwrap_or(app.config().gateway.request_timeout);
     let (tx, rx) = ClientTx::new(app.config().limits.client_queue_bytes, wait, name);
-    let conn =
-        Connection { server: name.to_owned(), principal, tx, session: Mutex::new(None), tasks: Mutex::default() };
+    let conn = Connection {
+        server: name.to_owned(),
+        principal,
+        tx,
+        session: Mutex::new(None),
+        tasks: Mutex::default(),
+        in_flight: Arc::new(tokio::sync::Semaphore::new(app.config().limits.max_in_flight_per_legacy_session)),
+    };
     app.legacy().0.insert(id.clone(), Arc::new(conn));
     let endpoint = format!("{}/mcp/{name}/messages?sessionId={id}", app.public_url().path().trim_end_matches('/'));
     let closer = Closer { app: app.clone(), id };
@@ -271,8 +279,26 @@ async fn handle(app: &AppState, server: &Arc<Server>, conn: &Arc<Connection>, me
         let f = GatewayError::MissingSession.with_id(message.id.clone());
         return fail(app, conn, f, ex).await;
     };
+    // The POST is answered 202 at once: a request holds one of its session's places until its
+    // answer is on the stream, so one session cannot pile up calls without bound.
+    // (Notifications and responses wait for no answer and are not counted.)
+    let place = match message.kind {
+        Kind::Request => conn.in_flight.clone().try_acquire_owned().ok().map(Some),
+        Kind::Notification | Kind::Response => Some(None),
+    };
+    let Some(place) = place else {
+        // Refused before the dispatch: its record still names the tool, as the dispatch reads it.
+        if let Ok(dispatch::Action::CallTool(tool)) = dispatch::Action::read(&message) {
+            ex.trace.tool = Some(tool);
+        }
+        let limit = crate::error::Limit::SessionRequests;
+        metrics::counter!("portcullis_refusals_total", "reason" => limit.label()).increment(1);
+        let f = GatewayError::Limited { limit, retry_after: 1 }.with_id(message.id.clone());
+        return fail_now(app, conn, f, ex).await;
+    };
     let (app, server, conn2) = (app.clone(), server.clone(), conn.clone());
     conn.spawn(async move {
+        let _place = place;
         let conn = conn2;
         let id = message.id.clone();
         let timeout = server.config.request_timeout;

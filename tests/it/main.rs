@@ -16,6 +16,7 @@ mod layers;
 mod parsers;
 mod pipeline;
 mod protocol;
+mod refusals;
 mod relay;
 mod secrets;
 mod startup;
