@@ -733,9 +733,19 @@ fn router(state: AppState) -> Router {
         .route("/oauth/client-metadata.json", get(crate::transport::connect::client_metadata))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz_summary));
-    // With an admin listener, `/metrics` (which names every server) is served only there.
-    let router = if admin { router } else { router.route("/metrics", get(metrics)) };
+    // `/metrics` names every server: with an admin listener it is served only there; without
+    // one, the main listener serves it to this host's own clients only.
+    let router = if admin { router } else { router.route("/metrics", get(local_metrics)) };
     router.with_state(state)
+}
+
+/// `/metrics` on the main listener (no admin listener configured): for a client on this host
+/// (a loopback peer, not relayed by a proxy), else 404 as if there were no such path.
+async fn local_metrics(state: State<AppState>) -> Response {
+    if !crate::layers::from_this_host() {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    metrics(state).await
 }
 
 /// The admin listener's routes: `/metrics`, the detailed `/readyz` and `/healthz`.

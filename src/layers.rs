@@ -78,6 +78,10 @@ struct Scope {
     request_id: RequestId,
     /// The client's address (the peer, or the first untrusted hop of `X-Forwarded-For`).
     client: IpAddr,
+    /// The connection's peer address.
+    peer: IpAddr,
+    /// Whether the request carries a header a forwarding proxy adds.
+    forwarded: bool,
     /// A long-lived stream (GET under `/mcp/`): counted against the stream limit, not the
     /// request limits.
     stream: bool,
@@ -295,6 +299,17 @@ pub fn before_lookup() -> Result<(), GatewayError> {
     }
 }
 
+/// Whether the request being handled came straight from this host: a loopback peer, and no
+/// `Forwarded`, `X-Forwarded-For` or `X-Real-IP` header (which a proxy on this host would add
+/// for a client elsewhere). Outside a request scope, no.
+pub fn from_this_host() -> bool {
+    SCOPE.try_with(|s| is_local(s.peer, s.forwarded)).unwrap_or(false)
+}
+
+fn is_local(peer: IpAddr, forwarded: bool) -> bool {
+    !forwarded && peer.to_canonical().is_loopback()
+}
+
 /// A credential proved valid: the failure taken ahead of its lookup is given back.
 pub fn authentication_succeeded() {
     if let Ok(scope) = SCOPE.try_with(Arc::clone) {
@@ -412,10 +427,14 @@ where
             resp.headers_mut().insert(X_REQUEST_ID, id.0);
             return Box::pin(std::future::ready(Ok(resp)));
         }
+        let headers = request.headers();
+        let forwarded = ["forwarded", "x-forwarded-for", "x-real-ip"].iter().any(|h| headers.contains_key(*h));
         let scope = Arc::new(Scope {
             admission: a.clone(),
             request_id: id.clone(),
-            client: a.client_address(self.peer, request.headers()),
+            client: a.client_address(self.peer, headers),
+            peer: self.peer,
+            forwarded,
             stream,
             held: Mutex::new(held),
             charged: std::sync::atomic::AtomicBool::new(false),
@@ -513,6 +532,19 @@ mod tests {
         b.give_back(addr);
         assert_eq!(b.take(addr), None, "a token given back can be taken again");
         assert!(b.take("192.0.2.2".parse().expect("ip")).is_none(), "other addresses are apart");
+    }
+
+    #[test]
+    fn only_a_loopback_peer_without_forwarding_headers_is_this_host() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert!(is_local(ip("127.0.0.1"), false));
+        assert!(is_local(ip("127.8.9.10"), false));
+        assert!(is_local(ip("::1"), false));
+        assert!(is_local(ip("::ffff:127.0.0.1"), false));
+        assert!(!is_local(ip("127.0.0.1"), true), "a proxy on this host relays someone else");
+        assert!(!is_local(ip("192.0.2.1"), false));
+        assert!(!is_local(ip("10.0.0.1"), false));
+        assert!(!is_local(ip("::ffff:192.0.2.1"), false));
     }
 
     #[test]
