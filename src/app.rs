@@ -358,6 +358,8 @@ pub struct Gateway {
     task: tokio::task::JoinHandle<()>,
     admin: Option<tokio::task::JoinHandle<()>>,
     checkpoints: Option<crate::audit::checkpoint::Checkpointer>,
+    /// The layers' state: the count of refusals left out of the audit log is reported from it.
+    admission: Arc<crate::layers::Admission>,
 }
 
 /// Why a gateway could not start.
@@ -434,10 +436,15 @@ impl Gateway {
             }
         };
         let state = build_state(config, keys, store, addr, shutdown);
+        if state.config().audit.enabled {
+            admission.attach_audit(state.audit().clone());
+            tokio::spawn(crate::layers::report_unrecorded(admission.clone(), state.0.shutdown.clone()));
+        }
         let (admin_addr, admin) = match admin_listen {
             Some(at) => match tokio::net::TcpListener::bind(at).await.and_then(|l| Ok((l.local_addr()?, l))) {
                 Ok((bound, listener)) => {
                     let router = admin_router(state.clone());
+                    let admission = admission.clone();
                     let service = move |peer| crate::layers::stack(admission.clone(), peer, router.clone());
                     let served = crate::listener::serve(listener, settings, service, state.0.shutdown.clone());
                     tracing::info!(addr = %bound, "admin listener for /metrics and /readyz");
@@ -459,7 +466,7 @@ impl Gateway {
         }
         gate.open(Front { router: router(state.clone()), app: state.clone() });
         tracing::info!(%addr, public_url = %state.public_url(), "portcullis is serving");
-        Ok(Gateway { addr, admin_addr, state, task, admin, checkpoints })
+        Ok(Gateway { addr, admin_addr, state, task, admin, checkpoints, admission })
     }
 
     /// Stops accepting, lets in-flight calls finish within `shutdown_grace`, ends streams,
@@ -481,6 +488,8 @@ impl Gateway {
         for server in self.state.0.servers.values() {
             server.upstream.shutdown().await;
         }
+        // After the listeners stopped, so no refusal comes after it.
+        self.admission.report_unrecorded();
         // After the listener drained, so every exchange's record is queued; before the store closes.
         self.state.0.audit.shutdown().await;
         // After the last record is written, so the final checkpoint covers it.

@@ -13,6 +13,13 @@
 //! Permits are held until the response body ends, so a streamed answer counts for as long as
 //! it streams. The connection-level limits (open connections, header-read and idle timeouts)
 //! are in `listener`.
+//!
+//! Refusals leave audit records: those made here (2 and 3) directly, with the request id and
+//! the server named in the path; those made after authentication with the principal (see
+//! [`admitted_principal`]). A refusal that has no principal is recorded only while its client
+//! address has record budget left ([`may_record_unauthenticated`]), so that a flood of
+//! unauthenticated requests is counted (`portcullis_audit_unrecorded_total`, and one
+//! `audit/unrecorded` record per [`UNRECORDED_EVERY`]) rather than written row by row.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -34,6 +41,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_http::catch_panic::CatchPanic;
 use tracing::Instrument;
 
+use crate::audit::Decision;
 use crate::authn::{Principal, PrincipalKind};
 use crate::config::Config;
 use crate::error::{Failure, GatewayError, Limit};
@@ -43,6 +51,11 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Client addresses remembered by the failed-authentication limit at most; past it, those
 /// whose bucket is full again are forgotten (and if none is, all are).
 const ADDRESSES_CAP: usize = 100_000;
+/// How often the count of refusals left out of the audit log is written to it (as one
+/// `audit/unrecorded` record), when there were any; and once more at shutdown.
+pub const UNRECORDED_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// The method of the record that says how many refusals were left out of the audit log.
+pub const UNRECORDED_METHOD: &str = "audit/unrecorded";
 
 /// The id of one request, as sent back in `X-Request-Id` and written in its audit record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +95,8 @@ struct Scope {
     peer: IpAddr,
     /// Whether the request carries a header a forwarding proxy adds.
     forwarded: bool,
+    /// The principal authentication found, once it has (even if a limit then refused it).
+    principal: Mutex<Option<Principal>>,
     /// A long-lived stream (GET under `/mcp/`): counted against the stream limit, not the
     /// request limits.
     stream: bool,
@@ -107,6 +122,22 @@ pub struct Admission {
     failed: Option<Buckets>,
     trusted_proxies: Vec<ipnet::IpNet>,
     trust_request_id: bool,
+    /// Budgets of audit records of refusals without a principal, per client address.
+    records: Option<Buckets>,
+    /// The refusals left out of the audit log since the last `audit/unrecorded` record.
+    unrecorded: Mutex<Option<Unrecorded>>,
+    /// The audit log, once the store is open (`None` with `[audit] enabled = false`).
+    audit: std::sync::OnceLock<crate::audit::AuditWriter>,
+    /// Configured server names (a refusal's record names the server only if it is one).
+    servers: std::collections::HashSet<String>,
+}
+
+/// Refusals left out of the audit log, counted until they are reported.
+#[derive(Debug, Clone, Copy)]
+struct Unrecorded {
+    count: u64,
+    from_ms: i64,
+    to_ms: i64,
 }
 
 impl std::fmt::Debug for Admission {
@@ -124,7 +155,16 @@ impl Admission {
             per_sec: f64::from(limits.failed_auth_per_minute) / 60.0,
             map: DashMap::new(),
         });
+        let records = (limits.unauthenticated_records_per_minute > 0).then(|| Buckets {
+            burst: f64::from(limits.unauthenticated_records_burst),
+            per_sec: f64::from(limits.unauthenticated_records_per_minute) / 60.0,
+            map: DashMap::new(),
+        });
         Arc::new(Admission {
+            records,
+            unrecorded: Mutex::new(None),
+            audit: std::sync::OnceLock::new(),
+            servers: config.servers.iter().map(|s| s.name.clone()).collect(),
             max_in_flight: limits.max_in_flight,
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
             per_principal: limits.max_in_flight_per_principal,
@@ -135,6 +175,78 @@ impl Admission {
             trusted_proxies: config.gateway.trusted_proxies.clone(),
             trust_request_id: config.gateway.trust_request_id,
         })
+    }
+
+    /// Gives the layers the audit log, once the store is open: refusals made before then are
+    /// not recorded (the gateway answers 503 to everything but probes until it is ready).
+    pub fn attach_audit(&self, writer: crate::audit::AuditWriter) {
+        let _ = self.audit.set(writer);
+    }
+
+    /// Whether a refusal without a principal from `client` may be written to the audit log:
+    /// takes one record from the address's budget, or counts the refusal as unrecorded.
+    fn may_record(&self, client: IpAddr) -> bool {
+        let Some(records) = self.records.as_ref() else { return true };
+        if records.take(client).is_none() {
+            return true;
+        }
+        metrics::counter!("portcullis_audit_unrecorded_total").increment(1);
+        let now = crate::clock::Clock::system().unix_millis();
+        let mut unrecorded = self.unrecorded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match unrecorded.as_mut() {
+            Some(u) => {
+                u.count += 1;
+                u.to_ms = now;
+            }
+            None => *unrecorded = Some(Unrecorded { count: 1, from_ms: now, to_ms: now }),
+        }
+        false
+    }
+
+    /// Writes the record saying how many refusals were left out of the audit log since the
+    /// last such record, if any were.
+    pub fn report_unrecorded(&self) {
+        if let (Some(audit), Some(record)) = (self.audit.get(), self.unrecorded_record()) {
+            audit.record(record);
+        }
+    }
+
+    /// The record saying how many refusals were left out of the audit log since the last one,
+    /// if any were.
+    fn unrecorded_record(&self) -> Option<crate::audit::Record> {
+        let u = self.unrecorded.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()?;
+        let now = crate::clock::Clock::system().unix_millis();
+        let details = serde_json::json!({
+            "unrecorded": u.count,
+            "from_ms": u.from_ms,
+            "to_ms": u.to_ms,
+            "reason": "limits.unauthenticated_records_per_minute",
+        });
+        Some(crate::audit::Record {
+            arguments: crate::audit::Arguments::new(details),
+            ..crate::audit::Record::new(now, RequestId::generate().as_str(), UNRECORDED_METHOD, Decision::Deny)
+        })
+    }
+
+    /// Records a request refused by the layers themselves (probes aside), within the client
+    /// address's record budget: it has no principal yet.
+    fn record_refusal(&self, request: &Request, id: &RequestId, client: IpAddr, error: &GatewayError) {
+        let Some(audit) = self.audit.get() else { return };
+        let path = request.uri().path();
+        if matches!(path, "/healthz" | "/readyz" | "/metrics") || !self.may_record(client) {
+            return;
+        }
+        let server = path.strip_prefix("/mcp/").map(|rest| rest.split('/').next().unwrap_or_default());
+        let (decision, code) = match error {
+            GatewayError::InvalidHeader(_) => (Decision::Deny, crate::protocol::jsonrpc::code::INVALID_REQUEST),
+            _ => (Decision::Error, error.status_and_code(false).1),
+        };
+        let now = crate::clock::Clock::system().unix_millis();
+        audit.record(crate::audit::Record {
+            server: server.filter(|s| self.servers.contains(*s)).map(str::to_owned),
+            upstream_status: Some(code),
+            ..crate::audit::Record::new(now, id.as_str(), request.method().as_str(), decision)
+        });
     }
 
     /// Requests in progress now, gateway-wide (streams and probes not counted).
@@ -262,6 +374,7 @@ impl Buckets {
 pub fn admitted(principal: &Principal) -> Result<(), GatewayError> {
     let Ok(scope) = SCOPE.try_with(Arc::clone) else { return Ok(()) };
     scope.refund();
+    *scope.principal.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(principal.clone());
     let key = match principal.kind {
         PrincipalKind::Anonymous => format!("address {}", scope.client),
         PrincipalKind::User | PrincipalKind::Service => principal.id.clone(),
@@ -299,6 +412,20 @@ pub fn before_lookup() -> Result<(), GatewayError> {
     }
 }
 
+/// The principal authentication found for the request being handled, even if a limit then
+/// refused it: its audit record names who was refused.
+pub fn admitted_principal() -> Option<Principal> {
+    SCOPE.try_with(|s| s.principal.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()).ok().flatten()
+}
+
+/// Whether the record of a refusal without a principal (authentication failed or was not
+/// reached) may be written for the request being handled: yes while its client address has
+/// record budget left (`limits.unauthenticated_records_*`), else it is only counted. Outside
+/// a request scope, yes.
+pub fn may_record_unauthenticated() -> bool {
+    SCOPE.try_with(|s| s.admission.may_record(s.client)).unwrap_or(true)
+}
+
 /// Whether the request being handled came straight from this host: a loopback peer, and no
 /// `Forwarded`, `X-Forwarded-For` or `X-Real-IP` header (which a proxy on this host would add
 /// for a client elsewhere). Outside a request scope, no.
@@ -308,6 +435,18 @@ pub fn from_this_host() -> bool {
 
 fn is_local(peer: IpAddr, forwarded: bool) -> bool {
     !forwarded && peer.to_canonical().is_loopback()
+}
+
+/// Writes an `audit/unrecorded` record every [`UNRECORDED_EVERY`] when refusals were left out
+/// of the audit log, until `shutdown` is cancelled (the gateway writes the last one once its
+/// listeners have stopped: [`Admission::report_unrecorded`]).
+pub async fn report_unrecorded(admission: Arc<Admission>, shutdown: tokio_util::sync::CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(UNRECORDED_EVERY) => admission.report_unrecorded(),
+        }
+    }
 }
 
 /// A credential proved valid: the failure taken ahead of its lookup is given back.
@@ -422,7 +561,9 @@ where
                 }
             }
         };
+        let client = a.client_address(self.peer, request.headers());
         if let Some(error) = refusal {
+            a.record_refusal(&request, &id, client, &error);
             let mut resp = Failure::from(error).into_response();
             resp.headers_mut().insert(X_REQUEST_ID, id.0);
             return Box::pin(std::future::ready(Ok(resp)));
@@ -432,9 +573,10 @@ where
         let scope = Arc::new(Scope {
             admission: a.clone(),
             request_id: id.clone(),
-            client: a.client_address(self.peer, headers),
+            client,
             peer: self.peer,
             forwarded,
+            principal: Mutex::new(None),
             stream,
             held: Mutex::new(held),
             charged: std::sync::atomic::AtomicBool::new(false),

@@ -43,6 +43,13 @@ pub struct RawLimits {
     /// Failed authentications per minute a client address earns back (the bucket's refill);
     /// `0` turns the limit off. Default `60`.
     pub failed_auth_per_minute: u32,
+    /// Audit records of refusals without a principal (failed authentication, refusals made
+    /// before it) a client address may cause in a burst; past it they are counted instead.
+    /// Default `20`.
+    pub unauthenticated_records_burst: u32,
+    /// Such records per minute a client address earns back; `0` records every such refusal.
+    /// Default `60`.
+    pub unauthenticated_records_per_minute: u32,
     /// Largest answer read from an upstream (a JSON body, one SSE event, one stdio line), in
     /// bytes; servers may override it. Default 16777216 (16 MiB).
     pub max_response_bytes: Option<u64>,
@@ -69,6 +76,8 @@ impl Default for RawLimits {
             max_in_flight_per_legacy_session: 64,
             failed_auth_burst: 20,
             failed_auth_per_minute: 60,
+            unauthenticated_records_burst: 20,
+            unauthenticated_records_per_minute: 60,
             max_response_bytes: None,
             upstream_queue: None,
             client_queue_bytes: None,
@@ -98,6 +107,10 @@ pub struct Limits {
     pub failed_auth_burst: u32,
     /// Failed authentications per minute earned back; `0`: no limit.
     pub failed_auth_per_minute: u32,
+    /// Audit records of refusals without a principal per client address in a burst.
+    pub unauthenticated_records_burst: u32,
+    /// Such records per minute earned back; `0`: no limit.
+    pub unauthenticated_records_per_minute: u32,
     /// The memory limits servers get unless they set their own (validated with the servers,
     /// in `config::Validator`, since the deprecated `[gateway]` keys may set them too).
     pub upstream: UpstreamLimits,
@@ -131,6 +144,7 @@ impl RawLimits {
             ("max_streams_per_principal", self.max_streams_per_principal),
             ("max_in_flight_per_legacy_session", self.max_in_flight_per_legacy_session),
             ("failed_auth_burst", self.failed_auth_burst as usize),
+            ("unauthenticated_records_burst", self.unauthenticated_records_burst as usize),
         ] {
             if value == 0 {
                 problems.push(format!("limits.{key} must be at least 1"));
@@ -149,6 +163,8 @@ impl RawLimits {
             max_in_flight_per_legacy_session: self.max_in_flight_per_legacy_session,
             failed_auth_burst: self.failed_auth_burst,
             failed_auth_per_minute: self.failed_auth_per_minute,
+            unauthenticated_records_burst: self.unauthenticated_records_burst,
+            unauthenticated_records_per_minute: self.unauthenticated_records_per_minute,
             upstream: UpstreamLimits::default(),
             client_queue_bytes: DEFAULT_CLIENT_QUEUE_BYTES,
         })

@@ -138,12 +138,18 @@ async fn audit_connect(app: &AppState, server: &str, result: &Result<crate::vaul
         Some(s) if !s.is_empty() => app.store().principal_name(s).await.ok().flatten(),
         _ => None,
     };
+    // A refused callback has nobody behind it: recorded within its address's record budget.
+    if subject.is_none() && !crate::layers::may_record_unauthenticated() {
+        return;
+    }
+    let request_id =
+        crate::layers::RequestId::current().map_or_else(|| uuid::Uuid::now_v7().to_string(), |id| id.to_string());
     let record = Record {
         principal_id: subject.filter(|s| !s.is_empty()),
         principal_name: name,
         server: Some(server.to_owned()),
         arguments: Arguments::new(details),
-        ..Record::new(app.clock().unix_millis(), uuid::Uuid::now_v7().to_string(), "vault/connect", decision)
+        ..Record::new(app.clock().unix_millis(), request_id, "vault/connect", decision)
     };
     app.audit().record(record);
 }

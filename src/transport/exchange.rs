@@ -139,7 +139,8 @@ impl Exchange {
             None if status == CLIENT_GONE => (Decision::Error, Some(i64::from(CLIENT_GONE))),
             None => (Decision::Allow, Some(i64::from(status))),
         };
-        let principal = self.principal.take();
+        // Refused by a per-principal limit after authentication: the record still says who.
+        let principal = self.principal.take().or_else(crate::layers::admitted_principal);
         let client = self.client.take();
         let (tool, arguments) = match self.trace.tool.take() {
             Some(call) => (Some(call.name.chars().take(256).collect()), call.arguments),
@@ -183,8 +184,18 @@ impl Drop for Exchange {
         } else {
             tracing::info!(request_id = %self.request_id, method = %self.method, "the client went away before its answer");
         }
-        app.audit().record(self.record(CLIENT_GONE, 0));
+        let record = self.record(CLIENT_GONE, 0);
+        if unrecorded(&record) {
+            return;
+        }
+        app.audit().record(record);
     }
+}
+
+/// Whether `record` is left out of the audit log (only counted): a refusal without a principal
+/// past its client address's record budget (see `layers::may_record_unauthenticated`).
+fn unrecorded(record: &Record) -> bool {
+    record.principal_id.is_none() && record.decision != Decision::Allow && !crate::layers::may_record_unauthenticated()
 }
 
 impl AppState {
@@ -205,6 +216,9 @@ impl AppState {
             resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
         });
         let record = ex.record(resp.status().as_u16(), known.unwrap_or(0));
+        if unrecorded(&record) {
+            return resp;
+        }
         if known.is_none() && self.audit().durability() == Durability::Async {
             // A streamed answer (SSE) is recorded when it ends, with the bytes it carried and
             // its whole duration, or when the client goes away. In strict durability the
