@@ -93,9 +93,10 @@ struct Scope {
     client: IpAddr,
     /// The connection's peer address.
     peer: IpAddr,
-    /// Whether the request carries a header a forwarding proxy adds.
+    /// Whether the request carries a header a forwarding proxy adds (looked at for
+    /// `/metrics` only).
     forwarded: bool,
-    /// The principal authentication found, once it has (even if a limit then refused it).
+    /// The principal a per-principal limit refused.
     principal: Mutex<Option<Principal>>,
     /// A long-lived stream (GET under `/mcp/`): counted against the stream limit, not the
     /// request limits.
@@ -374,7 +375,6 @@ impl Buckets {
 pub fn admitted(principal: &Principal) -> Result<(), GatewayError> {
     let Ok(scope) = SCOPE.try_with(Arc::clone) else { return Ok(()) };
     scope.refund();
-    *scope.principal.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(principal.clone());
     let key = match principal.kind {
         PrincipalKind::Anonymous => format!("address {}", scope.client),
         PrincipalKind::User | PrincipalKind::Service => principal.id.clone(),
@@ -390,7 +390,11 @@ pub fn admitted(principal: &Principal) -> Result<(), GatewayError> {
             scope.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(held);
             Ok(())
         }
-        None => Err(refused(limit, 1)),
+        None => {
+            // The refusal's record names who was refused (see `admitted_principal`).
+            *scope.principal.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(principal.clone());
+            Err(refused(limit, 1))
+        }
     }
 }
 
@@ -412,8 +416,8 @@ pub fn before_lookup() -> Result<(), GatewayError> {
     }
 }
 
-/// The principal authentication found for the request being handled, even if a limit then
-/// refused it: its audit record names who was refused.
+/// The principal of the request being handled that a per-principal limit refused right after
+/// authentication: its audit record names who was refused.
 pub fn admitted_principal() -> Option<Principal> {
     SCOPE.try_with(|s| s.principal.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()).ok().flatten()
 }
@@ -428,7 +432,8 @@ pub fn may_record_unauthenticated() -> bool {
 
 /// Whether the request being handled came straight from this host: a loopback peer, and no
 /// `Forwarded`, `X-Forwarded-For` or `X-Real-IP` header (which a proxy on this host would add
-/// for a client elsewhere). Outside a request scope, no.
+/// for a client elsewhere; the headers are looked at on `/metrics` only, the one path that
+/// asks). Outside a request scope, no.
 pub fn from_this_host() -> bool {
     SCOPE.try_with(|s| is_local(s.peer, s.forwarded)).unwrap_or(false)
 }
@@ -569,7 +574,8 @@ where
             return Box::pin(std::future::ready(Ok(resp)));
         }
         let headers = request.headers();
-        let forwarded = ["forwarded", "x-forwarded-for", "x-real-ip"].iter().any(|h| headers.contains_key(*h));
+        let forwarded = path == "/metrics"
+            && ["forwarded", "x-forwarded-for", "x-real-ip"].iter().any(|h| headers.contains_key(*h));
         let scope = Arc::new(Scope {
             admission: a.clone(),
             request_id: id.clone(),
