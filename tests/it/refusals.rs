@@ -87,6 +87,7 @@ async fn refusals_are_recorded_and_an_unauthenticated_flood_is_counted() {
     // The flood and the two-header refusal: 101 refusals without a principal, each either
     // written (within the budget) or counted, and the count is in the log too.
     let written = records.iter().filter(|r| r.principal_id.is_none() && r.method != "audit/unrecorded").count();
+    eprintln!("101 refusals without a principal: {written} written, {counted} counted");
     assert!(written <= 5 + refill, "{written} refusals without a principal were written");
     assert_eq!(written + counted, 101, "written {written}, counted {counted}");
     let summaries: Vec<Value> = records
