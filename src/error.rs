@@ -22,7 +22,7 @@ pub enum GatewayError {
     ForbiddenOrigin,
     /// No acceptable credentials.
     #[error("authentication required")]
-    Unauthenticated(crate::authn::Rejection),
+    Unauthenticated(Rejection),
     /// The store did not answer (authentication cannot be decided).
     #[error("the gateway cannot check credentials right now")]
     StoreUnavailable,
@@ -88,6 +88,17 @@ pub enum GatewayError {
     /// `Retry-After`.
     #[error("the gateway is starting: {0}")]
     Starting(&'static str),
+}
+
+/// Why a request has no principal. Every variant answers 401; only `Missing` omits the
+/// `error` parameter (RFC 6750 §3.1), and the rest share one description so the answer does
+/// not tell an attacker which check failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// No `Authorization: Bearer` header.
+    Missing,
+    /// Malformed, unknown, expired, revoked, of a disabled principal, or not for this server.
+    Invalid,
 }
 
 /// The limits that answer 429.
@@ -237,12 +248,12 @@ impl IntoResponse for Failure {
         // rendered once.
         if let (GatewayError::Unauthenticated(why), None) = (&self.error, &self.id) {
             static BODIES: [std::sync::LazyLock<bytes::Bytes>; 2] = [
-                std::sync::LazyLock::new(|| refusal_body(crate::authn::Rejection::Missing)),
-                std::sync::LazyLock::new(|| refusal_body(crate::authn::Rejection::Invalid)),
+                std::sync::LazyLock::new(|| refusal_body(Rejection::Missing)),
+                std::sync::LazyLock::new(|| refusal_body(Rejection::Invalid)),
             ];
             let body = match why {
-                crate::authn::Rejection::Missing => &BODIES[0],
-                crate::authn::Rejection::Invalid => &BODIES[1],
+                Rejection::Missing => &BODIES[0],
+                Rejection::Invalid => &BODIES[1],
             };
             let headers = [(header::CONTENT_TYPE, JSON), (header::WWW_AUTHENTICATE, challenge(*why))];
             return (StatusCode::UNAUTHORIZED, headers, bytes::Bytes::clone(body)).into_response();
@@ -252,15 +263,15 @@ impl IntoResponse for Failure {
 }
 
 /// The `WWW-Authenticate` challenge of a credential refusal.
-fn challenge(why: crate::authn::Rejection) -> HeaderValue {
+fn challenge(why: Rejection) -> HeaderValue {
     match why {
-        crate::authn::Rejection::Missing => CHALLENGE_MISSING,
-        crate::authn::Rejection::Invalid => CHALLENGE_INVALID,
+        Rejection::Missing => CHALLENGE_MISSING,
+        Rejection::Invalid => CHALLENGE_INVALID,
     }
 }
 
 /// The body of a credential refusal, as [`Failure::render`] writes it.
-fn refusal_body(why: crate::authn::Rejection) -> bytes::Bytes {
+fn refusal_body(why: Rejection) -> bytes::Bytes {
     let failure = Failure { error: GatewayError::Unauthenticated(why), id: None };
     let (_, rpc_code) = failure.error.status_and_code(false);
     bytes::Bytes::from(failure.body(rpc_code))

@@ -12,7 +12,7 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 
-use crate::app::AppState;
+use crate::state::AppState;
 use crate::vault::VaultError;
 
 /// The cookie that binds a flow to the browser that started it.

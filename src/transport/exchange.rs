@@ -14,12 +14,13 @@ use bytes::Bytes;
 use http::{StatusCode, header};
 use http_body::Frame;
 
-use crate::app::{AppState, Server};
 use crate::audit::{Arguments, AuditWriter, Decision, Durability, Record};
 use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
+use crate::mcp::Server;
 use crate::mcp::dispatch::Trace;
 use crate::protocol::jsonrpc::{Message, code, error_response};
+use crate::state::AppState;
 
 /// `X-Request-Id`: the gateway's id for a request, in its answer, its logs and its audit
 /// record.
