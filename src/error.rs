@@ -83,8 +83,12 @@ pub enum GatewayError {
     Overloaded,
     /// The audit log cannot take a durable record now (strict durability, its overflow queue
     /// full): the call is refused before it is forwarded (503).
-    #[error("the audit log cannot take records right now; retry shortly")]
+    #[error("the audit log cannot take records right now (its queue is at audit.max_overflow_bytes); retry shortly")]
     AuditFull,
+    /// Strict durability: the record of a finished call could not be stored, so its answer is
+    /// withheld (500).
+    #[error("the audit record could not be stored")]
+    AuditFailed,
     /// A handler panicked; the request was abandoned (500).
     #[error("internal error")]
     Panicked,
@@ -179,7 +183,7 @@ impl GatewayError {
             | GatewayError::Overloaded
             | GatewayError::AuditFull => Fault::Unavailable,
             GatewayError::Limited { .. } => Fault::Limited,
-            GatewayError::Panicked => Fault::Internal,
+            GatewayError::Panicked | GatewayError::AuditFailed => Fault::Internal,
             GatewayError::Upstream(e) => e.fault(),
         }
     }
@@ -223,6 +227,7 @@ impl GatewayError {
             GatewayError::Overloaded => "overloaded",
             GatewayError::AuditFull => "audit_full",
             GatewayError::Panicked => "panicked",
+            GatewayError::AuditFailed => "audit_failed",
             GatewayError::Upstream(e) => e.label(),
         }
     }
@@ -271,7 +276,7 @@ impl IntoResponse for Failure {
                 Rejection::Invalid => &BODIES[1],
             };
             let headers = [(header::CONTENT_TYPE, JSON), (header::WWW_AUTHENTICATE, challenge(*why))];
-            return (StatusCode::UNAUTHORIZED, headers, bytes::Bytes::clone(body)).into_response();
+            return (Fault::Unauthenticated.row().status, headers, bytes::Bytes::clone(body)).into_response();
         }
         self.render()
     }
