@@ -475,6 +475,25 @@ pub fn authentication_failed(refusal: GatewayError) -> GatewayError {
     }
 }
 
+/// The limits of the request in progress (its task-local scope), as authentication asks them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InScope;
+
+impl crate::authn::Gate for InScope {
+    fn before_lookup(&self) -> Result<(), GatewayError> {
+        before_lookup()
+    }
+    fn succeeded(&self) {
+        authentication_succeeded();
+    }
+    fn failed(&self, refusal: GatewayError) -> GatewayError {
+        authentication_failed(refusal)
+    }
+    fn admitted(&self, principal: &Principal) -> Result<(), GatewayError> {
+        admitted(principal)
+    }
+}
+
 impl Scope {
     fn refund(&self) {
         if self.charged.swap(false, Ordering::AcqRel)

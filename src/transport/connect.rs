@@ -12,7 +12,7 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 
-use crate::app::AppState;
+use crate::state::AppState;
 use crate::vault::VaultError;
 
 /// The cookie that binds a flow to the browser that started it.
@@ -186,13 +186,7 @@ pub async fn client_metadata(State(app): State<AppState>) -> Response {
 
 fn failure(server: &str, e: VaultError) -> Response {
     tracing::warn!(server, error = %e, "upstream connection failed");
-    let status = match e {
-        VaultError::Flow { .. }
-        | VaultError::OAuth(crate::oauth::client::OAuthError::Denied { .. })
-        | VaultError::Config { .. } => StatusCode::BAD_REQUEST,
-        _ => StatusCode::BAD_GATEWAY,
-    };
-    page(status, "Connection failed", &format!("Connecting to {server} failed: {e}"))
+    page(e.fault().row().status, "Connection failed", &format!("Connecting to {server} failed: {e}"))
 }
 
 /// A minimal page of text; nothing here may be framed, cached or leak a referrer (R111, R118).

@@ -14,12 +14,14 @@ use bytes::Bytes;
 use http::{StatusCode, header};
 use http_body::Frame;
 
-use crate::app::{AppState, Server};
 use crate::audit::{Arguments, AuditWriter, Decision, Durability, Record};
 use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
+use crate::mcp::Server;
 use crate::mcp::dispatch::Trace;
-use crate::protocol::jsonrpc::{Message, code, error_response};
+use crate::protocol::fault::Fault;
+use crate::protocol::jsonrpc::Message;
+use crate::state::AppState;
 
 /// `X-Request-Id`: the gateway's id for a request, in its answer, its logs and its audit
 /// record.
@@ -120,10 +122,8 @@ impl Exchange {
     /// Notes a failure: refusals of identity and origin are denials, the rest errors.
     pub fn note_failure(&mut self, failure: &Failure) {
         let (_, rpc) = failure.error.status_and_code(failure.id.is_some());
-        let decision = match failure.error {
-            GatewayError::Unauthenticated(_) | GatewayError::ForbiddenHost | GatewayError::ForbiddenOrigin => {
-                Decision::Deny
-            }
+        let decision = match failure.error.fault() {
+            Fault::Unauthenticated | Fault::Forbidden => Decision::Deny,
             _ => Decision::Error,
         };
         self.failure = Some((decision, rpc));
@@ -172,7 +172,7 @@ impl Drop for Exchange {
         // because the client went away.
         let panicked = std::thread::panicking();
         let status = match panicked {
-            true => StatusCode::INTERNAL_SERVER_ERROR,
+            true => Fault::Internal.row().status,
             false => StatusCode::from_u16(CLIENT_GONE).unwrap_or(StatusCode::BAD_REQUEST),
         };
         app.observe(self.server.as_deref(), self.metric, status, self.started);
@@ -180,7 +180,7 @@ impl Drop for Exchange {
             return;
         }
         if panicked {
-            self.failure = Some((Decision::Error, crate::protocol::jsonrpc::code::INTERNAL_ERROR));
+            self.failure = Some((Decision::Error, Fault::Internal.row().rpc_code));
         } else {
             tracing::info!(request_id = %self.request_id, method = %self.method, "the client went away before its answer");
         }
@@ -229,16 +229,11 @@ impl AppState {
         }
         match self.audit().write(record).await {
             Ok(()) => resp,
-            Err(crate::audit::AuditError::Full) => {
-                // The store is behind: the call is refused until the queue drains.
-                let body = error_response(None, code::INTERNAL_ERROR, &crate::audit::AuditError::Full.to_string());
-                let retry = [(header::RETRY_AFTER, http::HeaderValue::from_static("1"))];
-                (StatusCode::SERVICE_UNAVAILABLE, retry, axum::Json(body)).into_response()
-            }
+            // The store is behind: the call is refused until the queue drains.
+            Err(crate::audit::AuditError::Full) => Failure::from(GatewayError::AuditFull).into_response(),
             Err(e) => {
                 tracing::error!(error = %e, "an audit record could not be stored; the call is refused");
-                let body = error_response(None, code::INTERNAL_ERROR, "the audit record could not be stored");
-                (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response()
+                Failure::from(GatewayError::AuditFailed).into_response()
             }
         }
     }

@@ -16,14 +16,16 @@ use http_body_util::BodyExt;
 
 use super::exchange::Exchange;
 use super::reply;
-use crate::app::{AppState, Server};
-use crate::authn::{self, Principal};
+use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
+use crate::layers::InScope;
 use crate::mcp;
+use crate::mcp::Server;
 use crate::mcp::dispatch::{self, Call, Outcome, Via, dispatch};
 use crate::protocol::jsonrpc::{self, Kind, Message};
 use crate::protocol::session::{SessionState, binding};
 use crate::protocol::version;
+use crate::state::AppState;
 use crate::upstream::http::{PROTOCOL_HEADER, SESSION_HEADER};
 
 /// Which server a request is for: one of the configured servers, matched ahead of the router
@@ -142,7 +144,7 @@ async fn one_message(
         None => Via::Opening,
     };
     let request_id = (message.kind == Kind::Request).then(|| message.id.clone()).flatten();
-    let call = Call { app, server, caller: principal, via };
+    let call = Call { env: app.env(), server, caller: principal, via };
     match dispatch(call, message, &mut ex.trace).await? {
         Outcome::Opened { response, state, sealed } => {
             ex.client = state.client;
@@ -287,7 +289,7 @@ async fn delete_at(app: &AppState, target: Target<'_>, request: Request) -> Resp
 /// or the caller's grant token stops working (revoked, expired, principal disabled).
 pub(super) fn stream_end(app: &AppState, server: &Arc<Server>, headers: &HeaderMap) -> BoxFuture<'static, ()> {
     let shutdown = app.shutdown().clone().cancelled_owned();
-    let revoked = authn::revoked(app, server, headers);
+    let revoked = app.authn().revoked(&server.config, headers);
     Box::pin(async move {
         tokio::select! {
             () = shutdown => {}
@@ -309,12 +311,12 @@ pub(super) async fn admit(
         Target::Name(name) => match app.server(name) {
             Ok(server) => server,
             // Unauthenticated callers get the challenge a configured server gives.
-            Err(unknown) => return Err(authn::unknown_server(app, headers, unknown).await),
+            Err(unknown) => return Err(app.authn().unknown_server(headers, unknown, &InScope).await),
         },
     };
     ex.server = Some(server.clone());
     app.hosts().check(headers)?;
-    let principal = authn::authenticate(app, &server, headers).await?;
+    let principal = app.authn().authenticate(&server.config, headers, &InScope).await?;
     ex.principal = Some(principal.clone());
     Ok((server, principal))
 }

@@ -23,17 +23,35 @@ use tokio::sync::mpsc;
 
 use super::exchange::Exchange;
 use super::http::{Target, admit, check_accept, check_content_type, read_body, stream_end};
-use crate::app::{AppState, Server};
 use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
+use crate::mcp::Server;
 use crate::mcp::dispatch::{self, Call, Outcome, Via, dispatch};
 use crate::protocol::jsonrpc::{self, Kind, Message, error_response};
 use crate::protocol::session::{SessionState, new_session_key};
+use crate::state::AppState;
 use crate::upstream::messages_of;
 
 /// Open legacy connections by id.
 #[derive(Default)]
 pub struct Connections(DashMap<String, Arc<Connection>>);
+
+/// The state of the legacy routes: the gateway's, and this replica's open connections.
+#[derive(Clone)]
+pub struct Legacy {
+    app: AppState,
+    connections: Arc<Connections>,
+}
+
+/// The legacy transport's routes, `/mcp/{server}/sse` and `/mcp/{server}/messages`, with the
+/// open connections they share.
+pub fn routes(app: AppState) -> axum::Router {
+    use axum::routing::{get, post};
+    axum::Router::new()
+        .route("/mcp/{server}/sse", get(open))
+        .route("/mcp/{server}/messages", post(message))
+        .with_state(Legacy { app, connections: Arc::default() })
+}
 
 /// One legacy client connection.
 pub struct Connection {
@@ -62,12 +80,13 @@ impl Connection {
 /// stream goes away.
 struct Closer {
     app: AppState,
+    connections: Arc<Connections>,
     id: String,
 }
 
 impl Drop for Closer {
     fn drop(&mut self) {
-        let Some((_, conn)) = self.app.legacy().0.remove(&self.id) else { return };
+        let Some((_, conn)) = self.connections.0.remove(&self.id) else { return };
         conn.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..).for_each(|t| t.abort());
         if let (Some(session), Ok(server)) = (conn.session(), self.app.server(&conn.server)) {
             tokio::spawn(async move {
@@ -78,12 +97,16 @@ impl Drop for Closer {
 }
 
 /// `GET /mcp/{server}/sse`.
-pub async fn open(State(app): State<AppState>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+async fn open(
+    State(Legacy { app, connections }): State<Legacy>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let mut ex = Exchange::new(&app, "GET");
     let result = async {
         let (server, principal) = admit(&app, Target::Name(&name), &headers, &mut ex).await?;
         check_accept(&headers, true)?;
-        Ok::<_, Failure>(stream(&app, &name, principal, stream_end(&app, &server, &headers)))
+        Ok::<_, Failure>(stream(&app, &connections, &name, principal, stream_end(&app, &server, &headers)))
     }
     .await;
     let resp = result.unwrap_or_else(|f| {
@@ -154,7 +177,13 @@ impl ClientTx {
     }
 }
 
-fn stream(app: &AppState, name: &str, principal: Principal, end: BoxFuture<'static, ()>) -> Response {
+fn stream(
+    app: &AppState,
+    connections: &Arc<Connections>,
+    name: &str,
+    principal: Principal,
+    end: BoxFuture<'static, ()>,
+) -> Response {
     let id = new_session_key();
     let wait = app.server(name).map(|s| s.config.request_timeout).unwrap_or(app.config().gateway.request_timeout);
     let (tx, rx) = ClientTx::new(app.config().limits.client_queue_bytes, wait, name);
@@ -166,9 +195,9 @@ fn stream(app: &AppState, name: &str, principal: Principal, end: BoxFuture<'stat
         tasks: Mutex::default(),
         in_flight: Arc::new(tokio::sync::Semaphore::new(app.config().limits.max_in_flight_per_legacy_session)),
     };
-    app.legacy().0.insert(id.clone(), Arc::new(conn));
+    connections.0.insert(id.clone(), Arc::new(conn));
     let endpoint = format!("{}/mcp/{name}/messages?sessionId={id}", app.public_url().path().trim_end_matches('/'));
-    let closer = Closer { app: app.clone(), id };
+    let closer = Closer { app: app.clone(), connections: connections.clone(), id };
     let first = futures::stream::iter([Event::default().event("endpoint").data(endpoint)]);
     let messages = futures::stream::poll_fn({
         let mut rx = rx;
@@ -185,8 +214,8 @@ fn stream(app: &AppState, name: &str, principal: Principal, end: BoxFuture<'stat
 /// `POST /mcp/{server}/messages?sessionId=…`: answers 202 and sends the answers on the stream.
 /// Each message goes through the dispatch and leaves its own audit record once its answer is
 /// known (or its connection ends first).
-pub async fn message(
-    State(app): State<AppState>,
+async fn message(
+    State(Legacy { app, connections }): State<Legacy>,
     Path(name): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
@@ -199,7 +228,7 @@ pub async fn message(
         // A connection serves only the principal that opened it.
         let conn = query
             .get("sessionId")
-            .and_then(|id| app.legacy().0.get(id).map(|c| c.clone()))
+            .and_then(|id| connections.0.get(id).map(|c| c.clone()))
             .filter(|c| c.server == name && c.principal.id == principal.id)
             .ok_or(GatewayError::UnknownSession)?;
         let bytes = read_body(body, app.config().gateway.max_body_bytes).await?;
@@ -249,7 +278,7 @@ pub async fn message(
 /// the record of a client gone.
 async fn handle(app: &AppState, server: &Arc<Server>, conn: &Arc<Connection>, message: Message, mut ex: Exchange) {
     if message.kind == Kind::Request && message.method() == "initialize" {
-        let call = Call { app, server, caller: &conn.principal, via: Via::Opening };
+        let call = Call { env: app.env(), server, caller: &conn.principal, via: Via::Opening };
         let state = match dispatch(call, message, &mut ex.trace).await {
             Ok(Outcome::Opened { response, state, .. }) => {
                 ex.client.clone_from(&state.client);
@@ -302,7 +331,7 @@ async fn handle(app: &AppState, server: &Arc<Server>, conn: &Arc<Connection>, me
         let conn = conn2;
         let id = message.id.clone();
         let timeout = server.config.request_timeout;
-        let call = Call { app: &app, server: &server, caller: &conn.principal, via: Via::Session(&session) };
+        let call = Call { env: app.env(), server: &server, caller: &conn.principal, via: Via::Session(&session) };
         let answered = tokio::time::timeout(timeout, async {
             let reply = match dispatch(call, message, &mut ex.trace).await? {
                 Outcome::Reply(reply) => reply,

@@ -178,7 +178,7 @@ impl TestGateway {
     }
 
     /// The running gateway's state.
-    pub fn state(&self) -> &portcullis::app::AppState {
+    pub fn state(&self) -> &portcullis::state::AppState {
         &self.gateway.as_ref().expect("running").state
     }
 
