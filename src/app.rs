@@ -26,6 +26,8 @@ use crate::state::{AppState, Parts};
 use crate::store::Store;
 use crate::upstream::credentials::Credentials;
 
+/// How long an idle connection to an upstream is kept for reuse (see [`upstream_client`]).
+const UPSTREAM_POOL_IDLE: Duration = Duration::from_secs(4);
 /// How often the metrics recorder drains histogram samples and drops idle series, so its
 /// memory stays bounded whether or not anyone scrapes `/metrics`.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
@@ -267,11 +269,16 @@ fn build_state(config: Config, keys: KeyRing, store: Store, addr: SocketAddr, sh
 
 /// The HTTP client for configured upstreams (operator-chosen URLs, so no SSRF guard here;
 /// URLs that come from clients or upstreams go through `net` instead).
+///
+/// Idle pooled connections are dropped after [`UPSTREAM_POOL_IDLE`], before the upstream's own
+/// keep-alive timeout ends them: a request written to a connection the server is closing at
+/// that moment fails with a reset that cannot be retried (an MCP POST is not idempotent).
+/// Node's HTTP server, behind most MCP servers, closes idle connections after 5 s.
 fn upstream_client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10))
-        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_idle_timeout(UPSTREAM_POOL_IDLE)
         .tcp_nodelay(true)
         .user_agent(concat!("portcullis/", env!("CARGO_PKG_VERSION")))
         .build()
