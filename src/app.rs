@@ -434,6 +434,9 @@ impl Gateway {
             }
         };
         let state = build_state(config, keys, store, addr, shutdown);
+        if let Some(c) = &checkpoints {
+            state.audit().watch_checkpoints(c.health());
+        }
         let (admin_addr, admin) = match admin_listen {
             Some(at) => match tokio::net::TcpListener::bind(at).await.and_then(|l| Ok((l.local_addr()?, l))) {
                 Ok((bound, listener)) => {

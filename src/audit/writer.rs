@@ -112,6 +112,8 @@ struct Shed {
 
 struct Shared {
     durability: Durability,
+    /// Set once checkpoints run: whether the last one could not be written.
+    checkpoints: std::sync::OnceLock<super::checkpoint::Health>,
     max_overflow_bytes: usize,
     overflow: Mutex<Overflow>,
     overflow_notify: Notify,
@@ -146,6 +148,7 @@ impl AuditWriter {
         let (tx, rx) = mpsc::channel(config.capacity.max(1));
         let shared = Arc::new(Shared {
             durability: config.durability,
+            checkpoints: std::sync::OnceLock::new(),
             max_overflow_bytes: config.max_overflow_bytes,
             overflow: Mutex::default(),
             overflow_notify: Notify::new(),
@@ -210,6 +213,19 @@ impl AuditWriter {
     pub fn is_full(&self) -> bool {
         let overflow = self.shared.overflow.lock().unwrap_or_else(PoisonError::into_inner);
         overflow.bytes >= self.shared.max_overflow_bytes || overflow.warned_full
+    }
+
+    /// Whether a `strict` call must be refused before it is forwarded: the overflow queue is
+    /// full ([`AuditWriter::is_full`]), or the last checkpoint of the chain's head could not
+    /// be written (the log's tail is not protected; see `docs/audit.md`, Checkpoints).
+    pub fn refuses_strict(&self) -> bool {
+        self.is_full() || self.shared.checkpoints.get().is_some_and(super::checkpoint::Health::failing)
+    }
+
+    /// Lets the writer see whether checkpoints are being written ([`AuditWriter::refuses_strict`]).
+    /// Set once, when the checkpointer starts.
+    pub fn watch_checkpoints(&self, health: super::checkpoint::Health) {
+        let _ = self.shared.checkpoints.set(health);
     }
 
     /// Records accepted and not yet committed.

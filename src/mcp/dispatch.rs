@@ -187,7 +187,10 @@ async fn forward(call: Call<'_>, message: Message, trace: &mut Trace) -> Result<
     let id = message.id.clone();
     // Strict durability: a call whose record could not be kept is not made at all.
     let audit = call.app.audit();
-    if call.app.config().audit.enabled && audit.durability() == crate::audit::Durability::Strict && audit.is_full() {
+    if call.app.config().audit.enabled
+        && audit.durability() == crate::audit::Durability::Strict
+        && audit.refuses_strict()
+    {
         return Err(GatewayError::AuditFull.with_id(id));
     }
     trace.forwarded = true;
