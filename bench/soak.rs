@@ -9,6 +9,7 @@
 //! SOAK_AUDIT=1 SOAK_DURABILITY=strict cargo bench --bench soak   # audit on, strict durability
 //! SOAK_AUDIT_CONFIG='capacity = 10000' SOAK_AUDIT=1 cargo bench --bench soak  # more [audit] lines
 //! SOAK_GATEWAY_BIN=/path/to/portcullis cargo bench --bench soak   # another build of the gateway
+//! SOAK_SMAPS_DIR=/tmp/smaps cargo bench --bench soak   # a copy of /proc/PID/smaps at each reading
 //! ```
 //!
 //! It starts `portcullis-bench-stub` and `portcullis serve` (a `public = true` server in front
