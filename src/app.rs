@@ -143,6 +143,9 @@ impl Gateway {
             admission.attach_audit(state.audit().clone());
             tokio::spawn(crate::layers::report_unrecorded(admission.clone(), state.shutdown().clone()));
         }
+        if let Some(c) = &checkpoints {
+            state.audit().watch_checkpoints(c.health());
+        }
         let (admin_addr, admin) = match admin_listen {
             Some(at) => match tokio::net::TcpListener::bind(at).await.and_then(|l| Ok((l.local_addr()?, l))) {
                 Ok((bound, listener)) => {

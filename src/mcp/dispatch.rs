@@ -188,7 +188,7 @@ async fn forward(call: Call<'_>, message: Message, trace: &mut Trace) -> Result<
     // Strict durability: a call whose record could not be kept is not made at all.
     if let Some(audit) = call.env.audit
         && audit.durability() == crate::audit::Durability::Strict
-        && audit.is_full()
+        && audit.refuses_strict()
     {
         return Err(GatewayError::AuditFull.with_id(id));
     }
