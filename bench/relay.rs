@@ -5,6 +5,7 @@
 //! BENCH_QUICK=1 cargo bench --bench relay    # smoke run (seconds)
 //! cargo bench --bench relay -- small         # only scenarios whose name contains "small"
 //! BENCH_GATEWAY_BIN=/path/to/portcullis cargo bench --bench relay   # another gateway build
+//! BENCH_BASELINE_BIN=/path/to/older/portcullis cargo bench --bench relay   # A/B in one run
 //! ```
 //!
 //! It starts `portcullis-bench-stub` (a fixed-bytes MCP server) and `portcullis serve` in
@@ -22,6 +23,13 @@
 //! data directory and port. The full-path gateway also serves the invalid-token arms, which
 //! expect 401. After the relay scenarios, a micro-benchmark times the audit step of the request
 //! path (`AuditWriter::record` / `write`) in this process.
+//!
+//! With `BENCH_BASELINE_BIN`, two more gateways of that build (an older revision) serve every
+//! scenario as a third arm, BASELINE, in the same rounds as the other two, so that a change is
+//! measured against its baseline on the same machine in the same minutes; the report adds the
+//! gateway's CPU per request over the baseline's. `BENCH_BASELINE_NO_LIMITS=1` leaves `[limits]`
+//! out of the baseline's config (builds older than it), as `BENCH_NO_LIMITS=1` does for the
+//! gateway's.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -174,10 +182,29 @@ fn gateway_bin() -> PathBuf {
     std::env::var_os("BENCH_GATEWAY_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_portcullis")), PathBuf::from)
 }
 
+/// A build of the gateway to run, and whether its config may have a `[limits]` section.
+struct Build {
+    bin: PathBuf,
+    limits: bool,
+}
+
+impl Build {
+    /// The gateway measured (`BENCH_GATEWAY_BIN`, `BENCH_NO_LIMITS`).
+    fn gateway() -> Build {
+        Build { bin: gateway_bin(), limits: std::env::var_os("BENCH_NO_LIMITS").is_none() }
+    }
+
+    /// The baseline, if any (`BENCH_BASELINE_BIN`, `BENCH_BASELINE_NO_LIMITS`).
+    fn baseline() -> Option<Build> {
+        let bin = PathBuf::from(std::env::var_os("BENCH_BASELINE_BIN")?);
+        Some(Build { bin, limits: std::env::var_os("BENCH_BASELINE_NO_LIMITS").is_none() })
+    }
+}
+
 /// `portcullis --config CONFIG ARGS…` with a clean environment (no `RUST_LOG`, no
 /// `PORTCULLIS_*` overrides or master key from the caller's shell).
-fn gateway_command(config: &std::path::Path) -> Command {
-    let mut cmd = Command::new(gateway_bin());
+fn gateway_command(bin: &std::path::Path, config: &std::path::Path) -> Command {
+    let mut cmd = Command::new(bin);
     cmd.arg("--config").arg(config).env_remove("RUST_LOG");
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("PORTCULLIS_") {
@@ -188,8 +215,8 @@ fn gateway_command(config: &std::path::Path) -> Command {
 }
 
 /// Runs one CLI command of the gateway to completion and returns its stdout.
-async fn gateway_cli(config: &std::path::Path, args: &[&str], stdin: Option<&str>) -> String {
-    let mut cmd = gateway_command(config);
+async fn gateway_cli(bin: &std::path::Path, config: &std::path::Path, args: &[&str], stdin: Option<&str>) -> String {
+    let mut cmd = gateway_command(bin, config);
     cmd.args(args)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
@@ -217,7 +244,8 @@ async fn gateway_cli(config: &std::path::Path, args: &[&str], stdin: Option<&str
 /// Starts a gateway in `dir` (its config and data directory) in front of `stub`: the bare
 /// relay, or with `full` the full path, whose data directory is prepared with the CLI first (a
 /// user, a grant token, the upstream secret).
-async fn start_gateway(dir: &std::path::Path, stub: SocketAddr, full: bool) -> Gateway {
+async fn start_gateway(dir: &std::path::Path, stub: SocketAddr, full: bool, build: &Build) -> Gateway {
+    let bin = build.bin.as_path();
     std::fs::create_dir_all(dir).expect("create the gateway's directory");
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let data = dir.join("data");
@@ -228,9 +256,9 @@ async fn start_gateway(dir: &std::path::Path, stub: SocketAddr, full: bool) -> G
         // The invalid-token arms send a flood of refused tokens from one address, which the
         // failed-authentication limit would answer 429: it is off here. `BENCH_NO_LIMITS=1`
         // leaves the section out for builds older than `[limits]` (A/B runs).
-        let limits = match std::env::var_os("BENCH_NO_LIMITS") {
-            Some(_) => "",
-            None => "[limits]\nfailed_auth_per_minute = 0\n\n",
+        let limits = match build.limits {
+            false => "",
+            true => "[limits]\nfailed_auth_per_minute = 0\n\n",
         };
         format!(
             "[gateway]\nlisten = \"{addr}\"\ndata_dir = {data:?}\n\n[log]\nlevel = \"warn\"\n\n\
@@ -246,17 +274,21 @@ async fn start_gateway(dir: &std::path::Path, stub: SocketAddr, full: bool) -> G
     };
     std::fs::write(&config, toml).expect("write the gateway config");
     let token = if full {
-        gateway_cli(&config, &["user", "add", "bench"], None).await;
-        let out = gateway_cli(&config, &["token", "create", "--user", "bench", "--name", "bench"], None).await;
+        gateway_cli(bin, &config, &["user", "add", "bench"], None).await;
+        let out = gateway_cli(bin, &config, &["token", "create", "--user", "bench", "--name", "bench"], None).await;
         let token = out.lines().last().unwrap_or_default().trim().to_owned();
         assert!(portcullis::authn::token::well_formed(&token), "`token create` printed no token last: {out:?}");
-        gateway_cli(&config, &["secret", "set", "stub-key"], Some("bench-upstream-key")).await;
+        gateway_cli(bin, &config, &["secret", "set", "stub-key"], Some("bench-upstream-key")).await;
         Some(token)
     } else {
         None
     };
     let mut gw = Proc::spawn(
-        gateway_command(&config).arg("serve").stdin(Stdio::null()).stdout(Stdio::inherit()).stderr(Stdio::inherit()),
+        gateway_command(bin, &config)
+            .arg("serve")
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit()),
         "the gateway",
     );
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -660,8 +692,16 @@ struct ScenarioResult {
     arm: &'static str,
     direct: ArmResult,
     gateway: ArmResult,
+    /// The baseline build's gateway arm (`BENCH_BASELINE_BIN`), if any.
+    baseline: Option<ArmResult>,
     gateway_hwm_kib: u64,
     gateway_cpu_ticks: u64,
+}
+
+/// The baseline's arm of a scenario, and its gateway's pid.
+struct Baseline<'a> {
+    arm: &'a Arc<Arm>,
+    pid: u32,
 }
 
 async fn run_scenario(
@@ -669,6 +709,7 @@ async fn run_scenario(
     direct: &Arc<Arm>,
     gateway: &Arc<Arm>,
     pids: &Pids,
+    baseline: Option<Baseline<'_>>,
     rounds: usize,
 ) -> ScenarioResult {
     let ticks_per_sec = clock_ticks_per_sec();
@@ -678,14 +719,31 @@ async fn run_scenario(
     let warm = (sc.per_round / 5).max(sc.concurrency * 4);
     round(&mut conns_direct, direct, sc.tool, warm, pids, &mut Tally::default()).await;
     round(&mut conns_gateway, gateway, sc.tool, warm, pids, &mut Tally::default()).await;
+    let base_pids = baseline.as_ref().map(|b| Pids { gateway: b.pid, stub: pids.stub });
+    let mut conns_base = match &baseline {
+        Some(b) => open_all(b.arm, sc.concurrency).await,
+        None => Vec::new(),
+    };
+    if let (Some(b), Some(p)) = (&baseline, &base_pids) {
+        round(&mut conns_base, b.arm, sc.tool, warm, p, &mut Tally::default()).await;
+    }
     let mut d = Tally::default();
     let mut g = Tally::default();
+    let mut b = Tally::default();
     for r in 0..rounds {
         // Alternate which arm goes first so drift (thermal, neighbours) does not favour one.
+        // The baseline's rounds sit next to the gateway's, before them in one round and after
+        // them in the next.
         if r % 2 == 0 {
             round(&mut conns_direct, direct, sc.tool, sc.per_round, pids, &mut d).await;
             round(&mut conns_gateway, gateway, sc.tool, sc.per_round, pids, &mut g).await;
+            if let (Some(base), Some(p)) = (&baseline, &base_pids) {
+                round(&mut conns_base, base.arm, sc.tool, sc.per_round, p, &mut b).await;
+            }
         } else {
+            if let (Some(base), Some(p)) = (&baseline, &base_pids) {
+                round(&mut conns_base, base.arm, sc.tool, sc.per_round, p, &mut b).await;
+            }
             round(&mut conns_gateway, gateway, sc.tool, sc.per_round, pids, &mut g).await;
             round(&mut conns_direct, direct, sc.tool, sc.per_round, pids, &mut d).await;
         }
@@ -698,6 +756,7 @@ async fn run_scenario(
         arm: gateway.label,
         direct: ArmResult::from(d, ticks_per_sec),
         gateway: ArmResult::from(g, ticks_per_sec),
+        baseline: baseline.map(|_| ArmResult::from(b, ticks_per_sec)),
         gateway_hwm_kib: status_kib(pids.gateway, "VmHWM"),
         gateway_cpu_ticks,
     }
@@ -782,6 +841,37 @@ fn target_row(o: &mut String, what: &str, limit: Option<f64>, unit: &str, value:
     let _ = writeln!(o, "| {what} | {limit_text} | {measured} | {verdict} |");
 }
 
+/// The gateway against the baseline build, from the rounds of the same run.
+fn render_baseline(o: &mut String, r: &Report) {
+    let bin = std::env::var_os("BENCH_BASELINE_BIN").map(PathBuf::from).unwrap_or_default();
+    let _ = writeln!(
+        o,
+        "\nAgainst the baseline build `{}` (BENCH_BASELINE_BIN), its rounds interleaved with the gateway's in the same run \
+         (CPU per request; the stub's is its CPU per request during each arm's rounds):\n",
+        bin.display()
+    );
+    let _ = writeln!(
+        o,
+        "| scenario | gateway CPU µs/req | baseline CPU µs/req | gateway / baseline | stub CPU µs/req, gateway's rounds | stub CPU µs/req, baseline's rounds | baseline errors |"
+    );
+    let _ = writeln!(o, "|---|--:|--:|--:|--:|--:|--:|");
+    for s in &r.results {
+        let Some(b) = &s.baseline else { continue };
+        let g = &s.gateway;
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {:.2} | {} | {} | {} |",
+            s.name,
+            us(g.gateway_cpu_us),
+            us(b.gateway_cpu_us),
+            g.gateway_cpu_us / b.gateway_cpu_us,
+            us(g.stub_cpu_us),
+            us(b.stub_cpu_us),
+            b.errors
+        );
+    }
+}
+
 fn render(r: &Report) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "## Relay benchmark results\n");
@@ -839,8 +929,15 @@ fn render(r: &Report) -> String {
             mib(s.gateway_hwm_kib),
         );
     }
+    if r.results.iter().any(|s| s.baseline.is_some()) {
+        render_baseline(&mut o, r);
+    }
     let find = |name: &str| r.results.iter().find(|s| s.name == name);
-    let errors: usize = r.results.iter().map(|s| s.direct.errors + s.gateway.errors).sum();
+    let errors: usize = r
+        .results
+        .iter()
+        .map(|s| s.direct.errors + s.gateway.errors + s.baseline.as_ref().map_or(0, |b| b.errors))
+        .sum();
     let _ = writeln!(o, "\nTargets:\n");
     let _ = writeln!(o, "| target | limit | measured | verdict |");
     let _ = writeln!(o, "|---|--:|--:|---|");
@@ -956,7 +1053,8 @@ fn render(r: &Report) -> String {
     }
     let mut first = true;
     for s in &r.results {
-        for (label, a) in [("direct", &s.direct), (s.arm, &s.gateway)] {
+        let arms = [("direct", Some(&s.direct)), (s.arm, Some(&s.gateway)), ("baseline", s.baseline.as_ref())];
+        for (label, a) in arms.into_iter().filter_map(|(l, a)| Some((l, a?))) {
             for e in &a.first_errors {
                 if first {
                     let _ = writeln!(o, "\nFirst errors:\n");
@@ -1020,8 +1118,16 @@ async fn run(quick: bool, selected: &dyn Fn(&str) -> bool) -> Report {
     let rounds = if quick { 2 } else { 5 };
     let dir = tempfile::tempdir().expect("a temporary directory");
     let (stub, stub_addr) = start_stub().await;
-    let bare = start_gateway(&dir.path().join("bare"), stub_addr, false).await;
-    let full = start_gateway(&dir.path().join("full"), stub_addr, true).await;
+    let build = Build::gateway();
+    let bare = start_gateway(&dir.path().join("bare"), stub_addr, false, &build).await;
+    let full = start_gateway(&dir.path().join("full"), stub_addr, true, &build).await;
+    let baseline = match Build::baseline() {
+        Some(b) => Some((
+            start_gateway(&dir.path().join("base-bare"), stub_addr, false, &b).await,
+            start_gateway(&dir.path().join("base-full"), stub_addr, true, &b).await,
+        )),
+        None => None,
+    };
     // Let start-up work (migrations, lazy statics) settle before sampling the idle footprint.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_rss_kib = status_kib(bare.proc.pid, "VmRSS");
@@ -1052,7 +1158,19 @@ async fn run(quick: bool, selected: &dyn Fn(&str) -> bool) -> Report {
     let via_full = arm("full path", full.addr, "/mcp/stub", bearer(token), false, audit_settle);
     let via_unknown = arm("unknown token", full.addr, "/mcp/stub", bearer(unknown.expose()), true, audit_settle);
     let malformed = bearer(&malformed_token());
-    let via_malformed = arm("malformed token", full.addr, "/mcp/stub", malformed, true, audit_settle);
+    let via_malformed = arm("malformed token", full.addr, "/mcp/stub", malformed.clone(), true, audit_settle);
+    // The baseline's arms: the same requests to its own two gateways.
+    let base_arms = baseline.as_ref().map(|(bare, full)| {
+        let token = full.token.as_deref().expect("the full-path gateway has a grant token");
+        let base =
+            |addr, authorization, rejected, settle| arm("baseline", addr, "/mcp/stub", authorization, rejected, settle);
+        [
+            base(bare.addr, None, false, Duration::ZERO),
+            base(full.addr, bearer(token), false, audit_settle),
+            base(full.addr, bearer(unknown.expose()), true, audit_settle),
+            base(full.addr, malformed.clone(), true, audit_settle),
+        ]
+    });
     let mut results = Vec::new();
     for sc in scenarios(quick) {
         if !selected(sc.name) {
@@ -1065,11 +1183,24 @@ async fn run(quick: bool, selected: &dyn Fn(&str) -> bool) -> Report {
             Route::MalformedToken => (&via_malformed, full.proc.pid),
         };
         let pids = Pids { gateway: gateway_pid, stub: stub.pid };
+        let base = match (&baseline, &base_arms) {
+            (Some((bare, full)), Some(arms)) => Some(match sc.route {
+                Route::Bare => Baseline { arm: &arms[0], pid: bare.proc.pid },
+                Route::Full => Baseline { arm: &arms[1], pid: full.proc.pid },
+                Route::UnknownToken => Baseline { arm: &arms[2], pid: full.proc.pid },
+                Route::MalformedToken => Baseline { arm: &arms[3], pid: full.proc.pid },
+            }),
+            _ => None,
+        };
         eprint!("{:<19} c={:<3} {} rounds × {} requests per arm ", sc.name, sc.concurrency, rounds, sc.per_round);
-        results.push(run_scenario(&sc, &direct, via, &pids, rounds).await);
+        results.push(run_scenario(&sc, &direct, via, &pids, base, rounds).await);
     }
     let peak_hwm_kib = status_kib(bare.proc.pid, "VmHWM");
     let full_peak_hwm_kib = status_kib(full.proc.pid, "VmHWM");
+    if let Some((bare, full)) = baseline {
+        full.proc.stop().await;
+        bare.proc.stop().await;
+    }
     full.proc.stop().await;
     bare.proc.stop().await;
     stub.stop().await;
