@@ -99,7 +99,7 @@ impl Message {
         let env = serde::Deserializer::deserialize_any(&mut de, EnvelopeVisitor { raw: &raw })
             .map_err(|e| classify(&raw, e))?;
         de.end().map_err(|e| EnvelopeError::Parse(e.to_string()))?;
-        if env.jsonrpc.as_ref().and_then(Value::as_str) != Some("2.0") {
+        if env.jsonrpc != Some(true) {
             return Err(EnvelopeError::invalid("`jsonrpc` must be \"2.0\""));
         }
         let kind = match (&env.method, env.answered) {
@@ -190,10 +190,11 @@ fn classify(raw: &[u8], e: serde_json::Error) -> EnvelopeError {
     }
 }
 
-/// The envelope as read in one pass, borrowing from the bytes.
+/// The envelope as read in one pass.
 #[derive(Default)]
 struct Read {
-    jsonrpc: Option<Value>,
+    /// `jsonrpc`, if present: whether it is `"2.0"`.
+    jsonrpc: Option<bool>,
     id: Option<Value>,
     method: Option<String>,
     /// Where `params` lies in the bytes.
@@ -219,15 +220,16 @@ impl<'de> Visitor<'de> for EnvelopeVisitor<'_> {
         let mut read = Read { base: self.raw.as_ptr() as usize, ..Read::default() };
         let members = Strict { level: 2 };
         while let Some(key) = map.next_key_seed(KeySeed)? {
-            let name = keys.insert(key).map_err(de::Error::custom)?;
-            match name {
-                "jsonrpc" => read.jsonrpc = Some(map.next_value_seed(Shallow)?),
-                "id" => read.id = Some(map.next_value_seed(Shallow)?),
-                "method" => match map.next_value_seed(Shallow)? {
-                    Value::String(m) => read.method = Some(m),
-                    _ => return Err(de::Error::custom("`method` must be a string")),
+            let field = Field::of(&key);
+            keys.insert(key).map_err(de::Error::custom)?;
+            match field {
+                Field::Jsonrpc => read.jsonrpc = Some(map.next_value_seed(Text)?.is_some_and(|v| v == "2.0")),
+                Field::Id => read.id = Some(map.next_value_seed(Shallow)?),
+                Field::Method => match map.next_value_seed(Text)? {
+                    Some(m) => read.method = Some(m.into_owned()),
+                    None => return Err(de::Error::custom("`method` must be a string")),
                 },
-                "params" => {
+                Field::Params => {
                     let params: &'de RawValue = map.next_value()?;
                     let text = params.get();
                     let mut de = serde_json::Deserializer::from_str(text);
@@ -235,11 +237,11 @@ impl<'de> Visitor<'de> for EnvelopeVisitor<'_> {
                     let start = (text.as_ptr() as usize).wrapping_sub(read.base);
                     read.params = Some((start, start + text.len()));
                 }
-                "result" | "error" => {
+                Field::Answer => {
                     map.next_value_seed(members)?;
                     read.answered = true;
                 }
-                _ => map.next_value_seed(members)?,
+                Field::Other => map.next_value_seed(members)?,
             }
         }
         // `id: null` is no id (a notification, or an answer to an unreadable request).
@@ -248,8 +250,92 @@ impl<'de> Visitor<'de> for EnvelopeVisitor<'_> {
     }
 }
 
-/// Any JSON value at level 2 that the envelope keeps (`jsonrpc`, `id`, `method`): read
-/// within the depth limit.
+/// The members of the envelope the gateway reads.
+enum Field {
+    Jsonrpc,
+    Id,
+    Method,
+    Params,
+    /// `result` or `error`.
+    Answer,
+    Other,
+}
+
+impl Field {
+    fn of(key: &str) -> Field {
+        match key {
+            "jsonrpc" => Field::Jsonrpc,
+            "id" => Field::Id,
+            "method" => Field::Method,
+            "params" => Field::Params,
+            "result" | "error" => Field::Answer,
+            _ => Field::Other,
+        }
+    }
+}
+
+/// A member at level 2 read as text if it is a string (`jsonrpc`, `method`), borrowed from
+/// the bytes when it has no escapes; any other value is checked as [`Strict`] does and read
+/// as `None`.
+struct Text;
+
+impl<'de> DeserializeSeed<'de> for Text {
+    type Value = Option<Cow<'de, str>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Text {
+    type Value = Option<Cow<'de, str>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Owned(v.to_owned())))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Owned(v)))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        Strict { level: 2 }.visit_seq(seq).map(|()| None)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        Strict { level: 2 }.visit_map(map).map(|()| None)
+    }
+}
+
+/// Any JSON value at level 2 that the envelope keeps (`id`): read within the depth limit.
 struct Shallow;
 
 impl<'de> DeserializeSeed<'de> for Shallow {
@@ -376,33 +462,42 @@ impl<'de> Visitor<'de> for KeySeed {
 }
 
 /// The keys of one object so far; a repeated key is an error (parsers disagree on which of
-/// two values wins).
+/// two values wins). The first keys are kept inline and searched, so a small object costs no
+/// allocation; past them, all are hashed.
 #[derive(Default)]
 struct Keys<'de> {
-    seen: Vec<Cow<'de, str>>,
+    first: [Cow<'de, str>; SEARCHED],
+    len: usize,
     many: std::collections::HashSet<Cow<'de, str>>,
 }
 
-impl<'de> Keys<'de> {
-    /// Small objects are searched; large ones hashed.
-    const SEARCHED: usize = 16;
+/// Keys of one object searched before they are hashed.
+const SEARCHED: usize = 16;
 
-    fn insert(&mut self, key: Cow<'de, str>) -> Result<&str, String> {
-        let repeated = if self.seen.len() < Self::SEARCHED {
-            self.seen.contains(&key)
+impl<'de> Keys<'de> {
+    fn insert(&mut self, key: Cow<'de, str>) -> Result<(), String> {
+        if self.len < SEARCHED {
+            if self.first[..self.len].contains(&key) {
+                return Err(repeated(&key));
+            }
+            self.first[self.len] = key;
         } else {
             if self.many.is_empty() {
-                self.many.extend(self.seen.iter().cloned());
+                self.many.extend(self.first.iter().cloned());
             }
-            !self.many.insert(key.clone())
-        };
-        if repeated {
-            let shown: String = key.chars().take(64).collect();
-            return Err(format!("key `{shown}` is repeated in one object"));
+            if self.many.contains(&key) {
+                return Err(repeated(&key));
+            }
+            self.many.insert(key);
         }
-        self.seen.push(key);
-        Ok(self.seen.last().map(|k| &**k).unwrap_or_default())
+        self.len += 1;
+        Ok(())
     }
+}
+
+fn repeated(key: &str) -> String {
+    let shown: String = key.chars().take(64).collect();
+    format!("key `{shown}` is repeated in one object")
 }
 
 /// The most messages one batch may hold.
