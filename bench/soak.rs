@@ -6,13 +6,20 @@
 //! SOAK_REQUESTS=200000 cargo bench --bench soak  # fewer
 //! SOAK_AUDIT=1 cargo bench --bench soak          # with the audit log on (async durability)
 //! SOAK_CONNECTIONS=16 cargo bench --bench soak   # more concurrent keep-alive connections
+//! SOAK_AUDIT=1 SOAK_DURABILITY=strict cargo bench --bench soak   # audit on, strict durability
+//! SOAK_AUDIT_CONFIG='capacity = 10000' SOAK_AUDIT=1 cargo bench --bench soak  # more [audit] lines
+//! SOAK_GATEWAY_BIN=/path/to/portcullis cargo bench --bench soak   # another build of the gateway
+//! SOAK_SMAPS_DIR=/tmp/smaps cargo bench --bench soak   # a copy of /proc/PID/smaps at each reading
 //! ```
 //!
 //! It starts `portcullis-bench-stub` and `portcullis serve` (a `public = true` server in front
 //! of the stub) as child processes, opens one MCP session, and drives closed-loop load over
 //! HTTP/1.1 keep-alive connections. RSS (`VmRSS` of `/proc/PID/status`) is read once the
 //! gateway is ready, after a 10,000-request warm-up, after every further 100,000 and at the
-//! end; the last line is one JSON object with the figures. See docs/performance.md.
+//! end, and once more after the load has stopped and the audit log has caught up (the "settled"
+//! figure: what the process keeps); the peak is `VmHWM`. Only then is `/metrics` read once, for
+//! the audit writer's counters. The last line is one JSON object with the figures. See
+//! docs/performance.md.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -33,13 +40,26 @@ fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.replace('_', "").parse().ok()).unwrap_or(default)
 }
 
-fn rss_kib(pid: u32) -> u64 {
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the gateway runs");
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
+        .expect(field)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    if let Ok(dir) = std::env::var("SOAK_SMAPS_DIR") {
+        let n = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+        let _ = std::fs::copy(format!("/proc/{pid}/smaps"), format!("{dir}/{n:02}.smaps"));
+    }
+    status_kib(pid, "VmRSS:")
+}
+
+/// The value of an unlabelled series in a Prometheus text exposition.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 async fn start_stub() -> (Child, String) {
@@ -59,14 +79,21 @@ async fn start_stub() -> (Child, String) {
 async fn start_gateway(dir: &Path, stub_url: &str, audit: bool) -> (Child, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
     let config = dir.join("portcullis.toml");
-    let audit = if audit { "" } else { "[audit]\nenabled = false\n\n" };
+    let audit = if audit {
+        let durability = std::env::var("SOAK_DURABILITY").unwrap_or_else(|_| "async".to_owned());
+        let extra = std::env::var("SOAK_AUDIT_CONFIG").unwrap_or_default();
+        format!("[audit]\ndurability = {durability:?}\n{extra}\n\n")
+    } else {
+        "[audit]\nenabled = false\n\n".to_owned()
+    };
     let text = format!(
         "[gateway]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n\n[log]\nlevel = \"warn\"\n\n{audit}\
          [[servers]]\nname = \"stub\"\nurl = \"{stub_url}\"\npublic = true\n",
         dir.join("data").display().to_string()
     );
     std::fs::write(&config, text).expect("config");
-    let gateway = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+    let bin = std::env::var("SOAK_GATEWAY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_portcullis").to_owned());
+    let gateway = Command::new(bin)
         .arg("--config")
         .arg(&config)
         .arg("serve")
@@ -180,12 +207,39 @@ async fn main() {
     }
     let end = rss_kib(pid);
     let secs = started.elapsed().as_secs_f64();
+    // The load has stopped: what the audit writer still holds is committed within a batch's
+    // delay; what the process keeps after that is retained, not in use.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let settled = rss_kib(pid);
+    let peak = status_kib(pid, "VmHWM:");
+    println!("{:>10}  {settled:>10}  settled (2 s after the load); peak (VmHWM) {peak} KiB", "-");
+    let metrics = reqwest::Client::new()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let count = |name| metric(&metrics, name).unwrap_or(0.0) as u64;
+    let growth = |to: u64, from: u64| i64::try_from(to).unwrap_or(0) - i64::try_from(from).unwrap_or(0);
     println!(
         "{}",
         serde_json::json!({
             "requests": total, "connections": connections, "audit": audit, "seconds": (secs * 10.0).round() / 10.0,
-            "rss_kib": {"ready": ready, "after_warmup": warm, "end": end},
-            "growth_kib_after_warmup": i64::try_from(end).unwrap_or(0) - i64::try_from(warm).unwrap_or(0),
+            "rss_kib": {"ready": ready, "after_warmup": warm, "end": end, "settled": settled, "peak": peak},
+            "growth_kib": {"end": growth(end, ready), "settled": growth(settled, ready), "peak": growth(peak, ready)},
+            "growth_kib_after_warmup": growth(end, warm),
+            "audit_records": {
+                "written": count("portcullis_audit_written_total"),
+                "overflowed": count("portcullis_audit_overflow_total"),
+                "shed": count("portcullis_audit_shed_total"),
+                "batches": count("portcullis_audit_batch_seconds_count"),
+                "batch_ms_mean": (metric(&metrics, "portcullis_audit_batch_seconds_sum").unwrap_or(0.0) * 1e3
+                    / metric(&metrics, "portcullis_audit_batch_seconds_count").unwrap_or(1.0).max(1.0) * 100.0)
+                    .round() / 100.0,
+                "waits": count("portcullis_audit_waits_total"),
+            },
         })
     );
 }

@@ -1,9 +1,8 @@
 //! Builds the gateway's state, serves its routes, and shuts down gracefully.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -15,320 +14,24 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
+use crate::authn::Authenticator;
 use crate::clock::Clock;
-use crate::config::{Config, ServerConfig};
+use crate::config::Config;
 use crate::error::GatewayError;
 use crate::keys::KeyRing;
-use crate::protocol::session::{Sealer, SessionState};
+use crate::mcp::Server;
+use crate::origin::HostPolicy;
+use crate::protocol::session::Sealer;
+use crate::state::{AppState, Parts};
 use crate::store::Store;
-use crate::transport::origin::HostPolicy;
-use crate::upstream::Upstream;
 use crate::upstream::credentials::Credentials;
 
-/// One principal's stateless upstream session, opened once.
-type StatelessSlot = Arc<tokio::sync::OnceCell<(SessionState, serde_json::Value)>>;
-
-/// One configured upstream server and its connector.
-pub struct Server {
-    /// Its configuration.
-    pub config: ServerConfig,
-    /// Its connector.
-    pub upstream: Upstream,
-    /// The upstream sessions of stateless (2026-07-28) clients, opened on first use, one per
-    /// principal (keyed by principal id), never shared.
-    stateless: dashmap::DashMap<String, StatelessSlot>,
-    /// Metric handles by (method, status), registered on first use: the hot path then
-    /// neither allocates labels nor searches the registry.
-    metrics: dashmap::DashMap<(&'static str, u16), (metrics::Counter, metrics::Histogram)>,
-    /// The vault, for servers with upstream OAuth.
-    vault: Option<Arc<crate::vault::Vault>>,
-    /// With upstream OAuth: the upstream sides opened behind client sessions after they began.
-    continuity: Option<crate::mcp::continuity::Continuity>,
-    /// With upstream OAuth: what the upstream last showed, for people not connected yet.
-    catalog: Option<Arc<crate::mcp::catalog::Catalog>>,
-}
-
-impl std::fmt::Debug for Server {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("name", &self.config.name).finish_non_exhaustive()
-    }
-}
-
-impl Server {
-    fn new(config: &ServerConfig, client: reqwest::Client, credentials: Arc<Credentials>) -> Server {
-        let oauth = matches!(config.auth, crate::config::UpstreamAuth::OAuth(_));
-        let vault = credentials.vault().filter(|_| oauth).cloned();
-        let (store, keys) = (credentials.store().clone(), credentials.keys().clone());
-        Server {
-            continuity: vault
-                .as_ref()
-                .map(|_| crate::mcp::continuity::Continuity::new(&config.name, store.clone(), keys)),
-            catalog: vault.as_ref().map(|_| crate::mcp::catalog::Catalog::new(store, &config.name)),
-            vault,
-            config: config.clone(),
-            upstream: Upstream::new(config, client, credentials),
-            stateless: Default::default(),
-            metrics: Default::default(),
-        }
-    }
-
-    /// The vault, when this server uses upstream OAuth.
-    pub fn vault(&self) -> Option<&Arc<crate::vault::Vault>> {
-        self.vault.as_ref()
-    }
-
-    /// With upstream OAuth: the upstream sides opened behind client sessions after they began.
-    pub fn continuity(&self) -> Option<&crate::mcp::continuity::Continuity> {
-        self.continuity.as_ref()
-    }
-
-    /// With upstream OAuth: what the upstream last showed.
-    pub fn catalog(&self) -> Option<&Arc<crate::mcp::catalog::Catalog>> {
-        self.catalog.as_ref()
-    }
-
-    /// The upstream session for `caller`'s stateless requests and its `initialize` result.
-    /// Each principal has their own, opened once: concurrent first requests of one caller
-    /// wait for the same opening, and nobody holds a lock across the upstream's answer.
-    pub async fn stateless_session(
-        &self,
-        app: &AppState,
-        caller: &str,
-    ) -> Result<(SessionState, serde_json::Value), crate::upstream::UpstreamError> {
-        let slot = match self.stateless.get(caller) {
-            Some(slot) => slot.clone(),
-            None => {
-                if self.stateless.len() >= STATELESS_SESSIONS {
-                    self.evict_stateless_sessions().await;
-                }
-                self.stateless.entry(caller.to_owned()).or_default().clone()
-            }
-        };
-        slot.get_or_try_init(|| self.open_stateless_session(app, caller)).await.cloned()
-    }
-
-    async fn open_stateless_session(
-        &self,
-        app: &AppState,
-        caller: &str,
-    ) -> Result<(SessionState, serde_json::Value), crate::upstream::UpstreamError> {
-        let hello = crate::upstream::ClientHello {
-            protocol: crate::protocol::version::LATEST_STATEFUL.to_owned(),
-            capabilities: serde_json::json!({}),
-            client_info: serde_json::json!({"name": "portcullis", "version": env!("CARGO_PKG_VERSION")}),
-            caller: caller.to_owned(),
-        };
-        let session_key = format!("stateless-{}", crate::protocol::session::new_session_key());
-        let opened = self.upstream.open(&hello, &session_key).await?;
-        let stateless_upstream = opened.upstream_protocol == crate::protocol::version::STATELESS;
-        let state = SessionState {
-            version: 1,
-            key: session_key,
-            client_protocol: crate::protocol::version::STATELESS.to_owned(),
-            upstream_protocol: opened.upstream_protocol,
-            upstream_session: opened.upstream_session,
-            created: app.clock().unix_secs(),
-            hello: stateless_upstream
-                .then(|| serde_json::json!({"capabilities": hello.capabilities, "clientInfo": hello.client_info})),
-            features: 0,
-            client: None,
-            subject: caller.to_owned(),
-            pending: false,
-        };
-        Ok((state, opened.result))
-    }
-
-    /// Drops `caller`'s stateless upstream session `key` (the upstream forgot it); a newer one
-    /// opened meanwhile stays.
-    pub fn forget_stateless_session(&self, caller: &str, key: &str) {
-        self.stateless.remove_if(caller, |_, slot| slot.get().is_none_or(|(s, _)| s.key == key));
-    }
-
-    /// Makes room for new callers' stateless sessions: forgets a tenth of the kept ones and
-    /// ends them at the upstream (each is opened again on its caller's next request).
-    async fn evict_stateless_sessions(&self) {
-        let victims: Vec<String> =
-            self.stateless.iter().take(STATELESS_SESSIONS / 10 + 1).map(|e| e.key().clone()).collect();
-        let ended: Vec<SessionState> = victims
-            .iter()
-            .filter_map(|caller| self.stateless.remove(caller))
-            .filter_map(|(_, slot)| slot.get().map(|(session, _)| session.clone()))
-            .collect();
-        let closes = ended.iter().map(|session| self.upstream.close(session));
-        let _ = tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(closes)).await;
-        metrics::counter!("portcullis_stateless_sessions_evicted_total", "server" => self.config.name.clone())
-            .increment(1);
-    }
-}
-
-/// Most stateless upstream sessions kept per server (one per principal); past it, the oldest
-/// are ended and opened again on their caller's next request.
-const STATELESS_SESSIONS: usize = 10_000;
-
-struct Inner {
-    config: Config,
-    public_url: Url,
-    servers: HashMap<String, Arc<Server>>,
-    sealer: Sealer,
-    hosts: HostPolicy,
-    store: Store,
-    clock: Clock,
-    metrics: PrometheusHandle,
-    shutdown: CancellationToken,
-    legacy: crate::transport::legacy_sse::Connections,
-    audit: crate::audit::AuditWriter,
-    keys: crate::keys::SharedKeyRing,
-    tokens: Arc<crate::authn::cache::TokenCache>,
-    touched: dashmap::DashMap<String, i64>,
-    vault: Option<Arc<crate::vault::Vault>>,
-    /// The last readiness probe, reused for [`PROBE_TTL`].
-    probe: tokio::sync::Mutex<Option<(Instant, Probe)>>,
-}
-
-/// How long a readiness probe's result is reused: however often `/readyz` is asked, the
-/// store and the upstreams are probed at most once per this interval.
-const PROBE_TTL: Duration = Duration::from_secs(2);
+/// How long an idle connection to an upstream is kept for reuse (see [`upstream_client`]).
+const UPSTREAM_POOL_IDLE: Duration = Duration::from_secs(4);
 /// How often the metrics recorder drains histogram samples and drops idle series, so its
 /// memory stays bounded whether or not anyone scrapes `/metrics`.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 
-/// One readiness probe: the store, and each server by name (with its error, if any).
-#[derive(Clone)]
-struct Probe {
-    store: Result<(), String>,
-    servers: Vec<(String, Result<(), String>)>,
-}
-
-impl Probe {
-    fn ready(&self) -> bool {
-        self.store.is_ok() && self.servers.iter().all(|(_, r)| r.is_ok())
-    }
-}
-
-/// Shared state: a cheap handle, passed to every handler.
-#[derive(Clone)]
-pub struct AppState(Arc<Inner>);
-
-impl AppState {
-    /// The validated configuration.
-    pub fn config(&self) -> &Config {
-        &self.0.config
-    }
-
-    /// The URL clients use, resolved against the bound address.
-    pub fn public_url(&self) -> &Url {
-        &self.0.public_url
-    }
-
-    /// The vault, when some server uses upstream OAuth.
-    pub fn vault(&self) -> Option<&Arc<crate::vault::Vault>> {
-        self.0.vault.as_ref()
-    }
-
-    /// The server named `name`.
-    pub fn server(&self, name: &str) -> Result<Arc<Server>, GatewayError> {
-        self.0.servers.get(name).cloned().ok_or_else(|| GatewayError::UnknownServer(name.chars().take(64).collect()))
-    }
-
-    /// Seals and opens session ids.
-    pub fn sealer(&self) -> &Sealer {
-        &self.0.sealer
-    }
-
-    /// The DNS-rebinding guard.
-    pub fn hosts(&self) -> &HostPolicy {
-        &self.0.hosts
-    }
-
-    /// The clock.
-    pub fn clock(&self) -> &Clock {
-        &self.0.clock
-    }
-
-    /// Open connections of legacy HTTP+SSE clients on this replica.
-    pub fn legacy(&self) -> &crate::transport::legacy_sse::Connections {
-        &self.0.legacy
-    }
-
-    /// The audit log writer.
-    pub fn audit(&self) -> &crate::audit::AuditWriter {
-        &self.0.audit
-    }
-
-    /// The master key ring (reloaded from its source when a row names a key it lacks).
-    pub fn keys(&self) -> &crate::keys::SharedKeyRing {
-        &self.0.keys
-    }
-
-    /// Remembered token checks.
-    pub fn tokens(&self) -> &crate::authn::cache::TokenCache {
-        &self.0.tokens
-    }
-
-    /// The store.
-    pub fn store(&self) -> &Store {
-        &self.0.store
-    }
-
-    /// Records a token's last use in the background, at most once a minute per token.
-    pub fn touch_token(&self, id: &str, last_used: Option<i64>, now: u64) {
-        let now = i64::try_from(now).unwrap_or(i64::MAX);
-        // The stored time may come from a remembered check; the map knows this process's touches.
-        let last = self.0.touched.get(id).map(|t| *t).max(last_used);
-        if last.is_some_and(|t| now - t < 60) {
-            return;
-        }
-        if self.0.touched.len() >= crate::authn::cache::CAP {
-            self.0.touched.clear();
-        }
-        self.0.touched.insert(id.to_owned(), now);
-        let (store, id) = (self.0.store.clone(), id.to_owned());
-        tokio::spawn(async move {
-            if let Err(e) = store.token_touch(&id, now).await {
-                tracing::warn!(error = %e, "could not record a token's last use");
-            }
-        });
-    }
-
-    /// Cancelled when shutdown begins; long streams end on it.
-    pub fn shutdown(&self) -> &CancellationToken {
-        &self.0.shutdown
-    }
-
-    /// Records one finished HTTP exchange in the metrics.
-    pub fn observe(&self, server: Option<&Server>, method: &'static str, status: StatusCode, started: Instant) {
-        let elapsed = started.elapsed();
-        let name = server.map_or("unknown", |s| s.config.name.as_str());
-        tracing::debug!(
-            server = name,
-            method,
-            status = status.as_u16(),
-            micros = elapsed.as_micros() as u64,
-            "mcp request"
-        );
-        let record = |(counter, histogram): &(metrics::Counter, metrics::Histogram)| {
-            counter.increment(1);
-            histogram.record(elapsed.as_secs_f64());
-        };
-        let Some(s) = server else { return record(&request_metrics(name, method, status)) };
-        let key = (method, status.as_u16());
-        // Registered handles are read under the shard's read lock, without cloning them.
-        if let Some(handles) = s.metrics.get(&key) {
-            return record(&handles);
-        }
-        record(&s.metrics.entry(key).or_insert_with(|| request_metrics(name, method, status)));
-    }
-}
-
-fn request_metrics(server: &str, method: &'static str, status: StatusCode) -> (metrics::Counter, metrics::Histogram) {
-    let (server, status) = (server.to_owned(), status.as_str().to_owned());
-    (
-        metrics::counter!("portcullis_requests_total", "server" => server.clone(), "method" => method, "status" => status),
-        metrics::histogram!("portcullis_request_duration_seconds", "server" => server, "method" => method),
-    )
-}
-
-/// The process-wide Prometheus recorder (the `metrics` facade is global by design).
 fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
@@ -358,6 +61,8 @@ pub struct Gateway {
     task: tokio::task::JoinHandle<()>,
     admin: Option<tokio::task::JoinHandle<()>>,
     checkpoints: Option<crate::audit::checkpoint::Checkpointer>,
+    /// The layers' state: the count of refusals left out of the audit log is reported from it.
+    admission: Arc<crate::layers::Admission>,
 }
 
 /// Why a gateway could not start.
@@ -400,7 +105,7 @@ impl Gateway {
         let listener =
             tokio::net::TcpListener::bind(listen).await.map_err(|source| StartError::Bind { addr: listen, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: listen, source })?;
-        for warning in crate::net::config_warnings(&config) {
+        for warning in config.warnings.iter().cloned().chain(crate::net::config_warnings(&config)) {
             tracing::warn!("{warning}");
         }
         let shutdown = CancellationToken::new();
@@ -434,39 +139,47 @@ impl Gateway {
             }
         };
         let state = build_state(config, keys, store, addr, shutdown);
+        if state.config().audit.enabled {
+            admission.attach_audit(state.audit().clone());
+            tokio::spawn(crate::layers::report_unrecorded(admission.clone(), state.shutdown().clone()));
+        }
+        if let Some(c) = &checkpoints {
+            state.audit().watch_checkpoints(c.health());
+        }
         let (admin_addr, admin) = match admin_listen {
             Some(at) => match tokio::net::TcpListener::bind(at).await.and_then(|l| Ok((l.local_addr()?, l))) {
                 Ok((bound, listener)) => {
                     let router = admin_router(state.clone());
+                    let admission = admission.clone();
                     let service = move |peer| crate::layers::stack(admission.clone(), peer, router.clone());
-                    let served = crate::listener::serve(listener, settings, service, state.0.shutdown.clone());
+                    let served = crate::listener::serve(listener, settings, service, state.shutdown().clone());
                     tracing::info!(addr = %bound, "admin listener for /metrics and /readyz");
                     (Some(bound), Some(tokio::spawn(served)))
                 }
                 Err(source) => {
-                    state.0.shutdown.cancel();
+                    state.shutdown().cancel();
                     let _ = task.await;
                     return Err(StartError::Bind { addr: at, source });
                 }
             },
             None => (None, None),
         };
-        tokio::spawn(metrics_upkeep(state.0.metrics.clone(), state.0.shutdown.clone()));
-        tokio::spawn(state.0.tokens.clone().watch(state.0.store.clone(), state.0.shutdown.clone()));
-        if let Some(vault) = state.0.vault.clone() {
-            tokio::spawn(vault.run_refresher(state.0.shutdown.clone()));
-            tokio::spawn(sweep_stdio(state.clone(), state.0.tokens.changes()));
+        tokio::spawn(metrics_upkeep(state.metrics().clone(), state.shutdown().clone()));
+        tokio::spawn(state.authn().tokens().clone().watch(state.store().clone(), state.shutdown().clone()));
+        if let Some(vault) = state.vault().cloned() {
+            tokio::spawn(vault.run_refresher(state.shutdown().clone()));
+            tokio::spawn(sweep_stdio(state.clone(), state.authn().tokens().changes()));
         }
         gate.open(Front { router: router(state.clone()), app: state.clone() });
         tracing::info!(%addr, public_url = %state.public_url(), "portcullis is serving");
-        Ok(Gateway { addr, admin_addr, state, task, admin, checkpoints })
+        Ok(Gateway { addr, admin_addr, state, task, admin, checkpoints, admission })
     }
 
     /// Stops accepting, lets in-flight calls finish within `shutdown_grace`, ends streams,
     /// then stops upstream processes.
     pub async fn shutdown(self) {
         let grace = self.state.config().gateway.shutdown_grace;
-        self.state.0.shutdown.cancel();
+        self.state.shutdown().cancel();
         let mut task = self.task;
         if tokio::time::timeout(grace, &mut task).await.is_err() {
             tracing::warn!(grace_secs = grace.as_secs(), "in-flight requests did not finish in time");
@@ -478,16 +191,18 @@ impl Gateway {
                 tracing::warn!("the admin listener did not stop in time");
             }
         }
-        for server in self.state.0.servers.values() {
-            server.upstream.shutdown().await;
+        for server in self.state.servers() {
+            server.shutdown().await;
         }
+        // After the listeners stopped, so no refusal comes after it.
+        self.admission.report_unrecorded();
         // After the listener drained, so every exchange's record is queued; before the store closes.
-        self.state.0.audit.shutdown().await;
+        self.state.audit().shutdown().await;
         // After the last record is written, so the final checkpoint covers it.
         if let Some(c) = self.checkpoints {
             c.finish().await;
         }
-        self.state.0.store.close().await;
+        self.state.store().close().await;
         tracing::info!("portcullis stopped");
     }
 }
@@ -538,33 +253,35 @@ fn build_state(config: Config, keys: KeyRing, store: Store, addr: SocketAddr, sh
         .iter()
         .map(|s| (s.name.clone(), Arc::new(Server::new(s, client.clone(), credentials.clone()))))
         .collect();
-    AppState(Arc::new(Inner {
+    AppState::new(Parts {
         sealer: Sealer::from_ring(&keys.derive("session")),
         config,
         public_url,
         servers,
         hosts,
+        authn: Arc::new(Authenticator::new(store.clone(), Clock::system())),
         store,
         clock: Clock::system(),
         metrics: metrics_handle(),
         shutdown,
-        legacy: Default::default(),
         audit,
         keys: shared_keys,
-        tokens: Arc::new(crate::authn::cache::TokenCache::default()),
-        touched: Default::default(),
         vault,
-        probe: Default::default(),
-    }))
+    })
 }
 
 /// The HTTP client for configured upstreams (operator-chosen URLs, so no SSRF guard here;
 /// URLs that come from clients or upstreams go through `net` instead).
+///
+/// Idle pooled connections are dropped after [`UPSTREAM_POOL_IDLE`], before the upstream's own
+/// keep-alive timeout ends them: a request written to a connection the server is closing at
+/// that moment fails with a reset that cannot be retried (an MCP POST is not idempotent).
+/// Node's HTTP server, behind most MCP servers, closes idle connections after 5 s.
 fn upstream_client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10))
-        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_idle_timeout(UPSTREAM_POOL_IDLE)
         .tcp_nodelay(true)
         .user_agent(concat!("portcullis/", env!("CARGO_PKG_VERSION")))
         .build()
@@ -586,15 +303,15 @@ async fn metrics_upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
 async fn sweep_stdio(app: AppState, mut changes: tokio::sync::watch::Receiver<i64>) {
     loop {
         tokio::select! {
-            () = app.0.shutdown.cancelled() => return,
+            () = app.shutdown().cancelled() => return,
             r = changes.changed() => if r.is_err() { return },
             () = tokio::time::sleep(Duration::from_secs(30)) => {}
         }
         if let Some(vault) = app.vault() {
             vault.forget_cached();
         }
-        for server in app.0.servers.values() {
-            server.upstream.sweep().await;
+        for server in app.servers() {
+            server.sweep().await;
         }
     }
 }
@@ -619,7 +336,7 @@ impl Front {
         let server = Some(request.method())
             .filter(|m| matches!(**m, Method::POST | Method::GET | Method::DELETE))
             .and_then(|_| request.uri().path().strip_prefix("/mcp/"))
-            .and_then(|name| self.app.0.servers.get(name));
+            .and_then(|name| self.app.configured(name));
         match server {
             Some(server) => {
                 let (app, server) = (self.app.clone(), server.clone());
@@ -726,16 +443,24 @@ fn router(state: AppState) -> Router {
     let router = Router::new()
         .route("/mcp/{server}", post(mcp_http::post).get(mcp_http::get).delete(mcp_http::delete))
         .route("/mcp/{server}/", post(mcp_http::post).get(mcp_http::get).delete(mcp_http::delete))
-        .route("/mcp/{server}/sse", get(crate::transport::legacy_sse::open))
-        .route("/mcp/{server}/messages", post(crate::transport::legacy_sse::message))
         .route("/connect/{server}", get(crate::transport::connect::connect).post(crate::transport::connect::confirm))
         .route("/oauth/callback/{server}", get(crate::transport::connect::callback))
         .route("/oauth/client-metadata.json", get(crate::transport::connect::client_metadata))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz_summary));
-    // With an admin listener, `/metrics` (which names every server) is served only there.
-    let router = if admin { router } else { router.route("/metrics", get(metrics)) };
-    router.with_state(state)
+    // `/metrics` names every server: with an admin listener it is served only there; without
+    // one, the main listener serves it to this host's own clients only.
+    let router = if admin { router } else { router.route("/metrics", get(local_metrics)) };
+    router.with_state(state.clone()).merge(crate::transport::legacy_sse::routes(state))
+}
+
+/// `/metrics` on the main listener (no admin listener configured): for a client on this host
+/// (a loopback peer, not relayed by a proxy), else 404 as if there were no such path.
+async fn local_metrics(state: State<AppState>) -> Response {
+    if !crate::layers::from_this_host() {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    metrics(state).await
 }
 
 /// The admin listener's routes: `/metrics`, the detailed `/readyz` and `/healthz`.
@@ -747,36 +472,10 @@ fn admin_router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The last readiness probe, or a new one if it is older than [`PROBE_TTL`]. Concurrent
-/// callers wait for one probe rather than each making their own.
-async fn probe(app: &AppState) -> Probe {
-    let mut cached = app.0.probe.lock().await;
-    if let Some((at, probe)) = cached.as_ref()
-        && at.elapsed() < PROBE_TTL
-    {
-        return probe.clone();
-    }
-    let store = app.0.store.ping().await.map_err(|e| e.to_string());
-    let checks = app.0.servers.values().map(|s| async move {
-        let r = tokio::time::timeout(Duration::from_secs(10), s.upstream.ready()).await;
-        let r = match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("no answer within 10s".to_owned()),
-        };
-        (s.config.name.clone(), r)
-    });
-    let mut servers = futures::future::join_all(checks).await;
-    servers.sort_by(|a, b| a.0.cmp(&b.0));
-    let probe = Probe { store, servers };
-    *cached = Some((Instant::now(), probe.clone()));
-    probe
-}
-
 /// `/readyz` on the main listener, for anyone: ready or not, and how many servers are ready,
 /// with no server names (those are on the admin listener's `/readyz`).
 async fn readyz_summary(State(app): State<AppState>) -> Response {
-    let probe = probe(&app).await;
+    let probe = app.probe().await;
     let ready = probe.servers.iter().filter(|(_, r)| r.is_ok()).count();
     let report = serde_json::json!({
         "store": if probe.store.is_ok() { "ok" } else { "unavailable" },
@@ -788,7 +487,7 @@ async fn readyz_summary(State(app): State<AppState>) -> Response {
 
 /// `/readyz` on the admin listener: the store and each server by name, with its error.
 async fn readyz(State(app): State<AppState>) -> Response {
-    let probe = probe(&app).await;
+    let probe = app.probe().await;
     let text = |r: &Result<(), String>| match r {
         Ok(()) => serde_json::Value::from("ok"),
         Err(e) => serde_json::Value::from(e.as_str()),
@@ -801,6 +500,6 @@ async fn readyz(State(app): State<AppState>) -> Response {
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
-    let body = app.0.metrics.render();
+    let body = app.metrics().render();
     ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

@@ -1,11 +1,15 @@
-//! The one place errors become HTTP statuses and JSON-RPC codes. No `_` arms: a new variant
-//! forces a decision here.
+//! The gateway's refusals ([`GatewayError`]) and how any failure is answered: as a JSON-RPC
+//! error body ([`Failure`]'s response) or as an OAuth 2.0 error body ([`Failure::oauth_response`]).
+//! Which status and codes a failure gets is the one table in [`crate::protocol::fault`]; this
+//! module asks each wrapped error for its [`Fault`] and never looks inside it. [`GatewayError::fault`]
+//! and [`GatewayError::label`] have no `_` arms: a new variant forces a decision here.
 
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use serde_json::Value;
 
-use crate::protocol::jsonrpc::{EnvelopeError, code};
+use crate::protocol::fault::Fault;
+use crate::protocol::jsonrpc::EnvelopeError;
 use crate::upstream::UpstreamError;
 
 /// Why the gateway refused or could not complete an MCP request.
@@ -22,7 +26,7 @@ pub enum GatewayError {
     ForbiddenOrigin,
     /// No acceptable credentials.
     #[error("authentication required")]
-    Unauthenticated(crate::authn::Rejection),
+    Unauthenticated(Rejection),
     /// The store did not answer (authentication cannot be decided).
     #[error("the gateway cannot check credentials right now")]
     StoreUnavailable,
@@ -79,8 +83,12 @@ pub enum GatewayError {
     Overloaded,
     /// The audit log cannot take a durable record now (strict durability, its overflow queue
     /// full): the call is refused before it is forwarded (503).
-    #[error("the audit log cannot take records right now; retry shortly")]
+    #[error("the audit log cannot take records right now (its queue is at audit.max_overflow_bytes); retry shortly")]
     AuditFull,
+    /// Strict durability: the record of a finished call could not be stored, so its answer is
+    /// withheld (500).
+    #[error("the audit record could not be stored")]
+    AuditFailed,
     /// A handler panicked; the request was abandoned (500).
     #[error("internal error")]
     Panicked,
@@ -88,6 +96,17 @@ pub enum GatewayError {
     /// `Retry-After`.
     #[error("the gateway is starting: {0}")]
     Starting(&'static str),
+}
+
+/// Why a request has no principal. Every variant answers 401; only `Missing` omits the
+/// `error` parameter (RFC 6750 §3.1), and the rest share one description so the answer does
+/// not tell an attacker which check failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// No `Authorization: Bearer` header.
+    Missing,
+    /// Malformed, unknown, expired, revoked, of a disabled principal, or not for this server.
+    Invalid,
 }
 
 /// The limits that answer 429.
@@ -99,6 +118,8 @@ pub enum Limit {
     Streams,
     /// Failed authentications per client address.
     FailedAuthentication,
+    /// Requests in progress on one legacy SSE session.
+    SessionRequests,
 }
 
 impl Limit {
@@ -108,6 +129,7 @@ impl Limit {
             Limit::Requests => "principal_in_flight",
             Limit::Streams => "principal_streams",
             Limit::FailedAuthentication => "failed_authentication",
+            Limit::SessionRequests => "legacy_session_in_flight",
         }
     }
 
@@ -116,6 +138,7 @@ impl Limit {
             Limit::Requests => "too many requests in progress for this caller",
             Limit::Streams => "too many open streams for this caller",
             Limit::FailedAuthentication => "too many failed authentications from this address",
+            Limit::SessionRequests => "too many requests in progress on this session",
         }
     }
 }
@@ -141,51 +164,45 @@ impl GatewayError {
         Failure { error: self, id }
     }
 
-    /// HTTP status and JSON-RPC code. A failed upstream answers a *request* with HTTP 200 and
-    /// a JSON-RPC error, so SDK clients show the message (which names the server).
-    pub fn status_and_code(&self, has_id: bool) -> (StatusCode, i64) {
+    /// Which failure this is on the wire (its row in [`Fault::row`]): the gateway's own
+    /// refusals here, the modules' errors by their own account.
+    pub fn fault(&self) -> Fault {
         match self {
-            GatewayError::UnknownServer(_) => (StatusCode::NOT_FOUND, code::INVALID_REQUEST),
-            GatewayError::ForbiddenHost | GatewayError::ForbiddenOrigin => {
-                (StatusCode::FORBIDDEN, code::INVALID_REQUEST)
-            }
-            GatewayError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, code::INVALID_REQUEST),
-            GatewayError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, code::INTERNAL_ERROR),
-            GatewayError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, code::INVALID_REQUEST),
-            GatewayError::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, code::INVALID_REQUEST),
-            GatewayError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, code::INVALID_REQUEST),
-            GatewayError::Envelope(EnvelopeError::Parse(_)) => (StatusCode::BAD_REQUEST, code::PARSE_ERROR),
-            GatewayError::Envelope(EnvelopeError::Invalid(_)) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
-            GatewayError::MissingSession => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
-            GatewayError::UnknownSession => (StatusCode::NOT_FOUND, code::INVALID_REQUEST),
-            GatewayError::UnsupportedProtocolVersion(_) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
-            GatewayError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
-            GatewayError::InvalidParams(_) => (StatusCode::OK, code::INVALID_PARAMS),
-            GatewayError::InvalidHeader(_) => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
-            GatewayError::BodyRead => (StatusCode::BAD_REQUEST, code::INVALID_REQUEST),
-            GatewayError::ShuttingDown
+            GatewayError::UnknownServer(_) | GatewayError::UnknownSession => Fault::NotFound,
+            GatewayError::ForbiddenHost | GatewayError::ForbiddenOrigin => Fault::Forbidden,
+            GatewayError::Unauthenticated(_) => Fault::Unauthenticated,
+            GatewayError::PayloadTooLarge(_) => Fault::TooLarge,
+            GatewayError::UnsupportedMediaType => Fault::UnsupportedMediaType,
+            GatewayError::NotAcceptable(_) => Fault::NotAcceptable,
+            GatewayError::Envelope(e) => e.fault(),
+            GatewayError::MissingSession
+            | GatewayError::UnsupportedProtocolVersion(_)
+            | GatewayError::InvalidRequest(_)
+            | GatewayError::InvalidHeader(_)
+            | GatewayError::BodyRead => Fault::InvalidRequest,
+            GatewayError::InvalidParams(_) => Fault::InvalidParams,
+            GatewayError::StoreUnavailable
+            | GatewayError::ShuttingDown
             | GatewayError::Starting(_)
             | GatewayError::Overloaded
-            | GatewayError::AuditFull => (StatusCode::SERVICE_UNAVAILABLE, code::INTERNAL_ERROR),
-            GatewayError::Limited { .. } => (StatusCode::TOO_MANY_REQUESTS, code::INVALID_REQUEST),
-            GatewayError::Panicked => (StatusCode::INTERNAL_SERVER_ERROR, code::INTERNAL_ERROR),
-            GatewayError::Upstream(e) => match e {
-                UpstreamError::SessionExpired => (StatusCode::NOT_FOUND, code::INVALID_REQUEST),
-                UpstreamError::Timeout { .. } if has_id => (StatusCode::OK, code::UPSTREAM_TIMEOUT),
-                UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, code::UPSTREAM_TIMEOUT),
-                UpstreamError::Unreachable { .. }
-                | UpstreamError::Status { .. }
-                | UpstreamError::Process { .. }
-                | UpstreamError::Credential { .. }
-                | UpstreamError::Authorization { link: None, .. }
-                | UpstreamError::TooLarge { .. }
-                | UpstreamError::Protocol { .. } => {
-                    (if has_id { StatusCode::OK } else { StatusCode::BAD_GATEWAY }, code::UPSTREAM_ERROR)
-                }
-                UpstreamError::Authorization { link: Some(_), .. } => {
-                    (if has_id { StatusCode::OK } else { StatusCode::FORBIDDEN }, code::URL_ELICITATION_REQUIRED)
-                }
-            },
+            | GatewayError::AuditFull => Fault::Unavailable,
+            GatewayError::Limited { .. } => Fault::Limited,
+            GatewayError::Panicked | GatewayError::AuditFailed => Fault::Internal,
+            GatewayError::Upstream(e) => e.fault(),
+        }
+    }
+
+    /// HTTP status and JSON-RPC code, for a message with an id (`has_id`) or without.
+    pub fn status_and_code(&self, has_id: bool) -> (StatusCode, i64) {
+        let fault = self.fault();
+        (fault.status(has_id), fault.row().rpc_code)
+    }
+
+    /// The caller's connect link and what to tell them, when they must connect an account.
+    pub fn connect_link(&self) -> Option<(&str, &secrecy::SecretString)> {
+        match self {
+            GatewayError::Upstream(e) => e.connect_link(),
+            _ => None,
         }
     }
 
@@ -214,9 +231,27 @@ impl GatewayError {
             GatewayError::Overloaded => "overloaded",
             GatewayError::AuditFull => "audit_full",
             GatewayError::Panicked => "panicked",
-            GatewayError::Upstream(UpstreamError::SessionExpired) => "session_expired",
-            GatewayError::Upstream(UpstreamError::Timeout { .. }) => "upstream_timeout",
-            GatewayError::Upstream(_) => "upstream_error",
+            GatewayError::AuditFailed => "audit_failed",
+            GatewayError::Upstream(e) => e.label(),
+        }
+    }
+}
+
+impl GatewayError {
+    /// The headers this refusal adds to its answer, whatever the body: the challenge of a
+    /// credential refusal, and `Retry-After` where the wait is known.
+    fn annotate(&self, headers: &mut http::HeaderMap) {
+        match self {
+            GatewayError::Unauthenticated(why) => {
+                headers.insert(header::WWW_AUTHENTICATE, challenge(*why));
+            }
+            GatewayError::Starting(_) | GatewayError::Overloaded | GatewayError::AuditFull => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            GatewayError::Limited { retry_after, .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            _ => {}
         }
     }
 }
@@ -237,50 +272,61 @@ impl IntoResponse for Failure {
         // rendered once.
         if let (GatewayError::Unauthenticated(why), None) = (&self.error, &self.id) {
             static BODIES: [std::sync::LazyLock<bytes::Bytes>; 2] = [
-                std::sync::LazyLock::new(|| refusal_body(crate::authn::Rejection::Missing)),
-                std::sync::LazyLock::new(|| refusal_body(crate::authn::Rejection::Invalid)),
+                std::sync::LazyLock::new(|| refusal_body(Rejection::Missing)),
+                std::sync::LazyLock::new(|| refusal_body(Rejection::Invalid)),
             ];
             let body = match why {
-                crate::authn::Rejection::Missing => &BODIES[0],
-                crate::authn::Rejection::Invalid => &BODIES[1],
+                Rejection::Missing => &BODIES[0],
+                Rejection::Invalid => &BODIES[1],
             };
             let headers = [(header::CONTENT_TYPE, JSON), (header::WWW_AUTHENTICATE, challenge(*why))];
-            return (StatusCode::UNAUTHORIZED, headers, bytes::Bytes::clone(body)).into_response();
+            return (Fault::Unauthenticated.row().status, headers, bytes::Bytes::clone(body)).into_response();
         }
         self.render()
     }
 }
 
 /// The `WWW-Authenticate` challenge of a credential refusal.
-fn challenge(why: crate::authn::Rejection) -> HeaderValue {
+fn challenge(why: Rejection) -> HeaderValue {
     match why {
-        crate::authn::Rejection::Missing => CHALLENGE_MISSING,
-        crate::authn::Rejection::Invalid => CHALLENGE_INVALID,
+        Rejection::Missing => CHALLENGE_MISSING,
+        Rejection::Invalid => CHALLENGE_INVALID,
     }
 }
 
 /// The body of a credential refusal, as [`Failure::render`] writes it.
-fn refusal_body(why: crate::authn::Rejection) -> bytes::Bytes {
+fn refusal_body(why: Rejection) -> bytes::Bytes {
     let failure = Failure { error: GatewayError::Unauthenticated(why), id: None };
     let (_, rpc_code) = failure.error.status_and_code(false);
     bytes::Bytes::from(failure.body(rpc_code))
 }
 
 impl Failure {
+    /// The answer as an OAuth 2.0 error (RFC 6749 §5.2): the status of the failure's row, a
+    /// JSON body with `error` and `error_description`, `Cache-Control: no-store`, and the
+    /// failure's `WWW-Authenticate` challenge or `Retry-After`, as in the JSON-RPC answer.
+    pub fn oauth_response(self) -> Response {
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            error: &'static str,
+            error_description: &'a str,
+        }
+        let fault = self.error.fault();
+        let description = self.error.to_string();
+        let body =
+            serde_json::to_vec(&Body { error: fault.row().oauth, error_description: &description }).unwrap_or_default();
+        let headers = [(header::CONTENT_TYPE, JSON), (header::CACHE_CONTROL, HeaderValue::from_static("no-store"))];
+        let mut resp = (fault.status(false), headers, body).into_response();
+        self.error.annotate(resp.headers_mut());
+        resp
+    }
+
     /// The answer, rendered from the error and the request id.
     fn render(self) -> Response {
         let (status, rpc_code) = self.error.status_and_code(self.id.is_some());
         let body = self.body(rpc_code);
         let mut resp = (status, [(header::CONTENT_TYPE, JSON)], body).into_response();
-        if let GatewayError::Unauthenticated(why) = self.error {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, challenge(why));
-        }
-        if let GatewayError::Starting(_) | GatewayError::Overloaded | GatewayError::AuditFull = self.error {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        if let GatewayError::Limited { retry_after, .. } = self.error {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
-        }
+        self.error.annotate(resp.headers_mut());
         resp
     }
 
@@ -303,7 +349,7 @@ impl Failure {
         }
         let mut message = self.error.to_string();
         let mut data = None;
-        if let GatewayError::Upstream(UpstreamError::Authorization { reason, link: Some(link), .. }) = &self.error {
+        if let Some((reason, link)) = self.error.connect_link() {
             // URL-mode elicitation required (MCP 2025-11-25): clients that support it open the
             // link; the message carries it for the others.
             use secrecy::ExposeSecret;
@@ -322,5 +368,61 @@ impl Failure {
             error: Error { code: rpc_code, message: &message, data },
         };
         serde_json::to_vec(&envelope).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream_down() -> GatewayError {
+        GatewayError::Upstream(UpstreamError::Unreachable { server: "docs".into(), cause: "refused".into() })
+    }
+
+    #[test]
+    fn a_failed_upstream_is_told_in_band_to_a_request_and_out_of_band_otherwise() {
+        assert_eq!(upstream_down().status_and_code(true), (StatusCode::OK, -32001));
+        assert_eq!(upstream_down().status_and_code(false), (StatusCode::BAD_GATEWAY, -32001));
+        let refused = GatewayError::Unauthenticated(Rejection::Invalid);
+        assert_eq!(refused.status_and_code(true), (StatusCode::UNAUTHORIZED, -32600));
+        assert_eq!(GatewayError::AuditFull.status_and_code(true), (StatusCode::SERVICE_UNAVAILABLE, -32603));
+    }
+
+    async fn body(resp: Response) -> serde_json::Value {
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 16).await.expect("a body");
+        serde_json::from_slice(&bytes).expect("JSON")
+    }
+
+    #[tokio::test]
+    async fn the_same_failure_renders_as_json_rpc_and_as_oauth() {
+        let refused = || Failure::from(GatewayError::Unauthenticated(Rejection::Invalid));
+        let rpc = refused().into_response();
+        let oauth = refused().oauth_response();
+        assert_eq!(rpc.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(oauth.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(rpc.headers()[header::WWW_AUTHENTICATE], oauth.headers()[header::WWW_AUTHENTICATE]);
+        assert_eq!(oauth.headers()[header::CACHE_CONTROL], "no-store");
+        assert_eq!(body(rpc).await["error"]["code"], -32600);
+        let oauth = body(oauth).await;
+        assert_eq!(oauth["error"], "invalid_token");
+        assert_eq!(oauth["error_description"], "authentication required");
+
+        let limited = Failure::from(GatewayError::Limited { limit: Limit::FailedAuthentication, retry_after: 7 });
+        let resp = limited.oauth_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "7");
+        assert_eq!(body(resp).await["error"], "temporarily_unavailable");
+    }
+
+    #[tokio::test]
+    async fn an_oauth_body_carries_no_connect_link() {
+        // The link is the caller's own secret: only the JSON-RPC answer to that caller has it.
+        let error = GatewayError::Upstream(UpstreamError::Authorization {
+            server: "docs".into(),
+            reason: "connect your account".into(),
+            link: Some(secrecy::SecretString::from("https://gw.example/connect/docs?t=SECRET")),
+        });
+        let text = body(Failure::from(error).oauth_response()).await.to_string();
+        assert!(!text.contains("SECRET"), "{text}");
     }
 }

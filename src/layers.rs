@@ -14,6 +14,13 @@
 //! it streams. The connection-level limits (open connections, header-read and idle timeouts)
 //! are in `listener`.
 //!
+//! Refusals leave audit records: those made here (2 and 3) directly, with the request id and
+//! the server named in the path; those made after authentication with the principal (see
+//! [`admitted_principal`]). A refusal that has no principal is recorded only while its client
+//! address has record budget left ([`may_record_unauthenticated`]), so that a flood of
+//! unauthenticated requests is counted (`portcullis_audit_unrecorded_total`, and one
+//! `audit/unrecorded` record per [`UNRECORDED_EVERY`]) rather than written row by row.
+//!
 //! Every request pays for these, so they are written to cost little: one allocation for the
 //! scope and one for the response body that holds the permits, atomic counters rather than
 //! semaphores, and request ids made from a counter (see [`RequestId::generate`]).
@@ -24,7 +31,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -36,6 +43,7 @@ use dashmap::DashMap;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use http_body::Frame;
 
+use crate::audit::Decision;
 use crate::authn::{Principal, PrincipalKind};
 use crate::config::Config;
 use crate::error::{Failure, GatewayError, Limit};
@@ -45,6 +53,11 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Client addresses remembered by the failed-authentication limit at most; past it, those
 /// whose bucket is full again are forgotten (and if none is, all are).
 const ADDRESSES_CAP: usize = 100_000;
+/// How often the count of refusals left out of the audit log is written to it (as one
+/// `audit/unrecorded` record), when there were any; and once more at shutdown.
+pub const UNRECORDED_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// The method of the record that says how many refusals were left out of the audit log.
+pub const UNRECORDED_METHOD: &str = "audit/unrecorded";
 
 /// The id of one request, as sent back in `X-Request-Id` and written in its audit record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,13 +137,20 @@ struct Scope {
     request_id: RequestId,
     /// The client's address (the peer, or the first untrusted hop of `X-Forwarded-For`).
     client: IpAddr,
+    /// The connection's peer address.
+    peer: IpAddr,
+    /// Whether the request carries a header a forwarding proxy adds (looked at for
+    /// `/metrics` only).
+    forwarded: bool,
+    /// The principal a per-principal limit refused.
+    principal: Mutex<Option<Principal>>,
     /// A long-lived stream (GET under `/mcp/`): counted against the stream limit, not the
     /// request limits.
     stream: bool,
     /// Whether it holds one of the gateway-wide permits.
     permit: bool,
     /// The per-principal permit taken after authentication.
-    principal: OnceLock<Held>,
+    held: OnceLock<Held>,
     /// A failed-authentication token was taken ahead of a store lookup (and is given back if
     /// the token turns out valid).
     charged: AtomicBool,
@@ -160,6 +180,22 @@ pub struct Admission {
     failed: Option<Buckets>,
     trusted_proxies: Vec<ipnet::IpNet>,
     trust_request_id: bool,
+    /// Budgets of audit records of refusals without a principal, per client address.
+    records: Option<Buckets>,
+    /// The refusals left out of the audit log since the last `audit/unrecorded` record.
+    unrecorded: Mutex<Option<Unrecorded>>,
+    /// The audit log, once the store is open (`None` with `[audit] enabled = false`).
+    audit: std::sync::OnceLock<crate::audit::AuditWriter>,
+    /// Configured server names (a refusal's record names the server only if it is one).
+    servers: std::collections::HashSet<String>,
+}
+
+/// Refusals left out of the audit log, counted until they are reported.
+#[derive(Debug, Clone, Copy)]
+struct Unrecorded {
+    count: u64,
+    from_ms: i64,
+    to_ms: i64,
 }
 
 impl std::fmt::Debug for Admission {
@@ -177,7 +213,16 @@ impl Admission {
             per_sec: f64::from(limits.failed_auth_per_minute) / 60.0,
             map: DashMap::new(),
         });
+        let records = (limits.unauthenticated_records_per_minute > 0).then(|| Buckets {
+            burst: f64::from(limits.unauthenticated_records_burst),
+            per_sec: f64::from(limits.unauthenticated_records_per_minute) / 60.0,
+            map: DashMap::new(),
+        });
         Arc::new(Admission {
+            records,
+            unrecorded: Mutex::new(None),
+            audit: std::sync::OnceLock::new(),
+            servers: config.servers.iter().map(|s| s.name.clone()).collect(),
             max_in_flight: limits.max_in_flight,
             in_flight: AtomicUsize::new(0),
             per_principal: limits.max_in_flight_per_principal,
@@ -188,6 +233,78 @@ impl Admission {
             trusted_proxies: config.gateway.trusted_proxies.clone(),
             trust_request_id: config.gateway.trust_request_id,
         })
+    }
+
+    /// Gives the layers the audit log, once the store is open: refusals made before then are
+    /// not recorded (the gateway answers 503 to everything but probes until it is ready).
+    pub fn attach_audit(&self, writer: crate::audit::AuditWriter) {
+        let _ = self.audit.set(writer);
+    }
+
+    /// Whether a refusal without a principal from `client` may be written to the audit log:
+    /// takes one record from the address's budget, or counts the refusal as unrecorded.
+    fn may_record(&self, client: IpAddr) -> bool {
+        let Some(records) = self.records.as_ref() else { return true };
+        if records.take(client).is_none() {
+            return true;
+        }
+        metrics::counter!("portcullis_audit_unrecorded_total").increment(1);
+        let now = crate::clock::Clock::system().unix_millis();
+        let mut unrecorded = self.unrecorded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match unrecorded.as_mut() {
+            Some(u) => {
+                u.count += 1;
+                u.to_ms = now;
+            }
+            None => *unrecorded = Some(Unrecorded { count: 1, from_ms: now, to_ms: now }),
+        }
+        false
+    }
+
+    /// Writes the record saying how many refusals were left out of the audit log since the
+    /// last such record, if any were.
+    pub fn report_unrecorded(&self) {
+        if let (Some(audit), Some(record)) = (self.audit.get(), self.unrecorded_record()) {
+            audit.record(record);
+        }
+    }
+
+    /// The record saying how many refusals were left out of the audit log since the last one,
+    /// if any were.
+    fn unrecorded_record(&self) -> Option<crate::audit::Record> {
+        let u = self.unrecorded.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()?;
+        let now = crate::clock::Clock::system().unix_millis();
+        let details = serde_json::json!({
+            "unrecorded": u.count,
+            "from_ms": u.from_ms,
+            "to_ms": u.to_ms,
+            "reason": "limits.unauthenticated_records_per_minute",
+        });
+        Some(crate::audit::Record {
+            arguments: crate::audit::Arguments::new(details),
+            ..crate::audit::Record::new(now, RequestId::generate().as_str(), UNRECORDED_METHOD, Decision::Deny)
+        })
+    }
+
+    /// Records a request refused by the layers themselves (probes aside), within the client
+    /// address's record budget: it has no principal yet.
+    fn record_refusal(&self, request: &Request, id: &RequestId, client: IpAddr, error: &GatewayError) {
+        let Some(audit) = self.audit.get() else { return };
+        let path = request.uri().path();
+        if matches!(path, "/healthz" | "/readyz" | "/metrics") || !self.may_record(client) {
+            return;
+        }
+        let server = path.strip_prefix("/mcp/").map(|rest| rest.split('/').next().unwrap_or_default());
+        let (decision, code) = match error {
+            GatewayError::InvalidHeader(_) => (Decision::Deny, crate::protocol::jsonrpc::code::INVALID_REQUEST),
+            _ => (Decision::Error, error.status_and_code(false).1),
+        };
+        let now = crate::clock::Clock::system().unix_millis();
+        audit.record(crate::audit::Record {
+            server: server.filter(|s| self.servers.contains(*s)).map(str::to_owned),
+            upstream_status: Some(code),
+            ..crate::audit::Record::new(now, id.as_str(), request.method().as_str(), decision)
+        });
     }
 
     /// Requests in progress now, gateway-wide (streams and probes not counted).
@@ -330,7 +447,7 @@ impl Buckets {
 pub fn admitted(principal: &Principal) -> Result<(), GatewayError> {
     let Ok(scope) = SCOPE.try_with(Arc::clone) else { return Ok(()) };
     scope.refund();
-    if scope.principal.get().is_some() {
+    if scope.held.get().is_some() {
         return Ok(());
     }
     let who = match principal.kind {
@@ -346,10 +463,14 @@ pub fn admitted(principal: &Principal) -> Result<(), GatewayError> {
     match held {
         Some(held) => {
             // Set once (checked above; a request is handled by one task).
-            let _ = scope.principal.set(held);
+            let _ = scope.held.set(held);
             Ok(())
         }
-        None => Err(refused(limit, 1)),
+        None => {
+            // The refusal's record names who was refused (see `admitted_principal`).
+            *scope.principal.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(principal.clone());
+            Err(refused(limit, 1))
+        }
     }
 }
 
@@ -371,6 +492,44 @@ pub fn before_lookup() -> Result<(), GatewayError> {
     }
 }
 
+/// The principal of the request being handled that a per-principal limit refused right after
+/// authentication: its audit record names who was refused.
+pub fn admitted_principal() -> Option<Principal> {
+    SCOPE.try_with(|s| s.principal.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()).ok().flatten()
+}
+
+/// Whether the record of a refusal without a principal (authentication failed or was not
+/// reached) may be written for the request being handled: yes while its client address has
+/// record budget left (`limits.unauthenticated_records_*`), else it is only counted. Outside
+/// a request scope, yes.
+pub fn may_record_unauthenticated() -> bool {
+    SCOPE.try_with(|s| s.admission.may_record(s.client)).unwrap_or(true)
+}
+
+/// Whether the request being handled came straight from this host: a loopback peer, and no
+/// `Forwarded`, `X-Forwarded-For` or `X-Real-IP` header (which a proxy on this host would add
+/// for a client elsewhere; the headers are looked at on `/metrics` only, the one path that
+/// asks). Outside a request scope, no.
+pub fn from_this_host() -> bool {
+    SCOPE.try_with(|s| is_local(s.peer, s.forwarded)).unwrap_or(false)
+}
+
+fn is_local(peer: IpAddr, forwarded: bool) -> bool {
+    !forwarded && peer.to_canonical().is_loopback()
+}
+
+/// Writes an `audit/unrecorded` record every [`UNRECORDED_EVERY`] when refusals were left out
+/// of the audit log, until `shutdown` is cancelled (the gateway writes the last one once its
+/// listeners have stopped: [`Admission::report_unrecorded`]).
+pub async fn report_unrecorded(admission: Arc<Admission>, shutdown: tokio_util::sync::CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(UNRECORDED_EVERY) => admission.report_unrecorded(),
+        }
+    }
+}
+
 /// A credential proved valid: the failure taken ahead of its lookup is given back.
 pub fn authentication_succeeded() {
     let _ = SCOPE.try_with(|scope| scope.refund());
@@ -387,6 +546,25 @@ pub fn authentication_failed(refusal: GatewayError) -> GatewayError {
     match scope.admission.failed.as_ref().and_then(|b| b.take(scope.client)) {
         Some(wait) => refused(Limit::FailedAuthentication, wait),
         None => refusal,
+    }
+}
+
+/// The limits of the request in progress (its task-local scope), as authentication asks them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InScope;
+
+impl crate::authn::Gate for InScope {
+    fn before_lookup(&self) -> Result<(), GatewayError> {
+        before_lookup()
+    }
+    fn succeeded(&self) {
+        authentication_succeeded();
+    }
+    fn failed(&self, refusal: GatewayError) -> GatewayError {
+        authentication_failed(refusal)
+    }
+    fn admitted(&self, principal: &Principal) -> Result<(), GatewayError> {
+        admitted(principal)
     }
 }
 
@@ -465,18 +643,26 @@ where
             metrics::counter!("portcullis_refusals_total", "reason" => "in_flight").increment(1);
             Some(GatewayError::Overloaded)
         };
+        let client = a.client_address(self.peer, request.headers());
         if let Some(error) = refusal {
+            a.record_refusal(&request, &id, client, &error);
             let mut resp = Failure::from(error).into_response();
             resp.headers_mut().insert(X_REQUEST_ID, id.header_value());
             return Admitted { handler: None, scope: None, answer: Some(Holding::free(resp)), span };
         }
+        let headers = request.headers();
+        let forwarded = path == "/metrics"
+            && ["forwarded", "x-forwarded-for", "x-real-ip"].iter().any(|h| headers.contains_key(*h));
         let scope = Arc::new(Scope {
             admission: a.clone(),
             request_id: id,
-            client: a.client_address(self.peer, request.headers()),
+            client,
+            peer: self.peer,
+            forwarded,
+            principal: Mutex::new(None),
             stream,
             permit,
-            principal: OnceLock::new(),
+            held: OnceLock::new(),
             charged: AtomicBool::new(false),
         });
         let called = {
@@ -540,7 +726,7 @@ where
 /// ends.
 fn finished(mut answer: Response, scope: Arc<Scope>) -> http::Response<Holding> {
     answer.headers_mut().insert(X_REQUEST_ID, scope.request_id.header_value());
-    let scope = (scope.permit || scope.principal.get().is_some()).then_some(scope);
+    let scope = (scope.permit || scope.held.get().is_some()).then_some(scope);
     answer.map(|body| Holding { inner: body, scope })
 }
 
@@ -626,6 +812,19 @@ mod tests {
         b.give_back(addr);
         assert_eq!(b.take(addr), None, "a token given back can be taken again");
         assert!(b.take("192.0.2.2".parse().expect("ip")).is_none(), "other addresses are apart");
+    }
+
+    #[test]
+    fn only_a_loopback_peer_without_forwarding_headers_is_this_host() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert!(is_local(ip("127.0.0.1"), false));
+        assert!(is_local(ip("127.8.9.10"), false));
+        assert!(is_local(ip("::1"), false));
+        assert!(is_local(ip("::ffff:127.0.0.1"), false));
+        assert!(!is_local(ip("127.0.0.1"), true), "a proxy on this host relays someone else");
+        assert!(!is_local(ip("192.0.2.1"), false));
+        assert!(!is_local(ip("10.0.0.1"), false));
+        assert!(!is_local(ip("::ffff:192.0.2.1"), false));
     }
 
     #[test]

@@ -6,7 +6,13 @@
 //!   the connection's opening for its first request and from the first byte of each later
 //!   one;
 //! - `limits.idle_timeout`: a connection with no request in progress and no byte sent either
-//!   way for that long is closed.
+//!   way for that long is closed. On HTTP/2 the bytes of control frames (PING, SETTINGS,
+//!   WINDOW_UPDATE) do not count: once its first request has come, an HTTP/2 connection is
+//!   idle from the end of its last request, whatever the client sends meanwhile, and is closed
+//!   with GOAWAY once that has lasted `idle_timeout`. (A request's HEADERS frame arrives whole
+//!   and starts the request, so a slow client of an HTTP/2 connection is only ever timed by
+//!   the idle timeout: a client that is in the middle of a request, however slowly it sends or
+//!   reads it, is never cut.)
 //!
 //! Both timeouts are kept by one watcher per connection rather than by hyper's own
 //! `header_read_timeout`, which also runs while a kept-alive connection waits for its next
@@ -21,6 +27,9 @@
 //! set it, so an event after one look is seen at the next look, before its deadline: the
 //! timeouts are kept to the millisecond, with one timer per connection and, while requests
 //! keep coming, one wake-up per period.
+//!
+//! HTTP/2 comes as h2c with prior knowledge (or over TLS in front of the gateway); a
+//! request's `:authority` is its `Host`.
 //!
 //! On shutdown the loop stops accepting, asks every connection to finish gracefully (HTTP/1.1:
 //! after its current response; HTTP/2: GOAWAY) and returns once all have closed.
@@ -164,7 +173,14 @@ where
             return;
         }
         ending = ending => match ending {
-            Some(reason) => reason,
+            Some(reason) => {
+                if activity.h2.load(Ordering::Acquire) {
+                    // No stream is open: GOAWAY tells the client that nothing it sent was taken.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(settings.header_read_timeout, conn.as_mut()).await;
+                }
+                reason
+            }
             None => {
                 conn.as_mut().graceful_shutdown();
                 if let Err(e) = conn.await {
@@ -236,8 +252,11 @@ struct Activity {
     /// while no request was in progress.
     head_since: AtomicU64,
     /// The last byte read or written while no request was in progress, or the end of the last
-    /// request (while one is in progress, the connection is not idle whatever its bytes do).
+    /// request (while one is in progress, the connection is not idle whatever its bytes do; on
+    /// HTTP/2, only the end of the last request).
     last_io: AtomicU64,
+    /// The connection speaks HTTP/2 (known from its first request).
+    h2: AtomicBool,
 }
 
 impl Activity {
@@ -247,6 +266,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             head_since: AtomicU64::new(1),
             last_io: AtomicU64::new(1),
+            h2: AtomicBool::new(false),
         }
     }
 
@@ -263,8 +283,12 @@ impl Activity {
     }
 
     fn read(&self) {
-        // Only the first byte of a request's headers is timed; the clock is not read for the
-        // others.
+        // On HTTP/2, frames between requests are no request's headers, and do not keep it
+        // busy. On HTTP/1.1 only the first byte of a request's headers is timed; the clock is
+        // not read for the others.
+        if self.h2.load(Ordering::Relaxed) {
+            return;
+        }
         if self.idle() && self.head_since.load(Ordering::Acquire) == 0 {
             let now = self.now();
             self.last_io.store(now, Ordering::Relaxed);
@@ -273,12 +297,15 @@ impl Activity {
     }
 
     fn wrote(&self) {
-        if self.idle() {
+        if self.idle() && !self.h2.load(Ordering::Relaxed) {
             self.last_io.store(self.now(), Ordering::Relaxed);
         }
     }
 
-    fn request_started(&self) {
+    fn request_started(&self, version: http::Version) {
+        if version == http::Version::HTTP_2 {
+            self.h2.store(true, Ordering::Release);
+        }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_since.store(0, Ordering::Release);
     }
@@ -389,8 +416,9 @@ where
     type Error = Infallible;
     type Future = Answer<S::Future, B>;
 
-    fn call(&self, request: http::Request<Incoming>) -> Self::Future {
-        self.activity.request_started();
+    fn call(&self, mut request: http::Request<Incoming>) -> Self::Future {
+        self.activity.request_started(request.version());
+        authority_as_host(&mut request);
         let ended = Ended { inner: None, activity: Some(self.activity.clone()) };
         // The layers' services are always ready (they refuse rather than wait).
         let answer = tower::Service::call(&mut self.inner.clone(), request.map(Body::new));
@@ -422,6 +450,19 @@ where
             ended
         })))
     }
+}
+
+/// An HTTP/2 request names its host in `:authority`, which stands for `Host` (RFC 9113
+/// §8.3.1) and which HTTP/2 clients send instead of it: it becomes the `Host` header, so that
+/// the one `Host` check (DNS rebinding) sees what the client, a browser included, asked for.
+fn authority_as_host<B>(request: &mut http::Request<B>) {
+    if request.version() != http::Version::HTTP_2 {
+        return;
+    }
+    let Some(host) = request.uri().authority().and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()) else {
+        return;
+    };
+    request.headers_mut().insert(http::header::HOST, host);
 }
 
 /// A response body that tells the connection's [`Activity`] when it ends (or, if the answer

@@ -14,10 +14,21 @@
 //! [`Checkpoint::signed_bytes`]. `portcullis audit verify --checkpoints FILE` checks every line
 //! against the key ring and then the chain against every checkpoint: a record a checkpoint saw
 //! must still be there with the same hash.
+//!
+//! A checkpoint that cannot be taken or written (the head cannot be read, the file cannot be
+//! opened, written or synced, or its path no longer names the file the gateway opened and a new
+//! one cannot be created there) is never silent: it is logged at `error`, counted by
+//! `portcullis_audit_checkpoint_errors_total`, and [`Health`] (the gauge
+//! `portcullis_audit_checkpoint_failing`) says so until a checkpoint is written again, which is
+//! tried every second meanwhile. In `strict` durability the audit writer refuses new calls
+//! while it does (fail closed, [`crate::audit::AuditWriter::refuses_strict`]); in `async`
+//! calls go on.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hmac::{KeyInit, Mac};
@@ -39,6 +50,10 @@ const VERSION: u32 = 1;
 
 /// What a verifier reads from the end of the file to find the last checkpoint at start.
 const TAIL_BYTES: u64 = 4096;
+
+/// How soon a checkpoint is tried again after one could not be written (or the interval, if
+/// shorter).
+const RETRY: Duration = Duration::from_secs(1);
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 
@@ -211,10 +226,29 @@ pub fn check_file(text: &str, ring: &KeyRing) -> Checked {
     out
 }
 
+/// Whether checkpoints are being written: shared by the checkpointer with the audit writer,
+/// which refuses `strict` calls while the last checkpoint could not be written.
+#[derive(Debug, Clone, Default)]
+pub struct Health(Arc<AtomicBool>);
+
+impl Health {
+    /// Whether the last checkpoint could not be taken or written.
+    pub fn failing(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, failing: bool) {
+        if self.0.swap(failing, Ordering::Relaxed) != failing {
+            metrics::gauge!("portcullis_audit_checkpoint_failing").set(if failing { 1.0 } else { 0.0 });
+        }
+    }
+}
+
 /// The running checkpointer of a gateway process.
 pub struct Checkpointer {
     stop: CancellationToken,
     task: JoinHandle<()>,
+    health: Health,
 }
 
 impl std::fmt::Debug for Checkpointer {
@@ -229,8 +263,10 @@ struct Task {
     ring: KeyRing,
     clock: Clock,
     path: PathBuf,
+    /// The open file; `None` after it could not be opened again (it is tried on every tick).
     file: Option<std::fs::File>,
     last: Option<(i64, Vec<u8>)>,
+    health: Health,
 }
 
 impl Checkpointer {
@@ -247,20 +283,29 @@ impl Checkpointer {
         let file = open_append(&path)?;
         let last = last_checkpoint(&path, &ring)?;
         let stop = CancellationToken::new();
-        let mut task = Task { store, ring, clock, path, file: Some(file), last };
+        let health = Health::default();
+        metrics::gauge!("portcullis_audit_checkpoint_failing").set(0.0);
+        let mut task = Task { store, ring, clock, path, file: Some(file), last, health: health.clone() };
         let token = stop.clone();
         let task = tokio::spawn(async move {
             loop {
+                let wait = if task.health.failing() { interval.min(RETRY) } else { interval };
                 tokio::select! {
                     () = token.cancelled() => break,
-                    () = tokio::time::sleep(interval) => {}
+                    () = tokio::time::sleep(wait) => {}
                 }
                 task.tick().await;
             }
             // One last checkpoint of the head as shutdown leaves it.
             task.tick().await;
         });
-        Ok(Checkpointer { stop, task })
+        Ok(Checkpointer { stop, task, health })
+    }
+
+    /// Whether checkpoints are being written, for the audit writer
+    /// ([`crate::audit::AuditWriter::watch_checkpoints`]).
+    pub fn health(&self) -> Health {
+        self.health.clone()
     }
 
     /// Writes a final checkpoint and stops. Call it after the audit writer has flushed.
@@ -273,18 +318,31 @@ impl Checkpointer {
 }
 
 impl Task {
+    /// Takes and writes one checkpoint if the head moved; any failure is logged, counted and
+    /// reported by [`Health`] until a checkpoint is written again.
     async fn tick(&mut self) {
+        match self.checkpoint().await {
+            Ok(()) => self.health.set(false),
+            Err(why) => {
+                self.health.set(true);
+                metrics::counter!("portcullis_audit_checkpoint_errors_total").increment(1);
+                tracing::error!(
+                    path = %self.path.display(),
+                    error = %why,
+                    "audit checkpoint not written: the log's tail is not protected until one is (strict calls are refused meanwhile)"
+                );
+            }
+        }
+    }
+
+    async fn checkpoint(&mut self) -> Result<(), String> {
         let head = match self.store.audit_head().await {
             Ok(Some(head)) => head,
-            Ok(None) => return,
-            Err(e) => {
-                metrics::counter!("portcullis_audit_checkpoint_errors_total").increment(1);
-                tracing::warn!(error = %e, "audit checkpoint: cannot read the chain's head");
-                return;
-            }
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(format!("cannot read the chain's head: {e}")),
         };
         if self.last.as_ref() == Some(&head) {
-            return;
+            return Ok(());
         }
         if let Some((seq, hash)) = &self.last
             && (head.0 < *seq || (head.0 == *seq && head.1 != *hash))
@@ -298,39 +356,70 @@ impl Task {
         }
         let checkpoint = Checkpoint::sign(&self.ring, head.0, &head.1, self.clock.unix_millis());
         let line = checkpoint.to_line();
-        let Some(mut file) = self.file.take() else { return };
+        let (path, open) = (self.path.clone(), self.file.take());
         let written = tokio::task::spawn_blocking(move || {
+            let mut file = match reopened(open, &path) {
+                Ok(file) => file,
+                Err(e) => return (None, Err(e.to_string())),
+            };
+            let before = file.metadata().map(|m| m.len());
             let r = file.write_all(format!("{line}\n").as_bytes()).and_then(|()| file.sync_data());
-            (file, r)
+            if r.is_err()
+                && let Ok(len) = before
+            {
+                // No torn line stays behind to run into the next one (a verifier would reject
+                // the pair); if even this fails, the verifier names the line.
+                let _ = file.set_len(len);
+            }
+            (Some(file), r.map_err(|e| e.to_string()))
         })
         .await;
-        match written {
-            Ok((file, Ok(()))) => {
-                self.file = Some(file);
-                self.last = Some(head);
-                metrics::counter!("portcullis_audit_checkpoints_total").increment(1);
-                metrics::gauge!("portcullis_audit_checkpoint_seq").set(checkpoint.seq as f64);
-                tracing::info!(
-                    seq = checkpoint.seq,
-                    hash = %hex(&checkpoint.hash),
-                    time_ms = checkpoint.time_ms,
-                    key_id = %checkpoint.key_id,
-                    mac = %hex(&checkpoint.mac),
-                    "audit checkpoint"
-                );
-            }
-            Ok((file, Err(e))) => {
-                self.file = Some(file);
-                metrics::counter!("portcullis_audit_checkpoint_errors_total").increment(1);
-                tracing::error!(path = %self.path.display(), error = %e, "audit checkpoint not written");
-            }
-            Err(e) => {
-                // The file went with the task; open it again next time.
-                self.file = open_append(&self.path).ok();
-                metrics::counter!("portcullis_audit_checkpoint_errors_total").increment(1);
-                tracing::error!(path = %self.path.display(), error = %e, "audit checkpoint not written");
-            }
+        let (file, result) = written.unwrap_or_else(|e| (None, Err(e.to_string())));
+        // A file that failed a write stays open: the next attempt appends to it again.
+        self.file = file;
+        result?;
+        self.last = Some(head);
+        metrics::counter!("portcullis_audit_checkpoints_total").increment(1);
+        metrics::gauge!("portcullis_audit_checkpoint_seq").set(checkpoint.seq as f64);
+        tracing::info!(
+            seq = checkpoint.seq,
+            hash = %hex(&checkpoint.hash),
+            time_ms = checkpoint.time_ms,
+            key_id = %checkpoint.key_id,
+            mac = %hex(&checkpoint.mac),
+            "audit checkpoint"
+        );
+        Ok(())
+    }
+}
+
+/// `open` if `path` still names it; otherwise (it was removed, renamed or replaced, or is not
+/// open) the file at `path`, opened or created as at start. Checkpoints written into a file
+/// that no longer has a name would be lost without an error.
+fn reopened(open: Option<std::fs::File>, path: &Path) -> Result<std::fs::File, CheckpointError> {
+    if let Some(file) = open {
+        if names(path, &file) {
+            return Ok(file);
         }
+        tracing::warn!(
+            path = %path.display(),
+            "the audit checkpoint file was removed or replaced; checkpoints go on in a file at its path"
+        );
+    }
+    open_append(path)
+}
+
+/// Whether `path` names the open `file`.
+fn names(path: &Path, file: &std::fs::File) -> bool {
+    let (Ok(open), Ok(named)) = (file.metadata(), std::fs::metadata(path)) else { return false };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        open.dev() == named.dev() && open.ino() == named.ino()
+    }
+    #[cfg(not(unix))]
+    {
+        open.len() == named.len() && named.is_file()
     }
 }
 
@@ -428,6 +517,79 @@ mod tests {
         assert_eq!(bad, [4, 5, 7], "{:?}", checked.bad);
         assert!(checked.bad[1].1.contains("rolled back"), "{:?}", checked.bad);
         assert_eq!(checked.unknown_key, [6]);
+    }
+
+    /// A task over a store holding one record, writing to `path` (opened as at start).
+    async fn task_on(path: &Path) -> (tempfile::TempDir, Task) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::connect(&format!("sqlite://{}/a.db", dir.path().display())).await.expect("store");
+        let mut entry = crate::audit::Entry {
+            time_ms: 1,
+            request_id: "r1".into(),
+            method: "ping".into(),
+            arguments: "null".into(),
+            decision: "allow".into(),
+            ..crate::audit::Entry::default()
+        };
+        store.audit_append(std::slice::from_mut(&mut entry)).await.expect("append");
+        let file = open_append(path).expect("opens");
+        let task = Task {
+            store,
+            ring: ring(),
+            clock: Clock::fixed(1_765_000_000),
+            path: path.to_owned(),
+            file: Some(file),
+            last: None,
+            health: Health::default(),
+        };
+        (dir, task)
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_that_cannot_be_written_is_reported_until_one_is() {
+        // A full disk: every write to /dev/full fails (ENOSPC).
+        let full = Path::new("/dev/full");
+        if !full.exists() {
+            return;
+        }
+        let (_dir, mut task) = task_on(full).await;
+        task.tick().await;
+        assert!(task.health.failing(), "a failed write is not silent");
+        assert_eq!(task.last, None, "nothing was checkpointed");
+        task.tick().await;
+        assert!(task.health.failing(), "and it is tried again");
+
+        // Its path moves to a writable file (the file was replaced): the next tick writes there.
+        let dir = tempfile::tempdir().expect("tempdir");
+        task.path = dir.path().join("cp.jsonl");
+        task.tick().await;
+        assert!(!task.health.failing());
+        assert_eq!(task.last.as_ref().map(|l| l.0), Some(1));
+        let text = std::fs::read_to_string(&task.path).expect("read");
+        assert_eq!(check_file(&text, &task.ring).count, 1, "{text}");
+    }
+
+    #[tokio::test]
+    async fn checkpoints_follow_their_path_when_the_file_is_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cp.jsonl");
+        let (_db, mut task) = task_on(&path).await;
+        std::fs::remove_file(&path).expect("remove");
+        task.tick().await;
+        assert!(!task.health.failing());
+        let text = std::fs::read_to_string(&path).expect("written to a new file at the path, not the removed one");
+        assert_eq!(check_file(&text, &task.ring).count, 1, "{text}");
+
+        // A directory in its place: no file can be made there, and that is reported.
+        std::fs::remove_file(&path).expect("remove");
+        std::fs::create_dir(&path).expect("mkdir");
+        task.last = None;
+        task.tick().await;
+        assert!(task.health.failing());
+        assert!(task.file.is_none());
+        std::fs::remove_dir(&path).expect("rmdir");
+        task.tick().await;
+        assert!(!task.health.failing());
     }
 
     #[tokio::test]

@@ -285,7 +285,7 @@ fn audit_times_parse_and_format() {
 fn audit_config_defaults_and_strictness() {
     let c: AuditConfig = toml::from_str("").expect("empty is fine");
     assert_eq!(c, AuditConfig::default());
-    assert_eq!(c.capacity, 10_000);
+    assert_eq!(c.capacity, 1_024);
     assert_eq!(c.durability, Durability::Async);
     assert_eq!(c.redact_keys.len(), DEFAULT_REDACT_KEYS.len());
     let c: AuditConfig =

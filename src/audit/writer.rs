@@ -1,10 +1,18 @@
 //! The audit writer: the request path hands a [`Record`] over in a `try_send` and moves on; one
 //! background task per process batches records into transactions and computes the chain.
 //!
+//! Sustained overload (see `docs/decisions/0011-audit-under-sustained-overload.md`): when the
+//! bounded channel is full while the store is committing (the writer is behind, not failing),
+//! an `async` call ([`AuditWriter::write`]) waits up to [`MAX_WAIT`] for room, so a client
+//! faster than the store is slowed instead of the process's memory growing (counted by
+//! `portcullis_audit_waits_total`). Records handed over where nobody can wait (an exchange
+//! dropped when its client left, a streamed answer's end) and records that waited in vain go
+//! on as below.
+//!
 //! Overflow policy: when the bounded channel is full, records spill into an overflow queue
 //! (counted by `portcullis_audit_overflow_total`, logged once per episode) instead of blocking
-//! the caller. The overflow queue holds at most `max_overflow_bytes` (records estimated by
-//! their fields). Past that, a `strict` record is refused ([`AuditError::Full`]: the call is
+//! the caller further. The overflow queue holds at most `max_overflow_bytes` (records estimated
+//! by their fields). Past that, a `strict` record is refused ([`AuditError::Full`]: the call is
 //! answered 503 with `Retry-After`), and an `async` one is shed: counted by
 //! `portcullis_audit_shed_total` and `portcullis_audit_dropped_total`, logged once per episode,
 //! and reported by a record of method [`super::SHED_METHOD`] (how many, from when to when)
@@ -41,6 +49,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const SHUTDOWN_ATTEMPTS: u32 = 3;
 /// Longest pause between those attempts.
 const SHUTDOWN_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest an `async` call waits for room in a full channel while the store commits, before
+/// its record spills to the overflow queue. Longer than a batch takes to commit on a loaded
+/// machine, so that a writer that is merely behind holds its callers back rather than letting
+/// the queue grow; short enough that a stalled store costs each call little before the
+/// overflow queue (and, past its cap, shedding) takes over.
+pub const MAX_WAIT: Duration = Duration::from_millis(100);
 
 type Done = oneshot::Sender<Result<i64, AuditError>>;
 
@@ -60,6 +74,8 @@ pub struct WriterStats {
     pub written: u64,
     /// Transactions committed.
     pub batches: u64,
+    /// `async` records whose caller waited for room in a full channel ([`MAX_WAIT`]).
+    pub waited: u64,
     /// Records that went to the overflow queue because the channel was full.
     pub overflowed: u64,
     /// Records lost (shed past the overflow cap, after shutdown began, or the store failing
@@ -77,6 +93,7 @@ pub struct WriterStats {
 struct Counters {
     written: AtomicU64,
     batches: AtomicU64,
+    waited: AtomicU64,
     overflowed: AtomicU64,
     dropped: AtomicU64,
     shed: AtomicU64,
@@ -112,6 +129,11 @@ struct Shed {
 
 struct Shared {
     durability: Durability,
+    /// Whether the last attempt to commit a batch failed: callers do not wait for a store
+    /// that is not taking records.
+    failing: std::sync::atomic::AtomicBool,
+    /// Set once checkpoints run: whether the last one could not be written.
+    checkpoints: std::sync::OnceLock<super::checkpoint::Health>,
     max_overflow_bytes: usize,
     overflow: Mutex<Overflow>,
     overflow_notify: Notify,
@@ -146,6 +168,8 @@ impl AuditWriter {
         let (tx, rx) = mpsc::channel(config.capacity.max(1));
         let shared = Arc::new(Shared {
             durability: config.durability,
+            failing: std::sync::atomic::AtomicBool::new(false),
+            checkpoints: std::sync::OnceLock::new(),
             max_overflow_bytes: config.max_overflow_bytes,
             overflow: Mutex::default(),
             overflow_notify: Notify::new(),
@@ -185,15 +209,44 @@ impl AuditWriter {
         committed.await.unwrap_or(Err(AuditError::Closed))
     }
 
-    /// Records per the configured durability: `async` returns at once, `strict` waits for the
-    /// commit. The request path calls this once per request, before answering.
+    /// Records per the configured durability: `async` returns once the record is queued,
+    /// `strict` waits for the commit. The request path calls this once per request, before
+    /// answering.
+    ///
+    /// In `async`, a full channel while the store commits makes the call wait for room, up to
+    /// [`MAX_WAIT`]; after that, or at once while the store fails, the record goes on as with
+    /// [`AuditWriter::record`].
     pub async fn write(&self, record: Record) -> Result<(), AuditError> {
         match self.shared.durability {
             Durability::Async => {
-                self.record(record);
+                self.record_or_wait(record).await;
                 Ok(())
             }
             Durability::Strict => self.record_durable(record).await.map(drop),
+        }
+    }
+
+    async fn record_or_wait(&self, record: Record) {
+        let permit = match self.tx.try_reserve() {
+            Ok(permit) => Some(permit),
+            Err(mpsc::error::TrySendError::Full(())) if !self.shared.failing.load(Ordering::Relaxed) => {
+                self.shared.counters.waited.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("portcullis_audit_waits_total").increment(1);
+                // The writer empties the channel a batch at a time; it is woken to do so now.
+                self.shared.ready.notify_one();
+                tokio::time::timeout(MAX_WAIT, self.tx.reserve()).await.ok().and_then(Result::ok)
+            }
+            Err(_) => None,
+        };
+        match permit {
+            Some(permit) => {
+                self.shared.counters.backlog.fetch_add(1, Ordering::Relaxed);
+                permit.send(Msg::Record(record, None));
+                if self.tx.capacity() <= self.tx.max_capacity() / 2 {
+                    self.shared.ready.notify_one();
+                }
+            }
+            None => self.enqueue(record, None),
         }
     }
 
@@ -212,6 +265,19 @@ impl AuditWriter {
         overflow.bytes >= self.shared.max_overflow_bytes || overflow.warned_full
     }
 
+    /// Whether a `strict` call must be refused before it is forwarded: the overflow queue is
+    /// full ([`AuditWriter::is_full`]), or the last checkpoint of the chain's head could not
+    /// be written (the log's tail is not protected; see `docs/audit.md`, Checkpoints).
+    pub fn refuses_strict(&self) -> bool {
+        self.is_full() || self.shared.checkpoints.get().is_some_and(super::checkpoint::Health::failing)
+    }
+
+    /// Lets the writer see whether checkpoints are being written ([`AuditWriter::refuses_strict`]).
+    /// Set once, when the checkpointer starts.
+    pub fn watch_checkpoints(&self, health: super::checkpoint::Health) {
+        let _ = self.shared.checkpoints.set(health);
+    }
+
     /// Records accepted and not yet committed.
     pub fn backlog(&self) -> u64 {
         self.shared.counters.backlog.load(Ordering::Relaxed)
@@ -223,6 +289,7 @@ impl AuditWriter {
         WriterStats {
             written: c.written.load(Ordering::Relaxed),
             batches: c.batches.load(Ordering::Relaxed),
+            waited: c.waited.load(Ordering::Relaxed),
             overflowed: c.overflowed.load(Ordering::Relaxed),
             dropped: c.dropped.load(Ordering::Relaxed),
             shed: c.shed.load(Ordering::Relaxed),
@@ -523,6 +590,7 @@ impl Task {
             let started = std::time::Instant::now();
             match self.appender.append(entries).await {
                 Ok(()) => {
+                    self.shared.failing.store(false, Ordering::Relaxed);
                     metrics::histogram!("portcullis_audit_batch_seconds").record(started.elapsed().as_secs_f64());
                     metrics::counter!("portcullis_audit_written_total").increment(n);
                     c.written.fetch_add(n, Ordering::Relaxed);
@@ -537,6 +605,7 @@ impl Task {
                 }
                 Err(e) => {
                     attempt += 1;
+                    self.shared.failing.store(true, Ordering::Relaxed);
                     c.errors.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("portcullis_audit_write_errors_total").increment(1);
                     tracing::error!(error = %e, records = n, attempt, "audit batch failed; retrying");

@@ -109,7 +109,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig { file, strict } => {
             let path = file.unwrap_or(cli.config);
             let config = load(&path)?;
-            let warnings = crate::net::config_warnings(&config);
+            let mut warnings = config.warnings.clone();
+            warnings.extend(crate::net::config_warnings(&config));
             for warning in &warnings {
                 eprintln!("{}: warning: {warning}", path.display());
             }

@@ -45,8 +45,10 @@ pub struct AuditConfig {
     /// `"async"` (answer at once, the record follows within about 50 ms) or `"strict"` (answer
     /// only once the record is committed). Default `"async"`.
     pub durability: Durability,
-    /// Records queued in memory before further ones spill to the overflow queue (counted by
-    /// `portcullis_audit_overflow_total`). At least 1. Default `10000`.
+    /// Records queued in memory for the writer. When they are all taken, an `async` call waits
+    /// for room (up to 100 ms, while the store is committing: `portcullis_audit_waits_total`),
+    /// then its record spills to the overflow queue (`portcullis_audit_overflow_total`). At
+    /// least 1. Default `1024` (under a megabyte at full).
     pub capacity: usize,
     /// Bytes the overflow queue may hold (records estimated by their fields). Past it, in
     /// `strict` durability a call is answered 503 with `Retry-After`; in `async` the record is
@@ -77,7 +79,7 @@ pub const DEFAULT_CHECKPOINT_INTERVAL: &str = "60s";
 pub const DEFAULT_CHECKPOINT_FILE: &str = "audit-checkpoints.jsonl";
 
 /// The default `[audit] capacity`.
-pub const DEFAULT_CAPACITY: usize = 10_000;
+pub const DEFAULT_CAPACITY: usize = 1_024;
 /// The default `[audit] max_overflow_bytes`: 64 MiB.
 pub const DEFAULT_MAX_OVERFLOW_BYTES: usize = 64 * 1024 * 1024;
 

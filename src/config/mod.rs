@@ -43,8 +43,12 @@ pub struct Config {
     pub audit: AuditConfig,
     /// The guard on URLs that come from upstreams and clients.
     pub outbound: OutboundConfig,
-    /// Connection, concurrency and failed-authentication limits.
+    /// Connection, concurrency, failed-authentication and memory limits.
     pub limits: limits::Limits,
+    /// Settings that are valid but deserve a warning (deprecated keys, with what to write
+    /// instead), one line each with its line number: `check-config` prints them, `serve` logs
+    /// them.
+    pub warnings: Vec<String>,
 }
 
 /// Validated `[gateway]`.
@@ -76,19 +80,15 @@ pub struct GatewayConfig {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Keep a client's own `X-Request-Id`.
     pub trust_request_id: bool,
-    /// The limits servers get unless they set their own.
-    pub limits: UpstreamLimits,
-    /// Bytes queued toward one legacy SSE client stream before relaying waits.
-    pub client_queue_bytes: usize,
 }
 
-/// Default `gateway.max_response_bytes`: 16 MiB.
+/// Default `limits.max_response_bytes`: 16 MiB.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
-/// Default `gateway.upstream_queue`.
+/// Default `limits.upstream_queue`.
 pub const DEFAULT_UPSTREAM_QUEUE: usize = 64;
-/// Default `gateway.client_queue_bytes`: 4 MiB.
+/// Default `limits.client_queue_bytes`: 4 MiB.
 pub const DEFAULT_CLIENT_QUEUE_BYTES: usize = 4 * 1024 * 1024;
-/// Default `gateway.sse_idle_timeout`, in seconds.
+/// Default `limits.sse_idle_timeout`, in seconds.
 pub const DEFAULT_SSE_IDLE_TIMEOUT_SECS: u64 = 15 * 60;
 
 /// What the gateway holds in memory for one upstream, at most (see docs/config.md).
@@ -237,12 +237,13 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut table: toml::Table = toml::from_str(text)
             .map_err(|e| ConfigError { problems: vec![format!("{origin}: {}", e.to_string().trim_end())] })?;
-        let mut v = Validator { origin, text, problems: Vec::new() };
+        let mut v = Validator { origin, text, problems: Vec::new(), warnings: Vec::new() };
         env::apply_overrides(&mut table, vars, &mut v.problems);
         let spans = Spans::find(text);
         let config = v.config(table, &spans);
         if v.problems.is_empty() {
             // `config` is complete whenever no problem was recorded.
+            let config = config.map(|c| Config { warnings: std::mem::take(&mut v.warnings), ..c });
             config.ok_or_else(|| ConfigError { problems: vec![format!("{origin}: invalid")] })
         } else {
             Err(ConfigError { problems: v.problems })
@@ -294,15 +295,33 @@ struct Validator<'a> {
     origin: &'a str,
     text: &'a str,
     problems: Vec<String>,
+    warnings: Vec<String>,
 }
 
 impl Validator<'_> {
     fn at(&mut self, offset: Option<usize>, what: &str, msg: impl std::fmt::Display) {
-        let line = offset.map(|o| self.text[..o.min(self.text.len())].matches('\n').count() + 1);
-        match line {
-            Some(l) => self.problems.push(format!("{}:{l}: {what}: {msg}", self.origin)),
-            None => self.problems.push(format!("{}: {what}: {msg}", self.origin)),
+        let line = self.located(offset, what, msg);
+        self.problems.push(line);
+    }
+
+    /// A warning, without the file's name (`check-config` and `serve` put it in front).
+    fn warn_at(&mut self, offset: Option<usize>, what: &str, msg: impl std::fmt::Display) {
+        let warning = match self.line(offset) {
+            Some(l) => format!("{what} (line {l}): {msg}"),
+            None => format!("{what}: {msg}"),
+        };
+        self.warnings.push(warning);
+    }
+
+    fn located(&self, offset: Option<usize>, what: &str, msg: impl std::fmt::Display) -> String {
+        match self.line(offset) {
+            Some(l) => format!("{}:{l}: {what}: {msg}", self.origin),
+            None => format!("{}: {what}: {msg}", self.origin),
         }
+    }
+
+    fn line(&self, offset: Option<usize>) -> Option<usize> {
+        offset.map(|o| self.text[..o.min(self.text.len())].matches('\n').count() + 1)
     }
 
     fn section<T: for<'de> Deserialize<'de> + Default>(
@@ -321,7 +340,7 @@ impl Validator<'_> {
     }
 
     fn config(&mut self, mut table: toml::Table, spans: &Spans) -> Option<Config> {
-        let gateway: RawGateway = self.section(&mut table, "gateway", spans);
+        let mut gateway: RawGateway = self.section(&mut table, "gateway", spans);
         let store: RawStore = self.section(&mut table, "store", spans);
         let log: RawLog = self.section(&mut table, "log", spans);
         let audit: AuditConfig = self.section(&mut table, "audit", spans);
@@ -332,13 +351,16 @@ impl Validator<'_> {
         for problem in outbound.problems() {
             self.at(spans.sections.get("outbound").copied(), "[outbound]", problem);
         }
-        let raw_limits: limits::RawLimits = self.section(&mut table, "limits", spans);
+        let mut raw_limits: limits::RawLimits = self.section(&mut table, "limits", spans);
+        let at = (spans.sections.get("gateway").copied(), spans.sections.get("limits").copied());
+        let (upstream, client_queue_bytes) = self.memory_limits(&mut gateway, &mut raw_limits, at);
         let limits = raw_limits.validate().unwrap_or_else(|problems| {
             for problem in problems {
                 self.at(spans.sections.get("limits").copied(), "[limits]", problem);
             }
             limits::Limits::default()
         });
+        let limits = limits::Limits { upstream, client_queue_bytes, ..limits };
         let servers = match table.remove("servers") {
             None => Vec::new(),
             Some(toml::Value::Array(items)) => items,
@@ -376,14 +398,14 @@ impl Validator<'_> {
                     continue;
                 }
             };
-            if let Some(s) = self.server(raw, i, at, gateway.as_ref()) {
+            if let Some(s) = self.server(raw, i, at, gateway.as_ref(), limits.upstream) {
                 if !names.insert(s.name.clone()) {
                     self.at(at, &format!("server {:?}", s.name), "duplicate name");
                 }
                 parsed.push(s);
             }
         }
-        Some(Config { gateway: gateway?, store, log, servers: parsed, audit, outbound, limits })
+        Some(Config { gateway: gateway?, store, log, servers: parsed, audit, outbound, limits, warnings: Vec::new() })
     }
 
     fn gateway(&mut self, raw: RawGateway, at: Option<usize>) -> Option<GatewayConfig> {
@@ -433,10 +455,6 @@ impl Validator<'_> {
         if !(1..=1000).contains(&max_batch) {
             self.at(at, "gateway.max_batch", "must be between 1 and 1000");
         }
-        let limits = self.gateway_limits(at, raw.max_response_bytes, raw.upstream_queue, raw.sse_idle_timeout);
-        let client_queue_bytes = self
-            .bytes(at, "gateway.client_queue_bytes", raw.client_queue_bytes, 1024)
-            .unwrap_or(DEFAULT_CLIENT_QUEUE_BYTES);
         let lower =
             |v: Option<Vec<String>>| v.unwrap_or_default().into_iter().map(|s| s.to_ascii_lowercase()).collect();
         Some(GatewayConfig {
@@ -453,33 +471,65 @@ impl Validator<'_> {
             request_timeout,
             shutdown_grace,
             data_dir: PathBuf::from(raw.data_dir.unwrap_or_else(|| "portcullis-data".to_owned())),
-            limits,
-            client_queue_bytes,
         })
     }
 
-    fn gateway_limits(
+    /// The memory limits of `[limits]` (what servers get unless they set their own, and the
+    /// legacy SSE client queue), also read from their deprecated spellings in `[gateway]`
+    /// (with a warning; both at once is an error). `at`: where `[gateway]` and `[limits]` are.
+    fn memory_limits(
         &mut self,
-        at: Option<usize>,
-        max_response_bytes: Option<u64>,
-        upstream_queue: Option<u64>,
-        sse_idle_timeout: Option<String>,
-    ) -> UpstreamLimits {
-        let max_response_bytes = self
-            .bytes(at, "gateway.max_response_bytes", max_response_bytes, 1024)
-            .unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
-        let mut queue_messages =
-            self.bytes(at, "gateway.upstream_queue", upstream_queue, 1).unwrap_or(DEFAULT_UPSTREAM_QUEUE);
+        gateway: &mut RawGateway,
+        limits: &mut limits::RawLimits,
+        at: (Option<usize>, Option<usize>),
+    ) -> (UpstreamLimits, usize) {
+        let max_response_bytes =
+            self.moved("max_response_bytes", gateway.max_response_bytes.take(), limits.max_response_bytes.take(), at);
+        let upstream_queue =
+            self.moved("upstream_queue", gateway.upstream_queue.take(), limits.upstream_queue.take(), at);
+        let client_queue_bytes =
+            self.moved("client_queue_bytes", gateway.client_queue_bytes.take(), limits.client_queue_bytes.take(), at);
+        let sse_idle_timeout =
+            self.moved("sse_idle_timeout", gateway.sse_idle_timeout.take(), limits.sse_idle_timeout.take(), at);
+        let (value, key, at) = max_response_bytes;
+        let max_response_bytes = self.bytes(at, &key, value, 1024).unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
+        let (value, key, at) = upstream_queue;
+        let mut queue_messages = self.bytes(at, &key, value, 1).unwrap_or(DEFAULT_UPSTREAM_QUEUE);
         if queue_messages > 1_000_000 {
-            self.at(at, "gateway.upstream_queue", "must be at most 1000000");
+            self.at(at, &key, "must be at most 1000000");
             queue_messages = DEFAULT_UPSTREAM_QUEUE;
         }
-        let idle_timeout =
-            self.duration(at, "gateway.sse_idle_timeout", sse_idle_timeout, DEFAULT_SSE_IDLE_TIMEOUT_SECS);
+        let (value, key, at) = sse_idle_timeout;
+        let idle_timeout = self.duration(at, &key, value, DEFAULT_SSE_IDLE_TIMEOUT_SECS);
         if idle_timeout.is_zero() {
-            self.at(at, "gateway.sse_idle_timeout", "must be more than 0");
+            self.at(at, &key, "must be more than 0");
         }
-        UpstreamLimits { max_response_bytes, queue_messages, idle_timeout }
+        let (value, key, at) = client_queue_bytes;
+        let client_queue_bytes = self.bytes(at, &key, value, 1024).unwrap_or(DEFAULT_CLIENT_QUEUE_BYTES);
+        (UpstreamLimits { max_response_bytes, queue_messages, idle_timeout }, client_queue_bytes)
+    }
+
+    /// The value of `limits.{name}`, or of its deprecated spelling `gateway.{name}` (noted in
+    /// the warnings), with the key and place it was written at.
+    fn moved<T>(
+        &mut self,
+        name: &str,
+        old: Option<T>,
+        new: Option<T>,
+        (at_gateway, at_limits): (Option<usize>, Option<usize>),
+    ) -> (Option<T>, String, Option<usize>) {
+        let (old_key, new_key) = (format!("gateway.{name}"), format!("limits.{name}"));
+        match (old, new) {
+            (Some(_), Some(new)) => {
+                self.at(at_gateway, &old_key, format!("is also set as {new_key}: keep only {new_key}"));
+                (Some(new), new_key, at_limits)
+            }
+            (Some(old), None) => {
+                self.warn_at(at_gateway, &old_key, format!("is deprecated: write it as {new_key} (under [limits])"));
+                (Some(old), old_key, at_gateway)
+            }
+            (None, new) => (new, new_key, at_limits),
+        }
     }
 
     /// A size or count of at least `min` (`None` when unset or refused).
@@ -526,6 +576,7 @@ impl Validator<'_> {
         index: usize,
         at: Option<usize>,
         gateway: Option<&GatewayConfig>,
+        inherited: UpstreamLimits,
     ) -> Option<ServerConfig> {
         let what = match &raw.name {
             Some(n) => format!("server {n:?}"),
@@ -625,7 +676,7 @@ impl Validator<'_> {
             Some(t) => self.duration(at, &format!("{what}: request_timeout"), Some(t), 300),
         };
         let stdio = matches!(transport, Some(ServerTransport::Stdio { .. }));
-        let mut limits = gateway.map(|g| g.limits).unwrap_or_default();
+        let mut limits = inherited;
         if let Some(n) = self.bytes(at, &format!("{what}: max_response_bytes"), raw.max_response_bytes, 1024) {
             limits.max_response_bytes = n;
         }

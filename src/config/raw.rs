@@ -42,17 +42,13 @@ pub struct RawGateway {
     /// Keep a client's own `X-Request-Id` (visible ASCII, at most 128 bytes) instead of making
     /// one. Default `false`.
     pub trust_request_id: Option<bool>,
-    /// Largest answer read from an upstream (a JSON body, one SSE event, one stdio line), in
-    /// bytes; servers may override it. Default 16777216 (16 MiB).
+    /// Deprecated spelling of `limits.max_response_bytes` (still read, with a warning).
     pub max_response_bytes: Option<u64>,
-    /// Messages queued toward one stdio process or legacy SSE upstream, and per call or GET
-    /// stream from it. Default 64.
+    /// Deprecated spelling of `limits.upstream_queue` (still read, with a warning).
     pub upstream_queue: Option<u64>,
-    /// Bytes queued toward one legacy SSE client stream before relaying waits. Default
-    /// 4194304 (4 MiB).
+    /// Deprecated spelling of `limits.client_queue_bytes` (still read, with a warning).
     pub client_queue_bytes: Option<u64>,
-    /// How long a legacy SSE upstream connection may sit unused before it is closed; servers
-    /// may override it. Default `"15m"`.
+    /// Deprecated spelling of `limits.sse_idle_timeout` (still read, with a warning).
     pub sse_idle_timeout: Option<String>,
 }
 
@@ -105,9 +101,9 @@ pub struct RawServer {
     pub public: Option<bool>,
     /// Per-server override of `gateway.request_timeout`. Default unset.
     pub request_timeout: Option<String>,
-    /// Per-server override of `gateway.max_response_bytes`. Default unset.
+    /// Per-server override of `limits.max_response_bytes`. Default unset.
     pub max_response_bytes: Option<u64>,
-    /// With `transport = "sse"`: per-server override of `gateway.sse_idle_timeout`. Default
+    /// With `transport = "sse"`: per-server override of `limits.sse_idle_timeout`. Default
     /// unset.
     pub idle_timeout: Option<String>,
     /// Credentials the gateway attaches to this upstream. Default none.

@@ -244,17 +244,19 @@ failed_auth_per_minute = 0
 #[test]
 fn memory_limits_have_defaults_servers_may_override_them_and_nonsense_is_refused() {
     let c = parse("[[servers]]\nname = \"a\"\nurl = \"http://x/mcp\"\n").expect("valid");
-    assert_eq!(c.gateway.limits, UpstreamLimits::default());
-    assert_eq!(c.gateway.limits.max_response_bytes, 16 * 1024 * 1024);
-    assert_eq!(c.gateway.client_queue_bytes, 4 * 1024 * 1024);
+    assert_eq!(c.limits.upstream, UpstreamLimits::default());
+    assert_eq!(c.limits.upstream.max_response_bytes, 16 * 1024 * 1024);
+    assert_eq!(c.limits.client_queue_bytes, 4 * 1024 * 1024);
     assert_eq!(c.audit.max_overflow_bytes, 64 * 1024 * 1024);
-    assert_eq!(c.servers[0].limits, c.gateway.limits);
+    assert_eq!(c.servers[0].limits, c.limits.upstream);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
 
     let text = r#"
-[gateway]
+[limits]
 max_response_bytes = 1048576
 upstream_queue = 8
 sse_idle_timeout = "2m"
+client_queue_bytes = 2048
 
 [[servers]]
 name = "a"
@@ -271,9 +273,11 @@ command = "x"
     let (a, b) = (&c.servers[0].limits, &c.servers[1].limits);
     assert_eq!((a.max_response_bytes, a.queue_messages, a.idle_timeout), (4096, 8, Duration::from_secs(30)));
     assert_eq!((b.max_response_bytes, b.queue_messages, b.idle_timeout), (1_048_576, 8, Duration::from_secs(120)));
+    assert_eq!(c.limits.client_queue_bytes, 2048);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
 
     let text = r#"
-[gateway]
+[limits]
 max_response_bytes = 10
 upstream_queue = 0
 client_queue_bytes = 1
@@ -288,12 +292,50 @@ idle_timeout = "1s"
 "#;
     let all = parse(text).expect_err("invalid").to_string();
     for problem in [
-        "gateway.max_response_bytes: must be at least 1024",
-        "gateway.upstream_queue: must be at least 1",
-        "gateway.client_queue_bytes: must be at least 1024",
+        "limits.max_response_bytes: must be at least 1024",
+        "limits.upstream_queue: must be at least 1",
+        "limits.client_queue_bytes: must be at least 1024",
         "audit.max_overflow_bytes must be at least 1024",
         "`idle_timeout` applies only to `transport = \"sse\"`",
     ] {
         assert!(all.contains(problem), "{problem} in {all}");
     }
+}
+
+/// The memory limits' first spelling, under `[gateway]`, still works, with a warning naming
+/// the line and the key to write instead; both spellings at once is an error, and a bad value
+/// under the old key is reported under the key as written.
+#[test]
+fn memory_limits_under_gateway_still_work_with_a_deprecation_warning() {
+    let text = r#"
+[gateway]
+max_response_bytes = 1048576
+upstream_queue = 8
+client_queue_bytes = 2048
+sse_idle_timeout = "2m"
+
+[[servers]]
+name = "a"
+url = "http://x/sse"
+transport = "sse"
+"#;
+    let c = parse(text).expect("valid");
+    let a = &c.servers[0].limits;
+    assert_eq!((a.max_response_bytes, a.queue_messages, a.idle_timeout), (1_048_576, 8, Duration::from_secs(120)));
+    assert_eq!(c.limits.upstream, *a);
+    assert_eq!(c.limits.client_queue_bytes, 2048);
+    assert_eq!(c.warnings.len(), 4, "{:?}", c.warnings);
+    assert_eq!(
+        c.warnings[0],
+        "gateway.max_response_bytes (line 2): is deprecated: write it as limits.max_response_bytes (under [limits])"
+    );
+    for key in ["upstream_queue", "client_queue_bytes", "sse_idle_timeout"] {
+        assert!(c.warnings.iter().any(|w| w.starts_with(&format!("gateway.{key} (line "))), "{key}");
+    }
+
+    let both = "[gateway]\nmax_response_bytes = 4096\n\n[limits]\nmax_response_bytes = 8192\n";
+    let all = parse(both).expect_err("both").to_string();
+    assert!(all.contains("gateway.max_response_bytes: is also set as limits.max_response_bytes"), "{all}");
+    let bad = parse("[gateway]\nupstream_queue = 0\n").expect_err("invalid").to_string();
+    assert!(bad.contains("gateway.upstream_queue: must be at least 1"), "{bad}");
 }

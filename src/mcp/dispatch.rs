@@ -28,8 +28,8 @@ use std::sync::Arc;
 use http::HeaderMap;
 use serde_json::Value;
 
+use super::{Env, Server};
 use super::{catalog, continuity, stateless, unconnected};
-use crate::app::{AppState, Server};
 use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
 use crate::protocol::jsonrpc::{Kind, Message, ToolCall};
@@ -39,8 +39,8 @@ use crate::upstream::{Reply, UpstreamError};
 /// Who sends a message, to which server, and within which session.
 #[derive(Clone, Copy)]
 pub struct Call<'a> {
-    /// The gateway.
-    pub app: &'a AppState,
+    /// What the dispatch needs of the gateway around it.
+    pub env: Env<'a>,
     /// The configured server the message is for.
     pub server: &'a Arc<Server>,
     /// The authenticated caller.
@@ -159,7 +159,7 @@ pub async fn dispatch(call: Call<'_>, message: Message, trace: &mut Trace) -> Re
     match action {
         Action::Initialize => match call.via {
             Via::Opening => {
-                let opened = Box::pin(super::initialize(call.app, call.server, call.caller, &message));
+                let opened = Box::pin(super::initialize(call.env, call.server, call.caller, &message));
                 let (response, state, sealed) = opened.await?;
                 Ok(Outcome::Opened { response, state: Box::new(state), sealed })
             }
@@ -170,7 +170,9 @@ pub async fn dispatch(call: Call<'_>, message: Message, trace: &mut Trace) -> Re
             }
         },
         Action::Discover if matches!(call.via, Via::Stateless(_)) => {
-            Box::pin(stateless::discover(call.app, call.server, &call.caller.id, id.as_ref())).await.map(Outcome::Reply)
+            Box::pin(stateless::discover(call.env.clock, call.server, &call.caller.id, id.as_ref()))
+                .await
+                .map(Outcome::Reply)
         }
         // Decision point (policy): whether `call.caller` may run this tool with these
         // arguments, here or after a person approves it.
@@ -192,14 +194,16 @@ pub async fn dispatch(call: Call<'_>, message: Message, trace: &mut Trace) -> Re
 async fn forward(call: Call<'_>, message: Message, trace: &mut Trace) -> Result<Outcome, Failure> {
     let id = message.id.clone();
     // Strict durability: a call whose record could not be kept is not made at all.
-    let audit = call.app.audit();
-    if call.app.config().audit.enabled && audit.durability() == crate::audit::Durability::Strict && audit.is_full() {
+    if let Some(audit) = call.env.audit
+        && audit.durability() == crate::audit::Durability::Strict
+        && audit.refuses_strict()
+    {
         return Err(GatewayError::AuditFull.with_id(id));
     }
     trace.forwarded = true;
     let reply = match call.via {
         Via::Session(session) => relay(call.server, session, message).await?,
-        Via::Stateless(_) => Box::pin(stateless::relay(call.app, call.server, &call.caller.id, message)).await?,
+        Via::Stateless(_) => Box::pin(stateless::relay(call.env.clock, call.server, &call.caller.id, message)).await?,
         Via::Opening => return Err(GatewayError::MissingSession.with_id(id)),
     };
     Ok(Outcome::Reply(reply))

@@ -5,24 +5,41 @@
 pub mod catalog;
 pub mod continuity;
 pub mod dispatch;
+pub mod server;
 pub mod stateless;
 pub mod unconnected;
 
 use serde_json::Value;
 
-use crate::app::{AppState, Server};
+pub use server::Server;
+
+use crate::audit::AuditWriter;
 use crate::authn::Principal;
+use crate::clock::Clock;
 use crate::error::{Failure, GatewayError};
 use crate::protocol::jsonrpc::{Message, result_response};
+use crate::protocol::session::Sealer;
 use crate::protocol::session::{SessionState, binding, new_session_key};
 use crate::upstream::ClientHello;
+
+/// What the dispatch needs of the gateway around it.
+#[derive(Clone, Copy)]
+pub struct Env<'a> {
+    /// The clock (session creation times).
+    pub clock: &'a Clock,
+    /// Seals and opens session ids.
+    pub sealer: &'a Sealer,
+    /// The audit writer, when the audit log is on: with strict durability, a call whose record
+    /// could not be kept is refused before it is forwarded.
+    pub audit: Option<&'a AuditWriter>,
+}
 
 /// A client's `initialize`: open an upstream session with the client's capabilities, seal
 /// the gateway session, and answer with the upstream's server info at the client's revision.
 ///
 /// Returns the response, the session, and its sealed id for the `Mcp-Session-Id` header.
 pub async fn initialize(
-    app: &AppState,
+    env: Env<'_>,
     server: &Server,
     principal: &Principal,
     message: &Message,
@@ -72,14 +89,14 @@ pub async fn initialize(
         client_protocol: protocol.to_owned(),
         upstream_protocol: opened.upstream_protocol,
         upstream_session: opened.upstream_session,
-        created: app.clock().unix_secs(),
+        created: env.clock.unix_secs(),
         hello: keep_hello.then(|| kept_hello(&hello)),
         features: crate::upstream::mux::features::from_capabilities(&hello.capabilities),
         client: Some(client_name_version(&hello.client_info)),
         subject: principal.id.clone(),
         pending,
     };
-    let sealed = app.sealer().seal(&state, &binding(&server.config.name, &principal.id));
+    let sealed = env.sealer.seal(&state, &binding(&server.config.name, &principal.id));
     metrics::counter!("portcullis_sessions_opened_total", "server" => server.config.name.clone()).increment(1);
     let mut result = opened.result;
     result["protocolVersion"] = Value::from(protocol);

@@ -12,7 +12,8 @@ use futures::StreamExt;
 use http::HeaderMap;
 use serde_json::{Value, json};
 
-use crate::app::{AppState, Server};
+use super::Server;
+use crate::clock::Clock;
 use crate::error::{Failure, GatewayError};
 use crate::protocol::jsonrpc::{Kind, Message, result_response};
 use crate::protocol::version;
@@ -50,10 +51,10 @@ pub fn check_headers(headers: &HeaderMap, message: &Message) -> Result<(), Failu
 
 /// `server/discover`, answered from the caller's stateless upstream session's `initialize`
 /// result (or the stand-in one for a person not connected to an OAuth upstream yet).
-pub async fn discover(app: &AppState, server: &Server, caller: &str, id: Option<&Value>) -> Result<Reply, Failure> {
+pub async fn discover(clock: &Clock, server: &Server, caller: &str, id: Option<&Value>) -> Result<Reply, Failure> {
     let fail = |e: UpstreamError| GatewayError::from(e).with_id(id.cloned());
     let init = match super::unconnected::is_connected(server, caller).await.map_err(fail)? {
-        true => server.stateless_session(app, caller).await.map_err(fail)?.1,
+        true => server.stateless_session(clock, caller).await.map_err(fail)?.1,
         false => super::unconnected::initialize_result(server, version::STATELESS).await.result,
     };
     let response = result_response(id.unwrap_or(&Value::Null), discover_result(&init));
@@ -62,7 +63,7 @@ pub async fn discover(app: &AppState, server: &Server, caller: &str, id: Option<
 
 /// Relays one stateless message within the caller's own upstream session, and adapts the
 /// answer to the revision.
-pub async fn relay(app: &AppState, server: &Server, caller: &str, message: Message) -> Result<Reply, Failure> {
+pub async fn relay(clock: &Clock, server: &Server, caller: &str, message: Message) -> Result<Reply, Failure> {
     let id = message.id.clone();
     let fail = |e: UpstreamError| GatewayError::from(e).with_id(id.clone());
     // A person not connected to an OAuth upstream yet: the gateway answers (see `unconnected`).
@@ -71,7 +72,7 @@ pub async fn relay(app: &AppState, server: &Server, caller: &str, message: Messa
     let reply = if connected {
         let url_mode = method == "tools/call" && client_features(&message) & features::ELICITATION_URL != 0;
         let listing = super::catalog::listing_of(&message);
-        let reply = send_with_reopen(app, server, caller, message).await;
+        let reply = send_with_reopen(clock, server, caller, message).await;
         let reply = match reply {
             // A tool call that needs the caller to (re)connect gets the link as a tool result
             // unless the client declared URL-mode elicitation.
@@ -136,16 +137,16 @@ pub fn client_of(message: &Message) -> Option<(String, String)> {
 /// Sends within the caller's stateless upstream session, reopening it once if the upstream
 /// forgot it.
 async fn send_with_reopen(
-    app: &AppState,
+    clock: &Clock,
     server: &Server,
     caller: &str,
     message: Message,
 ) -> Result<Reply, UpstreamError> {
-    let (session, _) = server.stateless_session(app, caller).await?;
+    let (session, _) = server.stateless_session(clock, caller).await?;
     match server.upstream.send(&session, message.clone()).await {
         Err(UpstreamError::SessionExpired) => {
             server.forget_stateless_session(caller, &session.key);
-            let (session, _) = server.stateless_session(app, caller).await?;
+            let (session, _) = server.stateless_session(clock, caller).await?;
             server.upstream.send(&session, message).await
         }
         other => other,

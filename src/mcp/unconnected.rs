@@ -8,8 +8,8 @@
 
 use serde_json::{Value, json};
 
+use super::Server;
 use super::catalog::{self, Catalog};
-use crate::app::Server;
 use crate::error::{Failure, GatewayError};
 use crate::protocol::jsonrpc::{Kind, Message, result_response};
 use crate::upstream::mux::features;

@@ -71,6 +71,14 @@ pub enum EnvelopeError {
 }
 
 impl EnvelopeError {
+    /// Which failure this is on the wire.
+    pub fn fault(&self) -> super::fault::Fault {
+        match self {
+            EnvelopeError::Parse(_) => super::fault::Fault::Parse,
+            EnvelopeError::Invalid(_) => super::fault::Fault::InvalidRequest,
+        }
+    }
+
     fn invalid(text: &'static str) -> EnvelopeError {
         EnvelopeError::Invalid(text.into())
     }

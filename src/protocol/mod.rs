@@ -3,6 +3,7 @@
 //! revisions (`version`). It sits below `transport` (the client side) and `upstream` (the
 //! server side), and depends on neither.
 
+pub mod fault;
 pub mod jsonrpc;
 pub mod session;
 pub mod version;

@@ -63,6 +63,8 @@ pub struct Sealer {
     cipher: XChaCha20Poly1305,
     older: std::sync::Arc<[XChaCha20Poly1305]>,
     opened: std::sync::Arc<dashmap::DashMap<String, (String, std::sync::Arc<SessionState>)>>,
+    /// How many times a session id was opened (remembered or not).
+    opens: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How many opened ids a sealer remembers before it starts over.
@@ -83,6 +85,7 @@ impl Sealer {
             cipher: XChaCha20Poly1305::new(key.bytes().into()),
             older: Default::default(),
             opened: Default::default(),
+            opens: Default::default(),
         }
     }
 
@@ -116,6 +119,7 @@ impl Sealer {
 
     /// Decrypts a session id; `None` for anything forged, altered, or bound elsewhere.
     pub fn open(&self, id: &str, binding: &str) -> Option<std::sync::Arc<SessionState>> {
+        self.opens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(hit) = self.opened.get(id) {
             return (hit.0 == binding).then(|| hit.1.clone());
         }
@@ -125,6 +129,12 @@ impl Sealer {
         }
         self.opened.insert(id.to_owned(), (binding.to_owned(), state.clone()));
         Some(state)
+    }
+
+    /// How many times [`Sealer::open`] was called: each HTTP request within a session opens
+    /// its id once (a batch too, for all its messages).
+    pub fn opens(&self) -> u64 {
+        self.opens.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn decrypt(&self, id: &str, binding: &str) -> Option<SessionState> {

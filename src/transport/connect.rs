@@ -12,7 +12,7 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 
-use crate::app::AppState;
+use crate::state::AppState;
 use crate::vault::VaultError;
 
 /// The cookie that binds a flow to the browser that started it.
@@ -138,12 +138,18 @@ async fn audit_connect(app: &AppState, server: &str, result: &Result<crate::vaul
         Some(s) if !s.is_empty() => app.store().principal_name(s).await.ok().flatten(),
         _ => None,
     };
+    // A refused callback has nobody behind it: recorded within its address's record budget.
+    if subject.is_none() && !crate::layers::may_record_unauthenticated() {
+        return;
+    }
+    let request_id =
+        crate::layers::RequestId::current().map_or_else(|| uuid::Uuid::now_v7().to_string(), |id| id.to_string());
     let record = Record {
         principal_id: subject.filter(|s| !s.is_empty()),
         principal_name: name,
         server: Some(server.to_owned()),
         arguments: Arguments::new(details),
-        ..Record::new(app.clock().unix_millis(), uuid::Uuid::now_v7().to_string(), "vault/connect", decision)
+        ..Record::new(app.clock().unix_millis(), request_id, "vault/connect", decision)
     };
     app.audit().record(record);
 }
@@ -180,13 +186,7 @@ pub async fn client_metadata(State(app): State<AppState>) -> Response {
 
 fn failure(server: &str, e: VaultError) -> Response {
     tracing::warn!(server, error = %e, "upstream connection failed");
-    let status = match e {
-        VaultError::Flow { .. }
-        | VaultError::OAuth(crate::oauth::client::OAuthError::Denied { .. })
-        | VaultError::Config { .. } => StatusCode::BAD_REQUEST,
-        _ => StatusCode::BAD_GATEWAY,
-    };
-    page(status, "Connection failed", &format!("Connecting to {server} failed: {e}"))
+    page(e.fault().row().status, "Connection failed", &format!("Connecting to {server} failed: {e}"))
 }
 
 /// A minimal page of text; nothing here may be framed, cached or leak a referrer (R111, R118).

@@ -14,13 +14,15 @@ use bytes::Bytes;
 use http::{StatusCode, header};
 use http_body::Frame;
 
-use crate::app::{AppState, Server};
 use crate::audit::{Arguments, AuditWriter, Decision, Durability, Record};
 use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
 use crate::layers::RequestId;
+use crate::mcp::Server;
 use crate::mcp::dispatch::Trace;
-use crate::protocol::jsonrpc::{Message, code, error_response};
+use crate::protocol::fault::Fault;
+use crate::protocol::jsonrpc::Message;
+use crate::state::AppState;
 
 /// `X-Request-Id`: the gateway's id for a request, in its answer, its logs and its audit
 /// record.
@@ -124,10 +126,8 @@ impl Exchange {
     /// Notes a failure: refusals of identity and origin are denials, the rest errors.
     pub fn note_failure(&mut self, failure: &Failure) {
         let (_, rpc) = failure.error.status_and_code(failure.id.is_some());
-        let decision = match failure.error {
-            GatewayError::Unauthenticated(_) | GatewayError::ForbiddenHost | GatewayError::ForbiddenOrigin => {
-                Decision::Deny
-            }
+        let decision = match failure.error.fault() {
+            Fault::Unauthenticated | Fault::Forbidden => Decision::Deny,
             _ => Decision::Error,
         };
         self.failure = Some((decision, rpc));
@@ -143,7 +143,8 @@ impl Exchange {
             None if status == CLIENT_GONE => (Decision::Error, Some(i64::from(CLIENT_GONE))),
             None => (Decision::Allow, Some(i64::from(status))),
         };
-        let principal = self.principal.take();
+        // Refused by a per-principal limit after authentication: the record still says who.
+        let principal = self.principal.take().or_else(crate::layers::admitted_principal);
         let client = self.client.take();
         let (tool, arguments) = match self.trace.tool.take() {
             Some(call) => (Some(call.name.chars().take(256).collect()), call.arguments),
@@ -175,7 +176,7 @@ impl Drop for Exchange {
         // because the client went away.
         let panicked = std::thread::panicking();
         let status = match panicked {
-            true => StatusCode::INTERNAL_SERVER_ERROR,
+            true => Fault::Internal.row().status,
             false => StatusCode::from_u16(CLIENT_GONE).unwrap_or(StatusCode::BAD_REQUEST),
         };
         app.observe(self.server.as_deref(), self.metric, status, self.started);
@@ -183,12 +184,22 @@ impl Drop for Exchange {
             return;
         }
         if panicked {
-            self.failure = Some((Decision::Error, crate::protocol::jsonrpc::code::INTERNAL_ERROR));
+            self.failure = Some((Decision::Error, Fault::Internal.row().rpc_code));
         } else {
             tracing::info!(request_id = %self.request_id, method = %self.method, "the client went away before its answer");
         }
-        app.audit().record(self.record(CLIENT_GONE, 0));
+        let record = self.record(CLIENT_GONE, 0);
+        if unrecorded(&record) {
+            return;
+        }
+        app.audit().record(record);
     }
+}
+
+/// Whether `record` is left out of the audit log (only counted): a refusal without a principal
+/// past its client address's record budget (see `layers::may_record_unauthenticated`).
+fn unrecorded(record: &Record) -> bool {
+    record.principal_id.is_none() && record.decision != Decision::Allow && !crate::layers::may_record_unauthenticated()
 }
 
 impl AppState {
@@ -209,6 +220,9 @@ impl AppState {
             resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
         });
         let record = ex.record(resp.status().as_u16(), known.unwrap_or(0));
+        if unrecorded(&record) {
+            return resp;
+        }
         if known.is_none() && self.audit().durability() == Durability::Async {
             // A streamed answer (SSE) is recorded when it ends, with the bytes it carried and
             // its whole duration, or when the client goes away. In strict durability the
@@ -217,30 +231,13 @@ impl AppState {
             let pending = Pending { record, writer: self.audit().clone(), started };
             return Response::from_parts(parts, Body::new(Metered { inner: body, bytes: 0, pending: Some(pending) }));
         }
-        // Async durability hands the record over and answers at once; strict waits for its
-        // commit, boxed so that the common case's future does not carry that wait.
-        let written = match self.audit().durability() {
-            Durability::Async => {
-                self.audit().record(record);
-                Ok(())
-            }
-            Durability::Strict => {
-                let durable = Box::pin(self.audit().write(record));
-                durable.await
-            }
-        };
-        match written {
+        match self.audit().write(record).await {
             Ok(()) => resp,
-            Err(crate::audit::AuditError::Full) => {
-                // The store is behind: the call is refused until the queue drains.
-                let body = error_response(None, code::INTERNAL_ERROR, &crate::audit::AuditError::Full.to_string());
-                let retry = [(header::RETRY_AFTER, http::HeaderValue::from_static("1"))];
-                (StatusCode::SERVICE_UNAVAILABLE, retry, axum::Json(body)).into_response()
-            }
+            // The store is behind: the call is refused until the queue drains.
+            Err(crate::audit::AuditError::Full) => Failure::from(GatewayError::AuditFull).into_response(),
             Err(e) => {
                 tracing::error!(error = %e, "an audit record could not be stored; the call is refused");
-                let body = error_response(None, code::INTERNAL_ERROR, "the audit record could not be stored");
-                (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response()
+                Failure::from(GatewayError::AuditFailed).into_response()
             }
         }
     }

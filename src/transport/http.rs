@@ -16,14 +16,16 @@ use http_body_util::BodyExt;
 
 use super::exchange::Exchange;
 use super::reply;
-use crate::app::{AppState, Server};
-use crate::authn::{self, Principal};
+use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
+use crate::layers::InScope;
 use crate::mcp;
+use crate::mcp::Server;
 use crate::mcp::dispatch::{self, Call, Outcome, Via, dispatch};
 use crate::protocol::jsonrpc::{self, Kind, Message};
 use crate::protocol::session::{SessionState, binding};
 use crate::protocol::version;
+use crate::state::AppState;
 use crate::upstream::http::{PROTOCOL_HEADER, SESSION_HEADER};
 
 /// Which server a request is for: one of the configured servers, matched ahead of the router
@@ -100,7 +102,7 @@ async fn post_steps(
     match jsonrpc::Body::parse(bytes, app.config().gateway.max_batch)? {
         jsonrpc::Body::Single(message) => {
             ex.note_message(&message, metric_method(message.method()));
-            let answered = Box::pin(one_message(app, &server, &principal, headers, message, ex));
+            let answered = Box::pin(one_message(app, &server, &principal, headers, None, message, ex));
             answered.await.map(Posted::Answered)
         }
         jsonrpc::Body::Batch(messages) => {
@@ -114,20 +116,23 @@ async fn post_steps(
 
 /// One message: through the dispatch, then its answer as JSON or SSE. Its session: none for
 /// `initialize`, the caller's own stateless one on the 2026-07-28 revision, else the sealed
-/// session named in the headers.
+/// session named in the headers (`opened`, when the caller has opened it already: a batch
+/// opens it once for all its messages).
 async fn one_message(
     app: &AppState,
     server: &Arc<Server>,
     principal: &Principal,
     headers: &HeaderMap,
+    opened: Option<&Arc<SessionState>>,
     message: Message,
     ex: &mut Exchange,
 ) -> Result<Response, Failure> {
     let stateless = mcp::stateless::is_stateless(headers);
     let opening = !stateless && message.kind == Kind::Request && message.method() == "initialize";
-    let session = match stateless || opening {
-        true => None,
-        false => Some(session(app, server, principal, headers).map_err(|e| e.with_id(message.id.clone()))?),
+    let session = match (stateless || opening, opened) {
+        (true, _) => None,
+        (false, Some(session)) => Some(session.clone()),
+        (false, None) => Some(session(app, server, principal, headers).map_err(|e| e.with_id(message.id.clone()))?),
     };
     let via = match &session {
         Some(session) => {
@@ -142,7 +147,7 @@ async fn one_message(
         None => Via::Opening,
     };
     let request_id = (message.kind == Kind::Request).then(|| message.id.clone()).flatten();
-    let call = Call { app, server, caller: principal, via };
+    let call = Call { env: app.env(), server, caller: principal, via };
     match dispatch(call, message, &mut ex.trace).await? {
         Outcome::Opened { response, state, sealed } => {
             ex.client = state.client;
@@ -169,12 +174,13 @@ async fn batch(
     ex: &mut Exchange,
 ) -> Result<Response, Failure> {
     // Refused whole, before anything is forwarded: batches of later revisions, and
-    // `initialize` in a batch.
-    let protocol = match mcp::stateless::is_stateless(headers) {
-        true => version::STATELESS.to_owned(),
-        false => session(app, server, principal, headers)?.client_protocol.clone(),
+    // `initialize` in a batch. The sealed session is opened once, for every message.
+    let opened = match mcp::stateless::is_stateless(headers) {
+        true => None,
+        false => Some(session(app, server, principal, headers)?),
     };
-    if !version::has_batches(&protocol) {
+    let protocol = opened.as_ref().map_or(version::STATELESS, |s| s.client_protocol.as_str());
+    if !version::has_batches(protocol) {
         let text = format!("JSON-RPC batches are not part of protocol revision {protocol}");
         return Err(GatewayError::InvalidRequest(text).into());
     }
@@ -184,7 +190,7 @@ async fn batch(
     let mut answers = Vec::new();
     for message in messages {
         let mut member = ex.member(app, &message);
-        let resp = match one_message(app, server, principal, headers, message, &mut member).await {
+        let resp = match one_message(app, server, principal, headers, opened.as_ref(), message, &mut member).await {
             Ok(resp) => resp,
             Err(failure) => {
                 member.note_failure(&failure);
@@ -214,10 +220,12 @@ async fn batch(
     Ok(resp)
 }
 
-fn sse_messages(body: &[u8]) -> impl Iterator<Item = serde_json::Value> + '_ {
-    body.split(|b| *b == b'\n')
-        .filter_map(|line| line.strip_prefix(b"data:"))
-        .filter_map(|data| serde_json::from_slice(data.trim_ascii()).ok())
+/// The JSON-RPC messages of an SSE body, read as every other upstream stream is (data over
+/// several lines, unknown fields ignored).
+fn sse_messages(body: &[u8]) -> impl Iterator<Item = serde_json::Value> {
+    crate::upstream::event_stream::parse(body)
+        .into_iter()
+        .filter_map(|event| event.data.and_then(|data| serde_json::from_str(&data).ok()))
 }
 
 /// `GET /mcp/{server}` for a name that is not answered ahead of the router.
@@ -282,7 +290,7 @@ async fn delete_at(app: &AppState, target: Target<'_>, request: Request) -> Resp
 /// or the caller's grant token stops working (revoked, expired, principal disabled).
 pub(super) fn stream_end(app: &AppState, server: &Arc<Server>, headers: &HeaderMap) -> BoxFuture<'static, ()> {
     let shutdown = app.shutdown().clone().cancelled_owned();
-    let revoked = authn::revoked(app, server, headers);
+    let revoked = app.authn().revoked(&server.config, headers);
     Box::pin(async move {
         tokio::select! {
             () = shutdown => {}
@@ -304,12 +312,12 @@ pub(super) async fn admit(
         Target::Name(name) => match app.server(name) {
             Ok(server) => server,
             // Unauthenticated callers get the challenge a configured server gives.
-            Err(unknown) => return Err(Box::pin(authn::unknown_server(app, headers, unknown)).await),
+            Err(unknown) => return Err(Box::pin(app.authn().unknown_server(headers, unknown, &InScope)).await),
         },
     };
     ex.server = Some(server.clone());
     app.hosts().check(headers)?;
-    let principal = authn::authenticate(app, &server, headers).await?;
+    let principal = app.authn().authenticate(&server.config, headers, &InScope).await?;
     ex.principal = Some(principal.clone());
     Ok((server, principal))
 }

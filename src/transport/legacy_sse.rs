@@ -23,17 +23,35 @@ use tokio::sync::mpsc;
 
 use super::exchange::Exchange;
 use super::http::{Target, admit, check_accept, check_content_type, read_body, stream_end};
-use crate::app::{AppState, Server};
 use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
+use crate::mcp::Server;
 use crate::mcp::dispatch::{self, Call, Outcome, Via, dispatch};
 use crate::protocol::jsonrpc::{self, Kind, Message, error_response};
 use crate::protocol::session::{SessionState, new_session_key};
+use crate::state::AppState;
 use crate::upstream::messages_of;
 
 /// Open legacy connections by id.
 #[derive(Default)]
 pub struct Connections(DashMap<String, Arc<Connection>>);
+
+/// The state of the legacy routes: the gateway's, and this replica's open connections.
+#[derive(Clone)]
+pub struct Legacy {
+    app: AppState,
+    connections: Arc<Connections>,
+}
+
+/// The legacy transport's routes, `/mcp/{server}/sse` and `/mcp/{server}/messages`, with the
+/// open connections they share.
+pub fn routes(app: AppState) -> axum::Router {
+    use axum::routing::{get, post};
+    axum::Router::new()
+        .route("/mcp/{server}/sse", get(open))
+        .route("/mcp/{server}/messages", post(message))
+        .with_state(Legacy { app, connections: Arc::default() })
+}
 
 /// One legacy client connection.
 pub struct Connection {
@@ -42,6 +60,8 @@ pub struct Connection {
     tx: ClientTx,
     session: Mutex<Option<SessionState>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Requests in progress (`limits.max_in_flight_per_legacy_session`).
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl Connection {
@@ -60,12 +80,13 @@ impl Connection {
 /// stream goes away.
 struct Closer {
     app: AppState,
+    connections: Arc<Connections>,
     id: String,
 }
 
 impl Drop for Closer {
     fn drop(&mut self) {
-        let Some((_, conn)) = self.app.legacy().0.remove(&self.id) else { return };
+        let Some((_, conn)) = self.connections.0.remove(&self.id) else { return };
         conn.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..).for_each(|t| t.abort());
         if let (Some(session), Ok(server)) = (conn.session(), self.app.server(&conn.server)) {
             tokio::spawn(async move {
@@ -76,12 +97,16 @@ impl Drop for Closer {
 }
 
 /// `GET /mcp/{server}/sse`.
-pub async fn open(State(app): State<AppState>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+async fn open(
+    State(Legacy { app, connections }): State<Legacy>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let mut ex = Exchange::new(&app, "GET");
     let result = async {
         let (server, principal) = admit(&app, Target::Name(&name), &headers, &mut ex).await?;
         check_accept(&headers, true)?;
-        Ok::<_, Failure>(stream(&app, &name, principal, stream_end(&app, &server, &headers)))
+        Ok::<_, Failure>(stream(&app, &connections, &name, principal, stream_end(&app, &server, &headers)))
     }
     .await;
     let resp = result.unwrap_or_else(|f| {
@@ -94,7 +119,7 @@ pub async fn open(State(app): State<AppState>, Path(name): Path<String>, headers
 /// Every queued message counts at least this many bytes, so the queue's length is bounded too.
 const MIN_CHARGE: usize = 1024;
 
-/// The sending side of one client's stream, bounded in bytes (`gateway.client_queue_bytes`):
+/// The sending side of one client's stream, bounded in bytes (`limits.client_queue_bytes`):
 /// a sender waits for room, up to the server's `request_timeout`, so a client that does not
 /// read stalls only its own calls and the memory held for it stays bounded.
 #[derive(Clone)]
@@ -152,15 +177,27 @@ impl ClientTx {
     }
 }
 
-fn stream(app: &AppState, name: &str, principal: Principal, end: BoxFuture<'static, ()>) -> Response {
+fn stream(
+    app: &AppState,
+    connections: &Arc<Connections>,
+    name: &str,
+    principal: Principal,
+    end: BoxFuture<'static, ()>,
+) -> Response {
     let id = new_session_key();
     let wait = app.server(name).map(|s| s.config.request_timeout).unwrap_or(app.config().gateway.request_timeout);
-    let (tx, rx) = ClientTx::new(app.config().gateway.client_queue_bytes, wait, name);
-    let conn =
-        Connection { server: name.to_owned(), principal, tx, session: Mutex::new(None), tasks: Mutex::default() };
-    app.legacy().0.insert(id.clone(), Arc::new(conn));
+    let (tx, rx) = ClientTx::new(app.config().limits.client_queue_bytes, wait, name);
+    let conn = Connection {
+        server: name.to_owned(),
+        principal,
+        tx,
+        session: Mutex::new(None),
+        tasks: Mutex::default(),
+        in_flight: Arc::new(tokio::sync::Semaphore::new(app.config().limits.max_in_flight_per_legacy_session)),
+    };
+    connections.0.insert(id.clone(), Arc::new(conn));
     let endpoint = format!("{}/mcp/{name}/messages?sessionId={id}", app.public_url().path().trim_end_matches('/'));
-    let closer = Closer { app: app.clone(), id };
+    let closer = Closer { app: app.clone(), connections: connections.clone(), id };
     let first = futures::stream::iter([Event::default().event("endpoint").data(endpoint)]);
     let messages = futures::stream::poll_fn({
         let mut rx = rx;
@@ -177,8 +214,8 @@ fn stream(app: &AppState, name: &str, principal: Principal, end: BoxFuture<'stat
 /// `POST /mcp/{server}/messages?sessionId=…`: answers 202 and sends the answers on the stream.
 /// Each message goes through the dispatch and leaves its own audit record once its answer is
 /// known (or its connection ends first).
-pub async fn message(
-    State(app): State<AppState>,
+async fn message(
+    State(Legacy { app, connections }): State<Legacy>,
     Path(name): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
@@ -191,7 +228,7 @@ pub async fn message(
         // A connection serves only the principal that opened it.
         let conn = query
             .get("sessionId")
-            .and_then(|id| app.legacy().0.get(id).map(|c| c.clone()))
+            .and_then(|id| connections.0.get(id).map(|c| c.clone()))
             .filter(|c| c.server == name && c.principal.id == principal.id)
             .ok_or(GatewayError::UnknownSession)?;
         let bytes = read_body(body, app.config().gateway.max_body_bytes).await?;
@@ -239,7 +276,7 @@ pub async fn message(
 /// the record of a client gone.
 async fn handle(app: &AppState, server: &Arc<Server>, conn: &Arc<Connection>, message: Message, mut ex: Exchange) {
     if message.kind == Kind::Request && message.method() == "initialize" {
-        let call = Call { app, server, caller: &conn.principal, via: Via::Opening };
+        let call = Call { env: app.env(), server, caller: &conn.principal, via: Via::Opening };
         let state = match dispatch(call, message, &mut ex.trace).await {
             Ok(Outcome::Opened { response, state, .. }) => {
                 ex.client.clone_from(&state.client);
@@ -269,12 +306,30 @@ async fn handle(app: &AppState, server: &Arc<Server>, conn: &Arc<Connection>, me
         let f = GatewayError::MissingSession.with_id(message.id.clone());
         return fail(app, conn, f, ex).await;
     };
+    // The POST is answered 202 at once: a request holds one of its session's places until its
+    // answer is on the stream, so one session cannot pile up calls without bound.
+    // (Notifications and responses wait for no answer and are not counted.)
+    let place = match message.kind {
+        Kind::Request => conn.in_flight.clone().try_acquire_owned().ok().map(Some),
+        Kind::Notification | Kind::Response => Some(None),
+    };
+    let Some(place) = place else {
+        // Refused before the dispatch: its record still names the tool, as the dispatch reads it.
+        if let Ok(dispatch::Action::CallTool(tool)) = dispatch::Action::read(&message) {
+            ex.trace.tool = Some(tool);
+        }
+        let limit = crate::error::Limit::SessionRequests;
+        metrics::counter!("portcullis_refusals_total", "reason" => limit.label()).increment(1);
+        let f = GatewayError::Limited { limit, retry_after: 1 }.with_id(message.id.clone());
+        return fail_now(app, conn, f, ex).await;
+    };
     let (app, server, conn2) = (app.clone(), server.clone(), conn.clone());
     conn.spawn(async move {
+        let _place = place;
         let conn = conn2;
         let id = message.id.clone();
         let timeout = server.config.request_timeout;
-        let call = Call { app: &app, server: &server, caller: &conn.principal, via: Via::Session(&session) };
+        let call = Call { env: app.env(), server: &server, caller: &conn.principal, via: Via::Session(&session) };
         let answered = tokio::time::timeout(timeout, async {
             let reply = match dispatch(call, message, &mut ex.trace).await? {
                 Outcome::Reply(reply) => reply,

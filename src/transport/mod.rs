@@ -6,7 +6,6 @@ pub mod connect;
 pub mod exchange;
 pub mod http;
 pub mod legacy_sse;
-pub mod origin;
 pub mod reply;
 
 // Their home is `protocol`, below both sides; these paths stay for a while.

@@ -246,8 +246,7 @@ impl HttpUpstream {
         }
         let mut events = super::limit::events(super::limit::sse_body(resp, self.name.clone(), self.max_bytes));
         while let Some(event) = events.next().await {
-            let event = event
-                .map_err(|e| super::limit::body_error(e).unwrap_or_else(|e| protocol(format!("invalid SSE: {e}"))))?;
+            let event = event?;
             let Some(data) = event.data else { continue };
             let Ok(msg) = serde_json::from_str::<Value>(&data) else {
                 continue;
@@ -576,9 +575,7 @@ pub fn resuming_messages(sse: SseReply) -> super::MessageStream {
                     return Some((msg, st));
                 }
                 broken @ (Some(Err(_)) | None) => {
-                    if let Some(Err(e)) = broken
-                        && let Ok(e @ UpstreamError::TooLarge { .. }) = super::limit::body_error(e)
-                    {
+                    if let Some(Err(e @ UpstreamError::TooLarge { .. })) = broken {
                         // Resuming would replay the same event: the request fails here.
                         st.answered = true;
                         let id = st.id.clone()?;

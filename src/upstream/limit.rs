@@ -84,24 +84,12 @@ pub fn sse_body(resp: reqwest::Response, server: Arc<str>, limit: usize) -> Byte
     Box::pin(EventLimit::new(resp.bytes_stream().boxed(), server, limit))
 }
 
-/// Parsed SSE events of a limited body.
-pub type Events = Pin<Box<dyn Stream<Item = Result<sse_stream::Sse, sse_stream::Error>> + Send>>;
+/// Parsed SSE events of a limited body (see [`super::event_stream`]).
+pub type Events = Pin<Box<dyn Stream<Item = Result<super::event_stream::Event, UpstreamError>> + Send>>;
 
 /// The events of `body`.
 pub fn events(body: ByteStream) -> Events {
-    Box::pin(sse_stream::SseStream::from_bytes_stream(body))
-}
-
-/// The upstream error inside an SSE parser error (the limit's refusal, a broken connection),
-/// or the parser's own error.
-pub fn body_error(e: sse_stream::Error) -> Result<UpstreamError, sse_stream::Error> {
-    match e {
-        sse_stream::Error::Body(inner) => match inner.downcast::<UpstreamError>() {
-            Ok(e) => Ok(*e),
-            Err(inner) => Err(sse_stream::Error::Body(inner)),
-        },
-        e => Err(e),
-    }
+    Box::pin(super::event_stream::Events::new(body))
 }
 
 type Reqwest = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;

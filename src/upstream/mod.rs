@@ -2,6 +2,7 @@
 //! processes. An enum, not a trait object: the set is closed and `match` keeps it explicit.
 
 pub mod credentials;
+pub mod event_stream;
 pub mod http;
 pub mod limit;
 pub mod mux;
@@ -16,6 +17,7 @@ use futures::Stream;
 use serde_json::Value;
 
 use crate::config::{ServerConfig, ServerTransport};
+use crate::protocol::fault::Fault;
 use crate::protocol::jsonrpc::Message;
 use crate::protocol::session::SessionState;
 
@@ -138,6 +140,42 @@ pub enum UpstreamError {
         /// What was wrong.
         detail: String,
     },
+}
+
+impl UpstreamError {
+    /// Which failure this is on the wire.
+    pub fn fault(&self) -> Fault {
+        match self {
+            UpstreamError::SessionExpired => Fault::NotFound,
+            UpstreamError::Timeout { .. } => Fault::UpstreamTimeout,
+            UpstreamError::Authorization { link: Some(_), .. } => Fault::AuthorizationRequired,
+            UpstreamError::Unreachable { .. }
+            | UpstreamError::Status { .. }
+            | UpstreamError::Process { .. }
+            | UpstreamError::Credential { .. }
+            | UpstreamError::Authorization { link: None, .. }
+            | UpstreamError::TooLarge { .. }
+            | UpstreamError::Protocol { .. } => Fault::Upstream,
+        }
+    }
+
+    /// A short label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            UpstreamError::SessionExpired => "session_expired",
+            UpstreamError::Timeout { .. } => "upstream_timeout",
+            _ => "upstream_error",
+        }
+    }
+
+    /// The caller's connect link and what to tell them, when the caller must connect their
+    /// account first (told to the client as a URL-mode elicitation).
+    pub fn connect_link(&self) -> Option<(&str, &secrecy::SecretString)> {
+        match self {
+            UpstreamError::Authorization { reason, link: Some(link), .. } => Some((reason, link)),
+            _ => None,
+        }
+    }
 }
 
 /// One upstream connector.

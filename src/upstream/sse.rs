@@ -150,7 +150,7 @@ impl SseUpstream {
                     let ev = match ev {
                         Ok(ev) => ev,
                         Err(e) => {
-                            if let Ok(UpstreamError::TooLarge { limit, .. }) = super::limit::body_error(e) {
+                            if let UpstreamError::TooLarge { limit, .. } = e {
                                 why = format!("sent a message larger than {limit} bytes (max_response_bytes)");
                             }
                             break;

@@ -36,6 +36,7 @@ use crate::oauth::client::OAuthError;
 use crate::oauth::client::challenge::{self, BearerChallenge};
 use crate::oauth::client::discovery::{self, Discovered, Pins, ServerMetadata};
 use crate::oauth::client::endpoint::{self, ClientAuth, Tokens};
+use crate::protocol::fault::Fault;
 use crate::store::vault::{ClientRow, ConnectionRow, FlowRow, LinkRow};
 use crate::store::{Store, StoreError};
 
@@ -104,6 +105,19 @@ pub enum VaultError {
     /// Encryption or decryption failed.
     #[error("the vault could not decrypt or encrypt a value: {0}")]
     Crypto(String),
+}
+
+impl VaultError {
+    /// Which failure this is on the wire (`protocol::fault`).
+    pub fn fault(&self) -> Fault {
+        match self {
+            VaultError::OAuth(e) => e.fault(),
+            VaultError::Flow { .. } | VaultError::Config { .. } => Fault::InvalidRequest,
+            VaultError::NotConnected { .. } | VaultError::NeedsReconnect { .. } => Fault::AuthorizationRequired,
+            VaultError::Store(_) => Fault::Unavailable,
+            VaultError::Crypto(_) => Fault::Internal,
+        }
+    }
 }
 
 /// One upstream server the vault serves.

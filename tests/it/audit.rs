@@ -110,6 +110,7 @@ on_both!(
     deleted_record_is_named,
     reordered_records_are_named,
     writer_loses_nothing_across_shutdown,
+    async_callers_wait_for_a_writer_that_is_behind,
     strict_mode_returns_after_commit,
     replicas_share_one_chain,
     search_filters_combine,
@@ -342,6 +343,41 @@ async fn writer_loses_nothing_across_shutdown(backend: Backend) {
         assert_eq!(writer.stats().dropped, 2);
         assert_eq!(db.store.audit_count().await.expect("count"), 5000);
     }
+}
+
+/// Callers of `write` in `async` durability faster than the store wait for room in the channel
+/// (up to `MAX_WAIT` each) rather than spilling into the overflow queue: memory stays at the
+/// channel's capacity, and nothing is lost.
+async fn async_callers_wait_for_a_writer_that_is_behind(backend: Backend) {
+    const TASKS: usize = 8;
+    const EACH: usize = 200;
+    let db = test_db(backend).await;
+    let writer = AuditWriter::start(db.store.clone(), &AuditConfig { capacity: 64, ..AuditConfig::default() });
+    assert_eq!(writer.durability(), Durability::Async);
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let w = writer.clone();
+            tokio::spawn(async move {
+                for i in 0..EACH {
+                    w.write(record(t * EACH + i)).await.expect("queued");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    writer.shutdown().await;
+    let stats = writer.stats();
+    let total = (TASKS * EACH) as u64;
+    assert_eq!((stats.written, stats.dropped, stats.shed), (total, 0, 0), "{stats:?}");
+    assert!(stats.waited > 0, "the callers outran the store and waited: {stats:?}");
+    // Each wait ends when the writer takes its next batch, long before `MAX_WAIT`; only a
+    // commit stalled past it (a loaded machine's fsync) lets a record spill.
+    assert!(stats.overflowed * 10 <= total, "records waited rather than spilled: {stats:?}");
+    assert!(
+        matches!(verify(&db.store).await.expect("verify"), Verification::Intact { records, .. } if records == total)
+    );
 }
 
 async fn strict_mode_returns_after_commit(backend: Backend) {

@@ -1,7 +1,8 @@
 //! The audit log's integrity at its edges, through real gateways: signed checkpoints catch a
-//! tail cut or rolled back in the store (`audit verify --checkpoints`), secrets in arguments
-//! (key names, URL passwords, PEM keys) never reach the store, and no request can make a
-//! record larger than the caps.
+//! tail cut or rolled back in the store (`audit verify --checkpoints`), a checkpoint that cannot
+//! be written is counted and logged (and refuses strict calls until one is), secrets in
+//! arguments (key names, URL passwords, PEM keys) never reach the store, and no request can
+//! make a record larger than the caps.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -301,4 +302,87 @@ async fn a_huge_server_name_in_a_callback_makes_a_small_record() {
     let size = serde_json::to_string(r).expect("json").len();
     assert!(size < 2 * 1024, "the whole record is {size} bytes");
     assert!(matches!(verify(&store).await.expect("verifies"), Verification::Intact { records: 1, .. }));
+}
+
+/// The value of an unlabelled series on the gateway's `/metrics`, if it is there.
+async fn metric(base: &str, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("{base}/metrics")).await.expect("metrics").text().await.expect("text");
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Waits until the gauge `portcullis_audit_checkpoint_failing` reads `failing`.
+async fn checkpoints_failing(base: &str, failing: bool) {
+    let want = if failing { 1.0 } else { 0.0 };
+    for _ in 0..300 {
+        if metric(base, "portcullis_audit_checkpoint_failing").await == Some(want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("portcullis_audit_checkpoint_failing never read {want}");
+}
+
+fn echo(id: u64) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hi"}}})
+}
+
+/// With the checkpoint file's path taken by a directory (the file was removed and cannot be
+/// created again), the next checkpoint cannot be written: it is logged and counted, and the
+/// gauge says so until one is. `strict` refuses calls meanwhile (503, before anything is
+/// forwarded); `async` goes on answering. Once the path is free, checkpoints resume in a new
+/// file, and so do strict calls.
+async fn a_checkpoint_that_cannot_be_written(durability: &str) {
+    let fixture = Fixture::start(&[]).await;
+    let rest = format!(
+        "[audit]\ndurability = \"{durability}\"\ncheckpoint_interval = \"100ms\"\n\n\
+         [[servers]]\nname = \"fx\"\nurl = \"{}\"\npublic = true\n",
+        fixture.url
+    );
+    let gw = TestGateway::start(&rest).await;
+    let cp_file = gw.dir.path().join("audit-checkpoints.jsonl");
+    let client = reqwest::Client::new();
+    let url = gw.url("fx");
+    let session = raw_session(&client, &url).await;
+    let call = |id| post(&client, &url, &echo(id), Some(&session)).send();
+    assert_eq!(call(2).await.expect("call").status(), 200);
+    checkpoint_reaches(&cp_file, 3).await;
+    assert_eq!(metric(&gw.base, "portcullis_audit_checkpoint_errors_total").await.unwrap_or(0.0), 0.0);
+
+    std::fs::remove_file(&cp_file).expect("remove");
+    std::fs::create_dir(&cp_file).expect("a directory in its place");
+    // A record moves the head, so the next tick has a checkpoint to write, and cannot.
+    assert_eq!(call(3).await.expect("call").status(), 200);
+    checkpoints_failing(&gw.base, true).await;
+    assert!(metric(&gw.base, "portcullis_audit_checkpoint_errors_total").await.is_some_and(|n| n >= 1.0));
+
+    let during = call(4).await.expect("call");
+    let status = during.status().as_u16();
+    let retry = during.headers().get("retry-after").map(|v| v.to_str().unwrap_or_default().to_owned());
+    let body = during.text().await.expect("body");
+    let forwarded = fixture.requests().await.iter().filter(|r| r["body"]["id"] == 4).count();
+    if durability == "strict" {
+        assert_eq!(status, 503, "strict fails closed: {body}");
+        assert_eq!(retry.as_deref(), Some("1"), "{body}");
+        assert!(body.contains("audit log cannot take records"), "{body}");
+        assert_eq!(forwarded, 0, "the refused call was not forwarded");
+    } else {
+        assert_eq!(status, 200, "async goes on: {body}");
+    }
+
+    std::fs::remove_dir(&cp_file).expect("free the path");
+    checkpoints_failing(&gw.base, false).await;
+    let line = checkpoint_reaches(&cp_file, 4).await;
+    assert!(line["mac"].is_string(), "{line}");
+    assert_eq!(call(5).await.expect("call").status(), 200);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkpoint_that_cannot_be_written_refuses_strict_calls_until_one_is() {
+    a_checkpoint_that_cannot_be_written("strict").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkpoint_that_cannot_be_written_is_counted_while_async_calls_go_on() {
+    a_checkpoint_that_cannot_be_written("async").await;
 }

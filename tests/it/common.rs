@@ -177,6 +177,11 @@ impl TestGateway {
         format!("{}/mcp/{server}", self.base)
     }
 
+    /// The running gateway's state.
+    pub fn state(&self) -> &portcullis::state::AppState {
+        &self.gateway.as_ref().expect("running").state
+    }
+
     pub async fn stop(mut self) {
         if let Some(g) = self.gateway.take() {
             g.shutdown().await;

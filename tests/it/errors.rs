@@ -229,6 +229,16 @@ async fn health_readiness_and_metrics() {
     assert!(metrics.contains("portcullis_request_duration_seconds_bucket"), "{metrics}");
     assert!(metrics.contains(r#"portcullis_sessions_opened_total{server="fx"} 1"#), "{metrics}");
     assert!(metrics.contains(r#"portcullis_stdio_starts_total{server="fxs"} 1"#), "{metrics}");
+    // Without an admin listener, /metrics (which names every server) is for this host's own
+    // clients only: a request a proxy relayed from elsewhere gets 404, like an unknown path.
+    for (header, value) in
+        [("x-forwarded-for", "203.0.113.7"), ("forwarded", "for=203.0.113.7"), ("x-real-ip", "203.0.113.7")]
+    {
+        let r = c.get(format!("{}/metrics", gw.base)).header(header, value).send().await.expect("sent");
+        assert_eq!(r.status(), 404, "{header}");
+        let body = r.text().await.expect("text");
+        assert!(!body.contains("fx"), "{header}: {body}");
+    }
     gw.stop().await;
 }
 

@@ -250,3 +250,32 @@ async fn legacy_sse_messages_are_recorded_one_by_one_when_answered() {
     assert_eq!((call.decision.as_str(), call.upstream_status), ("allow", Some(200)), "{call:?}");
     assert!(call.arguments.contains("hello"), "{call:?}");
 }
+
+/// A 2025-03-26 batch opens its sealed session once, not once per message: every message of
+/// the batch is dispatched within the session the request named.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_opens_its_session_once() {
+    let fixture = Fixture::start(&[]).await;
+    let gw =
+        TestGateway::start(&format!("[[servers]]\nname = \"fx\"\nurl = \"{}\"\npublic = true\n", fixture.url)).await;
+    let (c, url) = (reqwest::Client::new(), gw.url("fx"));
+    let old = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-03-26",
+        "capabilities": {}, "clientInfo": {"name": "old", "version": "1"}}});
+    let init = post(&c, &url, &old, None).send().await.expect("sent");
+    let session = init.headers()["mcp-session-id"].to_str().expect("ascii").to_owned();
+    let echo = |id: u64| json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "x"}}});
+    let batch = json!([{"jsonrpc": "2.0", "method": "notifications/initialized"}, echo(10), echo(11), echo(12),
+        {"jsonrpc": "2.0", "id": 13, "method": "ping"}]);
+    let before = gw.state().sealer().opens();
+    let r = post(&c, &url, &batch, None)
+        .header("mcp-session-id", &session)
+        .header("mcp-protocol-version", "2025-03-26")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 200);
+    let answers: Vec<Value> = r.json().await.expect("a batch answer");
+    assert_eq!(answers.len(), 4, "{answers:?}");
+    assert_eq!(gw.state().sealer().opens() - before, 1, "one opening for the five messages");
+    gw.stop().await;
+}

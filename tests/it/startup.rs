@@ -229,3 +229,42 @@ async fn a_store_that_cannot_open_fails_the_start_and_closes_the_port() {
     assert!(e.to_string().starts_with("store: cannot open sqlite://"), "{e}");
     assert!(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err(), "still listening on {port}");
 }
+
+/// The memory limits' first spelling under `[gateway]` still works: `check-config` accepts it
+/// with a warning naming the key to write instead (an error with `--strict`), and a gateway
+/// started with it applies it, as with the `[limits]` spelling.
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_limits_under_gateway_still_work_with_a_warning() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("p.toml");
+    let data = dir.path().display().to_string();
+    std::fs::write(&config, format!("[gateway]\ndata_dir = {data:?}\nmax_response_bytes = 65536\n")).expect("written");
+    let out = portcullis(&config).arg("check-config").output().await.expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let warning = "p.toml: warning: gateway.max_response_bytes (line 1): is deprecated: write it as \
+                   limits.max_response_bytes (under [limits])";
+    assert!(stderr.contains(warning), "{stderr}");
+    let out = portcullis(&config).args(["check-config", "--strict"]).output().await.expect("runs");
+    assert!(!out.status.success(), "--strict fails on the warning");
+    std::fs::write(&config, format!("[gateway]\ndata_dir = {data:?}\n\n[limits]\nmax_response_bytes = 65536\n"))
+        .expect("written");
+    let out = portcullis(&config).args(["check-config", "--strict"]).output().await.expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let fixture = Fixture::start(&[]).await;
+    let servers = format!("[[servers]]\nname = \"fx\"\nurl = \"{}\"\npublic = true\n", fixture.url);
+    for (gateway_keys, limits) in [("max_response_bytes = 65536", ""), ("", "\n[limits]\nmax_response_bytes = 65536\n")]
+    {
+        let gw = TestGateway::start_with(&format!("{servers}{limits}"), gateway_keys).await;
+        let c = client();
+        let url = gw.url("fx");
+        let session = raw_session(&c, &url).await;
+        let big = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "big", "arguments": {"bytes": 100_000}}});
+        let r = post(&c, &url, &big, Some(&session)).send().await.expect("sent");
+        let answer = messages(r).await.into_iter().find(|m| m["id"] == 2).expect("an answer");
+        let expected = "upstream server 'fx' sent a message larger than 65536 bytes (max_response_bytes)";
+        assert_eq!(answer["error"]["message"], expected, "{gateway_keys}{limits}: {answer}");
+        gw.stop().await;
+    }
+}

@@ -1,15 +1,11 @@
 //! The module graph: which top-level modules of `src/` name which others (`crate::X` outside
-//! comments). Lower modules must not import higher ones, so the graph has no cycle; the one
-//! still being taken apart is listed in `KNOWN`, and the test fails if it grows or another
-//! appears.
+//! comments). Lower modules must not import higher ones, so the graph has no cycle, and only
+//! the command line names the composition root (`app`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use crate::common::repo;
-
-/// The cycle still being taken apart (issue 17): the request path's top modules.
-const KNOWN: &[&str] = &["app", "authn", "error", "layers", "mcp", "transport"];
 
 fn top_module(src: &Path, file: &Path) -> Option<String> {
     let rel = file.strip_prefix(src).ok()?;
@@ -76,12 +72,29 @@ fn cycle_of(graph: &BTreeMap<String, BTreeSet<String>>, start: &str) -> BTreeSet
 #[test]
 fn no_module_imports_one_above_it() {
     let graph = graph();
-    let known: BTreeSet<String> = KNOWN.iter().map(|m| (*m).to_owned()).collect();
     for module in graph.keys() {
         let cycle = cycle_of(&graph, module);
-        if cycle.is_empty() || known.contains(module) && cycle.is_subset(&known) {
-            continue;
-        }
-        panic!("{module} is on an import cycle: {cycle:?}\n{graph:#?}");
+        assert!(cycle.is_empty(), "{module} is on an import cycle: {cycle:?}\n{graph:#?}");
+    }
+}
+
+#[test]
+fn only_the_command_line_names_the_composition_root() {
+    let graph = graph();
+    let naming: Vec<&String> =
+        graph.iter().filter(|(m, edges)| edges.contains("app") && m.as_str() != "cli").map(|(m, _)| m).collect();
+    assert!(naming.is_empty(), "{naming:?} import `app`, the composition root");
+}
+
+#[test]
+fn the_request_path_is_layered() {
+    // transport → state → mcp → upstream, each naming only what is below it.
+    let graph = graph();
+    let below = |upper: &str, lower: &str| graph.get(lower).is_none_or(|e| !e.contains(upper));
+    for (upper, lower) in [("transport", "state"), ("state", "mcp"), ("mcp", "upstream"), ("transport", "mcp")] {
+        assert!(below(upper, lower), "{lower} imports {upper}");
+    }
+    for lower in ["mcp", "authn", "error", "upstream", "protocol", "state"] {
+        assert!(below("transport", lower), "{lower} imports transport");
     }
 }

@@ -10,6 +10,7 @@ pub mod discovery;
 pub mod endpoint;
 
 use crate::net::EgressError;
+use crate::protocol::fault::Fault;
 
 /// Why a step of the OAuth protocol failed.
 #[derive(Debug, thiserror::Error)]
@@ -66,4 +67,21 @@ pub enum OAuthError {
         /// What.
         detail: String,
     },
+}
+
+impl OAuthError {
+    /// Which failure this is on the wire (`protocol::fault`): the person's or the
+    /// authorization server's refusal is the request's; anything else is the upstream's.
+    pub fn fault(&self) -> Fault {
+        match self {
+            OAuthError::Denied { .. } => Fault::InvalidRequest,
+            OAuthError::Discovery { .. }
+            | OAuthError::Egress(_)
+            | OAuthError::Registration { .. }
+            | OAuthError::Flow { .. }
+            | OAuthError::Token { .. }
+            | OAuthError::Pushed { .. }
+            | OAuthError::Config { .. } => Fault::Upstream,
+        }
+    }
 }
