@@ -265,7 +265,7 @@ async fn prepare(dir: &Path, stub: SocketAddr, full: bool, addr: SocketAddr) -> 
     let toml = if full {
         let limits = match std::env::var_os("BENCH_NO_LIMITS") {
             Some(_) => "",
-            None => "[limits]\nfailed_auth_per_minute = 0\n\n",
+            None => "[limits]\nfailed_auth_per_minute = 0\nunauthenticated_records_per_minute = 0\n\n",
         };
         format!(
             "[gateway]\nlisten = \"{addr}\"\ndata_dir = {data:?}\n\n[log]\nlevel = \"warn\"\n\n{limits}\

@@ -254,11 +254,13 @@ async fn start_gateway(dir: &std::path::Path, stub: SocketAddr, full: bool, buil
     let toml = if full {
         // No [audit] section: enabled, async durability. No `public`: a grant token is required.
         // The invalid-token arms send a flood of refused tokens from one address, which the
-        // failed-authentication limit would answer 429: it is off here. `BENCH_NO_LIMITS=1`
-        // leaves the section out for builds older than `[limits]` (A/B runs).
+        // failed-authentication limit would answer 429 and the record budget would leave out
+        // of the audit log: both are off here, so that every refusal is looked up and recorded
+        // as before either existed. `BENCH_NO_LIMITS=1` leaves the section out for builds older
+        // than `[limits]` (A/B runs).
         let limits = match build.limits {
             false => "",
-            true => "[limits]\nfailed_auth_per_minute = 0\n\n",
+            true => "[limits]\nfailed_auth_per_minute = 0\nunauthenticated_records_per_minute = 0\n\n",
         };
         format!(
             "[gateway]\nlisten = \"{addr}\"\ndata_dir = {data:?}\n\n[log]\nlevel = \"warn\"\n\n\
