@@ -102,11 +102,15 @@ const PER_PRINCIPAL: Choice = &[&[
 const ADMISSION: Choice = &[&[
     "portcullis::transport::http::admit::{{closure}}",
     "portcullis::authn::authenticate",
+    "portcullis::authn::Authenticator::",
     "portcullis::authn::bearer_hash",
     "portcullis::authn::check",
     "portcullis::authn::lookup",
+    "portcullis::authn::principal_of",
+    "portcullis::authn::token::",
     "portcullis::authn::cache::TokenCache::get",
     "portcullis::transport::origin::HostPolicy::check",
+    "portcullis::origin::HostPolicy::check",
     "portcullis::app::AppState::touch_token",
     "portcullis::store::identity::TokenAuth::usable_for",
 ]];
@@ -122,7 +126,8 @@ const UPSTREAM: Choice =
     &[&["portcullis::upstream::Upstream::send::{{closure}}", "portcullis::transport::reply::post_response"]];
 const EXCHANGE: Choice = &[&[
     "portcullis::transport::exchange::Exchange::new",
-    "portcullis::transport::exchange::<impl portcullis::app::AppState>::finish",
+    "portcullis::transport::exchange::Exchange::record",
+    "portcullis::transport::exchange::<impl ",
     "<portcullis::transport::exchange::Exchange as core::ops::drop::Drop>::drop",
 ]];
 const AUDIT_WRITER: Choice = &[&[
