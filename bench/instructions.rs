@@ -29,6 +29,9 @@
 //! missing from a build (an older revision) count as zero. The report and each dump are
 //! written to `target/bench-instructions/`.
 
+#[path = "support.rs"]
+mod support;
+
 use std::collections::HashMap;
 use std::io::BufRead as _;
 use std::net::SocketAddr;
@@ -45,8 +48,10 @@ use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use portcullis::authn::token::NewToken;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+use support::{Proc, start_stub};
 
 const PROTOCOL: &str = "2025-11-25";
 const WARM_UP: usize = 200;
@@ -178,44 +183,6 @@ struct Part {
 
 // ---------------------------------------------------------------------------------------------
 // Processes
-
-struct Proc {
-    child: Child,
-    pid: u32,
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command, what: &str) -> Proc {
-        let child = cmd.kill_on_drop(true).spawn().unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let pid = child.id().expect("a just-spawned child has a pid");
-        Proc { child, pid }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
-async fn start_stub() -> (Proc, SocketAddr) {
-    let mut stub = Proc::spawn(
-        Command::new(env!("CARGO_BIN_EXE_portcullis-bench-stub"))
-            .args(["0", "--exit-on-stdin-eof"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit()),
-        "the stub",
-    );
-    let stdout = stub.child.stdout.take().expect("piped stdout");
-    let line = BufReader::new(stdout).lines().next_line().await.ok().flatten().expect("the stub prints its address");
-    let addr = line
-        .strip_prefix("listening http://")
-        .and_then(|rest| rest.strip_suffix("/mcp"))
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected stub banner {line:?}"));
-    (stub, addr)
-}
 
 fn gateway_bin() -> PathBuf {
     std::env::var_os("BENCH_GATEWAY_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_portcullis")), PathBuf::from)

@@ -31,6 +31,9 @@
 //! out of the baseline's config (builds older than it), as `BENCH_NO_LIMITS=1` does for the
 //! gateway's.
 
+#[path = "support.rs"]
+mod support;
+
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -52,8 +55,10 @@ use portcullis::store::Store;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+use support::{Proc, start_stub};
 
 const PROTOCOL: &str = "2025-11-25";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -116,53 +121,11 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
 // ---------------------------------------------------------------------------------------------
 // Child processes
 
-/// A child process, killed when dropped (also when the bench panics and unwinds).
-struct Proc {
-    child: Child,
-    pid: u32,
-}
-
 impl Proc {
-    fn spawn(cmd: &mut Command, what: &str) -> Proc {
-        let child = cmd.kill_on_drop(true).spawn().unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let pid = child.id().expect("a just-spawned child has a pid");
-        Proc { child, pid }
-    }
-
     async fn stop(mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
     }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
-async fn start_stub() -> (Proc, SocketAddr) {
-    let mut stub = Proc::spawn(
-        Command::new(env!("CARGO_BIN_EXE_portcullis-bench-stub"))
-            .args(["0", "--exit-on-stdin-eof"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit()),
-        "the stub",
-    );
-    let stdout = stub.child.stdout.take().expect("piped stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("the stub prints its address within 30s")
-        .expect("the stub's stdout is readable")
-        .expect("the stub prints its address before exiting");
-    let addr = line
-        .strip_prefix("listening http://")
-        .and_then(|rest| rest.strip_suffix("/mcp"))
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected stub banner {line:?}"));
-    (stub, addr)
 }
 
 fn free_port() -> u16 {
