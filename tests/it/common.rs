@@ -234,6 +234,26 @@ pub fn post(client: &reqwest::Client, url: &str, body: &Value, session: Option<&
     }
 }
 
+/// Opens a session at `url` in 2025-03-26, the last revision with JSON-RPC batches (with
+/// `token` as bearer, if given); returns its id.
+pub async fn open_batching_session(client: &reqwest::Client, url: &str, token: Option<&str>) -> String {
+    let init = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-03-26", "capabilities": {}, "clientInfo": {"name": "old", "version": "1"}}});
+    let req = post(client, url, &init, None);
+    let req = match token {
+        Some(t) => req.bearer_auth(t),
+        None => req,
+    };
+    let resp = req.send().await.expect("sent");
+    assert_eq!(resp.status(), 200, "a 2025-03-26 session opens");
+    resp.headers()["mcp-session-id"].to_str().expect("ascii").to_owned()
+}
+
+/// A POST of `body` within a session opened by [`open_batching_session`].
+pub fn post_batching(client: &reqwest::Client, url: &str, session: &str, body: &Value) -> reqwest::RequestBuilder {
+    post(client, url, body, None).header("mcp-session-id", session).header("mcp-protocol-version", "2025-03-26")
+}
+
 /// `req` within the session `session`: its id and the protocol revision it speaks.
 pub fn in_session(req: reqwest::RequestBuilder, session: &str) -> reqwest::RequestBuilder {
     req.header("mcp-session-id", session).header("mcp-protocol-version", "2025-11-25")

@@ -293,18 +293,9 @@ async fn unknown_sse_fields_from_an_upstream_are_ignored() {
     }
     // A 2025-03-26 batch: the gateway reads each member's answer itself.
     let url = gw.url("http");
-    let old = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-03-26",
-        "capabilities": {}, "clientInfo": {"name": "old", "version": "1"}}});
-    let r = post(&c, &url, &old, None).send().await.expect("sent");
-    assert_eq!(r.status(), 200);
-    let session = r.headers()["mcp-session-id"].to_str().expect("ascii").to_owned();
+    let session = open_batching_session(&c, &url, None).await;
     let batch = json!([echo(10, "a"), echo(11, "b")]);
-    let r = post(&c, &url, &batch, None)
-        .header("mcp-session-id", &session)
-        .header("mcp-protocol-version", "2025-03-26")
-        .send()
-        .await
-        .expect("sent");
+    let r = post_batching(&c, &url, &session, &batch).send().await.expect("sent");
     let answers: Vec<Value> = r.json().await.expect("a batch answer");
     let texts: Vec<Option<String>> = answers.iter().map(text_of).collect();
     assert_eq!(texts, [Some("echo: a".to_owned()), Some("echo: b".to_owned())], "{answers:?}");

@@ -149,23 +149,14 @@ async fn the_gateway_reads_a_message_as_the_upstream_does_or_refuses_it() {
     assert_eq!(calls_upstream(&fixture).await.len(), 1, "nothing refused reached the upstream");
 
     // A 2025-03-26 session may batch: each message is dispatched and recorded on its own.
-    let old = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-03-26",
-        "capabilities": {}, "clientInfo": {"name": "old", "version": "1"}}});
-    let init = post(&c, &url, &old, None).bearer_auth(&token).send().await.expect("sent");
-    let old_session = init.headers()["mcp-session-id"].to_str().expect("ascii").to_owned();
+    let old_session = open_batching_session(&c, &url, Some(&token)).await;
     let batch = json!([
         {"jsonrpc": "2.0", "method": "notifications/initialized"},
         {"jsonrpc": "2.0", "id": 10, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "first"}}},
         {"jsonrpc": "2.0", "id": 11, "method": "tools/list"},
         {"jsonrpc": "2.0", "id": 12, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "second"}}},
     ]);
-    let in_old_session = |body: &Value| {
-        post(&c, &url, body, None)
-            .header("mcp-session-id", &old_session)
-            .header("mcp-protocol-version", "2025-03-26")
-            .bearer_auth(&token)
-            .send()
-    };
+    let in_old_session = |body: &Value| post_batching(&c, &url, &old_session, body).bearer_auth(&token).send();
     let r = in_old_session(&batch).await.expect("sent");
     assert_eq!(r.status(), 200);
     let request_id = r.headers()["x-request-id"].to_str().expect("ascii").to_owned();
@@ -259,20 +250,12 @@ async fn a_batch_opens_its_session_once() {
     let gw =
         TestGateway::start(&format!("[[servers]]\nname = \"fx\"\nurl = \"{}\"\npublic = true\n", fixture.url)).await;
     let (c, url) = (reqwest::Client::new(), gw.url("fx"));
-    let old = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-03-26",
-        "capabilities": {}, "clientInfo": {"name": "old", "version": "1"}}});
-    let init = post(&c, &url, &old, None).send().await.expect("sent");
-    let session = init.headers()["mcp-session-id"].to_str().expect("ascii").to_owned();
+    let session = open_batching_session(&c, &url, None).await;
     let echo = |id: u64| json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "x"}}});
     let batch = json!([{"jsonrpc": "2.0", "method": "notifications/initialized"}, echo(10), echo(11), echo(12),
         {"jsonrpc": "2.0", "id": 13, "method": "ping"}]);
     let before = gw.state().sealer().opens();
-    let r = post(&c, &url, &batch, None)
-        .header("mcp-session-id", &session)
-        .header("mcp-protocol-version", "2025-03-26")
-        .send()
-        .await
-        .expect("sent");
+    let r = post_batching(&c, &url, &session, &batch).send().await.expect("sent");
     assert_eq!(r.status(), 200);
     let answers: Vec<Value> = r.json().await.expect("a batch answer");
     assert_eq!(answers.len(), 4, "{answers:?}");
