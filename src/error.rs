@@ -85,6 +85,12 @@ pub enum GatewayError {
     /// full): the call is refused before it is forwarded (503).
     #[error("the audit log cannot take records right now (its queue is at audit.max_overflow_bytes); retry shortly")]
     AuditFull,
+    /// Strict durability, and the last checkpoint of the audit chain's head could not be
+    /// written: the call is refused before it is forwarded until one is (503).
+    #[error(
+        "the audit log's checkpoints cannot be written (audit.checkpoint_file), so strict calls are refused; retry shortly"
+    )]
+    AuditUnprotected,
     /// Strict durability: the record of a finished call could not be stored, so its answer is
     /// withheld (500).
     #[error("the audit record could not be stored")]
@@ -185,7 +191,8 @@ impl GatewayError {
             | GatewayError::ShuttingDown
             | GatewayError::Starting(_)
             | GatewayError::Overloaded
-            | GatewayError::AuditFull => Fault::Unavailable,
+            | GatewayError::AuditFull
+            | GatewayError::AuditUnprotected => Fault::Unavailable,
             GatewayError::Limited { .. } => Fault::Limited,
             GatewayError::Panicked | GatewayError::AuditFailed => Fault::Internal,
             GatewayError::Upstream(e) => e.fault(),
@@ -230,6 +237,7 @@ impl GatewayError {
             GatewayError::Limited { limit, .. } => limit.label(),
             GatewayError::Overloaded => "overloaded",
             GatewayError::AuditFull => "audit_full",
+            GatewayError::AuditUnprotected => "audit_unprotected",
             GatewayError::Panicked => "panicked",
             GatewayError::AuditFailed => "audit_failed",
             GatewayError::Upstream(e) => e.label(),
@@ -245,7 +253,10 @@ impl GatewayError {
             GatewayError::Unauthenticated(why) => {
                 headers.insert(header::WWW_AUTHENTICATE, challenge(*why));
             }
-            GatewayError::Starting(_) | GatewayError::Overloaded | GatewayError::AuditFull => {
+            GatewayError::Starting(_)
+            | GatewayError::Overloaded
+            | GatewayError::AuditFull
+            | GatewayError::AuditUnprotected => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             GatewayError::Limited { retry_after, .. } => {

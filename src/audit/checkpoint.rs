@@ -3,8 +3,8 @@
 //! record). See `docs/audit.md` (Checkpoints) and `docs/decisions/0008-audit-checkpoints.md`.
 //!
 //! Every `[audit] checkpoint_interval` the gateway reads the head (seq and hash of the newest
-//! record) and, when it moved, appends one line to `[audit] checkpoint_file` (opened
-//! append-only, mode 0600) and logs it:
+//! record) and, when it moved (or the file no longer has its name), appends one line to
+//! `[audit] checkpoint_file` (opened append-only, mode 0600) and logs it:
 //!
 //! ```text
 //! {"v":1,"seq":1042,"hash":"…","time_ms":1765123456789,"key_id":"3f2a9c01","mac":"…"}
@@ -342,7 +342,20 @@ impl Task {
             Err(e) => return Err(format!("cannot read the chain's head: {e}")),
         };
         if self.last.as_ref() == Some(&head) {
-            return Ok(());
+            // An idle log still has its newest checkpoint on disk: a file removed or replaced
+            // meanwhile gets that checkpoint again in a file at its path, and a path where
+            // none can be made is reported now, not once the head moves.
+            let (path, open) = (self.path.clone(), self.file.take());
+            let (file, kept) = tokio::task::spawn_blocking(move || {
+                let kept = open.as_ref().is_some_and(|f| names(&path, f));
+                (open, kept)
+            })
+            .await
+            .unwrap_or((None, false));
+            self.file = file;
+            if kept {
+                return Ok(());
+            }
         }
         if let Some((seq, hash)) = &self.last
             && (head.0 < *seq || (head.0 == *seq && head.1 != *hash))
@@ -580,10 +593,18 @@ mod tests {
         let text = std::fs::read_to_string(&path).expect("written to a new file at the path, not the removed one");
         assert_eq!(check_file(&text, &task.ring).count, 1, "{text}");
 
-        // A directory in its place: no file can be made there, and that is reported.
+        // Removed while the log is idle (the head did not move): the same checkpoint is
+        // written again at the path.
+        std::fs::remove_file(&path).expect("remove");
+        task.tick().await;
+        assert!(!task.health.failing());
+        let text = std::fs::read_to_string(&path).expect("the idle log's checkpoint written again");
+        assert_eq!(check_file(&text, &task.ring).count, 1, "{text}");
+
+        // A directory in its place: no file can be made there, and that is reported even
+        // though the head has not moved.
         std::fs::remove_file(&path).expect("remove");
         std::fs::create_dir(&path).expect("mkdir");
-        task.last = None;
         task.tick().await;
         assert!(task.health.failing());
         assert!(task.file.is_none());

@@ -52,4 +52,8 @@ pub enum AuditError {
     /// `strict` record was not accepted; the call is answered 503 with `Retry-After`.
     #[error("the audit queue is full (audit.max_overflow_bytes): the store is slow or unavailable")]
     Full,
+    /// The last checkpoint of the chain's head could not be written (`audit.checkpoint_file`),
+    /// so the log's tail is not protected: `strict` calls are refused (503) until one is.
+    #[error("the audit checkpoint file cannot be written (audit.checkpoint_file): the log's tail is not protected")]
+    Unprotected,
 }

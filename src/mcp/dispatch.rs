@@ -196,9 +196,13 @@ async fn forward(call: Call<'_>, message: Message, trace: &mut Trace) -> Result<
     // Strict durability: a call whose record could not be kept is not made at all.
     if let Some(audit) = call.env.audit
         && audit.durability() == crate::audit::Durability::Strict
-        && audit.refuses_strict()
+        && let Some(why) = audit.refuses_strict()
     {
-        return Err(GatewayError::AuditFull.with_id(id));
+        let refusal = match why {
+            crate::audit::AuditError::Unprotected => GatewayError::AuditUnprotected,
+            _ => GatewayError::AuditFull,
+        };
+        return Err(refusal.with_id(id));
     }
     trace.forwarded = true;
     let reply = match call.via {

@@ -363,7 +363,7 @@ async fn a_checkpoint_that_cannot_be_written(durability: &str) {
     if durability == "strict" {
         assert_eq!(status, 503, "strict fails closed: {body}");
         assert_eq!(retry.as_deref(), Some("1"), "{body}");
-        assert!(body.contains("audit log cannot take records"), "{body}");
+        assert!(body.contains("checkpoints cannot be written"), "the refusal names its cause: {body}");
         assert_eq!(forwarded, 0, "the refused call was not forwarded");
     } else {
         assert_eq!(status, 200, "async goes on: {body}");
