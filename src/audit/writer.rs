@@ -265,11 +265,18 @@ impl AuditWriter {
         overflow.bytes >= self.shared.max_overflow_bytes || overflow.warned_full
     }
 
-    /// Whether a `strict` call must be refused before it is forwarded: the overflow queue is
-    /// full ([`AuditWriter::is_full`]), or the last checkpoint of the chain's head could not
-    /// be written (the log's tail is not protected; see `docs/audit.md`, Checkpoints).
-    pub fn refuses_strict(&self) -> bool {
-        self.is_full() || self.shared.checkpoints.get().is_some_and(super::checkpoint::Health::failing)
+    /// Why a `strict` call must be refused before it is forwarded, if it must: the overflow
+    /// queue is full ([`AuditError::Full`], see [`AuditWriter::is_full`]), or the last
+    /// checkpoint of the chain's head could not be written ([`AuditError::Unprotected`]: the
+    /// log's tail is not protected; see `docs/audit.md`, Checkpoints).
+    pub fn refuses_strict(&self) -> Option<AuditError> {
+        if self.is_full() {
+            Some(AuditError::Full)
+        } else if self.shared.checkpoints.get().is_some_and(super::checkpoint::Health::failing) {
+            Some(AuditError::Unprotected)
+        } else {
+            None
+        }
     }
 
     /// Lets the writer see whether checkpoints are being written ([`AuditWriter::refuses_strict`]).
@@ -414,27 +421,29 @@ struct Task {
 /// A batch's buffers (hundreds of kilobytes at full size). Kept and reused: freed after each
 /// batch, they let glibc hand the top of its heap back to the kernel (`madvise`), and the next
 /// batch faulted every page in again, about 0.2 page faults per record, which a flood of
-/// refused requests paid for.
+/// refused requests paid for. A record becomes its stored form as it joins the batch, so the
+/// batch is these two vectors and nothing else.
 #[derive(Default)]
 struct Buffers {
-    records: Vec<(Record, Option<Done>)>,
     entries: Vec<Entry>,
     waiters: Vec<Option<Done>>,
 }
 
-/// One batch being gathered.
+/// One batch being gathered: its records in their stored form, not yet chained, and who waits
+/// for each.
 #[derive(Default)]
 struct Batch {
-    records: Vec<(Record, Option<Done>)>,
+    entries: Vec<Entry>,
+    waiters: Vec<Option<Done>>,
     flushes: Vec<oneshot::Sender<()>>,
     /// Someone waits for this batch (a strict record or a flush), so it should not linger.
     urgent: bool,
 }
 
 impl Batch {
-    fn take(&mut self, msg: Msg) {
+    fn take(&mut self, msg: Msg, redactor: &Redactor) {
         match msg {
-            Msg::Record(r, d) => self.push(r, d),
+            Msg::Record(r, d) => self.push(r, d, redactor),
             Msg::Flush(f) => {
                 self.urgent = true;
                 self.flushes.push(f);
@@ -442,9 +451,14 @@ impl Batch {
         }
     }
 
-    fn push(&mut self, record: Record, done: Option<Done>) {
+    fn push(&mut self, record: Record, done: Option<Done>, redactor: &Redactor) {
         self.urgent |= done.is_some();
-        self.records.push((record, done));
+        self.entries.push(record.into_entry(redactor));
+        self.waiters.push(done);
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
     }
 }
 
@@ -466,13 +480,17 @@ fn shed_record(shed: Shed) -> Record {
 impl Task {
     async fn run(mut self) {
         loop {
-            let mut batch = Batch { records: std::mem::take(&mut self.spare.records), ..Batch::default() };
+            let mut batch = Batch {
+                entries: std::mem::take(&mut self.spare.entries),
+                waiters: std::mem::take(&mut self.spare.waiters),
+                ..Batch::default()
+            };
             let stopping = self.gather(&mut batch).await;
             if stopping {
                 // No new records from here on; everything already accepted is written below.
                 self.rx.close();
                 while let Ok(msg) = self.rx.try_recv() {
-                    batch.take(msg);
+                    batch.take(msg, &self.redactor);
                 }
                 self.take_overflow(&mut batch, usize::MAX, true);
             }
@@ -481,13 +499,20 @@ impl Task {
             if !batch.flushes.is_empty() {
                 self.take_overflow(&mut batch, usize::MAX, false);
             }
-            // Transactions of at most MAX_BATCH records.
-            let mut records = std::mem::take(&mut batch.records);
-            while !records.is_empty() {
-                let n = records.len().min(MAX_BATCH);
-                self.commit(records.drain(..n)).await;
+            // Transactions of at most MAX_BATCH records (a batch is longer only when a flush or
+            // shutdown drained the overflow queue into it).
+            let (mut entries, mut waiters) = (std::mem::take(&mut batch.entries), std::mem::take(&mut batch.waiters));
+            while entries.len() > MAX_BATCH {
+                let (later, later_waiters) = (entries.split_off(MAX_BATCH), waiters.split_off(MAX_BATCH));
+                self.write(&mut entries, &mut waiters).await;
+                (entries, waiters) = (later, later_waiters);
             }
-            self.spare.records = records;
+            if !entries.is_empty() {
+                self.write(&mut entries, &mut waiters).await;
+            }
+            entries.clear();
+            waiters.clear();
+            (self.spare.entries, self.spare.waiters) = (entries, waiters);
             for f in batch.flushes {
                 let _ = f.send(());
             }
@@ -503,7 +528,7 @@ impl Task {
         let stopping = self.shared.stopping.clone();
         tokio::select! {
             msg = self.rx.recv() => match msg {
-                Some(msg) => batch.take(msg),
+                Some(msg) => batch.take(msg, &self.redactor),
                 None => return true,
             },
             () = self.shared.overflow_notify.notified() => {}
@@ -511,15 +536,15 @@ impl Task {
         }
         let deadline = Instant::now() + MAX_DELAY;
         loop {
-            while batch.records.len() < MAX_BATCH {
+            while batch.len() < MAX_BATCH {
                 match self.rx.try_recv() {
-                    Ok(msg) => batch.take(msg),
+                    Ok(msg) => batch.take(msg, &self.redactor),
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => return true,
                 }
             }
-            self.take_overflow(batch, MAX_BATCH.saturating_sub(batch.records.len()), false);
-            if batch.records.len() >= MAX_BATCH || batch.urgent {
+            self.take_overflow(batch, MAX_BATCH.saturating_sub(batch.len()), false);
+            if batch.len() >= MAX_BATCH || batch.urgent {
                 return false;
             }
             tokio::select! {
@@ -527,9 +552,9 @@ impl Task {
                 () = self.shared.overflow_notify.notified() => {}
                 () = tokio::time::sleep_until(deadline) => {
                     // The records that came in meanwhile join this batch.
-                    while batch.records.len() < MAX_BATCH {
+                    while batch.len() < MAX_BATCH {
                         match self.rx.try_recv() {
-                            Ok(msg) => batch.take(msg),
+                            Ok(msg) => batch.take(msg, &self.redactor),
                             Err(_) => break,
                         }
                     }
@@ -543,12 +568,10 @@ impl Task {
     fn take_overflow(&self, batch: &mut Batch, max: usize, close: bool) {
         let mut overflow = self.shared.overflow.lock().unwrap_or_else(PoisonError::into_inner);
         let n = max.min(overflow.queue.len());
-        let mut taken = 0;
-        for (record, done, size) in overflow.queue.drain(..n) {
-            taken += size;
-            batch.push(record, done);
-        }
-        overflow.bytes -= taken;
+        // Taken out under the lock, turned into entries (redacted) after it is released, so
+        // that callers spilling meanwhile do not wait for the redaction.
+        let taken: Vec<_> = overflow.queue.drain(..n).collect();
+        overflow.bytes -= taken.iter().map(|(_, _, size)| size).sum::<usize>();
         if overflow.queue.is_empty() {
             overflow.warned = false;
         }
@@ -561,27 +584,17 @@ impl Task {
         // The report of what was shed goes with the records that follow it.
         let shed = overflow.shed.take();
         drop(overflow);
+        for (record, done, _) in taken {
+            batch.push(record, done, &self.redactor);
+        }
         if let Some(shed) = shed {
             self.shared.counters.backlog.fetch_add(1, Ordering::Relaxed);
-            batch.push(shed_record(shed), None);
+            batch.push(shed_record(shed), None, &self.redactor);
         }
     }
 
     /// Writes one batch, retrying with backoff until it commits; during shutdown it gives up
     /// once the shutdown budget of failed attempts is spent, loudly.
-    async fn commit(&mut self, records: std::vec::Drain<'_, (Record, Option<Done>)>) {
-        let (mut entries, mut waiters) =
-            (std::mem::take(&mut self.spare.entries), std::mem::take(&mut self.spare.waiters));
-        for (record, done) in records {
-            entries.push(record.into_entry(&self.redactor));
-            waiters.push(done);
-        }
-        self.write(&mut entries, &mut waiters).await;
-        entries.clear();
-        waiters.clear();
-        (self.spare.entries, self.spare.waiters) = (entries, waiters);
-    }
-
     async fn write(&mut self, entries: &mut Vec<Entry>, waiters: &mut [Option<Done>]) {
         let n = entries.len() as u64;
         let c = &self.shared.counters;
