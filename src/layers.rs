@@ -395,6 +395,21 @@ impl Drop for Held {
     }
 }
 
+/// What the per-address limits count a client address as: an IPv4 address (also written
+/// IPv4-mapped, `::ffff:a.b.c.d`) is itself; an IPv6 address is its /64, the smallest block a
+/// site is usually given, so that one host rotating through its own addresses (privacy
+/// extensions, or a whole /64 routed to it) does not get a fresh budget with each. Audit
+/// records keep the full address.
+fn limited_as(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from_bits(v6.to_bits() & !((1u128 << 64) - 1))),
+        },
+    }
+}
+
 /// Token buckets of failed authentications per client address: each failure takes a token,
 /// tokens come back at a steady rate up to the burst, and an address without a token is
 /// answered 429 without its token being looked up.
@@ -415,7 +430,7 @@ impl Buckets {
 
     /// Returns a token taken from `addr`.
     fn give_back(&self, addr: IpAddr) {
-        if let Some(mut bucket) = self.map.get_mut(&addr) {
+        if let Some(mut bucket) = self.map.get_mut(&limited_as(addr)) {
             let now = Instant::now();
             *bucket = ((self.level(*bucket, now) + 1.0).min(self.burst), now);
         }
@@ -423,6 +438,7 @@ impl Buckets {
 
     /// Takes a token from `addr`; how long it must wait if there was none.
     fn take(&self, addr: IpAddr) -> Option<u64> {
+        let addr = limited_as(addr);
         let now = Instant::now();
         if self.map.len() >= ADDRESSES_CAP && !self.map.contains_key(&addr) {
             self.map.retain(|_, b| self.level(*b, now) < self.burst);
@@ -451,7 +467,7 @@ pub fn admitted(principal: &Principal) -> Result<(), GatewayError> {
         return Ok(());
     }
     let who = match principal.kind {
-        PrincipalKind::Anonymous => Who::Address(scope.client),
+        PrincipalKind::Anonymous => Who::Address(limited_as(scope.client)),
         PrincipalKind::User | PrincipalKind::Service => Who::Principal(Arc::from(principal.id.as_str())),
     };
     let a = &scope.admission;
@@ -812,6 +828,18 @@ mod tests {
         b.give_back(addr);
         assert_eq!(b.take(addr), None, "a token given back can be taken again");
         assert!(b.take("192.0.2.2".parse().expect("ip")).is_none(), "other addresses are apart");
+    }
+
+    #[test]
+    fn an_ipv6_host_rotating_its_addresses_shares_one_budget() {
+        let b = Buckets { burst: 2.0, per_sec: 1.0 / 60.0, map: DashMap::new() };
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(b.take(ip("2001:db8:1:2::1")), None);
+        assert_eq!(b.take(ip("2001:db8:1:2:ffff:ffff:ffff:fffe")), None);
+        assert!(b.take(ip("2001:db8:1:2:1234::9")).is_some(), "the same /64, however the host spells it");
+        assert_eq!(b.take(ip("2001:db8:1:3::1")), None, "the next /64 is another site");
+        assert_eq!(limited_as(ip("::ffff:192.0.2.7")), ip("192.0.2.7"), "an IPv4-mapped address is its IPv4 address");
+        assert_eq!(limited_as(ip("192.0.2.7")), ip("192.0.2.7"));
     }
 
     #[test]
