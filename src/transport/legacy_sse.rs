@@ -249,9 +249,17 @@ async fn message(
                 ms
             }
         };
+        let mut unanswered = false;
         for m in messages {
             let member = ex.member(&app, &m);
-            handle(&app, &server, &conn, m, member).await;
+            unanswered |= handle(&app, &server, &conn, m, member).await == Handled::RefusedWithoutId;
+        }
+        if unanswered {
+            // A notification or response refused for the session's cap has no id to be
+            // answered by on the stream: the POST says so. Each message has its own record
+            // already, so the POST's answer is not recorded again.
+            let limit = crate::error::Limit::SessionRequests;
+            return Ok(Failure::from(GatewayError::Limited { limit, retry_after: 1 }).into_response());
         }
         Ok::<_, Failure>(StatusCode::ACCEPTED.into_response())
     }
@@ -270,11 +278,26 @@ async fn message(
     }
 }
 
+/// What became of one message of a legacy connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Handled {
+    /// Answered, or on its way (its answer or error goes on the stream).
+    Taken,
+    /// A message without an id refused for the session's cap: nothing can go on the stream.
+    RefusedWithoutId,
+}
+
 /// One message of a legacy connection: `initialize` is answered at once; anything else is
 /// dispatched in the background and its answers join the stream. Either way the message's
 /// record is written when its answer is known; a task stopped by the connection's end leaves
 /// the record of a client gone.
-async fn handle(app: &AppState, server: &Arc<Server>, conn: &Arc<Connection>, message: Message, mut ex: Exchange) {
+async fn handle(
+    app: &AppState,
+    server: &Arc<Server>,
+    conn: &Arc<Connection>,
+    message: Message,
+    mut ex: Exchange,
+) -> Handled {
     if message.kind == Kind::Request && message.method() == "initialize" {
         let call = Call { env: app.env(), server, caller: &conn.principal, via: Via::Opening };
         let state = match dispatch(call, message, &mut ex.trace).await {
@@ -284,8 +307,11 @@ async fn handle(app: &AppState, server: &Arc<Server>, conn: &Arc<Connection>, me
                 let _ = conn.tx.send(response).await;
                 state
             }
-            Ok(Outcome::Reply(_)) => return,
-            Err(f) => return fail(app, conn, f, ex).await,
+            Ok(Outcome::Reply(_)) => return Handled::Taken,
+            Err(f) => {
+                fail(app, conn, f, ex).await;
+                return Handled::Taken;
+            }
         };
         *conn.session.lock().unwrap_or_else(|p| p.into_inner()) = Some((*state).clone());
         // The upstream's own messages (list changes, requests outside a call) join the stream.
@@ -300,28 +326,27 @@ async fn handle(app: &AppState, server: &Arc<Server>, conn: &Arc<Connection>, me
                 }
             }
         });
-        return;
+        return Handled::Taken;
     }
     let Some(session) = conn.session() else {
         let f = GatewayError::MissingSession.with_id(message.id.clone());
-        return fail(app, conn, f, ex).await;
+        fail(app, conn, f, ex).await;
+        return Handled::Taken;
     };
-    // The POST is answered 202 at once: a request holds one of its session's places until its
-    // answer is on the stream, so one session cannot pile up calls without bound.
-    // (Notifications and responses wait for no answer and are not counted.)
-    let place = match message.kind {
-        Kind::Request => conn.in_flight.clone().try_acquire_owned().ok().map(Some),
-        Kind::Notification | Kind::Response => Some(None),
-    };
-    let Some(place) = place else {
+    // The POST is answered 202 at once: every message holds one of its session's places until
+    // it has been handled (a request: until its answer is on the stream), so one session
+    // cannot pile up work without bound, whatever kind of message it sends.
+    let Ok(place) = conn.in_flight.clone().try_acquire_owned() else {
         // Refused before the dispatch: its record still names the tool, as the dispatch reads it.
         if let Ok(dispatch::Action::CallTool(tool)) = dispatch::Action::read(&message) {
             ex.trace.tool = Some(tool);
         }
         let limit = crate::error::Limit::SessionRequests;
         metrics::counter!("portcullis_refusals_total", "reason" => limit.label()).increment(1);
+        let without_id = message.id.is_none();
         let f = GatewayError::Limited { limit, retry_after: 1 }.with_id(message.id.clone());
-        return fail_now(app, conn, f, ex).await;
+        fail_now(app, conn, f, ex).await;
+        return if without_id { Handled::RefusedWithoutId } else { Handled::Taken };
     };
     let (app, server, conn2) = (app.clone(), server.clone(), conn.clone());
     conn.spawn(async move {
@@ -358,6 +383,7 @@ async fn handle(app: &AppState, server: &Arc<Server>, conn: &Arc<Connection>, me
             }
         }
     });
+    Handled::Taken
 }
 
 /// Sends a message's error on the stream (when it had an id) and records it.

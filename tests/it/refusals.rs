@@ -184,9 +184,24 @@ async fn a_legacy_sse_session_has_a_bounded_number_of_calls_in_progress() {
     legacy.post(&c, &init).await;
     assert_eq!(legacy.next().await["id"], 0);
     legacy.post(&c, &json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).await;
+    // The notification holds a place until the upstream has taken it.
+    for _ in 0..100 {
+        if fixture.requests().await.iter().any(|r| r["body"]["method"] == "notifications/initialized") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
     for id in 10..14 {
         legacy.post(&c, &slow(id, 3000)).await;
     }
+    // Notifications take places too: one refused has no id to be answered by on the stream,
+    // so its POST says so.
+    let note = json!({"jsonrpc": "2.0", "method": "notifications/roots/list_changed"});
+    let r = c.post(&legacy.endpoint).header("content-type", "application/json").json(&note).send().await;
+    let r = r.expect("sent");
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
     let mut answers = std::collections::BTreeMap::new();
     while answers.len() < 4 {
         let m = legacy.next().await;
@@ -204,13 +219,17 @@ async fn a_legacy_sse_session_has_a_bounded_number_of_calls_in_progress() {
     legacy.post(&c, &slow(14, 10)).await;
     assert!(legacy.next().await["result"].is_object());
     let text = c.get(format!("{}/metrics", gw.base)).send().await.expect("sent").text().await.expect("text");
-    assert_eq!(metric(&text, r#"portcullis_refusals_total{reason="legacy_session_in_flight"}"#), 2.0, "{text}");
+    assert_eq!(metric(&text, r#"portcullis_refusals_total{reason="legacy_session_in_flight"}"#), 3.0, "{text}");
     drop(legacy);
     let _dir = gw.dir.clone();
     gw.stop().await;
     let records = store.audit_after(0, 1000).await.expect("records");
-    let refused: Vec<&AuditRow> = records.iter().filter(|r| r.upstream_status == Some(-32600)).collect();
+    let refused: Vec<&AuditRow> =
+        records.iter().filter(|r| r.upstream_status == Some(-32600) && r.method == "tools/call").collect();
     assert_eq!(refused.len(), 2, "{refused:?}");
+    let note = records.iter().filter(|r| r.method == "notifications/roots/list_changed").collect::<Vec<_>>();
+    assert_eq!(note.len(), 1, "the refused notification has one record: {note:?}");
+    assert_eq!(note[0].decision, "error", "{note:?}");
     assert!(
         refused.iter().all(|r| r.tool.as_deref() == Some("slow") && r.principal_kind.as_deref() == Some("anonymous"))
     );
