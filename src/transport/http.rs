@@ -61,7 +61,9 @@ pub async fn post(State(app): State<AppState>, Path(name): Path<String>, request
 /// headers.
 async fn post_to(app: &AppState, target: Target<'_>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let mut ex = Exchange::new(app, "invalid");
+    // Until a message is read (a refusal before the body, or a body that is not JSON-RPC),
+    // the record and the metric name the HTTP method, as the layers' refusals do.
+    let mut ex = Exchange::new(app, "POST");
     match post_steps(app, target, &parts.headers, body, &mut ex).await {
         Ok(Posted::Answered(resp)) => app.finish(ex, resp).await,
         Ok(Posted::Batch(resp)) => {
