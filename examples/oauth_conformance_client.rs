@@ -97,6 +97,7 @@ async fn run() -> anyhow::Result<()> {
         name: SERVER.to_owned(),
         transport: ServerTransport::StreamableHttp { url, stateless: false },
         public: false,
+        trusted: false,
         request_timeout: Duration::from_secs(10),
         auth: UpstreamAuth::OAuth(Box::new(oauth)),
         limits: Default::default(),

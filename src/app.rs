@@ -85,6 +85,9 @@ pub enum StartError {
     /// The audit checkpoint file could not be opened.
     #[error(transparent)]
     Checkpoint(#[from] crate::audit::checkpoint::CheckpointError),
+    /// The policies of `[policy] dir` cannot be used.
+    #[error("policy: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
 }
 
 impl Gateway {
@@ -101,13 +104,25 @@ impl Gateway {
     /// answers 503 with `Retry-After`. Returns once the gateway serves everything.
     pub async fn start_with_key(config: Config, keys: impl Into<KeyRing>) -> Result<Gateway, StartError> {
         let keys: KeyRing = keys.into();
+        // Invalid policies stop the start before anything listens.
+        let policy = match &config.policy {
+            None => crate::policy::Policies::Builtin,
+            Some(p) => crate::policy::Policies::Cedar(crate::policy::Current::load(&p.dir, p.utc_offset_minutes)?),
+        };
         let listen = config.gateway.listen;
         let listener =
             tokio::net::TcpListener::bind(listen).await.map_err(|source| StartError::Bind { addr: listen, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: listen, source })?;
-        for warning in config.warnings.iter().cloned().chain(crate::net::config_warnings(&config)) {
+        for warning in config
+            .warnings
+            .iter()
+            .cloned()
+            .chain(crate::net::config_warnings(&config))
+            .chain(crate::policy::config_warnings(&config))
+        {
             tracing::warn!("{warning}");
         }
+        tracing::info!(policy = %policy.describe(), "policies in force");
         let shutdown = CancellationToken::new();
         let gate = Gate::default();
         let admission = crate::layers::Admission::new(&config);
@@ -138,7 +153,10 @@ impl Gateway {
                 return Err(e.into());
             }
         };
-        let state = build_state(config, keys, store, addr, shutdown);
+        let state = build_state(config, keys, store, addr, shutdown, policy);
+        if let (crate::policy::Policies::Cedar(current), Some(p)) = (state.policy(), &state.config().policy) {
+            crate::policy::watch(current.clone(), p.reload_interval, state.shutdown().clone());
+        }
         if state.config().audit.enabled {
             admission.attach_audit(state.audit().clone());
             tokio::spawn(crate::layers::report_unrecorded(admission.clone(), state.shutdown().clone()));
@@ -230,7 +248,14 @@ fn start_checkpoints(
 }
 
 /// The gateway's state over an open store, for a listener bound at `addr`.
-fn build_state(config: Config, keys: KeyRing, store: Store, addr: SocketAddr, shutdown: CancellationToken) -> AppState {
+fn build_state(
+    config: Config,
+    keys: KeyRing,
+    store: Store,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    policy: crate::policy::Policies,
+) -> AppState {
     let audit = crate::audit::AuditWriter::start(store.clone(), &config.audit);
     if !config.audit.enabled {
         tracing::warn!("the audit log is off ([audit] enabled = false): MCP exchanges leave no record");
@@ -253,7 +278,11 @@ fn build_state(config: Config, keys: KeyRing, store: Store, addr: SocketAddr, sh
         .iter()
         .map(|s| (s.name.clone(), Arc::new(Server::new(s, client.clone(), credentials.clone()))))
         .collect();
+    let mut server_names: Vec<String> = config.servers.iter().map(|s| s.name.clone()).collect();
+    server_names.sort();
     AppState::new(Parts {
+        policy,
+        server_names: server_names.into(),
         sealer: Sealer::from_ring(&keys.derive("session")),
         config,
         public_url,

@@ -17,6 +17,7 @@ pub mod mcp;
 pub mod net;
 pub mod oauth;
 pub mod origin;
+pub mod policy;
 pub mod protocol;
 pub mod state;
 pub mod store;

@@ -51,6 +51,10 @@ pub struct Parts {
     pub authn: Arc<Authenticator>,
     /// The vault, when some server uses upstream OAuth.
     pub vault: Option<Arc<Vault>>,
+    /// The policies in force.
+    pub policy: crate::policy::Policies,
+    /// Every configured server's name, sorted.
+    pub server_names: Arc<[String]>,
 }
 
 struct Inner {
@@ -89,6 +93,11 @@ impl AppState {
         AppState(Arc::new(Inner { parts, probe: Default::default() }))
     }
 
+    /// The policies in force.
+    pub fn policy(&self) -> &crate::policy::Policies {
+        &self.0.parts.policy
+    }
+
     /// Authentication of grant tokens.
     pub fn authn(&self) -> &Arc<Authenticator> {
         &self.0.parts.authn
@@ -116,6 +125,8 @@ impl AppState {
             clock: &parts.clock,
             sealer: &parts.sealer,
             audit: parts.config.audit.enabled.then_some(&parts.audit),
+            policy: &parts.policy,
+            servers: &parts.server_names,
         }
     }
 

@@ -29,6 +29,8 @@ pub struct Principal {
     pub groups: Vec<String>,
     /// The grant token used.
     pub token_id: Option<String>,
+    /// The servers the token is limited to; `None`: every server.
+    pub servers: Option<std::sync::Arc<[String]>>,
 }
 
 /// The kinds of principal.
@@ -62,6 +64,7 @@ impl Principal {
             kind: PrincipalKind::Anonymous,
             groups: Vec::new(),
             token_id: None,
+            servers: None,
         }
     }
 }
@@ -286,5 +289,6 @@ fn principal_of(auth: TokenAuth) -> Principal {
         kind: if auth.service { PrincipalKind::Service } else { PrincipalKind::User },
         groups: auth.groups,
         token_id: Some(auth.token_id),
+        servers: auth.servers.map(std::sync::Arc::from),
     }
 }

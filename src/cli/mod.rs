@@ -89,6 +89,23 @@ enum Command {
         #[command(subcommand)]
         cmd: keys::KeysCmd,
     },
+    /// Cedar policies: validate a folder against the gateway's schema.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// Validate the `.cedar` files of a folder against the schema (docs/policy.md); prints
+    /// every problem with its file and policy, and fails if there is one.
+    Check {
+        /// The folder.
+        dir: PathBuf,
+    },
+    /// Print the Cedar schema policies are validated against.
+    Schema,
 }
 
 /// Runs the command line and returns the process exit code.
@@ -111,6 +128,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load(&path)?;
             let mut warnings = config.warnings.clone();
             warnings.extend(crate::net::config_warnings(&config));
+            warnings.extend(crate::policy::config_warnings(&config));
             for warning in &warnings {
                 eprintln!("{}: warning: {warning}", path.display());
             }
@@ -130,6 +148,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Connect { server, user } => connection::connect(&load(&cli.config)?, &server, user.as_deref()),
         Command::Connection { cmd } => connection::run(cmd, &load(&cli.config)?),
         Command::Audit { cmd } => audit::run(cmd, &load(&cli.config)?),
+        Command::Policy { cmd: PolicyCmd::Check { dir } } => {
+            let engine = crate::policy::Engine::load_dir(&dir, 0)?;
+            println!("{}: ok ({} policies)", dir.display(), engine.count);
+            Ok(())
+        }
+        Command::Policy { cmd: PolicyCmd::Schema } => {
+            print!("{}", crate::policy::SCHEMA);
+            Ok(())
+        }
         Command::Migrate => {
             let config = load(&cli.config)?;
             runtime()?.block_on(async {

@@ -6,6 +6,7 @@ mod env;
 pub mod limits;
 mod oauth;
 mod outbound;
+pub mod policy;
 pub mod raw;
 
 use std::collections::{BTreeMap, HashSet};
@@ -45,6 +46,8 @@ pub struct Config {
     pub outbound: OutboundConfig,
     /// Connection, concurrency, failed-authentication and memory limits.
     pub limits: limits::Limits,
+    /// `[policy]`: the Cedar policies; `None` means the built-in rule (see `policy`).
+    pub policy: Option<policy::PolicyConfig>,
     /// Settings that are valid but deserve a warning (deprecated keys, with what to write
     /// instead), one line each with its line number: `check-config` prints them, `serve` logs
     /// them.
@@ -149,6 +152,8 @@ pub struct ServerConfig {
     pub transport: ServerTransport,
     /// Served without client authentication.
     pub public: bool,
+    /// Its tools' annotations (`readOnlyHint`, `destructiveHint`, …) are believed by policy.
+    pub trusted: bool,
     /// Longest wait for one answer from this server.
     pub request_timeout: Duration,
     /// Credentials the gateway attaches to the upstream.
@@ -268,6 +273,7 @@ impl Spans {
             audit: Option<toml::Spanned<toml::Value>>,
             outbound: Option<toml::Spanned<toml::Value>>,
             limits: Option<toml::Spanned<toml::Value>>,
+            policy: Option<toml::Spanned<toml::Value>>,
             servers: Option<Vec<toml::Spanned<toml::Value>>>,
         }
         let Ok(top) = toml::from_str::<Top>(text) else {
@@ -281,6 +287,7 @@ impl Spans {
             ("audit", top.audit),
             ("outbound", top.outbound),
             ("limits", top.limits),
+            ("policy", top.policy),
         ] {
             if let Some(s) = s {
                 spans.sections.insert(name.to_owned(), s.span().start);
@@ -351,6 +358,19 @@ impl Validator<'_> {
         for problem in outbound.problems() {
             self.at(spans.sections.get("outbound").copied(), "[outbound]", problem);
         }
+        let policy = match table.contains_key("policy") {
+            false => None,
+            true => {
+                let raw: policy::RawPolicy = self.section(&mut table, "policy", spans);
+                raw.validate()
+                    .map_err(|problems| {
+                        for problem in problems {
+                            self.at(spans.sections.get("policy").copied(), "[policy]", problem);
+                        }
+                    })
+                    .ok()
+            }
+        };
         let mut raw_limits: limits::RawLimits = self.section(&mut table, "limits", spans);
         let at = (spans.sections.get("gateway").copied(), spans.sections.get("limits").copied());
         let (upstream, client_queue_bytes) = self.memory_limits(&mut gateway, &mut raw_limits, at);
@@ -373,7 +393,7 @@ impl Validator<'_> {
             self.at(
                 None,
                 key,
-                "unknown top-level key (expected gateway, store, log, audit, outbound, limits, servers)",
+                "unknown top-level key (expected gateway, store, log, audit, outbound, limits, policy, servers)",
             );
         }
         let gateway = self.gateway(gateway, spans.sections.get("gateway").copied());
@@ -405,7 +425,17 @@ impl Validator<'_> {
                 parsed.push(s);
             }
         }
-        Some(Config { gateway: gateway?, store, log, servers: parsed, audit, outbound, limits, warnings: Vec::new() })
+        Some(Config {
+            gateway: gateway?,
+            store,
+            log,
+            servers: parsed,
+            audit,
+            outbound,
+            limits,
+            policy,
+            warnings: Vec::new(),
+        })
     }
 
     fn gateway(&mut self, raw: RawGateway, at: Option<usize>) -> Option<GatewayConfig> {
@@ -697,7 +727,8 @@ impl Validator<'_> {
         if matches!(transport, Some(ServerTransport::Sse { .. })) && matches!(auth, Some(UpstreamAuth::OAuth(_))) {
             self.at(at, &what, "OAuth upstreams need the Streamable HTTP transport (not transport = \"sse\")");
         }
-        Some(ServerConfig { name, transport: transport?, public, request_timeout, auth: auth?, limits })
+        let trusted = raw.trusted.unwrap_or(false);
+        Some(ServerConfig { name, transport: transport?, public, trusted, request_timeout, auth: auth?, limits })
             .filter(|_| valid_name)
     }
 

@@ -99,6 +99,10 @@ pub struct RawServer {
     pub start_timeout: Option<String>,
     /// Serve without client authentication (local single-user setups). Default `false`.
     pub public: Option<bool>,
+    /// Believe the tool annotations this server lists (`readOnlyHint`, `destructiveHint`, …)
+    /// in policy decisions (`resource.annotations`). Default `false`: only for servers whose
+    /// tool definitions you control or trust.
+    pub trusted: Option<bool>,
     /// Per-server override of `gateway.request_timeout`. Default unset.
     pub request_timeout: Option<String>,
     /// Per-server override of `limits.max_response_bytes`. Default unset.

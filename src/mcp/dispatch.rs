@@ -29,7 +29,7 @@ use http::HeaderMap;
 use serde_json::Value;
 
 use super::{Env, Server};
-use super::{catalog, continuity, stateless, unconnected};
+use super::{catalog, continuity, guard, stateless, unconnected};
 use crate::authn::Principal;
 use crate::error::{Failure, GatewayError};
 use crate::protocol::jsonrpc::{Kind, Message, ToolCall};
@@ -83,6 +83,8 @@ pub struct Trace {
     /// Whether the message went on toward the upstream (after it, a client that hangs up
     /// leaves a call the upstream may have acted on).
     pub forwarded: bool,
+    /// What policy decided, where a decision was taken ([`guard`]).
+    pub policy: Option<guard::Verdict>,
 }
 
 /// What a message asks for, read once from its strictly parsed envelope.
@@ -156,8 +158,17 @@ pub async fn dispatch(call: Call<'_>, message: Message, trace: &mut Trace) -> Re
         // The trace keeps the one reading; the arm below needs only to know it is a call.
         trace.tool = Some(ToolCall { name: std::mem::take(&mut tool.name), arguments: tool.arguments.take() });
     }
+    // A stateless (2026-07-28) request opens no session: each is a `connect` decision too.
+    if matches!(call.via, Via::Stateless(_)) && !guard::may_connect(&call, trace) {
+        return Err(GatewayError::UnknownServer(call.server.config.name.clone()).with_id(id));
+    }
     match action {
         Action::Initialize => match call.via {
+            // Decision point: may the caller use this server at all (`connect`)? A refusal
+            // is answered as an unknown server is.
+            Via::Opening if !guard::may_connect(&call, trace) => {
+                Err(GatewayError::UnknownServer(call.server.config.name.clone()).with_id(id))
+            }
             Via::Opening => {
                 let opened = Box::pin(super::initialize(call.env, call.server, call.caller, &message));
                 let (response, state, sealed) = opened.await?;
@@ -174,17 +185,19 @@ pub async fn dispatch(call: Call<'_>, message: Message, trace: &mut Trace) -> Re
                 .await
                 .map(Outcome::Reply)
         }
-        // Decision point (policy): whether `call.caller` may run this tool with these
-        // arguments, here or after a person approves it.
-        Action::CallTool(_) => forward(call, message, trace).await,
-        // Decision point (policy) for the listing; the answer passes the filter point below.
-        Action::List(_) => {
-            let reply = forward(call, message, trace).await?;
-            // Filter point: a listing shows only what the caller may use.
-            Ok(reply)
+        // Decision point: whether `call.caller` may run this tool with these arguments; a
+        // refusal answers as an unknown tool does.
+        Action::CallTool(_) | Action::Resource | Action::GetPrompt | Action::Complete => {
+            if let Some(refusal) = guard::check(&call, &message, trace) {
+                return Ok(Outcome::Reply(refusal));
+            }
+            forward(call, message, trace).await
         }
-        // Decision point (policy): which resources, prompts and completions the caller may use.
-        Action::Resource | Action::GetPrompt | Action::Complete => forward(call, message, trace).await,
+        // Filter point: a listing shows only what the caller may use.
+        Action::List(method) => match forward(call, message, trace).await? {
+            Outcome::Reply(reply) => Ok(Outcome::Reply(guard::filter(&call, method, reply))),
+            opened @ Outcome::Opened { .. } => Ok(opened),
+        },
         Action::Discover | Action::Request | Action::Notify | Action::Answer => forward(call, message, trace).await,
     }
 }

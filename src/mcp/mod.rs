@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod continuity;
 pub mod dispatch;
+pub mod guard;
 pub mod server;
 pub mod stateless;
 pub mod unconnected;
@@ -32,6 +33,10 @@ pub struct Env<'a> {
     /// The audit writer, when the audit log is on: with strict durability, a call whose record
     /// could not be kept is refused before it is forwarded.
     pub audit: Option<&'a AuditWriter>,
+    /// The policies in force (`guard` takes the decisions).
+    pub policy: &'a crate::policy::Policies,
+    /// Every configured server's name: what a grant token not limited to some reaches.
+    pub servers: &'a std::sync::Arc<[String]>,
 }
 
 /// A client's `initialize`: open an upstream session with the client's capabilities, seal

@@ -34,7 +34,13 @@ pub struct Server {
     continuity: Option<crate::mcp::continuity::Continuity>,
     /// With upstream OAuth: what the upstream last showed, for people not connected yet.
     catalog: Option<Arc<crate::mcp::catalog::Catalog>>,
+    /// For a trusted server: each tool's annotations as its last listing showed them, which
+    /// policy decisions on calls read (`resource.annotations`). At most [`MAX_TOOLS`].
+    annotations: dashmap::DashMap<String, serde_json::Value>,
 }
+
+/// The most tools whose annotations a trusted server's entry keeps.
+const MAX_TOOLS: usize = 10_000;
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -58,6 +64,31 @@ impl Server {
             upstream: Upstream::new(config, client, credentials),
             stateless: Default::default(),
             metrics: Default::default(),
+            annotations: Default::default(),
+        }
+    }
+
+    /// A trusted server's tool's annotations, as its last listing showed them.
+    pub fn tool_annotations(&self, tool: &str) -> Option<serde_json::Value> {
+        self.annotations.get(tool).map(|a| a.clone())
+    }
+
+    /// Notes a tool's annotations from a listing (trusted servers only; others' are never read).
+    pub fn observe_tool(&self, tool: &str, annotations: Option<&serde_json::Value>) {
+        if !self.config.trusted {
+            return;
+        }
+        match annotations {
+            Some(a) if self.annotations.get(tool).is_none_or(|known| *known != *a) => {
+                if self.annotations.len() >= MAX_TOOLS && !self.annotations.contains_key(tool) {
+                    self.annotations.clear();
+                }
+                self.annotations.insert(tool.to_owned(), a.clone());
+            }
+            Some(_) => {}
+            None => {
+                self.annotations.remove(tool);
+            }
         }
     }
 

@@ -37,6 +37,10 @@ pub fn is_stateless(headers: &HeaderMap) -> bool {
 
 /// Checks what a stateless request's headers say against its body: `Mcp-Method` must name
 /// the body's method.
+#[expect(
+    clippy::result_large_err,
+    reason = "Failure carries the request's JSON id, as everywhere on the dispatch; this path is taken once per request"
+)]
 pub fn check_headers(headers: &HeaderMap, message: &Message) -> Result<(), Failure> {
     if let Some(m) = headers.get(METHOD_HEADER)
         && m.as_bytes() != message.method().as_bytes()

@@ -138,6 +138,10 @@ impl Exchange {
     fn record(&mut self, status: u16, bytes_out: u64) -> Record {
         let (decision, upstream_status) = match self.failure {
             Some((d, rpc)) => (d, Some(rpc)),
+            // Refused by policy, answered as an unknown item is.
+            None if self.trace.policy.as_ref().is_some_and(|v| !v.allowed) => {
+                (Decision::Deny, self.trace.policy.as_ref().and_then(|v| v.code))
+            }
             // Gone before anything was forwarded: nothing reached the upstream.
             None if status == CLIENT_GONE && !self.trace.forwarded => (Decision::Error, None),
             None if status == CLIENT_GONE => (Decision::Error, Some(i64::from(CLIENT_GONE))),

@@ -15,6 +15,7 @@ mod identity;
 mod layers;
 mod parsers;
 mod pipeline;
+mod policy;
 mod protocol;
 mod refusals;
 mod relay;

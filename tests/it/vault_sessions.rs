@@ -23,7 +23,7 @@ const READ: Duration = Duration::from_secs(60);
 
 /// Which client a driver runs.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Sdk {
+pub(crate) enum Sdk {
     /// The TypeScript SDK (initialize handshake).
     Ts,
     /// The Python SDK (initialize handshake).
@@ -34,7 +34,7 @@ enum Sdk {
 
 /// An SDK driver running the interactive `connect` scenario: one command per line on its
 /// stdin, one JSON event per line on its stdout, the report on the last line.
-struct Driver {
+pub(crate) struct Driver {
     sdk: Sdk,
     child: Child,
     stdin: ChildStdin,
@@ -44,7 +44,7 @@ struct Driver {
 
 impl Driver {
     /// Starts the driver for the person whose grant is `token`; `extra` are more driver options.
-    async fn start(sdk: Sdk, url: &str, token: &str, extra: &[&str]) -> Driver {
+    pub(crate) async fn start(sdk: Sdk, url: &str, token: &str, extra: &[&str]) -> Driver {
         let (program, script) = match sdk {
             Sdk::Ts => (PathBuf::from("node"), node_dir().join("client-driver.mjs")),
             Sdk::Py | Sdk::PyStateless => (python(), repo().join("tests/python/client_driver.py")),
@@ -77,7 +77,7 @@ impl Driver {
     }
 
     /// Sends `command` and returns the line it printed, as JSON.
-    async fn send(&mut self, command: &str) -> Value {
+    pub(crate) async fn send(&mut self, command: &str) -> Value {
         self.stdin.write_all(format!("{command}\n").as_bytes()).await.expect("the driver reads");
         self.stdin.flush().await.expect("the driver reads");
         let line = tokio::time::timeout(READ, self.stdout.next_line()).await;
@@ -90,14 +90,14 @@ impl Driver {
     }
 
     /// Sends `command` and returns its event, which must be `event`.
-    async fn event(&mut self, command: &str, event: &str) -> Value {
+    pub(crate) async fn event(&mut self, command: &str, event: &str) -> Value {
         let answer = self.send(command).await;
         assert_eq!(answer["event"], event, "{:?}: {command:?} answered {answer}", self.sdk);
         answer
     }
 
     /// `list`: the names of the tools listed, in order.
-    async fn list(&mut self) -> Value {
+    pub(crate) async fn list(&mut self) -> Value {
         let answer = self.event("list", "list").await;
         assert_eq!(answer["error"], Value::Null, "{:?}: tools/list failed: {answer}", self.sdk);
         answer["tools"].clone()
@@ -141,7 +141,7 @@ impl Driver {
     }
 
     /// `end`: the driver closes and reports; the report must say `ok`.
-    async fn end(mut self) -> Value {
+    pub(crate) async fn end(mut self) -> Value {
         let report = self.send("end").await;
         assert_eq!(report["ok"], true, "{:?}: {report}\n{}", self.sdk, self.stderr.lock().expect("lock"));
         let exited = tokio::time::timeout(READ, self.child.wait()).await;

@@ -885,12 +885,15 @@ async function connectList(conn) {
   return event;
 }
 
-/** `call NAME`: calls NAME with `{}`; the first text, and the link in it or in a -32042 error. */
-async function connectCall(conn, name) {
+/**
+ * `call NAME [ARGS]`: calls NAME with ARGS (a JSON object, `{}` when absent); the first text, and
+ * the link in it or in a -32042 error.
+ */
+async function connectCall(conn, name, args = {}) {
   const from = conn.wire.exchanges.length;
   const event = { event: 'call', isError: false, text: null, link: null, error: null, code: null };
   try {
-    const result = await callTool(conn, name, {});
+    const result = await callTool(conn, name, args);
     const first = (result.content ?? []).find((b) => b?.type === 'text');
     event.isError = Boolean(result.isError);
     event.text = first?.text ?? null;
@@ -917,8 +920,9 @@ async function scenarioConnect(opts) {
       if (!command) continue;
       let act;
       if (command === 'list' && !rest.length) act = connectList(conn);
-      else if (command === 'call' && rest.length === 1) act = connectCall(conn, rest[0]);
-      else throw new ScenarioError(`unknown command ${JSON.stringify(line)} (list, call NAME, end)`);
+      else if (command === 'call' && rest.length >= 1) {
+        act = connectCall(conn, rest[0], rest.length > 1 ? JSON.parse(rest.slice(1).join(' ')) : {});
+      } else throw new ScenarioError(`unknown command ${JSON.stringify(line)} (list, call NAME [ARGS], end)`);
       await emit(await withDeadline(act, opts.timeout));
       commands += 1;
     }

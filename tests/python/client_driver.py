@@ -674,12 +674,13 @@ async def connect_list(conn: Connection, client: Client) -> dict[str, Any]:
     return event
 
 
-async def connect_call(conn: Connection, client: Client, name: str) -> dict[str, Any]:
-    """`call NAME`: calls NAME with `{}`; the first text, and the link in it or in a -32042 error."""
+async def connect_call(conn: Connection, client: Client, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`call NAME [ARGS]`: calls NAME with ARGS (a JSON object, `{}` when absent); the first text,
+    and the link in it or in a -32042 error."""
     start = len(conn.wire.exchanges)
     event: dict[str, Any] = {"event": "call", "isError": False, "text": None, "link": None, "error": None, "code": None}
     try:
-        result = await client.call_tool(name, {})
+        result = await client.call_tool(name, args or {})
         first = next((b for b in result.content if getattr(b, "type", None) == "text"), None)
         event["isError"] = bool(result.is_error)
         event["text"] = first.text if first is not None else None
@@ -706,10 +707,11 @@ async def scenario_connect(opts: Options) -> dict[str, Any]:
             with anyio.fail_after(opts.timeout):
                 if command == "list" and not rest:
                     event = await connect_list(conn, client)
-                elif command == "call" and len(rest) == 1:
-                    event = await connect_call(conn, client, rest[0])
+                elif command == "call" and len(rest) >= 1:
+                    args = json.loads(" ".join(rest[1:])) if len(rest) > 1 else {}
+                    event = await connect_call(conn, client, rest[0], args)
                 else:
-                    raise ScenarioError(f"unknown command {line.strip()!r} (list, call NAME, end)")
+                    raise ScenarioError(f"unknown command {line.strip()!r} (list, call NAME [ARGS], end)")
             emit(event)
             commands += 1
         out = conn.describe(client)
