@@ -298,7 +298,11 @@ async fn check_config_reports_every_problem_and_honours_the_environment() {
 fn check_config_warns_about_oauth_providers_the_outbound_guard_refuses() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("p.toml");
-    let text = "[[servers]]\nname = \"local\"\nurl = \"http://127.0.0.1:9/mcp\"\nauth = { type = \"oauth\" }\n";
+    // With a [policy] folder, so that the built-in rule's warning is not among them.
+    let text = format!(
+        "[policy]\ndir = {:?}\n\n[[servers]]\nname = \"local\"\nurl = \"http://127.0.0.1:9/mcp\"\nauth = {{ type = \"oauth\" }}\n",
+        dir.path().display().to_string()
+    );
     std::fs::write(&file, text).expect("written");
     let check = |strict: bool| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
@@ -339,4 +343,26 @@ fn stdio_children() -> usize {
             ppid == me && cmdline.contains("fixture-server.mjs") && cmdline.contains("--stdio")
         })
         .count()
+}
+
+/// Without `[policy]` the built-in rule is in force: `check-config` names it and `--strict`
+/// fails on it.
+#[test]
+fn check_config_strict_fails_on_the_built_in_policy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("p.toml");
+    std::fs::write(&file, "[[servers]]\nname = \"local\"\nurl = \"http://127.0.0.1:9/mcp\"\n").expect("written");
+    let check = |strict: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+        cmd.arg("check-config").arg(&file).env_remove("PORTCULLIS_CONFIG");
+        if strict {
+            cmd.arg("--strict");
+        }
+        cmd.output().expect("runs")
+    };
+    let out = check(false);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("no [policy] section: the built-in rule is in force"), "{err}");
+    assert!(!check(true).status.success(), "--strict fails on the built-in rule");
 }

@@ -247,8 +247,12 @@ async fn memory_limits_under_gateway_still_work_with_a_warning() {
     assert!(stderr.contains(warning), "{stderr}");
     let out = portcullis(&config).args(["check-config", "--strict"]).output().await.expect("runs");
     assert!(!out.status.success(), "--strict fails on the warning");
-    std::fs::write(&config, format!("[gateway]\ndata_dir = {data:?}\n\n[limits]\nmax_response_bytes = 65536\n"))
-        .expect("written");
+    // With a [policy] folder, so that the built-in rule's warning is not there either.
+    std::fs::write(
+        &config,
+        format!("[gateway]\ndata_dir = {data:?}\n\n[limits]\nmax_response_bytes = 65536\n\n[policy]\ndir = {data:?}\n"),
+    )
+    .expect("written");
     let out = portcullis(&config).args(["check-config", "--strict"]).output().await.expect("runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
