@@ -133,6 +133,9 @@ pub struct Record {
     pub bytes_in: u64,
     /// Response body bytes.
     pub bytes_out: u64,
+    /// The policies that decided the message, comma-separated (`docs/policy.md`); `None`
+    /// where no policy decision was taken.
+    pub policy: Option<String>,
 }
 
 impl Record {
@@ -147,6 +150,7 @@ impl Record {
             &self.client_version,
             &self.server,
             &self.tool,
+            &self.policy,
         ];
         std::mem::size_of::<Record>()
             + self.request_id.len()
@@ -175,6 +179,7 @@ impl Record {
             latency_us: 0,
             bytes_in: 0,
             bytes_out: 0,
+            policy: None,
         }
     }
 
@@ -208,6 +213,7 @@ impl Record {
             latency_us: int(self.latency_us),
             bytes_in: int(self.bytes_in),
             bytes_out: int(self.bytes_out),
+            policy: opt(self.policy),
             prev_hash: Vec::new(),
             hash: Vec::new(),
         }
@@ -320,6 +326,10 @@ pub struct Entry {
     pub bytes_in: i64,
     /// Response bytes.
     pub bytes_out: i64,
+    /// The policies that decided it, comma-separated; `None` where none did (and in every
+    /// record written before policy existed: `#[sqlx(default)]` for their table).
+    #[sqlx(default)]
+    pub policy: Option<String>,
     /// The previous record's hash (32 zero bytes for the first).
     pub prev_hash: Vec<u8>,
     /// SHA-256 over `prev_hash` and the canonical form of this record.
@@ -341,6 +351,10 @@ impl Entry {
         w.str("decision", Some(&self.decision));
         w.int("latency_us", Some(self.latency_us));
         w.str("method", Some(&self.method));
+        // Only when set: records without it keep the form (and hash) they were sealed with.
+        if let Some(policy) = self.policy.as_deref() {
+            w.str("policy", Some(policy));
+        }
         w.str("principal_id", self.principal_id.as_deref());
         w.str("principal_kind", self.principal_kind.as_deref());
         w.str("principal_name", self.principal_name.as_deref());
@@ -443,7 +457,7 @@ impl Serialize for Entry {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let arguments: Value =
             serde_json::from_str(&self.arguments).unwrap_or_else(|_| Value::String(self.arguments.clone()));
-        let mut m = s.serialize_map(Some(20))?;
+        let mut m = s.serialize_map(Some(21))?;
         m.serialize_entry("seq", &self.seq)?;
         m.serialize_entry("time_ms", &self.time_ms)?;
         m.serialize_entry("request_id", &self.request_id)?;
@@ -458,6 +472,7 @@ impl Serialize for Entry {
         m.serialize_entry("tool", &self.tool)?;
         m.serialize_entry("arguments", &arguments)?;
         m.serialize_entry("decision", &self.decision)?;
+        m.serialize_entry("policy", &self.policy)?;
         m.serialize_entry("upstream_status", &self.upstream_status)?;
         m.serialize_entry("latency_us", &self.latency_us)?;
         m.serialize_entry("bytes_in", &self.bytes_in)?;

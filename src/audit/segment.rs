@@ -15,8 +15,10 @@ use serde::{Deserialize, Serialize};
 
 use super::record::Entry;
 
-/// The first byte of every segment: the encoding's version.
-const VERSION: u8 = 1;
+/// The first byte of every segment: the encoding's version. Version 2 adds `policy` after
+/// the fields of version 1 (postcard writes a struct as its fields in order, so a version 2
+/// record is a version 1 record followed by the new field); version 1 segments still decode.
+const VERSION: u8 = 2;
 
 /// A segment closes once its encoded records pass this size (a single larger record still
 /// gets a segment of its own). Keeps rows far below both databases' value limits and bounds
@@ -137,9 +139,23 @@ struct In {
     hash: Vec<u8>,
 }
 
+/// Version 2: version 1's fields, then `policy`.
+#[derive(Serialize)]
+struct Out2<'a> {
+    v1: Out<'a>,
+    policy: Option<&'a str>,
+}
+
+/// Version 2, read.
+#[derive(Deserialize)]
+struct In2 {
+    v1: In,
+    policy: Option<String>,
+}
+
 /// Appends `e`, encoded, to `out`.
 fn encode_one(e: &Entry, out: &mut Vec<u8>) {
-    let record = Out {
+    let v1 = Out {
         seq: e.seq,
         time_ms: e.time_ms,
         request_id: &e.request_id,
@@ -161,6 +177,7 @@ fn encode_one(e: &Entry, out: &mut Vec<u8>) {
         prev_hash: Bytes(&e.prev_hash),
         hash: Bytes(&e.hash),
     };
+    let record = Out2 { v1, policy: e.policy.as_deref() };
     // postcard fails only for types it cannot encode or a full buffer; neither applies here.
     let taken = std::mem::take(out);
     *out = postcard::to_extend(&record, taken).expect("encoding an audit record into a Vec cannot fail");
@@ -244,14 +261,21 @@ pub fn decode(first_seq: i64, bytes: &[u8]) -> Result<Vec<Entry>, Unreadable> {
     let Some((&version, mut rest)) = bytes.split_first() else {
         return Err(unreadable("empty".into()));
     };
-    if version != VERSION {
+    if !(1..=VERSION).contains(&version) {
         return Err(unreadable(format!("unknown encoding {version}")));
     }
     let mut out = Vec::with_capacity(rest.len() / 128);
     while !rest.is_empty() {
-        let (r, tail): (In, &[u8]) = postcard::take_from_bytes(rest).map_err(|e| unreadable(e.to_string()))?;
+        let ((r, policy), tail) = if version == 1 {
+            let (r, tail): (In, &[u8]) = postcard::take_from_bytes(rest).map_err(|e| unreadable(e.to_string()))?;
+            ((r, None), tail)
+        } else {
+            let (r, tail): (In2, &[u8]) = postcard::take_from_bytes(rest).map_err(|e| unreadable(e.to_string()))?;
+            ((r.v1, r.policy), tail)
+        };
         rest = tail;
         out.push(Entry {
+            policy,
             seq: r.seq,
             time_ms: r.time_ms,
             request_id: r.request_id,
@@ -316,6 +340,41 @@ mod tests {
         let keys: Vec<_> = s.keys.iter().map(|(k, v)| (k.kind(), v.as_str())).collect();
         assert_eq!(keys, [("user", "alice"), ("server", "github"), ("tool", "search")]);
         assert_eq!(decode(1, &s.records).unwrap(), entries);
+    }
+
+    #[test]
+    fn a_version_1_segment_still_decodes_and_version_2_keeps_the_policy() {
+        // Version 1, as earlier gateways wrote it: the same fields, no policy.
+        let e = entry(4, "github", "{}");
+        let mut v1 = vec![1u8];
+        let out = Out {
+            seq: e.seq,
+            time_ms: e.time_ms,
+            request_id: &e.request_id,
+            principal_id: None,
+            principal_kind: None,
+            principal_name: e.principal_name.as_deref(),
+            token_id: None,
+            client_name: None,
+            client_version: None,
+            server: e.server.as_deref(),
+            method: &e.method,
+            tool: e.tool.as_deref(),
+            arguments: &e.arguments,
+            decision: &e.decision,
+            upstream_status: e.upstream_status,
+            latency_us: e.latency_us,
+            bytes_in: e.bytes_in,
+            bytes_out: e.bytes_out,
+            prev_hash: Bytes(&e.prev_hash),
+            hash: Bytes(&e.hash),
+        };
+        v1 = postcard::to_extend(&out, v1).unwrap();
+        assert_eq!(decode(4, &v1).unwrap(), vec![e.clone()]);
+        let with_policy = Entry { policy: Some("eng-issues,no-prod".into()), ..e };
+        let s = segments(std::slice::from_ref(&with_policy));
+        assert_eq!(s[0].records[0], VERSION);
+        assert_eq!(decode(4, &s[0].records).unwrap(), vec![with_policy]);
     }
 
     #[test]

@@ -243,3 +243,56 @@ fn the_validator_message_for_arguments_is_the_one_tolerated() {
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(is_argument_access(errors[0]), "{}", errors[0]);
 }
+
+/// A call at a trusted server, at `at`.
+fn trusted_call<'a>(
+    p: &'a Principal,
+    (server, tool): (&'a str, &'a str),
+    args: &'a Value,
+    annotations: Option<&'a Value>,
+    servers: &'a [String],
+    at: i64,
+) -> Ask<'a> {
+    Ask {
+        principal: p,
+        server,
+        trusted: true,
+        act: Act::CallTool { name: tool, args: Args::Known(Some(args)), annotations },
+        client: None,
+        servers,
+        now_ms: at,
+    }
+}
+
+#[test]
+fn the_shipped_examples_load_and_decide_as_their_comments_say() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples");
+    let e = Engine::load_dir(&dir, 0).unwrap_or_else(|err| panic!("{err}"));
+    assert_eq!(e.count, 5);
+    let servers = vec!["github".to_owned(), "docs".to_owned()];
+    // 2026-12-07 is a Monday; 1_796_601_600_000 is 2026-12-07T00:00:00Z.
+    let monday_10 = 1_796_601_600_000 + 10 * 3_600_000;
+    let saturday_10 = monday_10 + 5 * 24 * 3_600_000;
+    let eng = user("alice", &["eng"]);
+    let maint = user("max", &["maintainers"]);
+    let bot = Principal { kind: PrincipalKind::Service, ..user("ci-bot", &["maintainers"]) };
+    let (none, ro, destructive) = (json!({}), json!({"readOnlyHint": true}), json!({"destructiveHint": true}));
+    let (acme, other) = (json!({"repo": "acme/widgets"}), json!({"repo": "other/widgets"}));
+    let allowed = |ask: Ask<'_>| e.decide(&ask).allowed;
+    let docs = ("docs", "search");
+    assert!(allowed(trusted_call(&eng, docs, &none, Some(&ro), &servers, monday_10)), "read-only for everyone");
+    assert!(!allowed(trusted_call(&eng, docs, &none, None, &servers, monday_10)), "no hint, no permit");
+    assert!(!allowed(trusted_call(&eng, docs, &none, Some(&ro), &servers, saturday_10)), "working hours only");
+    let issue = ("github", "create_issue");
+    assert!(allowed(trusted_call(&eng, issue, &acme, None, &servers, monday_10)), "repo restricted: acme");
+    assert!(!allowed(trusted_call(&eng, issue, &other, None, &servers, monday_10)), "repo restricted: other");
+    let delete = ("github", "delete_repo");
+    assert!(
+        allowed(trusted_call(&maint, delete, &none, Some(&destructive), &servers, monday_10)),
+        "writes for maintainers"
+    );
+    assert!(
+        !allowed(trusted_call(&bot, delete, &none, Some(&destructive), &servers, monday_10)),
+        "no destructive tools for service accounts"
+    );
+}

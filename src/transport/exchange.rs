@@ -168,6 +168,7 @@ impl Exchange {
             latency_us: u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
             bytes_in: self.bytes_in,
             bytes_out,
+            policy: self.trace.policy.take().map(|v| v.policies.join(",")).filter(|p| !p.is_empty()),
             ..Record::new(self.time_ms, self.request_id.as_str().to_owned(), std::mem::take(&mut self.method), decision)
         }
     }

@@ -161,4 +161,16 @@ async fn policies_filter_listings_refuse_calls_as_unknown_and_reload_on_change()
         .collect();
     assert!(!denied.is_empty());
     assert!(denied.iter().all(|r| r.decision == "deny" && r.upstream_status == Some(-32602)), "{denied:?}");
+    // The policies that decided are named: the permit of an allowed call, the forbid of a
+    // refused one (a call nothing permits names none).
+    let echo = |text: &str| {
+        records
+            .iter()
+            .filter(|r| r.tool.as_deref() == Some("echo") && r.arguments.contains(text))
+            .map(|r| (r.decision.as_str(), r.policy.as_deref()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(echo("hello"), vec![("allow", Some("echo-for-all")); 2], "one per SDK");
+    assert_eq!(echo("my secret"), vec![("deny", Some("no-secrets-echoed")); 2]);
+    assert!(denied.iter().all(|r| r.policy.is_none()), "{denied:?}");
 }
