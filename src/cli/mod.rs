@@ -4,6 +4,7 @@ mod audit;
 mod connection;
 mod group;
 mod keys;
+mod policy;
 mod secret;
 mod serve;
 mod token;
@@ -92,20 +93,8 @@ enum Command {
     /// Cedar policies: validate a folder against the gateway's schema.
     Policy {
         #[command(subcommand)]
-        cmd: PolicyCmd,
+        cmd: policy::PolicyCmd,
     },
-}
-
-#[derive(Debug, Subcommand)]
-enum PolicyCmd {
-    /// Validate the `.cedar` files of a folder against the schema (docs/policy.md); prints
-    /// every problem with its file and policy, and fails if there is one.
-    Check {
-        /// The folder.
-        dir: PathBuf,
-    },
-    /// Print the Cedar schema policies are validated against.
-    Schema,
 }
 
 /// Runs the command line and returns the process exit code.
@@ -148,15 +137,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Connect { server, user } => connection::connect(&load(&cli.config)?, &server, user.as_deref()),
         Command::Connection { cmd } => connection::run(cmd, &load(&cli.config)?),
         Command::Audit { cmd } => audit::run(cmd, &load(&cli.config)?),
-        Command::Policy { cmd: PolicyCmd::Check { dir } } => {
-            let engine = crate::policy::Engine::load_dir(&dir, 0)?;
-            println!("{}: ok ({} policies)", dir.display(), engine.count);
-            Ok(())
-        }
-        Command::Policy { cmd: PolicyCmd::Schema } => {
-            print!("{}", crate::policy::SCHEMA);
-            Ok(())
-        }
+        Command::Policy { cmd } => policy::run(cmd, &cli.config),
         Command::Migrate => {
             let config = load(&cli.config)?;
             runtime()?.block_on(async {

@@ -150,7 +150,7 @@ async fn policies_filter_listings_refuse_calls_as_unknown_and_reload_on_change()
     assert_eq!(seen, json!(["test_simple_text", "echo"]), "the new policy is in force");
     assert_eq!(metric(&gw.base, "portcullis_policy_valid").await, 1.0);
 
-    let _dir = gw.dir.clone();
+    let gw_dir = gw.dir.clone();
     gw.stop().await;
     // Every decision is in the audit record: a denied call is `deny` with the code it was
     // answered with.
@@ -173,4 +173,28 @@ async fn policies_filter_listings_refuse_calls_as_unknown_and_reload_on_change()
     assert_eq!(echo("hello"), vec![("allow", Some("echo-for-all")); 2], "one per SDK");
     assert_eq!(echo("my secret"), vec![("deny", Some("no-secrets-echoed")); 2]);
     assert!(denied.iter().all(|r| r.policy.is_none()), "{denied:?}");
+
+    // `policy explain` decides as the gateway does, naming the policies.
+    let config = gw_dir.path().join("cli.toml");
+    let text = format!(
+        "[gateway]\ndata_dir = {:?}\n\n[policy]\ndir = {:?}\n\n[[servers]]\nname = \"fx\"\nurl = \"{}\"\n",
+        gw_dir.path().display().to_string(),
+        dir.path().display().to_string(),
+        fixture.url
+    );
+    std::fs::write(&config, text).expect("config");
+    let explain = |who: &str, args: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["--config"])
+            .arg(&config)
+            .args(["policy", "explain", "--user", who, "--server", "fx", "--tool", "echo", "--args", args])
+            .output()
+            .expect("runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = explain("alice", r#"{"text":"hi"}"#);
+    assert!(text.contains("decision: allow") && text.contains("policies: echo-for-all"), "{text}");
+    let text = explain("alice", r#"{"text":"a secret"}"#);
+    assert!(text.contains("decision: deny") && text.contains("policies: no-secrets-echoed"), "{text}");
 }
