@@ -30,6 +30,12 @@
 //! gateway's CPU per request over the baseline's. `BENCH_BASELINE_NO_LIMITS=1` leaves `[limits]`
 //! out of the baseline's config (builds older than it), as `BENCH_NO_LIMITS=1` does for the
 //! gateway's.
+//!
+//! `BENCH_POLICY=1` gives the full-path gateway (not the baseline's) a `[policy]` folder of
+//! 1,000 policies written as docs/policy.md recommends (bound to their server and tool), an
+//! unbound `forbid` every decision evaluates, and the permit of the benchmark's call. With
+//! `BENCH_BASELINE_BIN` set to the same build, the full-path scenarios then measure what policy
+//! adds per request.
 
 #[path = "support.rs"]
 mod support;
@@ -149,18 +155,24 @@ fn gateway_bin() -> PathBuf {
 struct Build {
     bin: PathBuf,
     limits: bool,
+    /// A `[policy]` folder for the full path (`BENCH_POLICY`).
+    policy: bool,
 }
 
 impl Build {
     /// The gateway measured (`BENCH_GATEWAY_BIN`, `BENCH_NO_LIMITS`).
     fn gateway() -> Build {
-        Build { bin: gateway_bin(), limits: std::env::var_os("BENCH_NO_LIMITS").is_none() }
+        Build {
+            bin: gateway_bin(),
+            limits: std::env::var_os("BENCH_NO_LIMITS").is_none(),
+            policy: std::env::var_os("BENCH_POLICY").is_some(),
+        }
     }
 
     /// The baseline, if any (`BENCH_BASELINE_BIN`, `BENCH_BASELINE_NO_LIMITS`).
     fn baseline() -> Option<Build> {
         let bin = PathBuf::from(std::env::var_os("BENCH_BASELINE_BIN")?);
-        Some(Build { bin, limits: std::env::var_os("BENCH_BASELINE_NO_LIMITS").is_none() })
+        Some(Build { bin, limits: std::env::var_os("BENCH_BASELINE_NO_LIMITS").is_none(), policy: false })
     }
 }
 
@@ -204,6 +216,29 @@ async fn gateway_cli(bin: &std::path::Path, config: &std::path::Path, args: &[&s
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// 1,000 policies over 50 servers of 20 tools, each bound to its server and tool with an
+/// argument rule; an unbound `forbid` on an argument, which every decision evaluates; and the
+/// permit of the benchmark's own calls (`small` of `stub`, for the user `bench`).
+fn bench_policies() -> String {
+    let mut text = String::new();
+    for s in 0..50 {
+        for t in 0..20 {
+            let _ = writeln!(
+                text,
+                "permit(principal in Portcullis::Group::\"g{s}\", action == Portcullis::Action::\"call_tool\", resource)\n\
+                 when {{ resource.server == \"s{s}\" && resource.name == \"t{t}\" && context.args.repo like \"acme/*\" }};"
+            );
+        }
+    }
+    text.push_str(
+        "forbid(principal, action == Portcullis::Action::\"call_tool\", resource)\n\
+         when { context.args has repo && context.args.repo like \"*secret*\" };\n\
+         permit(principal == Portcullis::User::\"bench\", action == Portcullis::Action::\"call_tool\", resource)\n\
+         when { resource.server == \"stub\" && resource.name == \"small\" };\n",
+    );
+    text
+}
+
 /// Starts a gateway in `dir` (its config and data directory) in front of `stub`: the bare
 /// relay, or with `full` the full path, whose data directory is prepared with the CLI first (a
 /// user, a grant token, the upstream secret).
@@ -225,9 +260,18 @@ async fn start_gateway(dir: &std::path::Path, stub: SocketAddr, full: bool, buil
             false => "",
             true => "[limits]\nfailed_auth_per_minute = 0\nunauthenticated_records_per_minute = 0\n\n",
         };
+        let policy = match build.policy {
+            false => String::new(),
+            true => {
+                let folder = dir.join("policies");
+                std::fs::create_dir_all(&folder).expect("create the policy folder");
+                std::fs::write(folder.join("bench.cedar"), bench_policies()).expect("write the policies");
+                format!("[policy]\ndir = {:?}\n\n", folder.display().to_string())
+            }
+        };
         format!(
             "[gateway]\nlisten = \"{addr}\"\ndata_dir = {data:?}\n\n[log]\nlevel = \"warn\"\n\n\
-             {limits}\
+             {limits}{policy}\
              [[servers]]\nname = \"stub\"\nurl = \"http://{stub}/mcp\"\n\
              auth = {{ type = \"static\", secret = \"stub-key\" }}\n"
         )

@@ -153,9 +153,9 @@ struct In2 {
     policy: Option<String>,
 }
 
-/// Appends `e`, encoded, to `out`.
-fn encode_one(e: &Entry, out: &mut Vec<u8>) {
-    let v1 = Out {
+/// The fields of `e` that version 1 has.
+fn v1_of(e: &Entry) -> Out<'_> {
+    Out {
         seq: e.seq,
         time_ms: e.time_ms,
         request_id: &e.request_id,
@@ -176,8 +176,12 @@ fn encode_one(e: &Entry, out: &mut Vec<u8>) {
         bytes_out: e.bytes_out,
         prev_hash: Bytes(&e.prev_hash),
         hash: Bytes(&e.hash),
-    };
-    let record = Out2 { v1, policy: e.policy.as_deref() };
+    }
+}
+
+/// Appends `e`, encoded, to `out`.
+fn encode_one(e: &Entry, out: &mut Vec<u8>) {
+    let record = Out2 { v1: v1_of(e), policy: e.policy.as_deref() };
     // postcard fails only for types it cannot encode or a full buffer; neither applies here.
     let taken = std::mem::take(out);
     *out = postcard::to_extend(&record, taken).expect("encoding an audit record into a Vec cannot fail");
@@ -346,30 +350,7 @@ mod tests {
     fn a_version_1_segment_still_decodes_and_version_2_keeps_the_policy() {
         // Version 1, as earlier gateways wrote it: the same fields, no policy.
         let e = entry(4, "github", "{}");
-        let mut v1 = vec![1u8];
-        let out = Out {
-            seq: e.seq,
-            time_ms: e.time_ms,
-            request_id: &e.request_id,
-            principal_id: None,
-            principal_kind: None,
-            principal_name: e.principal_name.as_deref(),
-            token_id: None,
-            client_name: None,
-            client_version: None,
-            server: e.server.as_deref(),
-            method: &e.method,
-            tool: e.tool.as_deref(),
-            arguments: &e.arguments,
-            decision: &e.decision,
-            upstream_status: e.upstream_status,
-            latency_us: e.latency_us,
-            bytes_in: e.bytes_in,
-            bytes_out: e.bytes_out,
-            prev_hash: Bytes(&e.prev_hash),
-            hash: Bytes(&e.hash),
-        };
-        v1 = postcard::to_extend(&out, v1).unwrap();
+        let v1 = postcard::to_extend(&v1_of(&e), vec![1u8]).unwrap();
         assert_eq!(decode(4, &v1).unwrap(), vec![e.clone()]);
         let with_policy = Entry { policy: Some("eng-issues,no-prod".into()), ..e };
         let s = segments(std::slice::from_ref(&with_policy));

@@ -250,6 +250,12 @@ pub struct Engine {
     digest: [u8; 32],
     offset_minutes: i32,
     actions: HashMap<&'static str, EntityUid>,
+    /// The context attributes some policy reads; `None`: all (a policy reads `context` as a
+    /// whole). Building an attribute no policy reads would change no decision, and `servers`
+    /// and `time` cost more than the authorization itself.
+    context_uses: Option<HashSet<String>>,
+    /// `context.time` of the last second asked about (built once per second).
+    time: std::sync::Mutex<Option<(i64, RestrictedExpression)>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -294,9 +300,28 @@ fn digest(files: &[(String, String)]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// The entity type names, parsed once: parsing a name runs Cedar's parser, which costs more
+/// than the rest of a decision.
+static TYPES: std::sync::LazyLock<HashMap<&'static str, EntityTypeName>> = std::sync::LazyLock::new(|| {
+    [
+        "Portcullis::Action",
+        "Portcullis::Group",
+        "Portcullis::User",
+        "Portcullis::ServiceAccount",
+        "Portcullis::Anonymous",
+        "Portcullis::Server",
+        "Portcullis::Tool",
+        "Portcullis::Prompt",
+        "Portcullis::Resource",
+    ]
+    .into_iter()
+    .map(|ty| (ty, EntityTypeName::from_str(ty).unwrap_or_else(|_| unreachable_type())))
+    .collect()
+});
+
 fn uid(ty: &str, id: &str) -> EntityUid {
-    // The type names are this module's constants, all valid.
-    let ty = EntityTypeName::from_str(ty).unwrap_or_else(|_| unreachable_type());
+    // The type names are this module's constants, all in `TYPES`.
+    let ty = TYPES.get(ty).cloned().unwrap_or_else(unreachable_type);
     EntityUid::from_type_name_and_id(ty, EntityId::new(id))
 }
 
@@ -400,7 +425,16 @@ impl Engine {
             .into_iter()
             .map(|a| (a, uid("Portcullis::Action", a)))
             .collect();
+        let context_uses = all.policies().map(|p| p.to_json().ok().and_then(|j| context_attributes(&j))).try_fold(
+            HashSet::new(),
+            |mut acc, used| {
+                acc.extend(used?);
+                Some(acc)
+            },
+        );
         Ok(Engine {
+            context_uses,
+            time: std::sync::Mutex::new(None),
             any: set_of(&[any]),
             servers,
             items,
@@ -409,6 +443,20 @@ impl Engine {
             offset_minutes,
             actions,
         })
+    }
+
+    /// `context.time` for `now_ms`, to the second (built once per second).
+    fn time(&self, now_ms: i64) -> RestrictedExpression {
+        let second = now_ms.div_euclid(1000);
+        let mut cached = self.time.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match cached.as_ref() {
+            Some((s, time)) if *s == second => time.clone(),
+            _ => {
+                let time = input::time(second * 1000, self.offset_minutes);
+                *cached = Some((second, time.clone()));
+                time
+            }
+        }
     }
 
     /// The policies that could apply to `ask`.
@@ -500,11 +548,17 @@ impl Engine {
         ])
         .map_err(|e| e.to_string())?;
         let servers = ask.servers.iter().cloned();
-        let mut context = vec![
-            ("client".to_owned(), client),
-            ("servers".to_owned(), RestrictedExpression::new_set(servers.map(RestrictedExpression::new_string))),
-            ("time".to_owned(), input::time(ask.now_ms, self.offset_minutes)),
-        ];
+        let uses = |attr: &str| self.context_uses.as_ref().is_none_or(|u| u.contains(attr));
+        let mut context = vec![("client".to_owned(), client)];
+        if uses("servers") {
+            context.push((
+                "servers".to_owned(),
+                RestrictedExpression::new_set(servers.map(RestrictedExpression::new_string)),
+            ));
+        }
+        if uses("time") {
+            context.push(("time".to_owned(), self.time(ask.now_ms)));
+        }
         match args {
             None => {}
             Some(_) if unknown_args => context.push(("args".to_owned(), RestrictedExpression::new_unknown("args"))),
@@ -522,6 +576,47 @@ impl Engine {
         let entities = Entities::from_entities(entities, None).map_err(|e| e.to_string())?;
         Ok((request, entities))
     }
+}
+
+/// The attributes of `context` a policy (its JSON form) reads, or `None` when it uses
+/// `context` otherwise than by reading or testing one attribute.
+fn context_attributes(policy: &Value) -> Option<HashSet<String>> {
+    fn walk(v: &Value, found: &mut HashSet<String>, whole: &mut bool) {
+        match v {
+            Value::Object(map) => {
+                for op in [".", "has"] {
+                    if let Some(inner) = map.get(op)
+                        && inner["left"].get("Var").and_then(Value::as_str) == Some("context")
+                    {
+                        match inner["attr"].as_str() {
+                            Some(attr) => {
+                                found.insert(attr.to_owned());
+                            }
+                            // An extended `has` (a list of attributes): its first one.
+                            None => match inner["attr"].as_array().and_then(|a| a.first()).and_then(Value::as_str) {
+                                Some(attr) => {
+                                    found.insert(attr.to_owned());
+                                }
+                                None => *whole = true,
+                            },
+                        }
+                        return;
+                    }
+                }
+                if map.get("Var").and_then(Value::as_str) == Some("context") {
+                    *whole = true;
+                }
+                for inner in map.values() {
+                    walk(inner, found, whole);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|i| walk(i, found, whole)),
+            _ => {}
+        }
+    }
+    let (mut found, mut whole) = (HashSet::new(), false);
+    walk(&policy["conditions"], &mut found, &mut whole);
+    (!whole).then_some(found)
 }
 
 /// A tool's annotations as the `annotations` record: the hints of the schema with the right

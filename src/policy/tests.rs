@@ -296,3 +296,21 @@ fn the_shipped_examples_load_and_decide_as_their_comments_say() {
         "no destructive tools for service accounts"
     );
 }
+
+#[test]
+fn context_attributes_are_built_when_a_policy_reads_them() {
+    let e = engine(
+        r#"permit(principal, action == Portcullis::Action::"call_tool", resource) when { context.servers.contains("jira") };"#,
+    );
+    let p = user("alice", &[]);
+    let args = json!({});
+    let with = vec!["jira".to_owned(), "s".to_owned()];
+    let without = vec!["s".to_owned()];
+    assert!(e.decide(&call(&p, "s", "t", &args, &with)).allowed);
+    assert!(!e.decide(&call(&p, "s", "t", &args, &without)).allowed);
+    // A policy that uses `context` whole gets every attribute.
+    let e = engine(
+        r#"permit(principal, action == Portcullis::Action::"call_tool", resource) when { context has servers && context.servers.contains("jira") };"#,
+    );
+    assert!(e.decide(&call(&p, "s", "t", &args, &with)).allowed);
+}

@@ -304,14 +304,7 @@ fn check_config_warns_about_oauth_providers_the_outbound_guard_refuses() {
         dir.path().display().to_string()
     );
     std::fs::write(&file, text).expect("written");
-    let check = |strict: bool| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
-        cmd.arg("check-config").arg(&file).env_remove("PORTCULLIS_CONFIG");
-        if strict {
-            cmd.arg("--strict");
-        }
-        cmd.output().expect("runs")
-    };
+    let check = |strict: bool| check_config(&file, strict);
     let out = check(false);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
@@ -352,17 +345,20 @@ fn check_config_strict_fails_on_the_built_in_policy() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("p.toml");
     std::fs::write(&file, "[[servers]]\nname = \"local\"\nurl = \"http://127.0.0.1:9/mcp\"\n").expect("written");
-    let check = |strict: bool| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
-        cmd.arg("check-config").arg(&file).env_remove("PORTCULLIS_CONFIG");
-        if strict {
-            cmd.arg("--strict");
-        }
-        cmd.output().expect("runs")
-    };
+    let check = |strict: bool| check_config(&file, strict);
     let out = check(false);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("no [policy] section: the built-in rule is in force"), "{err}");
     assert!(!check(true).status.success(), "--strict fails on the built-in rule");
+}
+
+/// `portcullis check-config FILE`, with `--strict` when `strict`.
+fn check_config(file: &std::path::Path, strict: bool) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    cmd.arg("check-config").arg(file).env_remove("PORTCULLIS_CONFIG");
+    if strict {
+        cmd.arg("--strict");
+    }
+    cmd.output().expect("runs")
 }
