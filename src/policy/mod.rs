@@ -243,7 +243,9 @@ pub struct Engine {
     /// Per server: `any` and the policies bound to the server (and to none of its items).
     servers: HashMap<String, PolicySet>,
     /// Per (server, item name): the server's set and the policies bound to that item.
-    items: HashMap<(String, String), PolicySet>,
+    /// Keyed by server, then item name, so that a decision looks its set up by `&str`
+    /// without building a key.
+    items: HashMap<String, HashMap<String, PolicySet>>,
     /// How many policies the folder holds (the [`BASELINE`] not counted).
     pub count: usize,
     /// The digest of the folder's files it was loaded from (to see changes).
@@ -402,7 +404,7 @@ impl Engine {
         let none: &[cedar_policy::Policy] = &[];
         let any = bound.get(&partition::Key::Any).map_or(none, Vec::as_slice);
         let mut servers = HashMap::new();
-        let mut items = HashMap::new();
+        let mut items: HashMap<String, HashMap<String, PolicySet>> = HashMap::new();
         for (key, policies) in &bound {
             match key {
                 partition::Key::Any => {}
@@ -411,12 +413,12 @@ impl Engine {
                 }
                 partition::Key::Item(s, n) => {
                     let server = bound.get(&partition::Key::Server(s.clone())).map_or(none, Vec::as_slice);
-                    items.insert((s.clone(), n.clone()), set_of(&[any, server, policies]));
+                    items.entry(s.clone()).or_default().insert(n.clone(), set_of(&[any, server, policies]));
                 }
             }
         }
         // A server bound only through its items still has a set of its own.
-        for (s, _) in items.keys() {
+        for s in items.keys() {
             if !servers.contains_key(s) {
                 servers.insert(s.clone(), set_of(&[any]));
             }
@@ -466,7 +468,7 @@ impl Engine {
             _ => None,
         };
         if let Some(name) = name
-            && let Some(set) = self.items.get(&(ask.server.to_owned(), name.to_owned()))
+            && let Some(set) = self.items.get(ask.server).and_then(|by_name| by_name.get(name))
         {
             return set;
         }

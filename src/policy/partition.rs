@@ -30,8 +30,9 @@ pub enum Key {
 /// The key of a policy, from its JSON form (Cedar's EST).
 pub fn key(policy: &Value) -> Key {
     let (mut server, mut name) = (None, None);
+    let op = policy.pointer("/resource/op").and_then(Value::as_str);
     if let Some(entity) = policy.pointer("/resource/entity")
-        && matches!(policy.pointer("/resource/op").and_then(Value::as_str), Some("==" | "in"))
+        && matches!(op, Some("==" | "in"))
     {
         let (ty, id) = (entity["type"].as_str().unwrap_or_default(), entity["id"].as_str().unwrap_or_default());
         match ty {
@@ -39,9 +40,7 @@ pub fn key(policy: &Value) -> Key {
             "Portcullis::Tool" | "Portcullis::Prompt" | "Portcullis::Resource" => {
                 if let Some((s, item)) = id.split_once('/') {
                     server = Some(s.to_owned());
-                    if ty != "Portcullis::Resource"
-                        && policy.pointer("/resource/op").and_then(Value::as_str) == Some("==")
-                    {
+                    if ty != "Portcullis::Resource" && op == Some("==") {
                         name = Some(item.to_owned());
                     }
                 }

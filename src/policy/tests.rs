@@ -196,7 +196,7 @@ fn partitioned_decisions_equal_those_of_the_whole_set() {
     );
     let e = engine(&text);
     let mut whole = PolicySet::new();
-    for (_, set) in e.items.iter() {
+    for set in e.items.values().flat_map(HashMap::values) {
         for p in set.policies() {
             let _ = whole.add(p.clone());
         }
